@@ -1,0 +1,12 @@
+"""dilconv: fast, deterministic dilated convolution for numpy arrays.
+
+Dilation d spaces a kernel's taps d pixels apart, so a k x k kernel sees a (k-1)*d+1 window
+at k*k cost. Semantics follow torch.nn.functional.conv2d (cross-correlation, NCHW, OIHW).
+"""
+from ._api import Conv2dGrads, conv2d, conv2d_backward, output_shape
+from ._threads import get_num_threads, set_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = ["conv2d", "conv2d_backward", "Conv2dGrads", "output_shape", "get_num_threads",
+           "set_num_threads"]

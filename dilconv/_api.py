@@ -1,0 +1,145 @@
+"""Public functions: validate, dispatch to a kernel, return numpy arrays."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _dispatch, _validate
+
+
+class Conv2dGrads(NamedTuple):
+    """Gradients of conv2d; an entry not asked for with `needs=` is None."""
+
+    input: Optional[np.ndarray]
+    weight: Optional[np.ndarray]
+    bias: Optional[np.ndarray]
+
+
+def _no_bias(dtype) -> np.ndarray:
+    return np.empty(0, dtype=dtype)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+           padding_mode="zeros", out=None):
+    """2-D dilated convolution (cross-correlation), as torch.nn.functional.conv2d.
+
+    Parameters
+    ----------
+    input : array_like, (N, C, H, W) or (C, H, W)
+    weight : array_like, (O, C/groups, kH, kW)
+    bias : array_like (O,), optional
+    stride, dilation : int or (int, int)
+        Dilation d spaces the kernel taps d pixels apart: a k x k kernel covers a
+        (k-1)*d+1 window at the cost of k*k taps.
+    padding : int, (int, int), ((top, bottom), (left, right)), 'same' or 'valid'
+    groups : int
+    padding_mode : 'zeros'
+    out : ndarray, optional
+        Where to write the result: exact output shape and dtype, not overlapping the
+        inputs.
+
+    Returns
+    -------
+    ndarray of the input's float dtype, (N, O, Ho, Wo) or (O, Ho, Wo) like the input, with
+    Ho = floor((H + pad_top + pad_bottom - dilation*(kH-1) - 1) / stride) + 1 (same for Wo).
+
+    Examples
+    --------
+    >>> import numpy as np, dilconv
+    >>> x = np.array([[1, 2, 3, 0], [0, 1, 2, 3], [3, 0, 1, 2], [2, 3, 0, 1]], float)
+    >>> w = np.array([[2, 0], [1, 3]], float)
+    >>> dilconv.conv2d(x[None, None], w[None, None], dilation=2)[0, 0]
+    array([[ 8., 10.],
+           [ 2.,  8.]])
+    """
+    call, _ = _validate.conv_call(input, weight, bias, stride, padding, dilation, groups,
+                                  padding_mode)
+    spec = call.spec
+    shape = spec.output_shape if call.batched else spec.output_shape[1:]
+    if out is not None:
+        _validate.check_out(out, shape, call.dtype,
+                            (("input", input), ("weight", weight), ("bias", bias)))
+    # Kernels write into a C-contiguous batched array; a strided `out` gets a copy.
+    if out is not None and out.flags.c_contiguous:
+        y = out if call.batched else out[None]
+    else:
+        y = np.empty(spec.output_shape, dtype=call.dtype)
+    if spec.n:
+        bias_arr = call.bias if call.bias is not None else _no_bias(call.dtype)
+        _dispatch.forward(call.x, call.weight, bias_arr, y, spec)
+    result = y if call.batched else y[0]
+    if out is not None:
+        if result is not out and not np.shares_memory(result, out):
+            out[...] = result
+        return out
+    return result
+
+
+def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1, *,
+                    padding_mode="zeros", needs=("input", "weight", "bias")) -> Conv2dGrads:
+    """Gradients of conv2d with respect to input, weight and bias.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        Gradient of the loss with respect to conv2d's output: exactly the forward output's
+        shape.
+    input, weight, stride, padding, dilation, groups, padding_mode
+        As given to :func:`conv2d` (the bias does not affect any gradient).
+    needs : iterable of {'input', 'weight', 'bias'}
+        Which gradients to compute; the others are returned as None.
+
+    Returns
+    -------
+    Conv2dGrads(input, weight, bias)
+
+    Examples
+    --------
+    >>> import numpy as np, dilconv
+    >>> x = np.ones((1, 1, 4, 4)); w = np.ones((1, 1, 2, 2))
+    >>> g = dilconv.conv2d_backward(np.ones((1, 1, 2, 2)), x, w, dilation=2)
+    >>> g.bias, g.weight[0, 0]
+    (array([4.]), array([[4., 4.],
+           [4., 4.]]))
+    """
+    needs = _validate.check_needs(needs)
+    call, extra = _validate.conv_call(input, weight, None, stride, padding, dilation, groups,
+                                      padding_mode, extra={"grad_output": grad_output})
+    spec, dtype = call.spec, call.dtype
+    expected = spec.output_shape if call.batched else spec.output_shape[1:]
+    gy = _validate.as_operand("grad_output", extra["grad_output"], expected, dtype)
+    if not call.batched:
+        gy = gy[None]
+    grad_input = grad_weight = grad_bias = None
+    if "input" in needs:
+        grad_input = np.zeros(call.x.shape, dtype=dtype)
+        if spec.n:
+            _dispatch.grad_input(gy, call.weight, grad_input, spec)
+        if not call.batched:
+            grad_input = grad_input[0]
+    if "weight" in needs:
+        grad_weight = np.zeros(call.weight.shape, dtype=dtype)
+        if spec.n:
+            _dispatch.grad_weight(gy, call.x, grad_weight, spec)
+    if "bias" in needs:
+        grad_bias = np.zeros(spec.o, dtype=dtype)
+        if spec.n:
+            _dispatch.grad_bias(gy, grad_bias, spec)
+    return Conv2dGrads(grad_input, grad_weight, grad_bias)
+
+
+def output_shape(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1):
+    """Shape of conv2d's output for these shapes and arguments, without computing it.
+
+    >>> import dilconv
+    >>> dilconv.output_shape((1, 3, 256, 256), (16, 3, 3, 3), dilation=2)
+    (1, 16, 252, 252)
+    """
+    for name, shape in (("input_shape", input_shape), ("weight_shape", weight_shape)):
+        if not _validate._is_sequence(shape) or not all(
+                isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_))
+                for s in shape):
+            raise TypeError(f"{name} must be a tuple of ints, got {shape!r}")
+    spec = _validate.make_spec(input_shape, weight_shape, stride, padding, dilation, groups)
+    return spec.output_shape if len(input_shape) == 4 else spec.output_shape[1:]

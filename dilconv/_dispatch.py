@@ -1,0 +1,138 @@
+"""Choose and run a kernel for a validated call.
+
+Two kernel families compute every operation:
+- "direct": loops over taps with per-tap in-bounds ranges (best when channels are few, e.g.
+  depthwise);
+- "gemm": per output tile and tap, one matrix product of packed pixels with the tap's
+  weights (best when channels are many).
+Both skip taps in the padding and are bitwise deterministic for any thread count.
+`DILCONV_PATH=direct|gemm` in the environment, or `force_path(...)`, overrides the choice
+(used by the fuzz lab and the tests to reach every path).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import numpy as np
+
+from . import _backward, _forward, _gemm
+from ._threads import threads_for
+
+PATHS = ("direct", "gemm")
+# Pixels per GEMM tile: a packed tile of a few hundred KiB stays in L2.
+TILE_ELEMENTS = 256 * 1024
+MIN_TILE_PIXELS = 64
+MAX_TILE_PIXELS = 4096
+_forced = None
+_controller = None
+# BLAS takes 32-bit sizes: larger channel counts stay on the direct path.
+BLAS_INT_MAX = 2 ** 31 - 1
+
+
+@contextlib.contextmanager
+def force_path(path):
+    """Run the enclosed calls on kernel family `path` ('direct', 'gemm' or None)."""
+    global _forced
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
+    previous, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def choose_path(spec) -> str:
+    forced = _forced or os.environ.get("DILCONV_PATH") or None
+    if forced is not None:
+        if forced not in PATHS:
+            raise ValueError(f"DILCONV_PATH must be one of {PATHS}, got {forced!r}")
+        return forced
+    cg, og = spec.c // spec.groups, spec.o // spec.groups
+    if max(spec.c, spec.o) * MAX_TILE_PIXELS > BLAS_INT_MAX:
+        return "direct"
+    return "gemm" if cg * og >= 32 else "direct"
+
+
+def plane_tiles(height: int, width: int, channels: int) -> np.ndarray:
+    """Fixed rectangles (r0, r1, c0, c1) covering a height x width plane.
+
+    Depends on the geometry only (never on the thread count), so results do not either.
+    """
+    target = max(MIN_TILE_PIXELS, min(MAX_TILE_PIXELS, TILE_ELEMENTS // max(1, channels)))
+    if width >= target:
+        tile_h = 1
+        tile_w = math.ceil(width / math.ceil(width / target))
+    else:
+        tile_w = width
+        tile_h = math.ceil(height / math.ceil(height * width / target))
+    tiles = [(r, min(height, r + tile_h), c, min(width, c + tile_w))
+             for r in range(0, height, tile_h) for c in range(0, width, tile_w)]
+    return np.array(tiles, dtype=np.intp)
+
+
+def _largest_tile(tiles: np.ndarray) -> int:
+    return int(((tiles[:, 1] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 2])).max())
+
+
+def _blas_single_threaded():
+    """BLAS runs inside our parallel regions: keep it to one thread there."""
+    from threadpoolctl import ThreadpoolController
+    global _controller
+    if _controller is None:
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=1, user_api="blas")
+
+
+def forward(x, weight, bias, out, spec) -> None:
+    """out[...] = conv2d(x, weight) + bias for a batched spec with N > 0."""
+    if choose_path(spec) == "direct":
+        _forward.forward(x, weight, bias, out, spec, threads_for(spec.n * spec.o))
+        return
+    cg, og = spec.c // spec.groups, spec.o // spec.groups
+    tiles = plane_tiles(spec.ho, spec.wo, cg)
+    threads = threads_for(spec.n * spec.groups * len(tiles))
+    # (O, C/g, kH, kW) -> (kH*kW, O, C/g): one contiguous (O x C/g) matrix per tap.
+    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(
+        spec.kh * spec.kw, spec.o, cg)
+    scratch = np.empty((threads, (cg + og) * _largest_tile(tiles)), dtype=x.dtype)
+    with _blas_single_threaded():
+        _gemm.forward(x, taps, bias, out, tiles, scratch, spec, threads)
+
+
+def grad_input(grad_output, weight, grad_x, spec) -> None:
+    if choose_path(spec) == "direct":
+        _backward.grad_input(grad_output, weight, grad_x, spec, threads_for(spec.n * spec.c))
+        return
+    cg, og = spec.c // spec.groups, spec.o // spec.groups
+    tiles = plane_tiles(spec.h, spec.w, og)
+    threads = threads_for(spec.n * spec.groups * len(tiles))
+    # (O, C/g, kH, kW) -> (kH*kW, C, O/g): per tap and group, a (C/g x O/g) matrix.
+    taps = np.ascontiguousarray(
+        weight.reshape(spec.groups, og, cg, spec.kh, spec.kw).transpose(3, 4, 0, 2, 1)
+    ).reshape(spec.kh * spec.kw, spec.c, og)
+    scratch = np.empty((threads, (cg + og) * _largest_tile(tiles)), dtype=grad_x.dtype)
+    with _blas_single_threaded():
+        _gemm.grad_input(grad_output, taps, grad_x, tiles, scratch, spec, threads)
+
+
+def grad_weight(grad_output, x, grad_w, spec) -> None:
+    cg, og = spec.c // spec.groups, spec.o // spec.groups
+    if choose_path(spec) == "direct":
+        _backward.grad_weight(grad_output, x, grad_w, spec, threads_for(spec.o * cg))
+        return
+    # Output-channel blocks (dividing O/groups) x taps are the parallel tasks.
+    o_block = math.gcd(og, 64)
+    tiles = plane_tiles(spec.ho, spec.wo, cg + o_block)
+    n_tasks = spec.kh * spec.kw * (spec.o // o_block)
+    threads = threads_for(n_tasks)
+    width = (cg + o_block) * _largest_tile(tiles) + o_block * cg
+    scratch = np.empty((threads, width), dtype=grad_w.dtype)
+    with _blas_single_threaded():
+        _gemm.grad_weight(grad_output, x, grad_w, tiles, o_block, scratch, spec, threads)
+
+
+def grad_bias(grad_output, grad_b, spec) -> None:
+    _backward.grad_bias(grad_output, grad_b, spec, threads_for(spec.o))

@@ -1,0 +1,274 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""GEMM-shaped kernels for channel-heavy layers (kn2row over output tiles).
+
+The output is cut into fixed rectangular tiles (chosen from the geometry alone, never from
+the thread count). For one (image, group, tile) task and one kernel tap, the outputs whose
+input pixel is in the image form a sub-rectangle; its input pixels are packed into a
+per-thread buffer (C/groups x pixels) and one matrix product with that tap's weights
+(O/groups x C/groups) gives its contribution. Taps in the padding are never multiplied.
+Every output sums its taps in a fixed order, so results are bitwise identical for any thread
+count; BLAS must run single-threaded inside (the caller limits it).
+"""
+from cython.parallel cimport prange, parallel, threadid
+from cython cimport floating
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+from _common cimport Geom, make_geom
+
+
+cdef inline void gemm(char trans_a, char trans_b, int m, int n, int k,
+                      const floating* a, int lda, const floating* b, int ldb, floating beta,
+                      floating* c, int ldc) noexcept nogil:
+    # Row-major C (m x n) = op(A) @ op(B) + beta*C through column-major BLAS (C^T = B^T A^T);
+    # lda/ldb/ldc are row lengths of the stored row-major matrices.
+    cdef floating one = 1
+    if floating is float:
+        sgemm(&trans_b, &trans_a, &n, &m, &k, &one, <float*> b, &ldb, <float*> a, &lda,
+              &beta, c, &ldc)
+    else:
+        dgemm(&trans_b, &trans_a, &n, &m, &k, &one, <double*> b, &ldb, <double*> a, &lda,
+              &beta, c, &ldc)
+
+
+cdef inline void pack_rect(const floating* plane, Py_ssize_t plane_w, Py_ssize_t row0,
+                           Py_ssize_t row_step, Py_ssize_t col0, Py_ssize_t col_step,
+                           Py_ssize_t rows, Py_ssize_t cols, floating* dst) noexcept nogil:
+    """Copy plane[row0 + r*row_step, col0 + j*col_step] into dst[r*cols + j]."""
+    cdef Py_ssize_t r, j
+    cdef const floating* src
+    for r in range(rows):
+        src = plane + (row0 + r * row_step) * plane_w + col0
+        if col_step == 1:
+            for j in range(cols):
+                dst[r * cols + j] = src[j]
+        else:
+            for j in range(cols):
+                dst[r * cols + j] = src[j * col_step]
+
+
+cdef void _forward_tile(const floating[:, :, :, ::1] x,         # IN  (N, C, H, W)
+                        const floating[:, :, ::1] wt,           # IN  (kH*kW, O, C/groups)
+                        const floating[::1] bias,               # IN  (O,) or empty
+                        floating[:, :, :, ::1] out,             # OUT (N, O, Ho, Wo)
+                        const Py_ssize_t[::1] oh_lo, const Py_ssize_t[::1] oh_hi,
+                        const Py_ssize_t[::1] ow_lo, const Py_ssize_t[::1] ow_hi,
+                        const Py_ssize_t[:, ::1] tiles,         # IN  (T, 4) r0 r1 c0 c1
+                        Geom g, Py_ssize_t task,
+                        floating* pack, floating* tmp) noexcept nogil:   # SCRATCH
+    cdef Py_ssize_t n_tiles = tiles.shape[0]
+    cdef Py_ssize_t n = task // (g.groups * n_tiles)
+    cdef Py_ssize_t grp = (task // n_tiles) % g.groups
+    cdef Py_ssize_t t = task % n_tiles
+    cdef Py_ssize_t r0 = tiles[t, 0], r1 = tiles[t, 1], c0 = tiles[t, 2], c1 = tiles[t, 3]
+    cdef Py_ssize_t o0 = grp * g.Og, ci0 = grp * g.Cg
+    cdef Py_ssize_t oi, ci, kh, kw, r, j, a, b, c, d, rows, cols, pixels
+    cdef floating bv
+    cdef floating* orow
+    cdef const floating* src
+
+    for oi in range(g.Og):
+        bv = bias[o0 + oi] if bias.shape[0] > 0 else 0
+        for r in range(r0, r1):
+            orow = &out[n, o0 + oi, r, 0]
+            for j in range(c0, c1):
+                orow[j] = bv
+    for kh in range(g.kH):
+        a = max(r0, oh_lo[kh])
+        b = min(r1, oh_hi[kh])
+        if a >= b:
+            continue
+        for kw in range(g.kW):
+            c = max(c0, ow_lo[kw])
+            d = min(c1, ow_hi[kw])
+            if c >= d:
+                continue
+            rows = b - a
+            cols = d - c
+            pixels = rows * cols
+            for ci in range(g.Cg):
+                pack_rect(&x[n, ci0 + ci, 0, 0], g.W, a * g.sh + kh * g.dh - g.pt, g.sh,
+                          c * g.sw + kw * g.dw - g.pl, g.sw, rows, cols, pack + ci * pixels)
+            if cols == g.Wo:
+                # Whole output rows: accumulate straight into the output planes.
+                gemm(c'N', c'N', g.Og, pixels, g.Cg, &wt[kh * g.kW + kw, o0, 0], g.Cg,
+                     pack, pixels, 1, &out[n, o0, a, 0], g.Ho * g.Wo)
+            else:
+                gemm(c'N', c'N', g.Og, pixels, g.Cg, &wt[kh * g.kW + kw, o0, 0], g.Cg,
+                     pack, pixels, 0, tmp, pixels)
+                for oi in range(g.Og):
+                    for r in range(rows):
+                        orow = &out[n, o0 + oi, a + r, c]
+                        src = tmp + oi * pixels + r * cols
+                        for j in range(cols):
+                            orow[j] = orow[j] + src[j]
+
+
+def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt,
+            const floating[::1] bias, floating[:, :, :, ::1] out,
+            const Py_ssize_t[:, ::1] tiles, floating[:, ::1] scratch, spec, int n_threads):
+    """conv2d into `out`; `wt` is the weight as (kH*kW, O, C/groups), `scratch` is
+    (threads, (C/groups + O/groups) * max tile pixels)."""
+    cdef Geom g = make_geom(spec)
+    cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
+    cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
+    cdef Py_ssize_t task, tid
+    cdef Py_ssize_t tile_pixels = scratch.shape[1] // (g.Cg + g.Og)
+    cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
+    cdef floating* pack
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        pack = &scratch[tid, 0]
+        for task in prange(n_tasks, schedule='static'):
+            _forward_tile(x, wt, bias, out, oh_lo, oh_hi, ow_lo, ow_hi, tiles, g, task,
+                          pack, pack + g.Cg * tile_pixels)
+
+
+cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    # b > 0; rounds toward +infinity for either sign of a.
+    return -((-a) // b) if a < 0 else (a + b - 1) // b
+
+
+cdef inline Py_ssize_t floor_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a // b if a >= 0 else -((-a + b - 1) // b)
+
+
+cdef void _grad_input_tile(const floating[:, :, :, ::1] gy,     # IN  (N, O, Ho, Wo)
+                           const floating[:, :, ::1] wt,        # IN  (kH*kW, C, O/groups)
+                           floating[:, :, :, ::1] gx,           # OUT (N, C, H, W)
+                           const Py_ssize_t[::1] oh_lo, const Py_ssize_t[::1] oh_hi,
+                           const Py_ssize_t[::1] ow_lo, const Py_ssize_t[::1] ow_hi,
+                           const Py_ssize_t[:, ::1] tiles,      # IN  (T, 4) of input pixels
+                           Geom g, Py_ssize_t task,
+                           floating* pack, floating* tmp) noexcept nogil:   # SCRATCH
+    cdef Py_ssize_t n_tiles = tiles.shape[0]
+    cdef Py_ssize_t n = task // (g.groups * n_tiles)
+    cdef Py_ssize_t grp = (task // n_tiles) % g.groups
+    cdef Py_ssize_t t = task % n_tiles
+    cdef Py_ssize_t r0 = tiles[t, 0], r1 = tiles[t, 1], c0 = tiles[t, 2], c1 = tiles[t, 3]
+    cdef Py_ssize_t o0 = grp * g.Og, ci0 = grp * g.Cg
+    cdef Py_ssize_t oi, ci, kh, kw, r, j, a, b, c, d, rows, cols, pixels, off_h, off_w
+    cdef floating* gxrow
+    cdef const floating* src
+
+    for ci in range(g.Cg):
+        for r in range(r0, r1):
+            gxrow = &gx[n, ci0 + ci, r, 0]
+            for j in range(c0, c1):
+                gxrow[j] = 0
+    for kh in range(g.kH):
+        # Outputs whose input row (oh*sh + off_h) falls in this tile, and in the image.
+        off_h = kh * g.dh - g.pt
+        a = max(oh_lo[kh], ceil_div(r0 - off_h, g.sh))
+        b = min(oh_hi[kh], floor_div(r1 - 1 - off_h, g.sh) + 1)
+        if a >= b:
+            continue
+        for kw in range(g.kW):
+            off_w = kw * g.dw - g.pl
+            c = max(ow_lo[kw], ceil_div(c0 - off_w, g.sw))
+            d = min(ow_hi[kw], floor_div(c1 - 1 - off_w, g.sw) + 1)
+            if c >= d:
+                continue
+            rows = b - a
+            cols = d - c
+            pixels = rows * cols
+            for oi in range(g.Og):
+                pack_rect(&gy[n, o0 + oi, 0, 0], g.Wo, a, 1, c, 1, rows, cols,
+                          pack + oi * pixels)
+            gemm(c'N', c'N', g.Cg, pixels, g.Og, &wt[kh * g.kW + kw, ci0, 0], g.Og,
+                 pack, pixels, 0, tmp, pixels)
+            for ci in range(g.Cg):
+                for r in range(rows):
+                    gxrow = &gx[n, ci0 + ci, (a + r) * g.sh + off_h, c * g.sw + off_w]
+                    src = tmp + ci * pixels + r * cols
+                    if g.sw == 1:
+                        for j in range(cols):
+                            gxrow[j] = gxrow[j] + src[j]
+                    else:
+                        for j in range(cols):
+                            gxrow[j * g.sw] = gxrow[j * g.sw] + src[j]
+
+
+def grad_input(const floating[:, :, :, ::1] gy, const floating[:, :, ::1] wt,
+               floating[:, :, :, ::1] gx, const Py_ssize_t[:, ::1] tiles,
+               floating[:, ::1] scratch, spec, int n_threads):
+    """Input gradient into `gx`; `wt` is the weight as (kH*kW, C, O/groups), tiles cut
+    the input plane, `scratch` is (threads, (O/groups + C/groups) * max tile pixels)."""
+    cdef Geom g = make_geom(spec)
+    cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
+    cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
+    cdef Py_ssize_t task, tid
+    cdef Py_ssize_t tile_pixels = scratch.shape[1] // (g.Cg + g.Og)
+    cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
+    cdef floating* pack
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        pack = &scratch[tid, 0]
+        for task in prange(n_tasks, schedule='static'):
+            _grad_input_tile(gy, wt, gx, oh_lo, oh_hi, ow_lo, ow_hi, tiles, g, task,
+                             pack, pack + g.Og * tile_pixels)
+
+
+cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)
+                             const floating[:, :, :, ::1] x,    # IN  (N, C, H, W)
+                             floating[:, :, :, ::1] gw,         # OUT (O, C/groups, kH, kW)
+                             const Py_ssize_t[::1] oh_lo, const Py_ssize_t[::1] oh_hi,
+                             const Py_ssize_t[::1] ow_lo, const Py_ssize_t[::1] ow_hi,
+                             const Py_ssize_t[:, ::1] tiles,    # IN  (T, 4) of output pixels
+                             Py_ssize_t o_block, Geom g, Py_ssize_t task,
+                             floating* pack, floating* acc) noexcept nogil:   # SCRATCH
+    # One task: one tap x one block of output channels; it sums over images and tiles.
+    cdef Py_ssize_t blocks = (g.O + o_block - 1) // o_block
+    cdef Py_ssize_t tap = task // blocks
+    cdef Py_ssize_t kh = tap // g.kW, kw = tap % g.kW
+    cdef Py_ssize_t o0 = (task % blocks) * o_block
+    cdef Py_ssize_t ob = min(o_block, g.O - o0)          # blocks never straddle a group
+    cdef Py_ssize_t ci0 = (o0 // g.Og) * g.Cg
+    cdef Py_ssize_t n, t, oi, ci, a, b, c, d, rows, cols, pixels
+    cdef floating* xpack = pack
+    cdef floating* gpack
+
+    for oi in range(ob * g.Cg):
+        acc[oi] = 0
+    for n in range(g.N):
+        for t in range(tiles.shape[0]):
+            a = max(tiles[t, 0], oh_lo[kh])
+            b = min(tiles[t, 1], oh_hi[kh])
+            c = max(tiles[t, 2], ow_lo[kw])
+            d = min(tiles[t, 3], ow_hi[kw])
+            if a >= b or c >= d:
+                continue
+            rows = b - a
+            cols = d - c
+            pixels = rows * cols
+            gpack = pack + g.Cg * pixels
+            for ci in range(g.Cg):
+                pack_rect(&x[n, ci0 + ci, 0, 0], g.W, a * g.sh + kh * g.dh - g.pt, g.sh,
+                          c * g.sw + kw * g.dw - g.pl, g.sw, rows, cols, xpack + ci * pixels)
+            for oi in range(ob):
+                pack_rect(&gy[n, o0 + oi, 0, 0], g.Wo, a, 1, c, 1, rows, cols,
+                          gpack + oi * pixels)
+            # acc (ob x Cg) += gy_pack (ob x pixels) @ x_pack^T (pixels x Cg)
+            gemm(c'N', c'T', ob, g.Cg, pixels, gpack, pixels, xpack, pixels, 1, acc, g.Cg)
+    for oi in range(ob):
+        for ci in range(g.Cg):
+            gw[o0 + oi, ci, kh, kw] = acc[oi * g.Cg + ci]
+
+
+def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
+                floating[:, :, :, ::1] gw, const Py_ssize_t[:, ::1] tiles,
+                Py_ssize_t o_block, floating[:, ::1] scratch, spec, int n_threads):
+    """Weight gradient into `gw`; tiles cut the output plane; `o_block` divides O/groups;
+    `scratch` is (threads, (C/groups + o_block) * max tile pixels + o_block * C/groups)."""
+    cdef Geom g = make_geom(spec)
+    cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
+    cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
+    cdef Py_ssize_t task, tid
+    cdef Py_ssize_t n_tasks = g.kH * g.kW * ((g.O + o_block - 1) // o_block)
+    cdef Py_ssize_t acc_offset = scratch.shape[1] - o_block * g.Cg
+    cdef floating* pack
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        pack = &scratch[tid, 0]
+        for task in prange(n_tasks, schedule='static'):
+            _grad_weight_block(gy, x, gw, oh_lo, oh_hi, ow_lo, ow_hi, tiles, o_block, g,
+                               task, pack, pack + acc_offset)

@@ -1,0 +1,46 @@
+"""Shared test helpers: random cases and comparisons against the oracle."""
+import numpy as np
+
+import dilconv
+from dilconv import reference, tolerance
+from dilconv._validate import make_spec
+
+
+def random_case(rng, n, c, h, w, o, kh, kw, groups, dtype, bias=True):
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((o, c // groups, kh, kw)).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype) if bias else None
+    return x, wt, b
+
+
+def check_forward(x, w, b, stride=1, padding=0, dilation=1, groups=1, threads=None):
+    """Run conv2d and assert it is within the derived bound of the oracle."""
+    spec = make_spec(x.shape, w.shape, stride, padding, dilation, groups)
+    y = dilconv.conv2d(x, w, b, stride, padding, dilation, groups)
+    assert y.dtype == x.dtype and y.shape == spec.output_shape
+    args = (spec.stride, spec.padding, spec.dilation, spec.groups)
+    expected = reference.conv2d_reference(x, w, b, *args)
+    abs_sum = reference.conv2d_reference_abs(x, w, *args)
+    if b is not None:
+        abs_sum = abs_sum + np.abs(b.astype(np.float64))[None, :, None, None]
+    bound = tolerance.error_bound(abs_sum, tolerance.forward_terms(spec, b is not None),
+                                  x.dtype)
+    ratio = tolerance.worst_ratio(y, expected, bound)
+    assert ratio <= 1.0, f"forward off by {ratio:.3g} x bound"
+    return y
+
+
+def check_backward(gy, x, w, stride=1, padding=0, dilation=1, groups=1):
+    spec = make_spec(x.shape, w.shape, stride, padding, dilation, groups)
+    grads = dilconv.conv2d_backward(gy, x, w, stride, padding, dilation, groups)
+    args = (spec.stride, spec.padding, spec.dilation, spec.groups)
+    expected = reference.conv2d_backward_reference(gy, x, w, *args)
+    abs_sums = reference.conv2d_backward_reference_abs(gy, x, w, *args)
+    terms = (tolerance.grad_input_terms(spec), tolerance.grad_weight_terms(spec),
+             tolerance.grad_weight_terms(spec))
+    for name, got, exp, abs_sum, k, like in zip(("input", "weight", "bias"), grads, expected,
+                                                abs_sums, terms, (x, w, w[:, 0, 0, 0])):
+        assert got.shape == like.shape and got.dtype == x.dtype, name
+        ratio = tolerance.worst_ratio(got, exp, tolerance.error_bound(abs_sum, k, x.dtype))
+        assert ratio <= 1.0, f"grad {name} off by {ratio:.3g} x bound"
+    return grads

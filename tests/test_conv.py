@@ -1,0 +1,298 @@
+"""Kernels against the correlate2d oracle, seed facts, adjoints, determinism, layouts."""
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import dilconv
+from dilconv._dispatch import PATHS, choose_path, force_path
+from dilconv._validate import make_spec
+
+from _helpers import check_backward, check_forward, random_case
+
+SEED_X = np.array([[1, 2, 3, 0], [0, 1, 2, 3], [3, 0, 1, 2], [2, 3, 0, 1]])
+SEED_W = np.array([[2, 0], [1, 3]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_seed_toy_exact(dtype):
+    y = dilconv.conv2d(SEED_X[None, None].astype(dtype), SEED_W[None, None].astype(dtype),
+                       dilation=2)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y[0, 0], [[8, 10], [2, 8]])
+
+
+def test_seed_3to16_shape(rng):
+    x = rng.standard_normal((1, 3, 256, 256)).astype(np.float32)
+    w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
+    assert dilconv.conv2d(x, w, dilation=2).shape == (1, 16, 252, 252)
+    assert dilconv.output_shape((1, 3, 256, 256), (16, 3, 3, 3), dilation=2) == (1, 16, 252,
+                                                                                   252)
+
+
+def test_seed_toy_backward_by_hand():
+    # d out[i,j] / d w[a,b] = x[i+2a, j+2b]; with all-ones grad, sum over i, j in {0, 1}.
+    g = dilconv.conv2d_backward(np.ones((1, 1, 2, 2)), SEED_X[None, None], SEED_W[None, None],
+                                dilation=2)
+    np.testing.assert_array_equal(g.weight[0, 0], [[4, 8], [8, 4]])
+    np.testing.assert_array_equal(g.bias, [4])
+    # Each input pixel feeds at most one output through one tap.
+    np.testing.assert_array_equal(g.input[0, 0], [[2, 2, 0, 0], [2, 2, 0, 0],
+                                                  [1, 1, 3, 3], [1, 1, 3, 3]])
+
+
+def test_hand_computed_stride_padding():
+    # 3x3 ones, 1x1 kernel of 2, padding 1, stride 2: corners of the padded 5x5 are zero.
+    y = dilconv.conv2d(np.ones((1, 3, 3)), np.full((1, 1, 1, 1), 2.0), np.array([1.0]),
+                       stride=2, padding=1)
+    np.testing.assert_array_equal(y[0], [[1, 1, 1], [1, 3, 1], [1, 1, 1]])
+
+
+GRID = [
+    # (n, c, h, w, o, kh, kw, stride, padding, dilation, groups)
+    (2, 3, 9, 11, 4, 3, 3, 1, 0, 1, 1),
+    (1, 4, 12, 10, 6, 3, 2, (2, 1), 1, (2, 3), 2),
+    (2, 6, 13, 9, 6, 3, 3, 1, 4, 4, 6),                    # depthwise
+    (1, 2, 7, 7, 3, 2, 3, 3, ((2, 0), (1, 3)), 2, 1),       # asymmetric padding
+    (3, 4, 8, 16, 8, 1, 5, 1, "same", (1, 3), 4),
+    (1, 3, 16, 16, 5, 3, 3, 2, "valid", 2, 1),
+    (2, 2, 5, 5, 2, 3, 3, 1, 9, 5, 1),                      # padding > dilated kernel
+    (1, 1, 1, 1, 2, 1, 1, 4, 0, 1, 1),                      # 1-pixel image
+    (1, 2, 6, 6, 2, 3, 3, 5, 2, 2, 2),                      # stride near image size
+    (2, 4, 9, 9, 4, 5, 5, 1, 0, 2, 2),                      # dilated kernel == image
+    (0, 3, 5, 5, 2, 3, 3, 1, 1, 1, 1),                      # empty batch
+    (2, 8, 1, 64, 8, 1, 2, 1, 0, (1, 16), 1),               # wavenet-like
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", GRID)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_backward_match_oracle(case, dtype, bias, path, rng):
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype, bias)
+    with force_path(path):
+        y = check_forward(x, wt, b, stride, padding, dilation, groups)
+        gy = rng.standard_normal(y.shape).astype(dtype)
+        check_backward(gy, x, wt, stride, padding, dilation, groups)
+
+
+def test_dispatch_picks_gemm_for_many_channels_and_direct_for_depthwise():
+    assert choose_path(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "gemm"
+    assert choose_path(make_spec((1, 64, 32, 32), (64, 1, 3, 3), 1, 1, 1, 64)) == "direct"
+    with force_path("direct"):
+        assert choose_path(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "direct"
+    with pytest.raises(ValueError, match="path"):
+        with force_path("fast"):
+            pass
+
+
+def test_env_var_forces_path(monkeypatch):
+    spec = make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)
+    monkeypatch.setenv("DILCONV_PATH", "direct")
+    assert choose_path(spec) == "direct"
+    monkeypatch.setenv("DILCONV_PATH", "bogus")
+    with pytest.raises(ValueError, match="DILCONV_PATH"):
+        choose_path(spec)
+
+
+def test_gemm_tiles_cover_large_planes_once(rng):
+    # Planes larger than one tile (several row tiles, and column tiles on wide rows).
+    for shape in ((1, 4, 70, 90), (1, 4, 2, 5000)):
+        x, wt, b = random_case(rng, *shape, 8, 3, 3, 1, np.float64)
+        args = (1, 2, (1, 2), 1)
+        with force_path("gemm"):
+            y = check_forward(x, wt, b, *args)
+            check_backward(rng.standard_normal(y.shape), x, wt, *args)
+
+
+@pytest.mark.parametrize("case", GRID[:6])
+def test_unbatched_matches_batched(case, rng):
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    x, wt, b = random_case(rng, 1, c, h, w, o, kh, kw, groups, np.float64)
+    args = (stride, padding, dilation, groups)
+    y = dilconv.conv2d(x[0], wt, b, *args)
+    np.testing.assert_array_equal(y, dilconv.conv2d(x, wt, b, *args)[0])
+    gy = rng.standard_normal(y.shape)
+    g1 = dilconv.conv2d_backward(gy, x[0], wt, *args)
+    g4 = dilconv.conv2d_backward(gy[None], x, wt, *args)
+    np.testing.assert_array_equal(g1.input, g4.input[0])
+    np.testing.assert_array_equal(g1.weight, g4.weight)
+    np.testing.assert_array_equal(g1.bias, g4.bias)
+
+
+def _inner(a, b):
+    return float(np.vdot(a.astype(np.float64), b.astype(np.float64)))
+
+
+@pytest.mark.parametrize("case", GRID)
+def test_adjoint_identities(case, rng):
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    x, wt, _ = random_case(rng, n, c, h, w, o, kh, kw, groups, np.float64, bias=False)
+    args = (stride, padding, dilation, groups)
+    y = dilconv.conv2d(x, wt, None, *args)
+    g = rng.standard_normal(y.shape)
+    grads = dilconv.conv2d_backward(g, x, wt, *args)
+    scale = max(1.0, _inner(np.abs(y), np.abs(g)))
+    # <conv(x), g> = <x, conv^T(g)>, and conv is linear in w: <conv_w(x), g> = <w, dL/dw>.
+    assert abs(_inner(y, g) - _inner(x, grads.input)) <= 1e-12 * scale
+    assert abs(_inner(y, g) - _inner(wt, grads.weight)) <= 1e-12 * scale
+    np.testing.assert_allclose(grads.bias, g.sum(axis=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+
+
+def test_finite_differences(rng):
+    x, wt, b = random_case(rng, 1, 2, 6, 7, 2, 3, 2, 1, np.float64)
+    args = dict(stride=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2))
+    g = rng.standard_normal(dilconv.conv2d(x, wt, b, **args).shape)
+    loss = lambda x_, w_, b_: float((dilconv.conv2d(x_, w_, b_, **args) * g).sum())
+    grads = dilconv.conv2d_backward(g, x, wt, **args)
+    eps = 1e-6
+    for arr, grad in ((x, grads.input), (wt, grads.weight), (b, grads.bias)):
+        for idx in list(np.ndindex(arr.shape))[::3]:
+            old = arr[idx]
+            arr[idx] = old + eps
+            up = loss(x, wt, b)
+            arr[idx] = old - eps
+            down = loss(x, wt, b)
+            arr[idx] = old
+            assert abs((up - down) / (2 * eps) - grad[idx]) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bitwise_identical_across_thread_counts(dtype, rng):
+    # Large enough that the GEMM path cuts the planes into several tiles.
+    x, wt, b = random_case(rng, 3, 8, 61, 75, 12, 3, 3, 2, dtype)
+    args = (1, 3, 2, 2)
+    gy = rng.standard_normal(dilconv.conv2d(x, wt, b, *args).shape).astype(dtype)
+    results = []
+    try:
+        for path, threads in itertools.product(PATHS, (1, 2, 3)):
+            dilconv.set_num_threads(threads)
+            assert dilconv.get_num_threads() == threads
+            with force_path(path):
+                results.append((path, (dilconv.conv2d(x, wt, b, *args),)
+                                + tuple(dilconv.conv2d_backward(gy, x, wt, *args))))
+    finally:
+        dilconv.set_num_threads(None)
+    by_path = {}
+    for path, outputs in results:
+        by_path.setdefault(path, []).append(outputs)
+    for runs in by_path.values():
+        for other in runs[1:]:
+            for a, b_ in zip(runs[0], other):
+                assert a.tobytes() == b_.tobytes()
+
+
+def _layouts(x):
+    """The same values in C order, Fortran order, a strided view, read-only, big-endian."""
+    yield "c", x
+    yield "fortran", np.asfortranarray(x)
+    big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+    big[..., ::2] = x
+    yield "strided", big[..., ::2]
+    ro = x.copy()
+    ro.flags.writeable = False
+    yield "readonly", ro
+    yield "bigendian", x.astype(x.dtype.newbyteorder(">"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layouts_give_identical_results(dtype, rng):
+    x, wt, b = random_case(rng, 2, 4, 10, 9, 4, 3, 3, 2, dtype)
+    args = (2, 1, (1, 2), 2)
+    y0 = dilconv.conv2d(x, wt, b, *args)
+    gy = rng.standard_normal(y0.shape).astype(dtype)
+    g0 = dilconv.conv2d_backward(gy, x, wt, *args)
+    for (name, xl), (_, wl), (_, gl) in zip(_layouts(x), _layouts(wt), _layouts(gy)):
+        y = dilconv.conv2d(xl, wl, b, *args)
+        assert y.dtype == dtype, name
+        np.testing.assert_array_equal(y, y0, err_msg=name)
+        for got, want in zip(dilconv.conv2d_backward(gl, xl, wl, *args), g0):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_lists_and_ints_become_float64():
+    y = dilconv.conv2d(SEED_X[None].tolist(), SEED_W[None, None].tolist(), dilation=2)
+    assert y.dtype == np.float64
+    np.testing.assert_array_equal(y[0], [[8, 10], [2, 8]])
+
+
+def test_ints_follow_float32_of_other_arrays():
+    w = SEED_W[None, None].astype(np.float32)
+    assert dilconv.conv2d(SEED_X[None], w, dilation=2).dtype == np.float32
+    assert dilconv.conv2d(SEED_X[None].astype(np.float16), w.astype(np.float16),
+                          dilation=2).dtype == np.float64
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_out_argument(batched, rng):
+    x, wt, b = random_case(rng, 2, 3, 8, 8, 4, 3, 3, 1, np.float32)
+    if not batched:
+        x = x[0]
+    expected = dilconv.conv2d(x, wt, b, padding=2, dilation=2)
+    out = np.full(expected.shape, np.nan, np.float32)
+    assert dilconv.conv2d(x, wt, b, padding=2, dilation=2, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    # A non-contiguous out is filled too.
+    big = np.full(expected.shape[:-1] + (2 * expected.shape[-1],), np.nan, np.float32)
+    strided = big[..., ::2]
+    assert dilconv.conv2d(x, wt, b, padding=2, dilation=2, out=strided) is strided
+    np.testing.assert_array_equal(strided, expected)
+
+
+def test_needs_selects_gradients(rng):
+    x, wt, _ = random_case(rng, 1, 2, 5, 5, 2, 2, 2, 1, np.float64)
+    gy = np.ones((1, 2, 4, 4))
+    g = dilconv.conv2d_backward(gy, x, wt, needs=("weight",))
+    assert g.input is None and g.bias is None and g.weight.shape == wt.shape
+    g = dilconv.conv2d_backward(gy, x, wt, needs="bias")
+    assert g.input is None and g.weight is None
+    np.testing.assert_array_equal(g.bias, [16, 16])
+
+
+def test_empty_batch_gives_zero_gradients(rng):
+    x, wt, _ = random_case(rng, 0, 2, 5, 5, 3, 3, 3, 1, np.float32)
+    y = dilconv.conv2d(x, wt)
+    assert y.shape == (0, 3, 3, 3)
+    g = dilconv.conv2d_backward(y, x, wt)
+    assert g.input.shape == x.shape
+    assert not g.weight.any() and not g.bias.any()
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    c = groups * draw(st.integers(1, 3))
+    o = groups * draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    dilation = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    pads = ((draw(st.integers(0, 6)), draw(st.integers(0, 6))),
+            (draw(st.integers(0, 6)), draw(st.integers(0, 6))))
+    h = draw(st.integers(max(1, dilation[0] * (kh - 1) + 1 - sum(pads[0])), 20))
+    w = draw(st.integers(max(1, dilation[1] * (kw - 1) + 1 - sum(pads[1])), 20))
+    n = draw(st.integers(0, 3))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2 ** 32 - 1))
+    return (n, c, h, w, o, kh, kw, groups, stride, pads, dilation, dtype, bias, seed)
+
+
+@given(conv_cases(), st.sampled_from(PATHS))
+def test_property_random_cases_match_oracle(case, path):
+    n, c, h, w, o, kh, kw, groups, stride, pads, dilation, dtype, bias, seed = case
+    rng = np.random.default_rng(seed)
+    x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype, bias)
+    with force_path(path):
+        y = check_forward(x, wt, b, stride, pads, dilation, groups)
+        gy = rng.standard_normal(y.shape).astype(dtype)
+        check_backward(gy, x, wt, stride, pads, dilation, groups)
+
+
+def test_spec_tap_ranges_skip_padding():
+    # Kernel 3, dilation 18, padding 18 on a 33-pixel axis: the outer taps only reach half.
+    spec = make_spec((1, 1, 33, 33), (1, 1, 3, 3), 1, 18, 18, 1)
+    assert spec.ho == 33
+    assert list(spec.oh_lo) == [18, 0, 0] and list(spec.oh_hi) == [33, 33, 15]
