@@ -1,0 +1,489 @@
+"""Random cases for the campaign.
+
+A case is a small JSON-able dict: geometry, argument forms, padding mode, dtype, memory
+layouts, thread count, kernel path and a seed for its arrays. Case `i` of a campaign with seed
+`S` depends on (S, i) only, so any case can be rebuilt from its repro file or its index.
+
+Geometry is normalised here independently of dilconv's validator (`padding_amounts`,
+`out_size`), so the lab also checks how dilconv reads its arguments.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# One place to extend when dilconv gains a padding mode: the generator draws from this list,
+# the oracle pads with NUMPY_PAD_MODE and convolves with zero padding.
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+MODE_WEIGHTS = (0.76, 0.08, 0.08, 0.08)
+NUMPY_PAD_MODE = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+PADDING_FORMS = ("int", "pair", "asym", "same", "valid")
+LAYOUTS = ("c", "fortran", "strided", "negstride", "readonly", "bigendian")
+VALUE_KINDS = ("normal", "uniform", "int", "scaled", "sparse")
+EDGES = ("none", "exact_fit", "pad_gt_kernel", "stride_gt_image", "output_one", "one_pixel")
+EDGE_WEIGHTS = (0.45, 0.11, 0.11, 0.11, 0.11, 0.11)
+KERNEL_SIZES = (1, 2, 3, 4, 5, 6, 7)
+KERNEL_WEIGHTS = (0.18, 0.2, 0.26, 0.1, 0.1, 0.08, 0.08)
+PATHS = ("direct", "gemm")          # dilconv._dispatch.PATHS (checked in the tests)
+THREADS = (1, 2)
+DTYPES = ("float32", "float64")
+GRADS = {"grad_input": "input", "grad_weight": "weight", "grad_bias": "bias"}
+VALID_OPS = ("forward", "grad_input", "grad_weight", "grad_bias", "adjoint", "determinism")
+OPS = VALID_OPS + ("invalid",)
+SMALL_SIZE = 12
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """What the generator may draw. Cost caps are in multiply-adds of the oracle (one
+    correlate2d tap per output pixel), which is what dominates a case's time."""
+
+    dtypes: tuple = DTYPES
+    ops: tuple = OPS
+    max_size: int = 48
+    invalid_rate: float = 0.1
+    large_rate: float = 0.1
+    small_cost: float = 6e4
+    large_cost: float = 6e5
+    modes: tuple = field(default=PADDING_MODES)
+
+
+def case_seed(seed: int, index: int) -> int:
+    """Seed of case `index` of the campaign with seed `seed` (independent streams)."""
+    return int(np.random.SeedSequence(entropy=int(seed), spawn_key=(int(index),))
+               .generate_state(1, np.uint32)[0])
+
+
+def pair(value) -> tuple:
+    """An int or a 2-sequence as (h, w)."""
+    return (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+
+
+def out_size(size, k, stride, dilation, lo, hi) -> int:
+    return (size + lo + hi - dilation * (k - 1) - 1) // stride + 1
+
+
+def padding_amounts(case) -> tuple:
+    """((top, bottom), (left, right)) for the case's padding, whatever its form."""
+    padding = case["padding"]
+    if padding == "valid":
+        return ((0, 0), (0, 0))
+    if padding == "same":
+        pads = []
+        for k, d in zip((case["kh"], case["kw"]), pair(case["dilation"])):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))   # odd pixel bottom/right
+        return tuple(pads)
+    if isinstance(padding, (int, np.integer)):
+        return ((padding, padding), (padding, padding))
+    if isinstance(padding[0], (int, np.integer)):
+        return ((padding[0], padding[0]), (padding[1], padding[1]))
+    return (tuple(padding[0]), tuple(padding[1]))
+
+
+def shapes(case) -> dict:
+    """Batched shapes of x, weight, bias and grad_output (N, C, H, W) / OIHW."""
+    g, n = case["groups"], case["n"]
+    c, o = g * case["cg"], g * case["og"]
+    (pt, pb), (pl, pr) = padding_amounts(case)
+    (sh, sw), (dh, dw) = pair(case["stride"]), pair(case["dilation"])
+    ho = out_size(case["h"], case["kh"], sh, dh, pt, pb)
+    wo = out_size(case["w"], case["kw"], sw, dw, pl, pr)
+    return {"input": (n, c, case["h"], case["w"]), "weight": (o, case["cg"], case["kh"],
+            case["kw"]), "bias": (o,), "grad_output": (n, o, ho, wo)}
+
+
+def is_valid(case) -> bool:
+    """Would PyTorch accept this geometry (including the padding mode's limits)?"""
+    if min(case["groups"], case["cg"], case["og"], case["h"], case["w"], case["kh"],
+           case["kw"]) < 1 or case["n"] < 0:
+        return False
+    stride, dilation = pair(case["stride"]), pair(case["dilation"])
+    if min(stride + dilation) < 1 or (case["padding"] == "same" and stride != (1, 1)):
+        return False
+    pads = padding_amounts(case)
+    if min(pads[0] + pads[1]) < 0 or min(shapes(case)["grad_output"][2:]) < 1:
+        return False
+    if case["unbatched"] and case["n"] != 1:
+        return False
+    limit = {"reflect": -1, "circular": 0}.get(case["padding_mode"])
+    if limit is not None:           # reflect: pad < size; circular: pad <= size
+        for size, side in zip((case["h"], case["w"]), pads):
+            if max(side) > size + limit:
+                return False
+    return True
+
+
+def oracle_cost(case) -> float:
+    """Multiply-adds of one oracle correlate2d pass over the case (zero taps included)."""
+    (pt, pb), (pl, pr) = padding_amounts(case)
+    (dh, dw) = pair(case["dilation"])
+    dkh, dkw = dh * (case["kh"] - 1) + 1, dw * (case["kw"] - 1) + 1
+    pairs = max(1, case["n"]) * case["groups"] * case["og"] * case["cg"]
+    return float(pairs * (case["h"] + pt + pb) * (case["w"] + pl + pr) * dkh * dkw)
+
+
+def _choice(rng, options, p=None):
+    return options[int(rng.choice(len(options), p=p))]
+
+
+def _draw_pad(rng, dk):
+    # Mostly up to half the dilated kernel (what 'same' needs), sometimes up to all of it.
+    top = dk if rng.random() < 0.25 else (dk - 1) // 2 + 1
+    return int(rng.integers(0, top + 1))
+
+
+def _axis(rng, k, d, s, lo, hi, form, edge, limit):
+    """Size (and adjusted kernel/stride/pads) along one axis for the wanted edge."""
+    dk = d * (k - 1) + 1
+    if edge == "pad_gt_kernel" and form not in ("same", "valid"):
+        if rng.random() < 0.5:
+            lo = dk + int(rng.integers(1, 4))
+        else:
+            hi = dk + int(rng.integers(1, 4))
+    if edge == "one_pixel":
+        if form == "valid":
+            k, dk = 1, 1
+        elif form != "same" and lo + hi < dk - 1:
+            hi = dk - 1 - lo
+        return k, s, lo, hi, 1
+    if edge == "exact_fit" and dk - lo - hi >= 1:
+        return k, s, lo, hi, dk - lo - hi
+    smallest = max(1, dk - lo - hi)
+    if edge == "output_one" and lo + hi - dk + 1 < s:
+        # out = 1 while H + lo + hi - dk < s.
+        return k, s, lo, hi, int(rng.integers(smallest, dk - lo - hi + s))
+    if edge == "stride_gt_image" and form != "same" and smallest < 5:
+        h = int(rng.integers(smallest, 5))
+        return k, int(rng.integers(h + 1, 6)), lo, hi, h
+    # Favour small images: the upper end is itself drawn.
+    top = int(rng.integers(smallest, max(smallest, limit) + 1))
+    return k, s, lo, hi, int(rng.integers(smallest, top + 1))
+
+
+def _padding_value(form, pads):
+    """The padding argument in `form` if the amounts allow it, else the asymmetric form."""
+    (pt, pb), (pl, pr) = pads
+    if form == "int" and pt == pb == pl == pr:
+        return pt, "int"
+    if form in ("int", "pair") and pt == pb and pl == pr:
+        return [pt, pl], "pair"
+    return [[pt, pb], [pl, pr]], "asym"
+
+
+def _draw_geometry(rng, cfg: GenConfig, kind: str) -> dict:
+    large = rng.random() < cfg.large_rate
+    limit = cfg.max_size if large else min(cfg.max_size, SMALL_SIZE)
+    n = int(rng.choice(5, p=(0.06, 0.44, 0.28, 0.12, 0.10)))
+    r = rng.random()
+    wide = 9 if large else 5
+    if r < 0.45:
+        groups, cg, og = 1, int(rng.integers(1, wide)), int(rng.integers(1, wide))
+    elif r < 0.7:                                   # depthwise, channel multiplier 1 or 2
+        groups, cg, og = int(rng.integers(1, 7)), 1, 1 + int(rng.random() < 0.3)
+    else:
+        groups, cg, og = int(rng.integers(2, 5)), int(rng.integers(1, 4)), int(
+            rng.integers(1, 4))
+    ks = [_choice(rng, KERNEL_SIZES, KERNEL_WEIGHTS) for _ in range(2)]
+    strides = [1 if rng.random() < 0.5 else int(rng.integers(2, 6)) for _ in range(2)]
+    dils = [1 if rng.random() < 0.35 else int(rng.integers(2, 9)) for _ in range(2)]
+    form = _choice(rng, PADDING_FORMS)
+    edge = _choice(rng, EDGES, EDGE_WEIGHTS)
+    mode = _choice(rng, cfg.modes, _weights(cfg.modes)) if kind == "valid" else "zeros"
+    if edge == "pad_gt_kernel" and form in ("same", "valid"):
+        form = "asym"
+    if form == "same":
+        strides = [1, 1]
+    dks = [d * (k - 1) + 1 for k, d in zip(ks, dils)]
+    if form == "same":
+        pads = [[(dk - 1) // 2, dk - 1 - (dk - 1) // 2] for dk in dks]
+    elif form == "valid":
+        pads = [[0, 0], [0, 0]]
+    elif form == "int":
+        p = _draw_pad(rng, min(dks))
+        pads = [[p, p], [p, p]]
+    elif form == "pair":
+        pads = [[p, p] for p in (_draw_pad(rng, dk) for dk in dks)]
+    else:
+        pads = [[_draw_pad(rng, dk), _draw_pad(rng, dk)] for dk in dks]
+    axes = _choice(rng, ((0,), (1,), (0, 1)))
+    sizes = [0, 0]
+    for a in range(2):
+        ks[a], strides[a], pads[a][0], pads[a][1], sizes[a] = _axis(
+            rng, ks[a], dils[a], strides[a], pads[a][0], pads[a][1], form,
+            edge if a in axes else "none", limit)
+    if mode in ("reflect", "circular"):
+        for a in range(2):
+            sizes[a] = max(sizes[a], max(pads[a]) + (mode == "reflect"))
+    if form in ("int", "pair", "asym"):
+        padding, form = _padding_value(form, pads)
+    else:
+        padding = form
+    stride = strides[0] if strides[0] == strides[1] and rng.random() < 0.5 else strides
+    dilation = dils[0] if dils[0] == dils[1] and rng.random() < 0.5 else dils
+    return {"n": n, "groups": groups, "cg": cg, "og": og, "h": sizes[0], "w": sizes[1],
+            "kh": ks[0], "kw": ks[1], "stride": stride, "dilation": dilation,
+            "padding": padding, "padding_form": form, "padding_mode": mode,
+            "edge": edge, "tier": "large" if large else "small"}
+
+
+def _weights(modes):
+    w = np.array([MODE_WEIGHTS[PADDING_MODES.index(m)] if m in PADDING_MODES else 0.08
+                  for m in modes])
+    return w / w.sum()
+
+
+def generate(seed: int, index: int, cfg: GenConfig) -> dict:
+    """Case `index` of the campaign `seed`: valid (checked against the oracle) or invalid."""
+    rng = np.random.default_rng(case_seed(seed, index))
+    valid_ops = [op for op in cfg.ops if op != "invalid"]
+    invalid = "invalid" in cfg.ops and (not valid_ops or rng.random() < cfg.invalid_rate)
+    kind = "invalid" if invalid else "valid"
+    for _ in range(200):
+        case = _draw_geometry(rng, cfg, kind)
+        case["unbatched"] = bool(case["n"] == 1 and rng.random() < 0.25)
+        cap = cfg.large_cost if case["tier"] == "large" else cfg.small_cost
+        if (is_valid(case) and max(case["h"], case["w"]) <= cfg.max_size
+                and oracle_cost(case) <= cap):
+            break
+    else:                                        # practically unreachable; stay valid
+        case.update(n=1, groups=1, cg=1, og=1, h=1, w=1, kh=1, kw=1, stride=1, dilation=1,
+                    padding=0, padding_form="int", padding_mode="zeros", unbatched=False)
+    case.update(
+        id=int(index), seed=int(seed), kind=kind,
+        dtype=_choice(rng, tuple(cfg.dtypes)),
+        bias=bool(rng.random() < 0.6),
+        path=_choice(rng, PATHS),
+        threads=int(_choice(rng, THREADS)),
+        values=_choice(rng, VALUE_KINDS),
+        array_seed=int(rng.integers(0, 2 ** 32)),
+        layouts={name: ("c" if rng.random() < 0.5 else _choice(rng, LAYOUTS))
+                 for name in ("input", "weight", "bias", "grad_output")},
+        out=_choice(rng, (None, "c", "strided"), (0.7, 0.15, 0.15)),
+    )
+    if invalid:
+        case["ops"] = ["invalid"]
+        name = _choice(rng, tuple(INVALID))
+        case["invalid"] = name
+        case["call"] = INVALID[name].call or _choice(rng, ("conv2d", "conv2d_backward"))
+        if INVALID[name].nonempty:
+            case["n"] = max(1, case["n"])
+        return case
+    grads = [op for op in GRADS if op in valid_ops]
+    if grads and rng.random() < 0.25:            # ask for a subset of the gradients
+        chosen = [op for op in grads if rng.random() < 0.5] or [grads[0]]
+    else:
+        chosen = grads
+    case["needs"] = [GRADS[op] for op in chosen]
+    case["ops"] = [op for op in valid_ops if op not in GRADS or op in chosen]
+    return case
+
+
+# --- arrays -------------------------------------------------------------------------------
+
+def _values(rng, kind, shape):
+    if kind == "uniform":
+        return rng.uniform(-1, 1, shape)
+    if kind == "int":
+        return rng.integers(-3, 4, shape).astype(np.float64)
+    if kind == "scaled":
+        return rng.standard_normal(shape) * 2.0 ** int(rng.integers(-12, 13))
+    if kind == "sparse":
+        return rng.standard_normal(shape) * (rng.random(shape) < 0.3)
+    return rng.standard_normal(shape)
+
+
+def build_arrays(case) -> dict:
+    """The case's arrays, batched, C-contiguous, in its dtype (finite values only)."""
+    rng = np.random.default_rng(case["array_seed"])
+    dtype = np.dtype(case["dtype"])
+    arrays = {name: _values(rng, case["values"], shape).astype(dtype)
+              for name, shape in shapes(case).items()}
+    if not case["bias"]:
+        arrays["bias"] = None
+    return arrays
+
+
+def present(arr, layout):
+    """The same values in another memory layout (the API must accept every one)."""
+    if arr is None or layout == "c":
+        return arr
+    if layout == "fortran":
+        return np.asfortranarray(arr)
+    if layout == "strided":
+        big = np.zeros(arr.shape[:-1] + (2 * arr.shape[-1],), arr.dtype)
+        big[..., ::2] = arr
+        return big[..., ::2]
+    if layout == "negstride":
+        return np.ascontiguousarray(arr[..., ::-1])[..., ::-1]
+    if layout == "readonly":
+        ro = arr.copy()
+        ro.flags.writeable = False
+        return ro
+    if layout == "bigendian":
+        return arr.astype(arr.dtype.newbyteorder(">"))
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def call_kwargs(case) -> dict:
+    """Geometry keyword arguments exactly as the case passes them to the API."""
+    def as_arg(v):
+        return tuple(as_arg(x) for x in v) if isinstance(v, list) else v
+    return {"stride": as_arg(case["stride"]), "padding": as_arg(case["padding"]),
+            "dilation": as_arg(case["dilation"]), "groups": case["groups"],
+            "padding_mode": case["padding_mode"]}
+
+
+def call_arrays(case, arrays) -> dict:
+    """input, weight, bias, grad_output as given to the API (layouts, unbatched)."""
+    lay = case["layouts"]
+    drop = (lambda a: a[0]) if case["unbatched"] else (lambda a: a)
+    return {"input": present(drop(arrays["input"]), lay["input"]),
+            "weight": present(arrays["weight"], lay["weight"]),
+            "bias": present(arrays["bias"], lay["bias"]),
+            "grad_output": present(drop(arrays["grad_output"]), lay["grad_output"])}
+
+
+# --- invalid calls ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Invalid:
+    """A way to break a valid call. `apply(call, case)` edits the call dict in place;
+    the error must name `word`. `call` fixes the function (None: either)."""
+
+    apply: object
+    word: str
+    call: str = None
+    nonempty: bool = False      # only invalid when the arrays have elements
+
+
+def _set(**changes):
+    def apply(call, case):
+        call["kwargs"].update(changes)
+    return apply
+
+
+def _array(name, fn):
+    def apply(call, case):
+        call[name] = fn(call[name], case)
+    return apply
+
+
+def _other_float(a):
+    return a.astype(np.float64 if a.dtype.itemsize == 4 else np.float32)
+
+
+def _kernel_too_big(call, case):
+    call["kwargs"].update(padding="valid")
+    if case["kh"] > 1:
+        call["kwargs"]["dilation"] = (case["h"] + 1, 1)
+    else:
+        w = call["weight"]
+        call["weight"] = np.zeros(w.shape[:2] + (case["h"] + 1, w.shape[3]), w.dtype)
+
+
+def _out_overlapping(call, case):
+    x = call["input"]
+    y_shape = shapes(case)["grad_output"][int(case["unbatched"]):]
+    buf = np.zeros(max(x.size, int(np.prod(y_shape))) + 1, np.dtype(case["dtype"]))
+    buf[:x.size] = np.asarray(x, dtype=buf.dtype).ravel()
+    call["input"] = buf[:x.size].reshape(x.shape)
+    call["out"] = buf[:int(np.prod(y_shape))].reshape(y_shape)
+
+
+def _out_like(fn):
+    def apply(call, case):
+        y_shape = shapes(case)["grad_output"][int(case["unbatched"]):]
+        call["out"] = fn(np.zeros(y_shape, np.dtype(case["dtype"])))
+    return apply
+
+
+def _readonly(a):
+    a.flags.writeable = False
+    return a
+
+
+INVALID = {
+    "groups_not_dividing": Invalid(lambda call, case: call["kwargs"].update(
+        groups=case["groups"] * case["cg"] + 1), "groups"),
+    "groups_zero": Invalid(_set(groups=0), "groups"),
+    "groups_float": Invalid(lambda call, case: call["kwargs"].update(
+        groups=float(case["groups"])), "groups"),
+    "groups_bool": Invalid(_set(groups=True), "groups"),
+    "stride_zero": Invalid(_set(stride=(1, 0)), "stride"),
+    "stride_negative": Invalid(_set(stride=-1), "stride"),
+    "stride_float": Invalid(_set(stride=1.5), "stride"),
+    "stride_len3": Invalid(_set(stride=(1, 1, 1)), "stride"),
+    "dilation_zero": Invalid(_set(dilation=0), "dilation"),
+    "dilation_float": Invalid(_set(dilation=(1, 2.0)), "dilation"),
+    "padding_negative": Invalid(_set(padding=((0, -1), (0, 0))), "padding"),
+    "padding_bad_string": Invalid(_set(padding="full"), "padding"),
+    "padding_float": Invalid(_set(padding=1.0), "padding"),
+    "padding_same_strided": Invalid(_set(padding="same", stride=(1, 2)), "stride"),
+    "padding_len3": Invalid(_set(padding=(1, 1, 1)), "padding"),
+    "padding_mode_unknown": Invalid(_set(padding_mode="mirror"), "padding_mode"),
+    "padding_mode_type": Invalid(_set(padding_mode=0), "padding_mode"),
+    "reflect_pad_too_big": Invalid(lambda call, case: call["kwargs"].update(
+        padding_mode="reflect", padding=((0, 0), (case["w"], case["w"]))), "padding"),
+    "circular_pad_too_big": Invalid(lambda call, case: call["kwargs"].update(
+        padding_mode="circular", padding=((case["h"] + 1, 0), (0, 0))), "padding"),
+    "kernel_too_big": Invalid(_kernel_too_big, "kernel"),
+    "weight_channels": Invalid(_array("weight", lambda w, case: np.zeros(
+        (w.shape[0], w.shape[1] + 1) + w.shape[2:], w.dtype)), "weight"),
+    "weight_rank3": Invalid(_array("weight", lambda w, case: w[0]), "weight"),
+    "weight_no_out_channels": Invalid(_array("weight", lambda w, case: w[:0]), "weight",
+                                      "conv2d_backward"),
+    "weight_longdouble": Invalid(_array("weight", lambda w, case: w.astype(np.longdouble)),
+                                 "weight"),
+    "weight_other_float": Invalid(_array("weight", lambda w, case: _other_float(w)),
+                                  "weight"),
+    "input_rank2": Invalid(_array("input", lambda x, case: x.reshape(-1, x.shape[-1])),
+                           "input"),
+    "input_rank5": Invalid(_array("input", lambda x, case: x[None, None]
+                                  if x.ndim == 3 else x[None]), "input"),
+    "input_no_channels": Invalid(_array("input", lambda x, case: x[..., :0, :, :]), "input"),
+    "input_no_height": Invalid(_array("input", lambda x, case: x[..., :0, :]), "input"),
+    "input_complex": Invalid(_array("input", lambda x, case: x.astype(np.complex128)),
+                             "input"),
+    "input_object": Invalid(_array("input", lambda x, case: x.astype(object)), "input"),
+    "input_strings": Invalid(_array("input", lambda x, case: np.full(x.shape, "a")), "input"),
+    "input_none": Invalid(_array("input", lambda x, case: None), "input"),
+    "input_ragged": Invalid(_array("input", lambda x, case: [[1.0, 2.0], [3.0]]), "input"),
+    "bias_wrong_length": Invalid(_array("bias", lambda b, case: np.zeros(
+        case["groups"] * case["og"] + 1, np.dtype(case["dtype"]))), "bias", "conv2d"),
+    "bias_2d": Invalid(_array("bias", lambda b, case: np.zeros(
+        (case["groups"] * case["og"], 1), np.dtype(case["dtype"]))), "bias", "conv2d"),
+    "bias_other_float": Invalid(_array("bias", lambda b, case: np.zeros(
+        case["groups"] * case["og"], _other_float(np.zeros(1, case["dtype"])).dtype)),
+        "bias", "conv2d"),
+    "out_wrong_shape": Invalid(_out_like(lambda y: np.zeros(y.shape[:-1] + (y.shape[-1] + 1,),
+                                                            y.dtype)), "out", "conv2d"),
+    "out_wrong_dtype": Invalid(_out_like(_other_float), "out", "conv2d"),
+    "out_readonly": Invalid(_out_like(_readonly), "out", "conv2d"),
+    "out_list": Invalid(_out_like(lambda y: y.tolist()), "out", "conv2d"),
+    "out_overlaps_input": Invalid(_out_overlapping, "out", "conv2d", nonempty=True),
+    "grad_output_shape": Invalid(_array("grad_output", lambda g, case: np.zeros(
+        g.shape[:-1] + (g.shape[-1] + 1,), g.dtype)), "grad_output", "conv2d_backward"),
+    "grad_output_other_float": Invalid(_array("grad_output", lambda g, case: _other_float(g)),
+                                       "grad_output", "conv2d_backward"),
+    "needs_unknown": Invalid(_set(needs=("input", "bias_grad")), "needs", "conv2d_backward"),
+    "needs_type": Invalid(_set(needs=3), "needs", "conv2d_backward"),
+}
+
+
+def invalid_call(case) -> dict:
+    """The broken call of an invalid case: function name, arrays, kwargs (and out)."""
+    arrays = build_arrays(case)
+    call = call_arrays(case, arrays)
+    call = {"fn": case["call"], **call, "kwargs": call_kwargs(case), "out": None}
+    INVALID[case["invalid"]].apply(call, case)
+    return call
+
+
+def replace(case, **changes) -> dict:
+    """A deep copy of `case` with some fields changed."""
+    new = copy.deepcopy(case)
+    new.update(changes)
+    return new
