@@ -23,7 +23,7 @@ PADDING_FORMS = ("int", "pair", "asym", "same", "valid")
 LAYOUTS = ("c", "fortran", "strided", "negstride", "readonly", "bigendian")
 VALUE_KINDS = ("normal", "uniform", "int", "scaled", "sparse")
 EDGES = ("none", "exact_fit", "pad_gt_kernel", "stride_gt_image", "output_one", "one_pixel")
-EDGE_WEIGHTS = (0.45, 0.11, 0.11, 0.11, 0.11, 0.11)
+EDGE_WEIGHTS = (0.6, 0.08, 0.08, 0.08, 0.08, 0.08)
 KERNEL_SIZES = (1, 2, 3, 4, 5, 6, 7)
 KERNEL_WEIGHTS = (0.18, 0.2, 0.26, 0.1, 0.1, 0.08, 0.08)
 PATHS = ("direct", "gemm")          # dilconv._dispatch.PATHS (checked in the tests)
@@ -45,8 +45,8 @@ class GenConfig:
     max_size: int = 48
     invalid_rate: float = 0.1
     large_rate: float = 0.1
-    small_cost: float = 6e4
-    large_cost: float = 6e5
+    small_cost: float = 1.5e5
+    large_cost: float = 1e6
     modes: tuple = field(default=PADDING_MODES)
 
 
@@ -158,9 +158,9 @@ def _axis(rng, k, d, s, lo, hi, form, edge, limit):
     if edge == "stride_gt_image" and form != "same" and smallest < 5:
         h = int(rng.integers(smallest, 5))
         return k, int(rng.integers(h + 1, 6)), lo, hi, h
-    # Favour small images: the upper end is itself drawn.
-    top = int(rng.integers(smallest, max(smallest, limit) + 1))
-    return k, s, lo, hi, int(rng.integers(smallest, top + 1))
+    # Draw the output length, then the size that gives it.
+    out = 1 + int(limit * rng.random())
+    return k, s, lo, hi, max(smallest, (out - 1) * s + dk - lo - hi + int(rng.integers(0, s)))
 
 
 def _padding_value(form, pads):
@@ -229,6 +229,37 @@ def _draw_geometry(rng, cfg: GenConfig, kind: str) -> dict:
             "edge": edge, "tier": "large" if large else "small"}
 
 
+def _fit(case, cap, max_size) -> bool:
+    """Shrink the case until the oracle's cost is at most `cap` and the image fits in
+    max_size: images toward their smallest valid size first (which keeps the drawn edge),
+    then fewer images and channels. False if it cannot fit."""
+    pads = padding_amounts(case)
+    mode_extra = {"reflect": 1, "circular": 0}.get(case["padding_mode"])
+    floor = {}
+    for key, k, d, (lo, hi) in (("h", case["kh"], pair(case["dilation"])[0], pads[0]),
+                                ("w", case["kw"], pair(case["dilation"])[1], pads[1])):
+        floor[key] = max(1, d * (k - 1) + 1 - lo - hi,
+                         0 if mode_extra is None else max(lo, hi) + mode_extra)
+        case[key] = min(case[key], max_size)
+        if case[key] < floor[key]:
+            return False
+    while oracle_cost(case) > cap:
+        excess = {key: case[key] - floor[key] for key in floor}
+        key = max(excess, key=excess.get)
+        if excess[key] > 0:
+            case[key] = floor[key] + excess[key] // 2
+        elif case["n"] > 1:
+            case["n"] -= 1
+        elif max(case["og"], case["cg"]) > 1:
+            key = "og" if case["og"] >= case["cg"] else "cg"
+            case[key] -= 1
+        elif case["groups"] > 1:
+            case["groups"] -= 1
+        else:
+            return False
+    return True
+
+
 def _weights(modes):
     w = np.array([MODE_WEIGHTS[PADDING_MODES.index(m)] if m in PADDING_MODES else 0.08
                   for m in modes])
@@ -243,10 +274,10 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
     kind = "invalid" if invalid else "valid"
     for _ in range(200):
         case = _draw_geometry(rng, cfg, kind)
-        case["unbatched"] = bool(case["n"] == 1 and rng.random() < 0.25)
         cap = cfg.large_cost if case["tier"] == "large" else cfg.small_cost
-        if (is_valid(case) and max(case["h"], case["w"]) <= cfg.max_size
-                and oracle_cost(case) <= cap):
+        fits = _fit(case, cap, cfg.max_size)
+        case["unbatched"] = bool(case["n"] == 1 and rng.random() < 0.25)
+        if fits and is_valid(case):
             break
     else:                                        # practically unreachable; stay valid
         case.update(n=1, groups=1, cg=1, og=1, h=1, w=1, kh=1, kw=1, stride=1, dilation=1,

@@ -94,16 +94,22 @@ def test_short_campaign_agrees_with_the_oracle_and_covers_everything(pool):
         assert worst["ratio"] <= 1, op
 
 
-def test_padding_mode_oracle_agrees_with_torch(pool):
-    pytest.importorskip("torch")
+def test_padding_mode_oracle_agrees_with_torch():
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    impl = impls.get(impls.TORCH)           # in this process: no torch import per worker
     ops = tuple(op for op in cases.VALID_OPS if op != "determinism")
-    plan = campaign.Plan(seed=12, n_cases=80, impl=impls.TORCH,
-                         gen=cases.GenConfig(ops=ops, modes=("reflect", "replicate",
-                                                             "circular", "zeros")))
-    rep = campaign.run(plan, pool)
-    assert rep["disagreements"] == 0, rep["failures"][:3]
-    modes = rep["coverage"]["padding_modes"]
-    assert all(modes[m]["checked"] > 0 for m in cases.PADDING_MODES), modes
+    cfg = cases.GenConfig(ops=ops, modes=("reflect", "replicate", "circular"))
+    checked = {}
+    try:
+        for i in range(45):
+            case = cases.generate(12, i, cfg)
+            result = check.run_case(case, impl)
+            assert result["status"] == "pass", (case, result["failures"])
+            checked[case["padding_mode"]] = checked.get(case["padding_mode"], 0) + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert min(checked.get(m, 0) for m in cfg.modes) >= 4, checked
 
 
 def test_crash_is_reported_with_its_case_shrunk_and_replayed(pool, tmp_path, capsys):
