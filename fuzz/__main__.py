@@ -107,7 +107,9 @@ def cmd_run(args) -> int:
         campaign.write_report(rep, args.report)
         print(f"report: {args.report}")
     print(campaign.summary(rep))
-    return 1 if rep["disagreements"] else 0
+    if rep["disagreements"]:
+        return 1
+    return 130 if rep["interrupted"] else 0
 
 
 def describe(case) -> str:

@@ -136,17 +136,23 @@ def run(plan: Plan, pool: WorkerPool, progress: Progress = None) -> dict:
                 return
             yield i, cases.generate(plan.seed, i, plan.gen), plan.impl
 
-    for _, case, result in pool.run(tasks()):
-        tally.add(case, result)
-        if progress:
-            progress.update(tally.total, tally.n_failed_cases)
-        if plan.stop_on_failure and result["status"] == "fail":
-            break
+    interrupted = False
+    try:
+        for _, case, result in pool.run(tasks()):
+            tally.add(case, result)
+            if progress:
+                progress.update(tally.total, tally.n_failed_cases)
+            if plan.stop_on_failure and result["status"] == "fail":
+                break
+    except KeyboardInterrupt:           # report what ran so far
+        interrupted = True
     wall = time.monotonic() - start
     if progress:
         progress.close()
-    repros = shrink_failures(plan, pool, tally)
-    return report(plan, tally, wall, pool.jobs, repros)
+    repros = [] if interrupted else shrink_failures(plan, pool, tally)
+    rep = report(plan, tally, wall, pool.jobs, repros)
+    rep["interrupted"] = interrupted
+    return rep
 
 
 def signature(failure) -> tuple:
@@ -256,7 +262,8 @@ def write_report(rep: dict, path: str) -> None:
 def summary(rep: dict) -> str:
     t = rep["throughput"]
     counts = rep["counts"]
-    lines = [f"{rep['cases_run']} cases ({counts.get('kind', {})}) on {rep['impl']}, seed "
+    lines = [f"{'INTERRUPTED after ' if rep.get('interrupted') else ''}"
+             f"{rep['cases_run']} cases ({counts.get('kind', {})}) on {rep['impl']}, seed "
              f"{rep['seed']}, shard {rep['shard']}, {rep['jobs']} job(s): "
              f"{t['wall_s']} s, {t['cases_per_s']} cases/s "
              f"({t['cases_per_s_per_core']}/core, {t['cases_per_cpu_s']} per CPU-s)",

@@ -10,7 +10,7 @@ Geometry is normalised here independently of dilconv's validator (`padding_amoun
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,7 +47,7 @@ class GenConfig:
     large_rate: float = 0.1
     small_cost: float = 1.5e5
     large_cost: float = 1e6
-    modes: tuple = field(default=PADDING_MODES)
+    modes: tuple = PADDING_MODES
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -108,12 +108,14 @@ def is_valid(case) -> bool:
         return False
     if case["unbatched"] and case["n"] != 1:
         return False
-    limit = {"reflect": -1, "circular": 0}.get(case["padding_mode"])
-    if limit is not None:           # reflect: pad < size; circular: pad <= size
-        for size, side in zip((case["h"], case["w"]), pads):
-            if max(side) > size + limit:
-                return False
-    return True
+    return all(size >= mode_min_size(case["padding_mode"], side)
+               for size, side in zip((case["h"], case["w"]), pads))
+
+
+def mode_min_size(mode, side) -> int:
+    """Smallest image size the padding mode allows for (lo, hi) padding: PyTorch wants
+    pad < size for reflect and pad <= size for circular."""
+    return {"reflect": max(side) + 1, "circular": max(side)}.get(mode, 1)
 
 
 def oracle_cost(case) -> float:
@@ -214,9 +216,7 @@ def _draw_geometry(rng, cfg: GenConfig, kind: str) -> dict:
         ks[a], strides[a], pads[a][0], pads[a][1], sizes[a] = _axis(
             rng, ks[a], dils[a], strides[a], pads[a][0], pads[a][1], form,
             edge if a in axes else "none", limit)
-    if mode in ("reflect", "circular"):
-        for a in range(2):
-            sizes[a] = max(sizes[a], max(pads[a]) + (mode == "reflect"))
+    sizes = [max(size, mode_min_size(mode, side)) for size, side in zip(sizes, pads)]
     if form in ("int", "pair", "asym"):
         padding, form = _padding_value(form, pads)
     else:
@@ -234,12 +234,11 @@ def _fit(case, cap, max_size) -> bool:
     max_size: images toward their smallest valid size first (which keeps the drawn edge),
     then fewer images and channels. False if it cannot fit."""
     pads = padding_amounts(case)
-    mode_extra = {"reflect": 1, "circular": 0}.get(case["padding_mode"])
     floor = {}
-    for key, k, d, (lo, hi) in (("h", case["kh"], pair(case["dilation"])[0], pads[0]),
-                                ("w", case["kw"], pair(case["dilation"])[1], pads[1])):
-        floor[key] = max(1, d * (k - 1) + 1 - lo - hi,
-                         0 if mode_extra is None else max(lo, hi) + mode_extra)
+    for key, k, d, side in (("h", case["kh"], pair(case["dilation"])[0], pads[0]),
+                            ("w", case["kw"], pair(case["dilation"])[1], pads[1])):
+        floor[key] = max(d * (k - 1) + 1 - sum(side), mode_min_size(case["padding_mode"],
+                                                                    side))
         case[key] = min(case[key], max_size)
         if case[key] < floor[key]:
             return False
@@ -261,8 +260,7 @@ def _fit(case, cap, max_size) -> bool:
 
 
 def _weights(modes):
-    w = np.array([MODE_WEIGHTS[PADDING_MODES.index(m)] if m in PADDING_MODES else 0.08
-                  for m in modes])
+    w = np.array([MODE_WEIGHTS[PADDING_MODES.index(m)] for m in modes])
     return w / w.sum()
 
 

@@ -29,6 +29,8 @@ LOW_WATER = 2
 
 
 def _worker_main(conn, crash_log):
+    # Ctrl-C is the parent's to handle: it stops handing out cases and reports.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Python's own stack of a fatal signal goes to a file the parent reads after a crash.
     log = open(crash_log, "w")
     faulthandler.enable(file=log)
