@@ -72,6 +72,8 @@ class Tally:
             for key in ("dtype", "padding_mode", "padding_form", "path", "threads", "edge",
                         "tier", "values", "out", "unbatched"):
                 c["by_" + key][str(case[key])] += 1
+            if case["path"] == "gemm":
+                c["by_gemm_tile_pixels"][str(case["tile_pixels"])] += 1
             for name, layout in case["layouts"].items():
                 c["by_layout"][f"{name}:{layout}"] += 1
         for op in result["checked"]:

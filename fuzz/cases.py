@@ -33,6 +33,9 @@ GRADS = {"grad_input": "input", "grad_weight": "weight", "grad_bias": "bias"}
 VALID_OPS = ("forward", "grad_input", "grad_weight", "grad_bias", "adjoint", "determinism")
 OPS = VALID_OPS + ("invalid",)
 SMALL_SIZE = 12
+# GEMM tile sizes (pixels) forced on some cases: default tiles (4096 pixels) are larger than
+# any image the lab draws, so without this their boundaries would never be crossed.
+TILE_PIXELS = (3, 7, 16, 50)
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,7 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
         layouts={name: ("c" if rng.random() < 0.5 else _choice(rng, LAYOUTS))
                  for name in ("input", "weight", "bias", "grad_output")},
         out=_choice(rng, (None, "c", "strided"), (0.7, 0.15, 0.15)),
+        tile_pixels=None if rng.random() < 0.6 else _choice(rng, TILE_PIXELS),
     )
     if invalid:
         case["ops"] = ["invalid"]

@@ -8,12 +8,14 @@ An invalid case must raise ValueError or TypeError naming the bad argument.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 
 import numpy as np
 
 import dilconv
+from dilconv import _dispatch
 from dilconv._dispatch import force_path
 
 from . import cases, oracle
@@ -59,6 +61,21 @@ def _make_out(case):
     return out if case["out"] == "c" else cases.present(out, "strided")
 
 
+@contextlib.contextmanager
+def gemm_tiles(pixels):
+    """GEMM tiles of at most `pixels` pixels (None: dilconv's own size), so that small
+    images cross tile boundaries too. Tiling only changes the order of the sums."""
+    if pixels is None or not hasattr(_dispatch, "MAX_TILE_PIXELS"):
+        yield
+        return
+    saved = _dispatch.MIN_TILE_PIXELS, _dispatch.MAX_TILE_PIXELS
+    _dispatch.MIN_TILE_PIXELS = _dispatch.MAX_TILE_PIXELS = pixels
+    try:
+        yield
+    finally:
+        _dispatch.MIN_TILE_PIXELS, _dispatch.MAX_TILE_PIXELS = saved
+
+
 def _call(case, impl, arrays, threads, got) -> dict:
     """Run conv2d and conv2d_backward as the case says, filling `got` (its "stage" says
     which call was running if one raises)."""
@@ -68,7 +85,7 @@ def _call(case, impl, arrays, threads, got) -> dict:
     dilconv.set_num_threads(threads)
     got["stage"] = "forward"
     try:
-        with force_path(case["path"]):
+        with force_path(case["path"]), gemm_tiles(case.get("tile_pixels")):
             got["forward"] = impl.conv2d(call["input"], call["weight"], call["bias"], **kwargs,
                                          out=out)
             got["stage"] = "backward"

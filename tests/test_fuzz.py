@@ -63,6 +63,16 @@ def test_fold_is_the_adjoint_of_numpy_pad(mode, rng):
     np.testing.assert_allclose(np.vdot(padded, g), np.vdot(x, folded), rtol=1e-12)
 
 
+def test_forced_gemm_tiles_split_small_planes_and_are_restored():
+    from dilconv import _dispatch
+    before = len(_dispatch.plane_tiles(10, 9, 4))
+    with check.gemm_tiles(7):
+        tiles = _dispatch.plane_tiles(10, 9, 4)
+        covered = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in tiles)
+        assert len(tiles) > before and covered == 90
+    assert len(_dispatch.plane_tiles(10, 9, 4)) == before
+
+
 def test_every_invalid_call_raises_a_named_error():
     base = next(c for c in (cases.generate(5, i, cases.GenConfig(ops=("invalid",)))
                             for i in range(100)) if c["n"] >= 1)
