@@ -329,11 +329,12 @@ def _values(rng, kind, shape):
 
 
 def build_arrays(case) -> dict:
-    """The case's arrays, batched, C-contiguous, in its dtype (finite values only)."""
-    rng = np.random.default_rng(case["array_seed"])
+    """The case's arrays, batched, C-contiguous, in its dtype (finite values only). Each
+    array has its own random stream, so shrinking one shape leaves the others' values."""
     dtype = np.dtype(case["dtype"])
-    arrays = {name: _values(rng, case["values"], shape).astype(dtype)
-              for name, shape in shapes(case).items()}
+    arrays = {name: _values(np.random.default_rng([case["array_seed"], i]), case["values"],
+                            shape).astype(dtype)
+              for i, (name, shape) in enumerate(shapes(case).items())}
     if not case["bias"]:
         arrays["bias"] = None
     return arrays
