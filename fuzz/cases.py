@@ -310,6 +310,8 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
     else:
         chosen = grads
     case["needs"] = [GRADS[op] for op in chosen]
+    if not chosen and "adjoint" in valid_ops:       # the identities need two gradients
+        case["needs"] = ["input", "weight"]
     case["ops"] = [op for op in valid_ops if op not in GRADS or op in chosen]
     return case
 

@@ -72,7 +72,7 @@ def expected(case, arrays, ops) -> dict:
     if "grad_bias" in ops:
         result["grad_bias"] = Expected(gy.sum(axis=(0, 2, 3)), np.abs(gy).sum(axis=(0, 2, 3)),
                                        k_w)
-    if {"grad_input", "grad_weight"} & set(ops):
+    if {"grad_input", "grad_weight", "adjoint"} & set(ops):
         gx, gw, _ = reference.conv2d_backward_reference(gy, x, w, *args)
         ax, aw, _ = reference.conv2d_backward_reference_abs(gy, x, w, *args)
         copies = 1
