@@ -1,13 +1,16 @@
 """Choose and run a kernel for a validated call.
 
-Two kernel families compute every operation:
-- "direct": loops over taps with per-tap in-bounds ranges (best when channels are few, e.g.
-  depthwise);
+Kernel families:
+- "direct": loops over taps with per-tap in-bounds ranges (any geometry; the backward of
+  layers with few channels);
+- "flat": forward of unit-stride layers with few channels (depthwise, RGB stems): long
+  vectorised loops over zero-padded bands of rows (finite weights only: padding taps are
+  multiplied by zero there); its backward is "direct";
 - "gemm": per output tile and tap, one matrix product of packed pixels with the tap's
-  weights (best when channels are many).
-Both skip taps in the padding and are bitwise deterministic for any thread count.
-`DILCONV_PATH=direct|gemm` in the environment, or `force_path(...)`, overrides the choice
-(used by the fuzz lab and the tests to reach every path).
+  weights (layers with many channels).
+All are bitwise deterministic for any thread count. `DILCONV_PATH=direct|flat|gemm` in the
+environment, or `force_path(...)`, overrides the choice (the fuzz lab and the tests use it
+to reach every path); a forced "flat" where it does not apply runs "direct".
 """
 from __future__ import annotations
 
@@ -17,10 +20,10 @@ import os
 
 import numpy as np
 
-from . import _backward, _forward, _gemm
+from . import _backward, _flat, _forward, _gemm
 from ._threads import threads_for
 
-PATHS = ("direct", "gemm")
+PATHS = ("direct", "flat", "gemm")
 # Pixels per GEMM tile: a packed tile of a few hundred KiB stays in L2.
 TILE_ELEMENTS = 256 * 1024
 MIN_TILE_PIXELS = 64
@@ -53,7 +56,9 @@ def choose_path(spec) -> str:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     if max(spec.c, spec.o) * MAX_TILE_PIXELS > BLAS_INT_MAX:
         return "direct"
-    return "gemm" if cg * og >= 32 else "direct"
+    if cg * og >= 32:
+        return "gemm"
+    return "flat" if spec.stride == (1, 1) else "direct"
 
 
 def plane_tiles(height: int, width: int, channels: int) -> np.ndarray:
@@ -86,9 +91,32 @@ def _blas_single_threaded():
     return _controller.limit(limits=1, user_api="blas")
 
 
+# Flat kernel: one output channel's band accumulator stays in L1; output channels of a
+# block share the packed input bands.
+FLAT_SPAN_ELEMENTS = 2048
+FLAT_MAX_O_BLOCK = 16
+
+
+def _flat_forward(x, weight, bias, out, spec) -> None:
+    og = spec.o // spec.groups
+    o_block = math.gcd(og, FLAT_MAX_O_BLOCK)
+    wp = spec.wo + (spec.kw - 1) * spec.dilation[1]
+    rows = max(1, min(spec.ho, FLAT_SPAN_ELEMENTS // wp))
+    n_tasks = spec.n * spec.groups * (og // o_block) * math.ceil(spec.ho / rows)
+    threads = threads_for(n_tasks)
+    band = (rows + (spec.kh - 1) * spec.dilation[0]) * wp + (spec.kw - 1) * spec.dilation[1]
+    cg = spec.c // spec.groups
+    scratch = np.empty((threads, cg * band + o_block * rows * wp), dtype=x.dtype)
+    _flat.forward(x, weight, bias, out, spec, rows, o_block, scratch, threads)
+
+
 def forward(x, weight, bias, out, spec) -> None:
     """out[...] = conv2d(x, weight) + bias for a batched spec with N > 0."""
-    if choose_path(spec) == "direct":
+    path = choose_path(spec)
+    if path == "flat" and spec.stride == (1, 1) and np.isfinite(weight).all():
+        _flat_forward(x, weight, bias, out, spec)
+        return
+    if path != "gemm":
         _forward.forward(x, weight, bias, out, spec, threads_for(spec.n * spec.o))
         return
     cg, og = spec.c // spec.groups, spec.o // spec.groups
@@ -103,7 +131,7 @@ def forward(x, weight, bias, out, spec) -> None:
 
 
 def grad_input(grad_output, weight, grad_x, spec) -> None:
-    if choose_path(spec) == "direct":
+    if choose_path(spec) != "gemm":
         _backward.grad_input(grad_output, weight, grad_x, spec, threads_for(spec.n * spec.c))
         return
     cg, og = spec.c // spec.groups, spec.o // spec.groups
@@ -120,7 +148,7 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
 
 def grad_weight(grad_output, x, grad_w, spec) -> None:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
-    if choose_path(spec) == "direct":
+    if choose_path(spec) != "gemm":
         _backward.grad_weight(grad_output, x, grad_w, spec, threads_for(spec.o * cg))
         return
     # Output-channel blocks (dividing O/groups) x taps are the parallel tasks.

@@ -40,3 +40,16 @@ cdef inline floating dot(const floating* a, const floating* b, Py_ssize_t n,
         s0 = s0 + a[i] * b[i * b_step]
         i = i + 1
     return (s0 + s1) + (s2 + s3)
+
+
+cdef extern from "_axpy.h":
+    void dilconv_axpy_f(Py_ssize_t n, float w, const float* x, float* y) noexcept nogil
+    void dilconv_axpy_d(Py_ssize_t n, double w, const double* x, double* y) noexcept nogil
+
+
+cdef inline void axpy(Py_ssize_t n, floating w, const floating* x, floating* y) noexcept nogil:
+    """y[:n] += w * x[:n] (non-overlapping runs), vectorised."""
+    if floating is float:
+        dilconv_axpy_f(n, w, x, y)
+    else:
+        dilconv_axpy_d(n, w, x, y)

@@ -79,14 +79,26 @@ def test_forward_and_backward_match_oracle(case, dtype, bias, path, rng):
         check_backward(gy, x, wt, stride, padding, dilation, groups)
 
 
-def test_dispatch_picks_gemm_for_many_channels_and_direct_for_depthwise():
+def test_dispatch_picks_gemm_for_many_channels_and_flat_or_direct_for_depthwise():
     assert choose_path(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "gemm"
-    assert choose_path(make_spec((1, 64, 32, 32), (64, 1, 3, 3), 1, 1, 1, 64)) == "direct"
+    assert choose_path(make_spec((1, 64, 32, 32), (64, 1, 3, 3), 1, 1, 1, 64)) == "flat"
+    assert choose_path(make_spec((1, 64, 32, 32), (64, 1, 3, 3), 2, 1, 1, 64)) == "direct"
     with force_path("direct"):
         assert choose_path(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "direct"
     with pytest.raises(ValueError, match="path"):
         with force_path("fast"):
             pass
+
+
+def test_flat_path_keeps_nonfinite_weights_off_the_padding(rng):
+    # A weight tap that only ever meets padding must not turn outputs into NaN (0 * inf).
+    x = rng.standard_normal((1, 1, 5, 5))
+    w = np.ones((1, 1, 3, 3))
+    w[0, 0, 0, 0] = np.inf
+    with force_path("flat"):
+        y = dilconv.conv2d(x, w, padding=2, dilation=2)
+    assert np.isfinite(y[0, 0, :2, :2]).all()       # the inf tap lands in the padding there
+    assert np.isinf(y[0, 0, 2:, 2:]).all()
 
 
 def test_env_var_forces_path(monkeypatch):
