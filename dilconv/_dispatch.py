@@ -47,7 +47,9 @@ def force_path(path):
         _forced = previous
 
 
-def choose_path(spec) -> str:
+def choose_path(spec, op: str = "forward") -> str:
+    """Kernel family for `op` ('forward', or 'backward' for the input and weight
+    gradients) on this geometry."""
     forced = _forced or os.environ.get("DILCONV_PATH") or None
     if forced is not None:
         if forced not in PATHS:
@@ -56,9 +58,12 @@ def choose_path(spec) -> str:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     if max(spec.c, spec.o) * MAX_TILE_PIXELS > BLAS_INT_MAX:
         return "direct"
-    if cg * og >= 32:
-        return "gemm"
-    return "flat" if spec.stride == (1, 1) else "direct"
+    if op == "forward":
+        if cg * og >= 32:
+            return "gemm"
+        return "flat" if spec.stride == (1, 1) else "direct"
+    # Gradient GEMMs multiply over input channels: with only a few, direct loops win.
+    return "gemm" if cg >= 16 and og >= 8 else "direct"
 
 
 def plane_tiles(height: int, width: int, channels: int) -> np.ndarray:
@@ -131,7 +136,7 @@ def forward(x, weight, bias, out, spec) -> None:
 
 
 def grad_input(grad_output, weight, grad_x, spec) -> None:
-    if choose_path(spec) != "gemm":
+    if choose_path(spec, "backward") != "gemm":
         _backward.grad_input(grad_output, weight, grad_x, spec, threads_for(spec.n * spec.c))
         return
     cg, og = spec.c // spec.groups, spec.o // spec.groups
@@ -148,7 +153,7 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
 
 def grad_weight(grad_output, x, grad_w, spec) -> None:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
-    if choose_path(spec) != "gemm":
+    if choose_path(spec, "backward") != "gemm":
         _backward.grad_weight(grad_output, x, grad_w, spec, threads_for(spec.o * cg))
         return
     # Output-channel blocks (dividing O/groups) x taps are the parallel tasks.
