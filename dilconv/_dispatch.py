@@ -28,6 +28,8 @@ PATHS = ("direct", "flat", "gemm")
 TILE_ELEMENTS = 256 * 1024
 MIN_TILE_PIXELS = 64
 MAX_TILE_PIXELS = 4096
+# Forward GEMMs take a whole kernel row at once below this many channels per group.
+KW_GROUP_BELOW_CHANNELS = 128
 _forced = None
 _controller = None
 # BLAS takes 32-bit sizes: larger channel counts stay on the direct path.
@@ -125,14 +127,19 @@ def forward(x, weight, bias, out, spec) -> None:
         _forward.forward(x, weight, bias, out, spec, threads_for(spec.n * spec.o))
         return
     cg, og = spec.c // spec.groups, spec.o // spec.groups
-    tiles = plane_tiles(spec.ho, spec.wo, cg)
+    # Few channels: one product per kernel row (all kW taps, zeros where a tap is in the
+    # padding) has a longer K and runs faster than one per tap.
+    kw_group = spec.kw if cg < KW_GROUP_BELOW_CHANNELS else 1
+    tiles = plane_tiles(spec.ho, spec.wo, kw_group * cg)
     threads = threads_for(spec.n * spec.groups * len(tiles))
-    # (O, C/g, kH, kW) -> (kH*kW, O, C/g): one contiguous (O x C/g) matrix per tap.
+    # (O, C/g, kH, kW) -> (kH*kW/kw_group, O, kw_group*C/g): columns (kw, c) per product.
     taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(
-        spec.kh * spec.kw, spec.o, cg)
-    scratch = np.empty((threads, (cg + og) * _largest_tile(tiles)), dtype=x.dtype)
+        spec.kh, spec.kw // kw_group, kw_group, spec.o, cg).transpose(0, 1, 3, 2, 4).reshape(
+        spec.kh * spec.kw // kw_group, spec.o, kw_group * cg)
+    taps = np.ascontiguousarray(taps)
+    scratch = np.empty((threads, (kw_group * cg + og) * _largest_tile(tiles)), dtype=x.dtype)
     with _blas_single_threaded():
-        _gemm.forward(x, taps, bias, out, tiles, scratch, spec, threads)
+        _gemm.forward(x, taps, bias, out, tiles, kw_group, scratch, spec, threads)
 
 
 def grad_input(grad_output, weight, grad_x, spec) -> None:
