@@ -101,6 +101,18 @@ def test_flat_path_keeps_nonfinite_weights_off_the_padding(rng):
     assert np.isinf(y[0, 0, 2:, 2:]).all()
 
 
+@pytest.mark.parametrize("row_products", [True, False])
+@pytest.mark.parametrize("case", GRID[:7])
+def test_gemm_forward_per_tap_and_per_kernel_row(case, row_products, monkeypatch, rng):
+    # Both ways the GEMM forward groups taps into products, whatever the channel count.
+    monkeypatch.setattr(dilconv._dispatch, "KW_GROUP_BELOW_CHANNELS",
+                        10 ** 9 if row_products else 1)
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, np.float32)
+    with force_path("gemm"):
+        check_forward(x, wt, b, stride, padding, dilation, groups)
+
+
 def test_env_var_forces_path(monkeypatch):
     spec = make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)
     monkeypatch.setenv("DILCONV_PATH", "direct")
