@@ -85,6 +85,17 @@ def plane_tiles(height: int, width: int, channels: int) -> np.ndarray:
     return np.array(tiles, dtype=np.intp)
 
 
+# Waking a second OpenMP thread costs microseconds (milliseconds on a busy machine): each
+# thread gets at least this many multiply-adds.
+MIN_MACS_PER_THREAD = 1 << 17
+
+
+def _threads(spec, tasks: int) -> int:
+    """Threads for a kernel with `tasks` parallel tasks on this geometry."""
+    macs = spec.n * spec.o * (spec.c // spec.groups) * spec.effective_taps
+    return min(threads_for(tasks), max(1, macs // MIN_MACS_PER_THREAD))
+
+
 def _largest_tile(tiles: np.ndarray) -> int:
     return int(((tiles[:, 1] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 2])).max())
 
@@ -110,7 +121,7 @@ def _flat_forward(x, weight, bias, out, spec) -> None:
     wp = spec.wo + (spec.kw - 1) * spec.dilation[1]
     rows = max(1, min(spec.ho, FLAT_SPAN_ELEMENTS // wp))
     n_tasks = spec.n * spec.groups * (og // o_block) * math.ceil(spec.ho / rows)
-    threads = threads_for(n_tasks)
+    threads = _threads(spec, n_tasks)
     band = (rows + (spec.kh - 1) * spec.dilation[0]) * wp + (spec.kw - 1) * spec.dilation[1]
     cg = spec.c // spec.groups
     scratch = np.empty((threads, cg * band + o_block * rows * wp), dtype=x.dtype)
@@ -124,14 +135,14 @@ def forward(x, weight, bias, out, spec) -> None:
         _flat_forward(x, weight, bias, out, spec)
         return
     if path != "gemm":
-        _forward.forward(x, weight, bias, out, spec, threads_for(spec.n * spec.o))
+        _forward.forward(x, weight, bias, out, spec, _threads(spec, spec.n * spec.o))
         return
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     # Few channels: one product per kernel row (all kW taps, zeros where a tap is in the
     # padding) has a longer K and runs faster than one per tap.
     kw_group = spec.kw if cg < KW_GROUP_BELOW_CHANNELS else 1
     tiles = plane_tiles(spec.ho, spec.wo, kw_group * cg)
-    threads = threads_for(spec.n * spec.groups * len(tiles))
+    threads = _threads(spec, spec.n * spec.groups * len(tiles))
     # (O, C/g, kH, kW) -> (kH*kW/kw_group, O, kw_group*C/g): columns (kw, c) per product.
     taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(
         spec.kh, spec.kw // kw_group, kw_group, spec.o, cg).transpose(0, 1, 3, 2, 4).reshape(
@@ -144,11 +155,12 @@ def forward(x, weight, bias, out, spec) -> None:
 
 def grad_input(grad_output, weight, grad_x, spec) -> None:
     if choose_path(spec, "backward") != "gemm":
-        _backward.grad_input(grad_output, weight, grad_x, spec, threads_for(spec.n * spec.c))
+        _backward.grad_input(grad_output, weight, grad_x, spec,
+                             _threads(spec, spec.n * spec.c))
         return
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     tiles = plane_tiles(spec.h, spec.w, og)
-    threads = threads_for(spec.n * spec.groups * len(tiles))
+    threads = _threads(spec, spec.n * spec.groups * len(tiles))
     # (O, C/g, kH, kW) -> (kH*kW, C, O/g): per tap and group, a (C/g x O/g) matrix.
     taps = np.ascontiguousarray(
         weight.reshape(spec.groups, og, cg, spec.kh, spec.kw).transpose(3, 4, 0, 2, 1)
@@ -161,13 +173,13 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
 def grad_weight(grad_output, x, grad_w, spec) -> None:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     if choose_path(spec, "backward") != "gemm":
-        _backward.grad_weight(grad_output, x, grad_w, spec, threads_for(spec.o * cg))
+        _backward.grad_weight(grad_output, x, grad_w, spec, _threads(spec, spec.o * cg))
         return
     # Output-channel blocks (dividing O/groups) x taps are the parallel tasks.
     o_block = math.gcd(og, 64)
     tiles = plane_tiles(spec.ho, spec.wo, cg + o_block)
     n_tasks = spec.kh * spec.kw * (spec.o // o_block)
-    threads = threads_for(n_tasks)
+    threads = _threads(spec, n_tasks)
     width = (cg + o_block) * _largest_tile(tiles) + o_block * cg
     scratch = np.empty((threads, width), dtype=grad_w.dtype)
     with _blas_single_threaded():
@@ -175,4 +187,4 @@ def grad_weight(grad_output, x, grad_w, spec) -> None:
 
 
 def grad_bias(grad_output, grad_b, spec) -> None:
-    _backward.grad_bias(grad_output, grad_b, spec, threads_for(spec.o))
+    _backward.grad_bias(grad_output, grad_b, spec, _threads(spec, spec.o))

@@ -113,6 +113,17 @@ def test_gemm_forward_per_tap_and_per_kernel_row(case, row_products, monkeypatch
         check_forward(x, wt, b, stride, padding, dilation, groups)
 
 
+def test_tiny_calls_stay_on_one_thread():
+    spec = make_spec((1, 2, 5, 6), (2, 2, 3, 2), 1, 0, 2, 1)
+    try:
+        dilconv.set_num_threads(2)
+        assert dilconv._dispatch._threads(spec, 4) == 1
+        big = make_spec((1, 64, 64, 64), (64, 64, 3, 3), 1, 1, 1, 1)
+        assert dilconv._dispatch._threads(big, 4) == 2
+    finally:
+        dilconv.set_num_threads(None)
+
+
 def test_env_var_forces_path(monkeypatch):
     spec = make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)
     monkeypatch.setenv("DILCONV_PATH", "direct")
@@ -185,7 +196,9 @@ def test_finite_differences(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bitwise_identical_across_thread_counts(dtype, rng):
+def test_bitwise_identical_across_thread_counts(dtype, rng, monkeypatch):
+    # Every thread count really runs, however little work each thread gets.
+    monkeypatch.setattr(dilconv._dispatch, "MIN_MACS_PER_THREAD", 1)
     # Large enough that the GEMM path cuts the planes into several tiles.
     x, wt, b = random_case(rng, 3, 8, 61, 75, 12, 3, 3, 2, dtype)
     args = (1, 3, 2, 2)
