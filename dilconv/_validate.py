@@ -154,17 +154,18 @@ def check_mode_padding(pads: tuple, padding_mode: str, input_shape: tuple) -> No
                     f"{tuple(pads)}, input shape {tuple(input_shape)})")
 
 
-def _groups_int(groups) -> int:
-    if isinstance(groups, (bool, np.bool_)) or not isinstance(groups, numbers.Integral):
-        raise TypeError(f"groups must be an int, got {groups!r} of type "
-                        f"{type(groups).__name__}")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    return int(groups)
+def positive_int(name: str, value) -> int:
+    """An int >= 1 (groups, channel counts), or a TypeError / ValueError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} of type "
+                        f"{type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
 
 
 def _check_groups(groups, c: int, o: int, weight_c: int) -> int:
-    groups = _groups_int(groups)
+    groups = positive_int("groups", groups)
     if c % groups:
         raise ValueError(f"groups={groups} must divide the input channels, got C={c}")
     if o % groups:
@@ -323,7 +324,7 @@ def transpose_call(input, weight, bias, stride, padding, output_padding, groups,
         raise ValueError(f"conv_transpose2d weight is (C_in, C_out/groups, kH, kW): "
                          f"weight.shape[0] must equal the input channels C_in={c_in}, got "
                          f"weight shape {w.shape}")
-    groups = _groups_int(groups)
+    groups = positive_int("groups", groups)
     if c_in % groups:
         raise ValueError(f"groups={groups} must divide the input channels C_in={c_in}")
     c_out = w.shape[1] * groups

@@ -7,7 +7,6 @@ and ``load_state_dict()`` (numpy arrays here, tensors there).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
@@ -31,13 +30,24 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} of type "
-                        f"{type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
+def _float_dtype(dtype) -> np.dtype:
+    """float32 or float64, from a numpy dtype or PyTorch's (torch.float64 -> float64)."""
+    if type(dtype).__module__ == "torch":
+        dtype = str(dtype).replace("torch.", "")
+    try:
+        result = np.dtype(dtype)
+    except TypeError:
+        result = None
+    if result not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return result
+
+
+def _check_device(device) -> None:
+    """PyTorch's device= argument: dilconv computes on the CPU only."""
+    if device is not None and str(device) != "cpu":
+        raise ValueError(f"device must be None or 'cpu' (dilconv runs on the CPU), got "
+                         f"{device!r}")
 
 
 class _ConvNd:
@@ -49,9 +59,9 @@ class _ConvNd:
     def _setup(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
                groups, bias, padding_mode, dtype, rng, output_padding=0) -> None:
         name = type(self).__name__
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.out_channels = _positive_int("out_channels", out_channels)
-        self.groups = _positive_int("groups", groups)
+        self.in_channels = _validate.positive_int("in_channels", in_channels)
+        self.out_channels = _validate.positive_int("out_channels", out_channels)
+        self.groups = _validate.positive_int("groups", groups)
         for what, count in (("in_channels", self.in_channels),
                             ("out_channels", self.out_channels)):
             if count % self.groups:
@@ -65,9 +75,7 @@ class _ConvNd:
         if self._transposed and self.padding_mode != "zeros":
             raise ValueError(f'Only "zeros" padding mode is supported for {name}, got '
                              f'padding_mode={padding_mode!r}')
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.dtype = _float_dtype(dtype)
         if self._transposed:
             shape = (self.in_channels, self.out_channels // self.groups) + self.kernel_size
         else:
@@ -201,7 +209,31 @@ class _ConvNd:
         return IncompatibleKeys(missing, unexpected)
 
 
-class Conv2d(_ConvNd):
+class _Conv(_ConvNd):
+    """Conv2d / Conv1d: PyTorch's constructor; `_function` computes them."""
+
+    _function: Any
+    _function_backward: Any
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
+                 padding=0, dilation=1, groups: int = 1, bias: bool = True,
+                 padding_mode: PaddingMode = "zeros", device=None,
+                 dtype: DTypeLike = np.float32, rng: Seed = None) -> None:
+        _check_device(device)
+        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                    groups, bias, padding_mode, dtype, rng)
+
+    def _forward(self, x, weight, bias):
+        return self._function(x, weight, bias, self.stride, self.padding, self.dilation,
+                              self.groups, padding_mode=self.padding_mode)
+
+    def _backward(self, grad_output, x, weight, needs):
+        return self._function_backward(grad_output, x, weight, self.stride, self.padding,
+                                       self.dilation, self.groups,
+                                       padding_mode=self.padding_mode, needs=needs)
+
+
+class Conv2d(_Conv):
     """2-D (dilated) convolution layer, as torch.nn.Conv2d.
 
     Parameters
@@ -212,7 +244,10 @@ class Conv2d(_ConvNd):
     groups : int
     bias : bool
     padding_mode : {'zeros', 'reflect', 'replicate', 'circular'}
+    device : None or 'cpu'
+        Accepted for PyTorch's signature; dilconv computes on the CPU.
     dtype : float32 (default) or float64
+        numpy's or PyTorch's (torch.float64 works too).
     rng : None, int or numpy.random.Generator
         Seed for PyTorch's default initialisation: weight and bias uniform in
         +-1/sqrt(in_channels/groups * kH * kW).
@@ -238,25 +273,11 @@ class Conv2d(_ConvNd):
     """
 
     _ndim = 2
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
-                 padding=0, dilation=1, groups: int = 1, bias: bool = True,
-                 padding_mode: PaddingMode = "zeros", dtype: DTypeLike = np.float32,
-                 rng: Seed = None) -> None:
-        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                    groups, bias, padding_mode, dtype, rng)
-
-    def _forward(self, x, weight, bias):
-        return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                      padding_mode=self.padding_mode)
-
-    def _backward(self, grad_output, x, weight, needs):
-        return conv2d_backward(grad_output, x, weight, self.stride, self.padding,
-                               self.dilation, self.groups, padding_mode=self.padding_mode,
-                               needs=needs)
+    _function = staticmethod(conv2d)
+    _function_backward = staticmethod(conv2d_backward)
 
 
-class Conv1d(_ConvNd):
+class Conv1d(_Conv):
     """1-D (dilated) convolution layer, as torch.nn.Conv1d (WaveNet / TCN layers).
 
     Arguments as :class:`Conv2d` with ints (or 1-tuples) for kernel_size, stride, dilation;
@@ -274,22 +295,8 @@ class Conv1d(_ConvNd):
     """
 
     _ndim = 1
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
-                 padding=0, dilation=1, groups: int = 1, bias: bool = True,
-                 padding_mode: PaddingMode = "zeros", dtype: DTypeLike = np.float32,
-                 rng: Seed = None) -> None:
-        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                    groups, bias, padding_mode, dtype, rng)
-
-    def _forward(self, x, weight, bias):
-        return conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                      padding_mode=self.padding_mode)
-
-    def _backward(self, grad_output, x, weight, needs):
-        return conv1d_backward(grad_output, x, weight, self.stride, self.padding,
-                               self.dilation, self.groups, padding_mode=self.padding_mode,
-                               needs=needs)
+    _function = staticmethod(conv1d)
+    _function_backward = staticmethod(conv1d_backward)
 
 
 class ConvTranspose2d(_ConvNd):
@@ -313,8 +320,9 @@ class ConvTranspose2d(_ConvNd):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
                  padding=0, output_padding=0, groups: int = 1, bias: bool = True,
-                 dilation=1, padding_mode: PaddingMode = "zeros",
+                 dilation=1, padding_mode: PaddingMode = "zeros", device=None,
                  dtype: DTypeLike = np.float32, rng: Seed = None) -> None:
+        _check_device(device)
         self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation,
                     groups, bias, padding_mode, dtype, rng, output_padding)
 

@@ -24,6 +24,13 @@ def assert_within(got, want, abs_sum, terms, dtype, sides=1, what=""):
     assert ratio <= 1.0, f"{what} off by {ratio:.3g} x bound"
 
 
+def assert_adjoint(lhs, rhs, scale, terms):
+    """Two float64 sums of the same `scale` = sum|terms|, each of up to `terms` rounded
+    additions, agree within the derived bound."""
+    bound = tolerance.error_bound(scale, terms, np.float64)
+    assert abs(lhs - rhs) <= bound, (lhs, rhs, float(bound))
+
+
 def pad_matrix(size, lo, hi, mode):
     """(lo + size + hi, size) 0/1 matrix P with pad(v) = P @ v along one axis."""
     return np.pad(np.eye(size), ((lo, hi), (0, 0)), mode=NUMPY_MODE[mode])

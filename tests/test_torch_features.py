@@ -186,7 +186,10 @@ def test_causal_conv1d_matches_left_padded_pytorch(k, dilation, rng):
     want = F.conv1d(F.pad(torch.from_numpy(x), ((k - 1) * dilation, 0)), torch.from_numpy(w),
                     torch.from_numpy(b), dilation=dilation).numpy()
     got = dilconv.conv1d(x, w, b, dilation=dilation, causal=True)
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    pads = ((0, 0), ((k - 1) * dilation, 0))
+    _, abs_sum, terms = padded_forward(x[:, :, None], w[:, :, None], b, (1, 1), pads,
+                                       (1, dilation), 1, "zeros")
+    assert_within(got, want, abs_sum[:, :, 0], terms, np.float64, sides=2)
 
 
 @pytest.mark.parametrize("kind, args", [
@@ -207,6 +210,23 @@ def test_init_bounds_match_pytorch(kind, args):
     # Thousands of draws come within 1% of the bound: PyTorch's bound is not smaller.
     assert np.abs(module.weight.detach().numpy()).max() > 0.99 * bound
     assert np.abs(layer.weight).max() > 0.99 * bound
+
+
+@pytest.mark.parametrize("kind", ["Conv2d", "Conv1d", "ConvTranspose2d"])
+def test_same_keyword_arguments_as_pytorch(kind):
+    # A rename: the keyword arguments of a PyTorch model, device and dtype included.
+    kwargs = dict(in_channels=4, out_channels=4, kernel_size=3, stride=1, padding=2,
+                  dilation=2, groups=2, bias=False, padding_mode="zeros",
+                  device=torch.device("cpu"), dtype=torch.float64)
+    module = getattr(torch.nn, kind)(**kwargs)
+    layer = getattr(dilconv, kind)(**kwargs)
+    assert repr(layer) == repr(module) and layer.weight.dtype == np.float64
+    layer.load_state_dict(module.state_dict())
+    x = np.random.default_rng(0).standard_normal((2, 4) + (8,) * (kind != "Conv1d") + (9,))
+    y = layer(x)
+    abs_sum, terms = _bounds(kind, layer, x, np.zeros_like(y))[0]
+    assert_within(y, module(torch.from_numpy(x)).detach().numpy(), abs_sum.reshape(y.shape),
+                  terms, np.float64, sides=2)
 
 
 def test_example_reproduces_pytorch(capsys):
