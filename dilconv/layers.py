@@ -173,6 +173,10 @@ class _ConvNd:
 
         For a PyTorch module: ``module.load_state_dict({k: torch.from_numpy(v) for k, v in
         layer.state_dict().items()})``.
+
+        >>> import dilconv
+        >>> {k: v.shape for k, v in dilconv.Conv2d(2, 4, 3).state_dict().items()}
+        {'weight': (4, 2, 3, 3), 'bias': (4,)}
         """
         state = {"weight": self.weight}
         if self.bias is not None:
@@ -185,6 +189,13 @@ class _ConvNd:
 
         Values may be numpy arrays or anything ``numpy.asarray`` takes, including CPU torch
         tensors, so ``layer.load_state_dict(module.state_dict())`` works directly.
+
+        >>> import numpy as np, dilconv
+        >>> layer = dilconv.Conv1d(1, 1, 2, bias=False)
+        >>> layer.load_state_dict({"weight": [[[1.0, -1.0]]]})
+        IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+        >>> layer(np.array([[1, 4, 9]], np.float32))        # the layer's dtype: float32
+        array([[-3., -5.]], dtype=float32)
         """
         expected = self.state_dict()
         missing = [k for k in expected if k not in state_dict]
