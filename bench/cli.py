@@ -90,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--from-json", metavar="PATH",
                    help="do not measure: print (and --plot) a report saved with --json")
     p.add_argument("--list", action="store_true", help="list suites, layers and peers")
+    p.add_argument("--long", action="store_true",
+                   help="one table line per implementation, with every number")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     return p
 
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
                      progress=not args.quiet,
                      command=["python", "-m", "bench"] + list(sys.argv[1:] if argv is None
                                                               else argv))
-    print(render(report))
+    print(render(report, long=args.long))
     if args.json and not args.from_json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -58,16 +58,16 @@ def plot(report: dict, path: str) -> None:
     values = [v for panel in ratios.values() for series in panel.values()
               for v in series.values()]
     lo = min(values + [1.0]) / 1.6
-    hi = max(values + [1.0]) * 1.6
+    hi = max(values + [1.0]) * 3.0      # room for the value labels above the bars
 
-    fig, axes = plt.subplots(len(ops), len(dtypes), squeeze=False, sharey=True,
-                             figsize=(max(7.0, 1.5 * len(layers) * len(dtypes) + 1.5),
-                                      3.6 * len(ops) + 1.3))
+    # One panel per (op, dtype), stacked, so layer names stay on one shared-width axis.
+    panels = [(op, dtype) for op in ops for dtype in dtypes]
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False, sharey=True,
+                             figsize=(max(7.0, 1.5 * len(layers) + 2), 3.4 * len(panels) + 1.3))
     series = [(p, t) for p in peers for t in threads]
     width = 0.8 / max(1, len(series))
     x = np.arange(len(layers))
-    for (i, op), (j, dtype) in ((a, b) for a in enumerate(ops) for b in enumerate(dtypes)):
-        ax = axes[i][j]
+    for ax, (op, dtype) in zip(axes[:, 0], panels):
         panel = ratios.get((op, dtype), {})
         for k, (peer, t) in enumerate(series):
             data = panel.get((peer, t), {})
@@ -89,8 +89,7 @@ def plot(report: dict, path: str) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.set_xticks(x, layers, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{op}, {dtype}", fontsize=10)
-        if j == 0:
-            ax.set_ylabel("peer time / dilconv time\n(> 1: dilconv faster)", fontsize=9)
+        ax.set_ylabel("peer time / dilconv time\n(> 1: dilconv faster)", fontsize=9)
     handles = [Patch(facecolor=colors[p], alpha=1.0 if t == max(threads) else 0.55,
                      hatch=None if t == max(threads) else "//", edgecolor="white",
                      label=f"vs {p}, {t} thread{'s' if t > 1 else ''}")

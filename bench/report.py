@@ -99,6 +99,23 @@ def results_table(report: dict) -> str:
     return text_table(headers, rows, left=5)
 
 
+def long_table(report: dict) -> str:
+    """One line per measurement, every number (what --json holds, minus the raw times)."""
+    rows = []
+    for r in report["results"]:
+        ok = r["status"] == "ok"
+        ratio = r.get("ratio_to_torch") if r["impl"] == "dilconv" else r.get("ratio")
+        rows.append([r["layer"], SHORT[r["op"]], SHORT.get(r["dtype"], r["dtype"]),
+                     r["threads"], r["impl"], _ms(r),
+                     f"{100 * r['iqr_s'] / r['median_s']:.0f}%" if ok else "-",
+                     r.get("repeats", "-"), _num(r.get("gflops_nominal")),
+                     _num(r.get("gflops_effective")), _num(r.get("pct_peak"), "{:.0f}"),
+                     _num(r.get("extra_mib"), "{:.2g}"),
+                     "-" if ratio is None else f"{ratio:.2f}x"])
+    return text_table(["layer", "op", "dtype", "thr", "impl", "ms", "iqr", "calls",
+                       "nominal GF/s", "GF/s", "%peak", "MiB", "ratio"], rows, left=5)
+
+
 def scaling_table(report: dict) -> str:
     impls = list(report["implementations"])
     cells = {}
@@ -114,12 +131,14 @@ LEGEND = ("ms: median time of one call; iqr: interquartile range / median; GF/s:
           "GFLOP/s (taps that read the image, 2 per multiply-add; backward = grad input + "
           "grad weight + grad bias); %peak: of the GEMM peak at the same dtype and threads; "
           "MiB: peak extra numpy memory of one dilconv call beyond its outputs; "
-          "vs <peer>: peer time / dilconv time (> 1: dilconv is faster). "
+          "vs <peer>: peer time / dilconv time (> 1: dilconv is faster; with --long, "
+          "ratio is that for each peer and torch's time / dilconv's on dilconv's line). "
           "fwd = forward, bwd = backward.")
 
 
-def render(report: dict) -> str:
-    parts = [machine_summary(report), "", layer_table(report), "", results_table(report)]
+def render(report: dict, long: bool = False) -> str:
+    table = long_table(report) if long else results_table(report)
+    parts = [machine_summary(report), "", layer_table(report), "", table]
     if report["thread_scaling"]:
         parts += ["", "thread scaling (time at fewer threads / time at more):",
                   scaling_table(report)]
