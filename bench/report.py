@@ -53,7 +53,7 @@ def machine_summary(report: dict) -> str:
     peaks = "; ".join(
         f"{dtype} " + ", ".join(f"{n} thr {v:.1f}" for n, v in by_threads.items())
         for dtype, by_threads in report["gemm_peak_gflops"].items())
-    lines.append(f"GEMM peak (numpy matmul, GFLOP/s): {peaks}")
+    lines.append(f"GEMM peak (numpy matmul, GFLOP/s, best of the start and the end): {peaks}")
     return "\n".join(lines)
 
 

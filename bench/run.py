@@ -101,8 +101,7 @@ def _output_bytes(result) -> int:
     return sum(a.nbytes for a in items if a is not None)
 
 
-def measure_group(case, op: str, threads: int, impls: list, settings: Settings,
-                  peak: float) -> list:
+def measure_group(case, op: str, threads: int, impls: list, settings: Settings) -> list:
     """Rows for every implementation on one (layer, op, dtype, threads)."""
     layer = case.layer
     nominal, effective = layers_mod.flops(case.spec, op)
@@ -145,7 +144,6 @@ def measure_group(case, op: str, threads: int, impls: list, settings: Settings,
         median = row["median_s"]
         row["gflops_nominal"] = nominal / median / 1e9
         row["gflops_effective"] = effective / median / 1e9
-        row["pct_peak"] = 100.0 * row["gflops_effective"] / peak if peak else None
         if impl.measures_memory:
             row["extra_mib"] = extra_memory(runners[impl.name][0], _output_bytes) / 2 ** 20
     _add_ratios(rows)
@@ -184,6 +182,11 @@ def thread_scaling(results: list) -> list:
     return out
 
 
+def _gemm_peaks(dtypes: list, thread_counts: list, size: int) -> dict:
+    return {dtype: {str(n): gemm_peak(dtype, n, size) for n in thread_counts}
+            for dtype in dtypes}
+
+
 def layer_record(layer) -> dict:
     spec = layer.spec()
     record = {"name": layer.name, "what": layer.what, "input": list(layer.input),
@@ -218,10 +221,7 @@ def run(layers: list, ops: list, dtypes: list, thread_counts: list, peers: list,
     if usable and max(thread_counts) > usable:
         notes.append(f"{max(thread_counts)} threads requested but only {usable} cores "
                      f"usable: those timings are oversubscribed")
-    peaks = {}
-    for dtype in dtypes:
-        for n in thread_counts:
-            peaks.setdefault(dtype, {})[str(n)] = gemm_peak(dtype, n, settings.peak_size)
+    peak_runs = {"start": _gemm_peaks(dtypes, thread_counts, settings.peak_size)}
     bar = Progress(len(layers) * len(dtypes) * len(thread_counts) * len(ops), progress)
     results = []
     for layer in layers:
@@ -234,13 +234,20 @@ def run(layers: list, ops: list, dtypes: list, thread_counts: list, peers: list,
                         used["torch"] = torch.get_num_threads()
                     for op in ops:
                         bar.step(f"{layer.name} {op} {dtype} {n} thread(s)")
-                        rows = measure_group(case, op, n, active, settings,
-                                             peaks[dtype][str(n)])
+                        rows = measure_group(case, op, n, active, settings)
                         for row in rows:
                             row["threads_used"] = used.get(row["impl"], n)
                         results.extend(rows)
     bar.finish()
     info["load_average_end"] = load_average()
+    # Measured again at the end: a busy moment at the start must not lower the peak.
+    peak_runs["end"] = _gemm_peaks(dtypes, thread_counts, settings.peak_size)
+    peaks = {dtype: {n: max(run[dtype][n] for run in peak_runs.values()) for n in by_threads}
+             for dtype, by_threads in peak_runs["start"].items()}
+    for row in results:
+        if "gflops_effective" in row:
+            row["pct_peak"] = 100.0 * row["gflops_effective"] / peaks[row["dtype"]][
+                str(row["threads"])]
     for row in results:
         if row["status"] != "ok":
             # Skip reasons repeat for every dtype and thread count: say each once.
@@ -258,6 +265,7 @@ def run(layers: list, ops: list, dtypes: list, thread_counts: list, peers: list,
                      "threads": thread_counts},
         "machine": info,
         "gemm_peak_gflops": peaks,
+        "gemm_peak_runs": peak_runs,
         "implementations": impl_info,
         "peers": peer_info,
         "layers": [layer_record(layer) for layer in layers],
