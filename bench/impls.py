@@ -135,7 +135,7 @@ class Dilconv(Impl):
                                                 *args)), None
 
     def info(self, case, op):
-        return {"path": choose_path(case.spec)}
+        return {"path": choose_path(case.spec, op)}
 
 
 class NumpyIm2col(Impl):
