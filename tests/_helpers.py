@@ -44,3 +44,12 @@ def check_backward(gy, x, w, stride=1, padding=0, dilation=1, groups=1):
         ratio = tolerance.worst_ratio(got, exp, tolerance.error_bound(abs_sum, k, x.dtype))
         assert ratio <= 1.0, f"grad {name} off by {ratio:.3g} x bound"
     return grads
+
+
+def assert_rejects(fn, kwargs, exc, words):
+    """fn(**kwargs) raises `exc` whose message contains each of `words`."""
+    import pytest
+    with pytest.raises(exc) as info:
+        fn(**kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))

@@ -1,0 +1,1 @@
+"""Microbenchmarks of dilconv against its peers on real layers: `python -m bench --help`."""
