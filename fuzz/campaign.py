@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import cases, impls
+from . import cases, check, impls
 from .pool import WorkerPool
 from .progress import Progress
 from .shrink import shrink
@@ -72,8 +72,8 @@ class Tally:
             for key in ("dtype", "padding_mode", "padding_form", "path", "threads", "edge",
                         "tier", "values", "out", "unbatched"):
                 c["by_" + key][str(case[key])] += 1
-            if case["path"] == "gemm":
-                c["by_gemm_tile_pixels"][str(case["tile_pixels"])] += 1
+            c["by_path_tile_pixels"][f"{case['path']}:{case['tile_pixels']}"] += 1
+            c["by_threads_min_macs"][f"{case['threads']}:{case['min_macs_per_thread']}"] += 1
             for name, layout in case["layouts"].items():
                 c["by_layout"][f"{name}:{layout}"] += 1
         for op in result["checked"]:
@@ -109,7 +109,8 @@ def environment() -> dict:
             "platform": platform.platform(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "omp_threads": get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "padding_modes_supported": supported_modes()}
+            "padding_modes_supported": supported_modes(),
+            "dispatch_knobs": check.available_knobs()}
 
 
 def supported_modes() -> list:

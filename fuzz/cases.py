@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dilconv._dispatch import PATHS
+
 # One place to extend when dilconv gains a padding mode: the generator draws from this list,
 # the oracle pads with NUMPY_PAD_MODE and convolves with zero padding.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -26,15 +28,14 @@ EDGES = ("none", "exact_fit", "pad_gt_kernel", "stride_gt_image", "output_one", 
 EDGE_WEIGHTS = (0.6, 0.08, 0.08, 0.08, 0.08, 0.08)
 KERNEL_SIZES = (1, 2, 3, 4, 5, 6, 7)
 KERNEL_WEIGHTS = (0.18, 0.2, 0.26, 0.1, 0.1, 0.08, 0.08)
-PATHS = ("direct", "gemm")          # dilconv._dispatch.PATHS (checked in the tests)
 THREADS = (1, 2)
 DTYPES = ("float32", "float64")
 GRADS = {"grad_input": "input", "grad_weight": "weight", "grad_bias": "bias"}
 VALID_OPS = ("forward", "grad_input", "grad_weight", "grad_bias", "adjoint", "determinism")
 OPS = VALID_OPS + ("invalid",)
 SMALL_SIZE = 12
-# GEMM tile sizes (pixels) forced on some cases: default tiles (4096 pixels) are larger than
-# any image the lab draws, so without this their boundaries would never be crossed.
+# Tile sizes (pixels) forced on some cases: default GEMM tiles and flat bands are larger
+# than any image the lab draws, so without this their boundaries would never be crossed.
 TILE_PIXELS = (3, 7, 16, 50)
 
 
@@ -295,6 +296,7 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
                  for name in ("input", "weight", "bias", "grad_output")},
         out=_choice(rng, (None, "c", "strided"), (0.7, 0.15, 0.15)),
         tile_pixels=None if rng.random() < 0.6 else _choice(rng, TILE_PIXELS),
+        min_macs_per_thread=None if rng.random() < 0.2 else 1,
     )
     if invalid:
         case["ops"] = ["invalid"]

@@ -63,19 +63,34 @@ def _make_out(case):
     return out if case["out"] == "c" else cases.present(out, "strided")
 
 
+# dilconv._dispatch settings a case may override: tile sizes far below the defaults (which
+# exceed every image the lab draws), so small images cross GEMM tile and flat band
+# boundaries; and no minimum of work per thread, so "2 threads" really splits tiny cases.
+# A setting dilconv no longer has is skipped (environment() lists the ones found).
+KNOBS = {"tile_pixels": ("MIN_TILE_PIXELS", "MAX_TILE_PIXELS", "FLAT_SPAN_ELEMENTS"),
+         "min_macs_per_thread": ("MIN_MACS_PER_THREAD",)}
+
+
+def available_knobs() -> list:
+    return [name for names in KNOBS.values() for name in names if hasattr(_dispatch, name)]
+
+
 @contextlib.contextmanager
-def gemm_tiles(pixels):
-    """GEMM tiles of at most `pixels` pixels (None: dilconv's own size), so that small
-    images cross tile boundaries too. Tiling only changes the order of the sums."""
-    if pixels is None or not hasattr(_dispatch, "MAX_TILE_PIXELS"):
-        yield
-        return
-    saved = _dispatch.MIN_TILE_PIXELS, _dispatch.MAX_TILE_PIXELS
-    _dispatch.MIN_TILE_PIXELS = _dispatch.MAX_TILE_PIXELS = pixels
+def dispatch_knobs(case):
+    """Apply the case's overrides of dilconv._dispatch settings; restore them after."""
+    saved = {}
     try:
+        for key, names in KNOBS.items():
+            if case.get(key) is None:
+                continue
+            for name in names:
+                if hasattr(_dispatch, name):
+                    saved[name] = getattr(_dispatch, name)
+                    setattr(_dispatch, name, case[key])
         yield
     finally:
-        _dispatch.MIN_TILE_PIXELS, _dispatch.MAX_TILE_PIXELS = saved
+        for name, value in saved.items():
+            setattr(_dispatch, name, value)
 
 
 def _call(case, impl, arrays, threads, got) -> dict:
@@ -87,7 +102,7 @@ def _call(case, impl, arrays, threads, got) -> dict:
     dilconv.set_num_threads(threads)
     got["stage"] = "forward"
     try:
-        with force_path(case["path"]), gemm_tiles(case.get("tile_pixels")):
+        with force_path(case["path"]), dispatch_knobs(case):
             got["forward"] = impl.conv2d(call["input"], call["weight"], call["bias"], **kwargs,
                                          out=out)
             got["stage"] = "backward"

@@ -225,6 +225,16 @@ class DirectDropsLastColumn(Mutant):
         return y
 
 
+class FlatDropsFirstRow(Mutant):
+    description = "flat path only: first output row left at zero (forward)"
+
+    def forward(self, call, mode):
+        y = real_forward(call, mode)
+        if _dispatch.choose_path(call.spec) == "flat" and call.spec.stride == (1, 1):
+            y[..., 0, :] = 0
+        return y
+
+
 class GemmIgnoresBias(Mutant):
     description = "gemm path only: bias ignored (forward)"
 
@@ -344,6 +354,7 @@ MUTANTS = {_name(cls): cls() for cls in (
     DilationOffByOne, StrideIgnored, GroupsMappedWrongly, PaddingWrongSide, KernelFlipped,
     BiasDropped, BiasDoubled, Float32PartialTaps, Float64InFloat32, PaddingFilledWithOnes,
     BigEndianMisread, FortranMisread, UnbatchedKeepsBatchAxis, OutIgnored, ThreadDependent,
-    DirectDropsLastColumn, GemmIgnoresBias, GradWeightMissingLastRow, GradInputOffByOneRow,
-    GradBiasFirstImageOnly, EmptyBatchGradWeightGarbage, ErrorsSwallowed, WrongExceptionType,
-    VagueErrors, SegfaultOnWideDilation, ReflectAsReplicate)}
+    DirectDropsLastColumn, FlatDropsFirstRow, GemmIgnoresBias, GradWeightMissingLastRow,
+    GradInputOffByOneRow, GradBiasFirstImageOnly, EmptyBatchGradWeightGarbage,
+    ErrorsSwallowed, WrongExceptionType, VagueErrors, SegfaultOnWideDilation,
+    ReflectAsReplicate)}

@@ -62,7 +62,8 @@ def candidates(case):
     if case["kind"] == "valid" and case["padding_mode"] != "zeros":
         yield rank, {"padding_mode": "zeros"}
     for key, plain in (("bias", False), ("out", None), ("unbatched", False), ("threads", 1),
-                       ("tile_pixels", None), ("values", "int")):
+                       ("tile_pixels", None), ("min_macs_per_thread", None),
+                       ("values", "int")):
         rank += 1
         if case.get(key) != plain:
             yield rank, {key: plain}

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import dilconv
-from dilconv._dispatch import PATHS
 from fuzz import campaign, cases, check, impls, oracle, selftest
 from fuzz.__main__ import main
 from fuzz.mutants import MUTANTS
@@ -28,7 +27,6 @@ def test_case_stream_is_reproducible_and_shards_partition_it():
     assert first != [cases.generate(8, i, cfg) for i in range(50)]
     shards = [list(campaign.Plan(n_cases=50, shard=(k, 3)).indices()) for k in (1, 2, 3)]
     assert sorted(sum(shards, [])) == list(range(50))
-    assert cases.PATHS == PATHS
 
 
 def test_generator_covers_the_parameter_space_and_its_geometry_matches_dilconv():
@@ -50,6 +48,7 @@ def test_generator_covers_the_parameter_space_and_its_geometry_matches_dilconv()
     assert seen["padding_mode"] == set(cases.PADDING_MODES)
     assert seen["edge"] == set(cases.EDGES)
     assert seen["unbatched"] == {True, False} and seen["threads"] == {1, 2}
+    assert seen["path"] == set(cases.PATHS)
 
 
 @pytest.mark.parametrize("mode", sorted(cases.NUMPY_PAD_MODE))
@@ -63,14 +62,16 @@ def test_fold_is_the_adjoint_of_numpy_pad(mode, rng):
     np.testing.assert_allclose(np.vdot(padded, g), np.vdot(x, folded), rtol=1e-12)
 
 
-def test_forced_gemm_tiles_split_small_planes_and_are_restored():
+def test_dispatch_knobs_split_small_planes_and_are_restored():
     from dilconv import _dispatch
-    before = len(_dispatch.plane_tiles(10, 9, 4))
-    with check.gemm_tiles(7):
+    assert set(check.available_knobs()) == {n for names in check.KNOBS.values() for n in names}
+    before = len(_dispatch.plane_tiles(10, 9, 4)), _dispatch.MIN_MACS_PER_THREAD
+    with check.dispatch_knobs({"tile_pixels": 7, "min_macs_per_thread": 1}):
         tiles = _dispatch.plane_tiles(10, 9, 4)
         covered = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in tiles)
-        assert len(tiles) > before and covered == 90
-    assert len(_dispatch.plane_tiles(10, 9, 4)) == before
+        assert len(tiles) > before[0] and covered == 90
+        assert _dispatch.FLAT_SPAN_ELEMENTS == 7 and _dispatch.MIN_MACS_PER_THREAD == 1
+    assert (len(_dispatch.plane_tiles(10, 9, 4)), _dispatch.MIN_MACS_PER_THREAD) == before
 
 
 def test_every_invalid_call_raises_a_named_error():
