@@ -119,7 +119,8 @@ def describe(case) -> str:
     kw = cases.call_kwargs(case)
     args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
     lay = case["layouts"]
-    lines = [f"case {case['id']} of seed {case['seed']} ({case['kind']}, {case['dtype']}, "
+    lines = [f"case {case['id']} of seed {case['seed']}: {case.get('api', 'conv2d')} "
+             f"({case['kind']}, {case['dtype']}, "
              f"values {case['values']}, array seed {case['array_seed']}, path {case['path']}, "
              f"{case['threads']} thread(s))",
              f"  input {x_shape} [{lay['input']}], weight {s['weight']} [{lay['weight']}], "

@@ -69,8 +69,8 @@ class Tally:
         if case["kind"] == "invalid":
             c["invalid_by_kind"][case["invalid"]] += 1
         else:
-            for key in ("dtype", "padding_mode", "padding_form", "path", "threads", "edge",
-                        "tier", "values", "out", "unbatched"):
+            for key in ("api", "dtype", "padding_mode", "padding_form", "path", "threads",
+                        "edge", "tier", "values", "out", "unbatched"):
                 c["by_" + key][str(case[key])] += 1
             c["by_path_tile_pixels"][f"{case['path']}:{case['tile_pixels']}"] += 1
             c["by_threads_min_macs"][f"{case['threads']}:{case['min_macs_per_thread']}"] += 1
@@ -78,6 +78,7 @@ class Tally:
                 c["by_layout"][f"{name}:{layout}"] += 1
         for op in result["checked"]:
             c["by_op"][op] += 1
+            c["by_api_op"][f"{case.get('api', 'conv2d')}/{op}"] += 1
             c["by_op_dtype_mode"][f"{op}/{case['dtype']}/{case['padding_mode']}"] += 1
         for op, ratio in result["ratios"].items():
             if ratio > self.worst.get(op, (-1.0,))[0]:
@@ -239,7 +240,8 @@ def coverage(plan, tally) -> dict:
     """What the run exercised, per dimension the plan asked for, and what it never did."""
     c = tally.counts
     skipped = c["skipped_unsupported_mode"]
-    wanted = {"ops": (plan.gen.ops, c["by_op"]), "dtypes": (plan.gen.dtypes, c["by_dtype"]),
+    wanted = {"ops": (plan.gen.ops, c["by_op"]), "apis": (plan.gen.apis, c["by_api"]),
+              "dtypes": (plan.gen.dtypes, c["by_dtype"]),
               "padding_forms": (cases.PADDING_FORMS, c["by_padding_form"]),
               "paths": (cases.PATHS, c["by_path"]),
               "threads": (tuple(map(str, cases.THREADS)), c["by_threads"])}

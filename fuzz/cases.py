@@ -30,6 +30,11 @@ KERNEL_SIZES = (1, 2, 3, 4, 5, 6, 7)
 KERNEL_WEIGHTS = (0.18, 0.2, 0.26, 0.1, 0.1, 0.08, 0.08)
 THREADS = (1, 2)
 DTYPES = ("float32", "float64")
+# Public functions a case can go through (invalid cases always use conv2d). conv1d cases
+# are 2-D cases of height 1; a conv_transpose2d case is the adjoint of its conv2d geometry:
+# its input has conv2d's output shape and its output conv2d's input shape.
+APIS = ("conv2d", "conv1d", "conv_transpose2d")
+API_WEIGHTS = (0.7, 0.15, 0.15)
 GRADS = {"grad_input": "input", "grad_weight": "weight", "grad_bias": "bias"}
 VALID_OPS = ("forward", "grad_input", "grad_weight", "grad_bias", "adjoint", "determinism")
 OPS = VALID_OPS + ("invalid",)
@@ -52,6 +57,7 @@ class GenConfig:
     small_cost: float = 1.5e5
     large_cost: float = 1e6
     modes: tuple = PADDING_MODES
+    apis: tuple = APIS
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -65,6 +71,26 @@ def pair(value) -> tuple:
     return (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
 
 
+def geom(case, key) -> tuple:
+    """The case's stride or dilation as a 2-D (h, w) pair (conv1d's is (1, value))."""
+    value = case[key]
+    if case.get("api") == "conv1d":
+        return (1, value if isinstance(value, (int, np.integer)) else value[0])
+    return pair(value)
+
+
+def pair_arg(case, key, hw) -> dict:
+    """{key: argument} giving the 2-D pair `hw` in the case's API form."""
+    if case.get("api") == "conv1d":
+        return {key: hw[1]}
+    return {key: hw[0] if hw[0] == hw[1] else list(hw)}
+
+
+def padding_arg(case, pads) -> list:
+    """Explicit ((top, bottom), (left, right)) amounts in the case's API form."""
+    return list(pads[1]) if case.get("api") == "conv1d" else [list(p) for p in pads]
+
+
 def out_size(size, k, stride, dilation, lo, hi) -> int:
     return (size + lo + hi - dilation * (k - 1) - 1) // stride + 1
 
@@ -76,27 +102,54 @@ def padding_amounts(case) -> tuple:
         return ((0, 0), (0, 0))
     if padding == "same":
         pads = []
-        for k, d in zip((case["kh"], case["kw"]), pair(case["dilation"])):
+        for k, d in zip((case["kh"], case["kw"]), geom(case, "dilation")):
             total = d * (k - 1)
             pads.append((total // 2, total - total // 2))   # odd pixel bottom/right
         return tuple(pads)
     if isinstance(padding, (int, np.integer)):
-        return ((padding, padding), (padding, padding))
+        return ((0, 0) if case.get("api") == "conv1d" else (padding, padding),
+                (padding, padding))
+    if case.get("api") == "conv1d":           # (p,) or (left, right)
+        return ((0, 0), (padding[0], padding[-1]))
     if isinstance(padding[0], (int, np.integer)):
         return ((padding[0], padding[0]), (padding[1], padding[1]))
     return (tuple(padding[0]), tuple(padding[1]))
 
 
+def output_padding(case) -> tuple:
+    """conv_transpose2d's output_padding that gives back the conv2d input size."""
+    pads = padding_amounts(case)
+    return tuple((size + sum(side) - d * (k - 1) - 1) % s for size, side, k, d, s in zip(
+        (case["h"], case["w"]), pads, (case["kh"], case["kw"]), geom(case, "dilation"),
+        geom(case, "stride")))
+
+
 def shapes(case) -> dict:
-    """Batched shapes of x, weight, bias and grad_output (N, C, H, W) / OIHW."""
+    """Batched shapes of the conv2d geometry's x, weight, bias and grad_output (NCHW, OIHW):
+    the arrays every case is built from (a transposed convolution's bias has C entries)."""
     g, n = case["groups"], case["n"]
     c, o = g * case["cg"], g * case["og"]
     (pt, pb), (pl, pr) = padding_amounts(case)
-    (sh, sw), (dh, dw) = pair(case["stride"]), pair(case["dilation"])
+    (sh, sw), (dh, dw) = geom(case, "stride"), geom(case, "dilation")
     ho = out_size(case["h"], case["kh"], sh, dh, pt, pb)
     wo = out_size(case["w"], case["kw"], sw, dw, pl, pr)
+    bias = (c,) if case.get("api") == "conv_transpose2d" else (o,)
     return {"input": (n, c, case["h"], case["w"]), "weight": (o, case["cg"], case["kh"],
-            case["kw"]), "bias": (o,), "grad_output": (n, o, ho, wo)}
+            case["kw"]), "bias": bias, "grad_output": (n, o, ho, wo)}
+
+
+def roles(case, named: dict) -> dict:
+    """Map conv2d-geometry entries (input, weight, bias, grad_output) to the case's API
+    roles: a transposed convolution's input is conv2d's grad_output and the reverse."""
+    if case.get("api") == "conv_transpose2d":
+        return {"input": named["grad_output"], "weight": named["weight"],
+                "bias": named["bias"], "grad_output": named["input"]}
+    return dict(named)
+
+
+def api_shape(case, shape) -> tuple:
+    """A 4-D (role) shape as the API sees it: conv1d drops the height axis."""
+    return shape[:2] + shape[3:] if case.get("api") == "conv1d" and len(shape) == 4 else shape
 
 
 def is_valid(case) -> bool:
@@ -104,8 +157,13 @@ def is_valid(case) -> bool:
     if min(case["groups"], case["cg"], case["og"], case["h"], case["w"], case["kh"],
            case["kw"]) < 1 or case["n"] < 0:
         return False
-    stride, dilation = pair(case["stride"]), pair(case["dilation"])
+    stride, dilation = geom(case, "stride"), geom(case, "dilation")
     if min(stride + dilation) < 1 or (case["padding"] == "same" and stride != (1, 1)):
+        return False
+    if case.get("api") == "conv_transpose2d" and (isinstance(case["padding"], str)
+                                                  or case["padding_mode"] != "zeros"):
+        return False
+    if case.get("api") == "conv1d" and (case["h"], case["kh"]) != (1, 1):
         return False
     pads = padding_amounts(case)
     if min(pads[0] + pads[1]) < 0 or min(shapes(case)["grad_output"][2:]) < 1:
@@ -125,7 +183,7 @@ def mode_min_size(mode, side) -> int:
 def oracle_cost(case) -> float:
     """Multiply-adds of one oracle correlate2d pass over the case (zero taps included)."""
     (pt, pb), (pl, pr) = padding_amounts(case)
-    (dh, dw) = pair(case["dilation"])
+    (dh, dw) = geom(case, "dilation")
     dkh, dkw = dh * (case["kh"] - 1) + 1, dw * (case["kw"] - 1) + 1
     pairs = max(1, case["n"]) * case["groups"] * case["og"] * case["cg"]
     return float(pairs * (case["h"] + pt + pb) * (case["w"] + pl + pr) * dkh * dkw)
@@ -169,9 +227,14 @@ def _axis(rng, k, d, s, lo, hi, form, edge, limit):
     return k, s, lo, hi, max(smallest, (out - 1) * s + dk - lo - hi + int(rng.integers(0, s)))
 
 
-def _padding_value(form, pads):
-    """The padding argument in `form` if the amounts allow it, else the asymmetric form."""
+def _padding_value(form, pads, api):
+    """The padding argument in `form` if the amounts allow it, else the asymmetric form
+    (for conv1d: p, (p,) and (left, right))."""
     (pt, pb), (pl, pr) = pads
+    if api == "conv1d":
+        if form in ("int", "pair") and pl == pr:
+            return (pl, "int") if form == "int" else ([pl], "pair")
+        return [pl, pr], "asym"
     if form == "int" and pt == pb == pl == pr:
         return pt, "int"
     if form in ("int", "pair") and pt == pb and pl == pr:
@@ -198,6 +261,12 @@ def _draw_geometry(rng, cfg: GenConfig, kind: str) -> dict:
     form = _choice(rng, PADDING_FORMS)
     edge = _choice(rng, EDGES, EDGE_WEIGHTS)
     mode = _choice(rng, cfg.modes, _weights(cfg.modes)) if kind == "valid" else "zeros"
+    api = _choice(rng, cfg.apis, _weights(cfg.apis, APIS, API_WEIGHTS)) if (
+        kind == "valid") else "conv2d"
+    if api == "conv1d":                  # height 1, nothing happens along it
+        ks[0] = strides[0] = dils[0] = 1
+    if api == "conv_transpose2d":
+        mode = "zeros"                   # PyTorch's transposed convolutions pad with zeros
     if edge == "pad_gt_kernel" and form in ("same", "valid"):
         form = "asym"
     if form == "same":
@@ -208,27 +277,35 @@ def _draw_geometry(rng, cfg: GenConfig, kind: str) -> dict:
     elif form == "valid":
         pads = [[0, 0], [0, 0]]
     elif form == "int":
-        p = _draw_pad(rng, min(dks))
+        p = _draw_pad(rng, dks[1] if api == "conv1d" else min(dks))
         pads = [[p, p], [p, p]]
     elif form == "pair":
         pads = [[p, p] for p in (_draw_pad(rng, dk) for dk in dks)]
     else:
         pads = [[_draw_pad(rng, dk), _draw_pad(rng, dk)] for dk in dks]
-    axes = _choice(rng, ((0,), (1,), (0, 1)))
+    axes = (1,) if api == "conv1d" else _choice(rng, ((0,), (1,), (0, 1)))
     sizes = [0, 0]
     for a in range(2):
         ks[a], strides[a], pads[a][0], pads[a][1], sizes[a] = _axis(
             rng, ks[a], dils[a], strides[a], pads[a][0], pads[a][1], form,
             edge if a in axes else "none", limit)
+    if api == "conv1d":
+        sizes[0], pads[0] = 1, [0, 0]
     sizes = [max(size, mode_min_size(mode, side)) for size, side in zip(sizes, pads)]
+    if api == "conv_transpose2d" and form in ("same", "valid"):
+        form = "asym"                    # the same amounts, given explicitly
     if form in ("int", "pair", "asym"):
-        padding, form = _padding_value(form, pads)
+        padding, form = _padding_value(form, pads, api)
     else:
         padding = form
-    stride = strides[0] if strides[0] == strides[1] and rng.random() < 0.5 else strides
-    dilation = dils[0] if dils[0] == dils[1] and rng.random() < 0.5 else dils
-    return {"n": n, "groups": groups, "cg": cg, "og": og, "h": sizes[0], "w": sizes[1],
-            "kh": ks[0], "kw": ks[1], "stride": stride, "dilation": dilation,
+    if api == "conv1d":
+        stride = strides[1] if rng.random() < 0.5 else [strides[1]]
+        dilation = dils[1] if rng.random() < 0.5 else [dils[1]]
+    else:
+        stride = strides[0] if strides[0] == strides[1] and rng.random() < 0.5 else strides
+        dilation = dils[0] if dils[0] == dils[1] and rng.random() < 0.5 else dils
+    return {"api": api, "n": n, "groups": groups, "cg": cg, "og": og, "h": sizes[0],
+            "w": sizes[1], "kh": ks[0], "kw": ks[1], "stride": stride, "dilation": dilation,
             "padding": padding, "padding_form": form, "padding_mode": mode,
             "edge": edge, "tier": "large" if large else "small"}
 
@@ -239,8 +316,8 @@ def _fit(case, cap, max_size) -> bool:
     then fewer images and channels. False if it cannot fit."""
     pads = padding_amounts(case)
     floor = {}
-    for key, k, d, side in (("h", case["kh"], pair(case["dilation"])[0], pads[0]),
-                            ("w", case["kw"], pair(case["dilation"])[1], pads[1])):
+    for key, k, d, side in (("h", case["kh"], geom(case, "dilation")[0], pads[0]),
+                            ("w", case["kw"], geom(case, "dilation")[1], pads[1])):
         floor[key] = max(d * (k - 1) + 1 - sum(side), mode_min_size(case["padding_mode"],
                                                                     side))
         case[key] = min(case[key], max_size)
@@ -263,8 +340,8 @@ def _fit(case, cap, max_size) -> bool:
     return True
 
 
-def _weights(modes):
-    w = np.array([MODE_WEIGHTS[PADDING_MODES.index(m)] for m in modes])
+def _weights(chosen, options=PADDING_MODES, weights=MODE_WEIGHTS):
+    w = np.array([weights[options.index(m)] for m in chosen])
     return w / w.sum()
 
 
@@ -294,7 +371,8 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
         array_seed=int(rng.integers(0, 2 ** 32)),
         layouts={name: ("c" if rng.random() < 0.5 else _choice(rng, LAYOUTS))
                  for name in ("input", "weight", "bias", "grad_output")},
-        out=_choice(rng, (None, "c", "strided"), (0.7, 0.15, 0.15)),
+        out=None if case["api"] == "conv_transpose2d" else _choice(
+            rng, (None, "c", "strided"), (0.7, 0.15, 0.15)),
         tile_pixels=None if rng.random() < 0.6 else _choice(rng, TILE_PIXELS),
         min_macs_per_thread=None if rng.random() < 0.2 else 1,
     )
@@ -366,22 +444,35 @@ def present(arr, layout):
 
 
 def call_kwargs(case) -> dict:
-    """Geometry keyword arguments exactly as the case passes them to the API."""
+    """Geometry keyword arguments exactly as the case passes them to its API."""
     def as_arg(v):
         return tuple(as_arg(x) for x in v) if isinstance(v, list) else v
-    return {"stride": as_arg(case["stride"]), "padding": as_arg(case["padding"]),
-            "dilation": as_arg(case["dilation"]), "groups": case["groups"],
-            "padding_mode": case["padding_mode"]}
+    kwargs = {"stride": as_arg(case["stride"]), "padding": as_arg(case["padding"]),
+              "dilation": as_arg(case["dilation"]), "groups": case["groups"]}
+    if case.get("api") == "conv_transpose2d":
+        op = output_padding(case)
+        kwargs["output_padding"] = op[0] if op[0] == op[1] else op
+    else:
+        kwargs["padding_mode"] = case["padding_mode"]
+    return kwargs
 
 
 def call_arrays(case, arrays) -> dict:
-    """input, weight, bias, grad_output as given to the API (layouts, unbatched)."""
+    """input, weight, bias, grad_output as given to the API (roles, layouts, unbatched)."""
     lay = case["layouts"]
-    drop = (lambda a: a[0]) if case["unbatched"] else (lambda a: a)
-    return {"input": present(drop(arrays["input"]), lay["input"]),
-            "weight": present(arrays["weight"], lay["weight"]),
-            "bias": present(arrays["bias"], lay["bias"]),
-            "grad_output": present(drop(arrays["grad_output"]), lay["grad_output"])}
+    role = roles(case, arrays)
+
+    def given(name, batched=True):
+        a = role[name]
+        if a is None:
+            return None
+        if case.get("api") == "conv1d" and a.ndim == 4:
+            a = a[:, :, 0, :]
+        if batched and case["unbatched"]:
+            a = a[0]
+        return present(a, lay[name])
+    return {"input": given("input"), "weight": given("weight", False),
+            "bias": given("bias", False), "grad_output": given("grad_output")}
 
 
 # --- invalid calls ------------------------------------------------------------------------

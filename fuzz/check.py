@@ -58,7 +58,7 @@ def _grad_op(needs):
 def _make_out(case):
     if case["out"] is None:
         return None
-    shape = cases.shapes(case)["grad_output"][int(case["unbatched"]):]
+    shape = cases.api_shape(case, cases.shapes(case)["grad_output"])[int(case["unbatched"]):]
     out = np.full(shape, np.nan, np.dtype(case["dtype"]))
     return out if case["out"] == "c" else cases.present(out, "strided")
 
@@ -93,32 +93,38 @@ def dispatch_knobs(case):
             setattr(_dispatch, name, value)
 
 
+API_BACKWARD = {"conv2d": "conv2d_backward", "conv1d": "conv1d_backward",
+                "conv_transpose2d": "conv_transpose2d_backward"}
+
+
 def _call(case, impl, arrays, threads, got) -> dict:
-    """Run conv2d and conv2d_backward as the case says, filling `got` (its "stage" says
-    which call was running if one raises)."""
+    """Run the case's function and its backward as the case says, filling `got` (its
+    "stage" says which call was running if one raises)."""
     call = cases.call_arrays(case, arrays)
     kwargs = cases.call_kwargs(case)
+    api = case.get("api", "conv2d")
     out = got["out"] = _make_out(case)
+    extra = {} if api == "conv_transpose2d" else {"out": out}
     dilconv.set_num_threads(threads)
     got["stage"] = "forward"
     try:
         with force_path(case["path"]), dispatch_knobs(case):
-            got["forward"] = impl.conv2d(call["input"], call["weight"], call["bias"], **kwargs,
-                                         out=out)
+            got["forward"] = getattr(impl, api)(call["input"], call["weight"], call["bias"],
+                                                **kwargs, **extra)
             got["stage"] = "backward"
             if case["needs"]:
-                grads = impl.conv2d_backward(call["grad_output"], call["input"],
-                                             call["weight"], **kwargs,
-                                             needs=tuple(case["needs"]))
-                got["grads"] = grads
+                got["grads"] = getattr(impl, API_BACKWARD[api])(
+                    call["grad_output"], call["input"], call["weight"], **kwargs,
+                    needs=tuple(case["needs"]))
     finally:
         dilconv.set_num_threads(None)
     return got
 
 
 def _check_shapes(case, got) -> tuple:
-    """Shape, dtype and `out` identity checks; returns (batched results, failures)."""
-    shapes = cases.shapes(case)
+    """Shape, dtype and `out` identity checks; returns (results batched and in the 4-D
+    conv2d space of the oracle, failures)."""
+    shapes = cases.roles(case, cases.shapes(case))
     dtype = np.dtype(case["dtype"])
     lead = 1 if case["unbatched"] else 0
     results, failures = {}, []
@@ -128,16 +134,15 @@ def _check_shapes(case, got) -> tuple:
         if name in case["needs"]:
             items.append((op, getattr(grads, name, None), shapes[name]))
     for op, value, shape in items:
-        want = shape[lead:] if op in ("forward", "grad_input") else shape
+        batched = op in ("forward", "grad_input")
+        want = cases.api_shape(case, shape)[lead if batched else 0:]
         if not isinstance(value, np.ndarray) or value.shape != want or value.dtype != dtype:
             desc = (f"{type(value).__name__} {getattr(value, 'shape', '')} "
                     f"{getattr(value, 'dtype', '')}")
             failures.append(failure(op, "shape", f"expected {dtype} array of shape {want}, "
                                                   f"got {desc}"))
             continue
-        if lead and op in ("forward", "grad_input"):
-            value = value[None]
-        results[op] = np.ascontiguousarray(value)
+        results[op] = np.ascontiguousarray(value).reshape(shape)
     if got["out"] is not None and got["forward"] is not got["out"]:
         failures.append(failure("forward", "shape", "conv2d(out=...) did not return `out`"))
     for op, name in cases.GRADS.items():
@@ -171,8 +176,8 @@ def _run_valid(case, impl) -> dict:
             if not info["ratio"] <= 1.0:
                 failures.append(failure(op, "mismatch", f"{op} off by {info['ratio']:.3g} x "
                                         f"bound", **info))
-    adjoint = _adjoint(arrays, results, expected, case["dtype"], failures) if (
-        "adjoint" in ops) else None
+    adjoint = _adjoint(cases.roles(case, arrays), results, expected, case["dtype"],
+                       failures) if "adjoint" in ops else None
     if adjoint is not None:
         ratios["adjoint"] = adjoint
     if "determinism" in ops:

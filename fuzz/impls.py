@@ -16,6 +16,7 @@ import dilconv
 
 REAL = "dilconv"
 TORCH = "torch"
+ALL_GRADS = ("input", "weight", "bias")
 
 
 def names() -> list:
@@ -36,8 +37,8 @@ def get(name: str):
 
 
 class TorchImpl:
-    """torch.nn.functional.conv2d (and F.pad for asymmetric padding and padding modes, as
-    nn.Conv2d does), with gradients from autograd."""
+    """torch.nn.functional's conv2d, conv1d and conv_transpose2d (with F.pad for asymmetric
+    padding and padding modes, as the nn layers do), gradients from autograd."""
 
     def __init__(self):
         import torch
@@ -50,7 +51,7 @@ class TorchImpl:
         a = np.ascontiguousarray(a, dtype=np.asarray(a).dtype.newbyteorder("="))
         return self.torch.tensor(a, requires_grad=grad)
 
-    def _forward(self, x, w, b, stride, padding, dilation, groups, mode):
+    def _conv2d(self, x, w, b, stride, padding, dilation, groups, mode):
         F = self.F
         if mode == "zeros" and (isinstance(padding, (str, int)) or isinstance(padding[0], int)):
             return F.conv2d(x, w, b, stride, padding, dilation, groups)
@@ -58,27 +59,85 @@ class TorchImpl:
         xp = F.pad(x, (l, r, t, bt), mode="constant" if mode == "zeros" else mode)
         return F.conv2d(xp, w, b, stride, 0, dilation, groups)
 
-    def conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-               padding_mode="zeros", out=None):
+    def _conv1d(self, x, w, b, stride, padding, dilation, groups, mode):
+        F = self.F
+        symmetric = isinstance(padding, (str, int)) or len(padding) == 1
+        if mode == "zeros" and symmetric:
+            return F.conv1d(x, w, b, stride, padding, dilation, groups)
+        if isinstance(padding, str):
+            d = dilation if isinstance(dilation, int) else dilation[0]
+            _, (lo, hi) = _amounts(padding, (1, w.shape[-1]), (1, d))
+        else:
+            lo, hi = (padding, padding) if isinstance(padding, int) else (padding[0],
+                                                                          padding[-1])
+        xp = F.pad(x, (lo, hi), mode="constant" if mode == "zeros" else mode)
+        return F.conv1d(xp, w, b, stride, 0, dilation, groups)
+
+    def _transpose(self, x, w, b, stride, padding, output_padding, groups, dilation):
+        F = self.F
+        if isinstance(padding, int) or isinstance(padding[0], int):
+            return F.conv_transpose2d(x, w, b, stride, padding, output_padding, groups,
+                                      dilation)
+        # Asymmetric: the full output (no padding), cropped by the pads; output_padding
+        # rows/columns beyond it only get the bias.
+        full = F.conv_transpose2d(x, w, None, stride, 0, 0, groups, dilation)
+        (t, bt), (l, r) = padding
+        op = (output_padding,) * 2 if isinstance(output_padding, int) else output_padding
+        ho, wo = (full.shape[-2] - t - bt + op[0], full.shape[-1] - l - r + op[1])
+        full = F.pad(full, (0, max(0, l + wo - full.shape[-1]), 0,
+                            max(0, t + ho - full.shape[-2])))
+        y = full[..., t:t + ho, l:l + wo]
+        return y if b is None else y + b[:, None, None]
+
+    def _forward(self, fn, input, weight, bias, out, *args):
         b = None if bias is None else self._tensor(bias)
         with self.torch.no_grad():
-            y = self._forward(self._tensor(input), self._tensor(weight), b, stride, padding,
-                              dilation, groups, padding_mode).numpy()
+            y = fn(self._tensor(input), self._tensor(weight), b, *args).numpy()
         if out is None:
             return y
         out[...] = y
         return out
 
-    def conv2d_backward(self, grad_output, input, weight, stride=1, padding=0, dilation=1,
-                        groups=1, *, padding_mode="zeros", needs=("input", "weight", "bias")):
+    def _backward(self, fn, n_bias, grad_output, input, weight, needs, *args):
         x, w = self._tensor(input, True), self._tensor(weight, True)
-        b = self.torch.zeros(w.shape[0], dtype=w.dtype, requires_grad=True)
-        y = self._forward(x, w, b, stride, padding, dilation, groups, padding_mode)
+        b = self.torch.zeros(n_bias, dtype=w.dtype, requires_grad=True)
+        y = fn(x, w, b, *args)
         grads = self.torch.autograd.grad(y, (x, w, b), self._tensor(grad_output),
                                          allow_unused=True)
-        found = {name: g.numpy() for name, g in zip(("input", "weight", "bias"), grads)}
+        found = dict(zip(("input", "weight", "bias"), (g.numpy() for g in grads)))
         return dilconv.Conv2dGrads(*(found[n] if n in needs else None
                                      for n in ("input", "weight", "bias")))
+
+    def conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+               padding_mode="zeros", out=None):
+        return self._forward(self._conv2d, input, weight, bias, out, stride, padding,
+                             dilation, groups, padding_mode)
+
+    def conv2d_backward(self, grad_output, input, weight, stride=1, padding=0, dilation=1,
+                        groups=1, *, padding_mode="zeros", needs=ALL_GRADS):
+        return self._backward(self._conv2d, np.shape(weight)[0], grad_output, input, weight,
+                              needs, stride, padding, dilation, groups, padding_mode)
+
+    def conv1d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+               padding_mode="zeros", out=None):
+        return self._forward(self._conv1d, input, weight, bias, out, stride, padding,
+                             dilation, groups, padding_mode)
+
+    def conv1d_backward(self, grad_output, input, weight, stride=1, padding=0, dilation=1,
+                        groups=1, *, padding_mode="zeros", needs=ALL_GRADS):
+        return self._backward(self._conv1d, np.shape(weight)[0], grad_output, input, weight,
+                              needs, stride, padding, dilation, groups, padding_mode)
+
+    def conv_transpose2d(self, input, weight, bias=None, stride=1, padding=0,
+                         output_padding=0, groups=1, dilation=1):
+        return self._forward(self._transpose, input, weight, bias, None, stride, padding,
+                             output_padding, groups, dilation)
+
+    def conv_transpose2d_backward(self, grad_output, input, weight, stride=1, padding=0,
+                                  output_padding=0, groups=1, dilation=1, *, needs=ALL_GRADS):
+        return self._backward(self._transpose, np.shape(weight)[1] * groups, grad_output,
+                              input, weight, needs, stride, padding, output_padding, groups,
+                              dilation)
 
 
 def _amounts(padding, kernel, dilation):

@@ -46,6 +46,10 @@ class Mutant:
     def forward(self, call, mode):
         return real_forward(call, mode)
 
+    def __getattr__(self, name):
+        # conv1d, conv_transpose2d, ...: the real ones (the bugs live in conv2d's calls).
+        return getattr(dilconv, name)
+
 
 def real_forward(call, mode, weight=None, bias="same", x=None, padding=None):
     """dilconv's forward of a validated call, with some parts swapped."""
@@ -328,6 +332,20 @@ class VagueErrors(Mutant):
             raise type(exc)("invalid arguments") from None
 
 
+class Conv1dKernelReversed(Mutant):
+    description = "conv1d only: kernel taps in reverse order"
+
+    def conv1d(self, input, weight, *args, **kwargs):
+        return dilconv.conv1d(input, np.asarray(weight)[..., ::-1], *args, **kwargs)
+
+
+class TransposeBiasDropped(Mutant):
+    description = "conv_transpose2d only: bias ignored"
+
+    def conv_transpose2d(self, input, weight, bias=None, *args, **kwargs):
+        return dilconv.conv_transpose2d(input, weight, None, *args, **kwargs)
+
+
 class SegfaultOnWideDilation(Mutant):
     description = "segfaults when the width dilation is 6 or more"
     expect_kind = "crash"
@@ -356,5 +374,5 @@ MUTANTS = {_name(cls): cls() for cls in (
     BigEndianMisread, FortranMisread, UnbatchedKeepsBatchAxis, OutIgnored, ThreadDependent,
     DirectDropsLastColumn, FlatDropsFirstRow, GemmIgnoresBias, GradWeightMissingLastRow,
     GradInputOffByOneRow, GradBiasFirstImageOnly, EmptyBatchGradWeightGarbage,
-    ErrorsSwallowed, WrongExceptionType, VagueErrors, SegfaultOnWideDilation,
-    ReflectAsReplicate)}
+    ErrorsSwallowed, WrongExceptionType, VagueErrors, Conv1dKernelReversed,
+    TransposeBiasDropped, SegfaultOnWideDilation, ReflectAsReplicate)}

@@ -51,7 +51,8 @@ def fold(grad_padded, size, pads, mode):
 
 
 def expected(case, arrays, ops) -> dict:
-    """{op: Expected} for the ops among forward / grad_* / adjoint that need the oracle."""
+    """{op: Expected} for the case's API, for the ops that need the oracle (`adjoint` needs
+    forward and the gradients)."""
     f64 = {k: None if v is None else v.astype(np.float64) for k, v in arrays.items()}
     x, w, b, gy = f64["input"], f64["weight"], f64["bias"], f64["grad_output"]
     pads = cases.padding_amounts(case)
@@ -59,20 +60,28 @@ def expected(case, arrays, ops) -> dict:
     if mode != "zeros":
         x = np.pad(x, ((0, 0), (0, 0)) + pads, mode=cases.NUMPY_PAD_MODE[mode])
         pads = ((0, 0), (0, 0))
-    args = (cases.pair(case["stride"]), pads, cases.pair(case["dilation"]), case["groups"])
+    args = (cases.geom(case, "stride"), pads, cases.geom(case, "dilation"), case["groups"])
     spec = _spec(case)
-    result = {}
-    if "forward" in ops or "adjoint" in ops:
-        y = reference.conv2d_reference(x, w, b, *args)
-        abs_y = reference.conv2d_reference_abs(x, w, *args)
-        if b is not None:
-            abs_y = abs_y + np.abs(b)[None, :, None, None]
-        result["forward"] = Expected(y, abs_y, tolerance.forward_terms(spec, b is not None))
     k_w = tolerance.grad_weight_terms(spec)
-    if "grad_bias" in ops:
-        result["grad_bias"] = Expected(gy.sum(axis=(0, 2, 3)), np.abs(gy).sum(axis=(0, 2, 3)),
-                                       k_w)
-    if {"grad_input", "grad_weight", "adjoint"} & set(ops):
+    ops = set(ops) | ({"forward", "grad_input", "grad_weight"} if "adjoint" in ops else set())
+    # conv_transpose2d is conv2d's adjoint: its forward is conv2d's input gradient (x only
+    # gives the shape), its input gradient conv2d's forward (of its grad_output, x here).
+    transpose = case.get("api") == "conv_transpose2d"
+    if transpose:
+        want_forward, want_backward = "grad_input" in ops, bool(ops & {"forward",
+                                                                        "grad_weight"})
+    else:
+        want_forward, want_backward = "forward" in ops, bool(ops & {"grad_input",
+                                                                     "grad_weight"})
+    result = {}
+    if want_forward:
+        y = reference.conv2d_reference(x, w, None, *args)
+        abs_y = reference.conv2d_reference_abs(x, w, *args)
+        if transpose:
+            result["grad_input"] = Expected(y, abs_y, tolerance.forward_terms(spec, False))
+        else:
+            result["forward"] = _plus_bias(y, abs_y, b, tolerance.forward_terms(spec, False))
+    if want_backward:
         gx, gw, _ = reference.conv2d_backward_reference(gy, x, w, *args)
         ax, aw, _ = reference.conv2d_backward_reference_abs(gy, x, w, *args)
         copies = 1
@@ -81,9 +90,25 @@ def expected(case, arrays, ops) -> dict:
             pads = cases.padding_amounts(case)
             gx, copies = fold(gx, size, pads, mode)
             ax, _ = fold(ax, size, pads, mode)
-        result["grad_input"] = Expected(gx, ax, tolerance.grad_input_terms(spec) * copies)
+        k_in = tolerance.grad_input_terms(spec) * copies
+        if transpose:
+            result["forward"] = _plus_bias(gx, ax, b, k_in)
+        else:
+            result["grad_input"] = Expected(gx, ax, k_in)
         result["grad_weight"] = Expected(gw, aw, k_w)
+    if "grad_bias" in ops:
+        source, terms = (x, max(1, x.size // max(1, x.shape[1]))) if transpose else (gy, k_w)
+        result["grad_bias"] = Expected(source.sum(axis=(0, 2, 3)),
+                                       np.abs(source).sum(axis=(0, 2, 3)), terms)
     return result
+
+
+def _plus_bias(value, abs_sum, b, terms) -> Expected:
+    """An output plus a per-channel bias, which is one more term of each sum."""
+    if b is None:
+        return Expected(value, abs_sum, terms)
+    per_channel = b[None, :, None, None]
+    return Expected(value + per_channel, abs_sum + np.abs(per_channel), terms + 1)
 
 
 def compare(got, exp: Expected, dtype) -> dict:

@@ -18,13 +18,13 @@ def _lower(value, floor):
 
 
 def _axis_variants(case, key):
-    """Per-axis reductions of a stride or dilation argument (kept an int when equal)."""
-    pair = list(cases.pair(case[key]))
+    """Per-axis reductions of a stride or dilation argument (in the case's API form)."""
+    pair = list(cases.geom(case, key))
     for axis in range(2):
         for v in _lower(pair[axis], 1):
             new = list(pair)
             new[axis] = v
-            yield {key: new[0] if new[0] == new[1] else new}
+            yield cases.pair_arg(case, key, new)
 
 
 def _padding_variants(case):
@@ -34,14 +34,14 @@ def _padding_variants(case):
     if not any(pads[0] + pads[1]):
         return
     if case["padding_form"] != "asym":       # same amounts, a form whose sides can shrink
-        yield {"padding": pads, "padding_form": "asym"}
+        yield {"padding": cases.padding_arg(case, pads), "padding_form": "asym"}
         return
     for axis in range(2):
         for side in range(2):
             for v in _lower(pads[axis][side], 0):
                 new = [list(p) for p in pads]
                 new[axis][side] = v
-                yield {"padding": new}
+                yield {"padding": cases.padding_arg(case, new)}
 
 
 def candidates(case):

@@ -31,15 +31,15 @@ def test_case_stream_is_reproducible_and_shards_partition_it():
 
 def test_generator_covers_the_parameter_space_and_its_geometry_matches_dilconv():
     cfg = cases.GenConfig()
-    seen = {key: set() for key in ("padding_form", "padding_mode", "edge", "path", "threads",
-                                   "dtype", "values", "out", "kind", "unbatched")}
+    seen = {key: set() for key in ("api", "padding_form", "padding_mode", "edge", "path",
+                                   "threads", "dtype", "values", "out", "kind", "unbatched")}
     for i in range(1500):
         case = cases.generate(3, i, cfg)
         for key in seen:
             seen[key].add(case.get(key))
         assert cases.is_valid(case), case
         assert max(case["h"], case["w"]) <= cfg.max_size
-        if case["kind"] == "valid" and case["padding_mode"] == "zeros":
+        if case["api"] == "conv2d" and case["padding_mode"] == "zeros":
             s = cases.shapes(case)
             kw = cases.call_kwargs(case)
             del kw["padding_mode"]
@@ -48,7 +48,7 @@ def test_generator_covers_the_parameter_space_and_its_geometry_matches_dilconv()
     assert seen["padding_mode"] == set(cases.PADDING_MODES)
     assert seen["edge"] == set(cases.EDGES)
     assert seen["unbatched"] == {True, False} and seen["threads"] == {1, 2}
-    assert seen["path"] == set(cases.PATHS)
+    assert seen["path"] == set(cases.PATHS) and seen["api"] == set(cases.APIS)
 
 
 @pytest.mark.parametrize("mode", sorted(cases.NUMPY_PAD_MODE))
@@ -105,22 +105,24 @@ def test_short_campaign_agrees_with_the_oracle_and_covers_everything(pool):
         assert worst["ratio"] <= 1, op
 
 
-def test_padding_mode_oracle_agrees_with_torch():
+def test_oracle_agrees_with_torch_on_every_api_and_padding_mode():
     torch = pytest.importorskip("torch")
     threads = torch.get_num_threads()
     impl = impls.get(impls.TORCH)           # in this process: no torch import per worker
     ops = tuple(op for op in cases.VALID_OPS if op != "determinism")
+    # Non-zero modes only (conv_transpose2d cases still pad with zeros).
     cfg = cases.GenConfig(ops=ops, modes=("reflect", "replicate", "circular"))
     checked = {}
     try:
-        for i in range(45):
+        for i in range(60):
             case = cases.generate(12, i, cfg)
             result = check.run_case(case, impl)
             assert result["status"] == "pass", (case, result["failures"])
-            checked[case["padding_mode"]] = checked.get(case["padding_mode"], 0) + 1
+            for key in (case["padding_mode"], case["api"]):
+                checked[key] = checked.get(key, 0) + 1
     finally:
         torch.set_num_threads(threads)
-    assert min(checked.get(m, 0) for m in cfg.modes) >= 4, checked
+    assert min(checked.get(k, 0) for k in cases.PADDING_MODES + cases.APIS) >= 4, checked
 
 
 def test_crash_is_reported_with_its_case_shrunk_and_replayed(pool, tmp_path, capsys):
