@@ -114,7 +114,8 @@ def cmd_run(args) -> int:
 
 def describe(case) -> str:
     """The case as the call it makes."""
-    s = cases.shapes(case)
+    s = {k: cases.api_shape(case, v)
+         for k, v in cases.roles(case, cases.shapes(case)).items()}
     x_shape = s["input"][1:] if case["unbatched"] else s["input"]
     kw = cases.call_kwargs(case)
     args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
