@@ -36,6 +36,20 @@ def get(name: str):
         raise ValueError(f"unknown implementation {name!r}; choose from {names()}") from None
 
 
+def _conv_methods(kernel):
+    """dilconv-style conv and conv_backward methods running TorchImpl.<kernel>."""
+    def conv(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+             padding_mode="zeros", out=None):
+        return self._forward(getattr(self, kernel), input, weight, bias, out, stride, padding,
+                             dilation, groups, padding_mode)
+
+    def conv_backward(self, grad_output, input, weight, stride=1, padding=0, dilation=1,
+                      groups=1, *, padding_mode="zeros", needs=ALL_GRADS):
+        return self._backward(getattr(self, kernel), np.shape(weight)[0], grad_output, input,
+                              weight, needs, stride, padding, dilation, groups, padding_mode)
+    return conv, conv_backward
+
+
 class TorchImpl:
     """torch.nn.functional's conv2d, conv1d and conv_transpose2d (with F.pad for asymmetric
     padding and padding modes, as the nn layers do), gradients from autograd."""
@@ -108,25 +122,8 @@ class TorchImpl:
         return dilconv.Conv2dGrads(*(found[n] if n in needs else None
                                      for n in ("input", "weight", "bias")))
 
-    def conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-               padding_mode="zeros", out=None):
-        return self._forward(self._conv2d, input, weight, bias, out, stride, padding,
-                             dilation, groups, padding_mode)
-
-    def conv2d_backward(self, grad_output, input, weight, stride=1, padding=0, dilation=1,
-                        groups=1, *, padding_mode="zeros", needs=ALL_GRADS):
-        return self._backward(self._conv2d, np.shape(weight)[0], grad_output, input, weight,
-                              needs, stride, padding, dilation, groups, padding_mode)
-
-    def conv1d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-               padding_mode="zeros", out=None):
-        return self._forward(self._conv1d, input, weight, bias, out, stride, padding,
-                             dilation, groups, padding_mode)
-
-    def conv1d_backward(self, grad_output, input, weight, stride=1, padding=0, dilation=1,
-                        groups=1, *, padding_mode="zeros", needs=ALL_GRADS):
-        return self._backward(self._conv1d, np.shape(weight)[0], grad_output, input, weight,
-                              needs, stride, padding, dilation, groups, padding_mode)
+    conv2d, conv2d_backward = _conv_methods("_conv2d")
+    conv1d, conv1d_backward = _conv_methods("_conv1d")
 
     def conv_transpose2d(self, input, weight, bias=None, stride=1, padding=0,
                          output_padding=0, groups=1, dilation=1):
