@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -27,6 +28,9 @@ MIN_TILE_PIXELS = 64
 MAX_TILE_PIXELS = 4096
 _forced = None
 _controller = None
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
 # BLAS takes 32-bit sizes: larger channel counts stay on the direct path.
 BLAS_INT_MAX = 2 ** 31 - 1
 
@@ -77,13 +81,30 @@ def _largest_tile(tiles: np.ndarray) -> int:
     return int(((tiles[:, 1] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 2])).max())
 
 
+@contextlib.contextmanager
 def _blas_single_threaded():
-    """BLAS runs inside our parallel regions: keep it to one thread there."""
-    from threadpoolctl import ThreadpoolController
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController()
-    return _controller.limit(limits=1, user_api="blas")
+    """BLAS runs inside our parallel regions: keep it to one thread there.
+
+    The limit is process-wide, so concurrent calls share one: the first caller sets it and
+    the last one restores the original count (otherwise one thread could restore it while
+    another is still inside BLAS, or leave it at 1 for good).
+    """
+    global _controller, _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            if _controller is None:
+                from threadpoolctl import ThreadpoolController
+                _controller = ThreadpoolController()
+            _blas_limiter = _controller.limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
 
 
 def forward(x, weight, bias, out, spec) -> None:
