@@ -14,8 +14,11 @@ from ._geometry import ConvSpec, conv_output_size
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 GRAD_NAMES = ("input", "weight", "bias")
-# Largest element count we hand to a kernel: indices stay far from int64 overflow.
-MAX_ELEMENTS = 2 ** 60
+# Largest element count we hand to a kernel: its float64 size in bytes still fits in intp.
+MAX_ELEMENTS = 2 ** 59
+# Largest stride, dilation, padding or padded extent along an axis: index arithmetic in the
+# kernels (sums of a few such terms) cannot overflow int64.
+MAX_EXTENT = 2 ** 60
 
 
 class ConvCall(NamedTuple):
@@ -35,7 +38,9 @@ def as_array(name: str, value) -> np.ndarray:
         raise TypeError(f"{name} must be an array of real numbers, got None")
     try:
         arr = np.asarray(value)
-    except (ValueError, TypeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # __array__ of foreign objects can raise anything
         raise TypeError(f"{name} must be an array of real numbers, could not convert "
                         f"{type(value).__name__}: {exc}") from None
     kind = arr.dtype.kind
@@ -87,6 +92,8 @@ def int_pair(name: str, value, minimum: int) -> tuple:
         pair = (v, v)
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum} along each axis, got {pair}")
+    if max(pair) > MAX_EXTENT:
+        raise ValueError(f"{name} must be <= {MAX_EXTENT} along each axis, got {pair}")
     return pair
 
 
@@ -168,6 +175,10 @@ def make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilation
     _check_rank(input_shape, weight_shape)
     n, c, h, w = input_shape if len(input_shape) == 4 else (1,) + input_shape
     o, wc, kh, kw = weight_shape
+    # Arguments first, then shapes (PyTorch's order): the error names the bad argument.
+    stride = int_pair("stride", stride, 1)
+    dilation = int_pair("dilation", dilation, 1)
+    pads = padding_amounts(padding, (kh, kw), stride, dilation)
     if n < 0:
         raise ValueError(f"input batch size must be >= 0, got input shape {input_shape}")
     if min(c, h, w) < 1:
@@ -176,13 +187,13 @@ def make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilation
     if min(o, wc, kh, kw) < 1:
         raise ValueError(f"weight dimensions must all be >= 1, got weight shape "
                          f"{weight_shape}")
-    stride = int_pair("stride", stride, 1)
-    dilation = int_pair("dilation", dilation, 1)
     groups = _check_groups(groups, c, o, wc)
-    pads = padding_amounts(padding, (kh, kw), stride, dilation)
     for axis, size, k, d, (lo, hi) in (("height", h, kh, dilation[0], pads[0]),
                                         ("width", w, kw, dilation[1], pads[1])):
         dilated = d * (k - 1) + 1
+        if size + lo + hi > MAX_EXTENT:
+            raise ValueError(f"padded input {axis} {size + lo + hi} (input {size} + padding "
+                             f"{lo}+{hi}) exceeds {MAX_EXTENT}; input shape {input_shape}")
         if size + lo + hi < dilated:
             raise ValueError(
                 f"dilated kernel {axis} {dilated} (kernel {k}, dilation {d}) is larger than "
