@@ -68,6 +68,12 @@ def common_float_dtype(named: dict) -> np.dtype:
     return np.dtype(np.float32) if sizes == {4} else np.dtype(np.float64)
 
 
+def _declared(value, arr: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """`arr` if `value` carried its own dtype (an array); lists and Python numbers are None:
+    they take the float dtype of the other arrays."""
+    return arr if hasattr(value, "dtype") else None
+
+
 def _as_int(name: str, value, *, where: str = "") -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or a pair of ints, got "
@@ -219,7 +225,10 @@ def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mo
     w = as_array("weight", weight)
     b = None if bias is None else as_array("bias", bias)
     extra_arrays = {name: as_array(name, v) for name, v in (extra or {}).items()}
-    dtype = common_float_dtype({"input": x, "weight": w, "bias": b, **extra_arrays})
+    dtype = common_float_dtype({
+        "input": _declared(input, x), "weight": _declared(weight, w),
+        "bias": _declared(bias, b),
+        **{name: _declared(extra[name], arr) for name, arr in extra_arrays.items()}})
     spec = make_spec(x.shape, w.shape, stride, padding, dilation, groups)
     if b is not None and b.shape != (spec.o,):
         raise ValueError(f"bias must have shape ({spec.o},) to match weight.shape[0], got "
