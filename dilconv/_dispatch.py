@@ -107,6 +107,19 @@ def _blas_single_threaded():
                 _blas_limiter = None
 
 
+def _after_fork_in_child() -> None:
+    # Another thread may have held the lock or the limit at fork(): start afresh.
+    global _blas_lock, _blas_users, _blas_limiter
+    _blas_lock = threading.Lock()
+    if _blas_users and _blas_limiter is not None:
+        _blas_limiter.restore_original_limits()
+    _blas_users, _blas_limiter = 0, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def forward(x, weight, bias, out, spec) -> None:
     """out[...] = conv2d(x, weight) + bias for a batched spec with N > 0."""
     if choose_path(spec) == "direct":

@@ -3,15 +3,24 @@
 By default dilconv follows OpenMP: OMP_NUM_THREADS, and threadpoolctl.threadpool_limits(),
 which sees dilconv's OpenMP runtime. set_num_threads(n) overrides that for the process;
 set_num_threads(None) goes back to following OpenMP.
+
+fork(): GNU OpenMP's thread pool does not survive fork(), and the first parallel region in
+the child of a process that already ran one waits forever for threads that do not exist.
+Kernels give the same bits for any thread count, so in such a child dilconv runs them on
+one thread (get_num_threads() says 1). Use the 'spawn' or 'forkserver' start methods for
+parallel workers.
 """
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Optional
 
 from . import _openmp_helpers
 
 _requested: Optional[int] = None
+_parallel_used = False      # a kernel ran on more than one thread in this process
+_forked_serial = False      # this is a fork() child of such a process: one thread only
 
 
 def set_num_threads(n: Optional[int]) -> None:
@@ -35,6 +44,8 @@ def get_num_threads() -> int:
     A threadpoolctl limit (or a lower OMP_NUM_THREADS in a thread that did not call
     set_num_threads) caps the requested count.
     """
+    if _forked_serial:
+        return 1
     available = _openmp_helpers.max_threads()
     if _requested is None:
         return available
@@ -43,4 +54,18 @@ def get_num_threads() -> int:
 
 def threads_for(tasks: int) -> int:
     """Threads for a kernel with `tasks` independent parallel tasks (never more)."""
-    return max(1, min(get_num_threads(), tasks))
+    global _parallel_used
+    n = max(1, min(get_num_threads(), tasks))
+    if n > 1:
+        _parallel_used = True
+    return n
+
+
+def _after_fork_in_child() -> None:
+    global _forked_serial
+    if _parallel_used:
+        _forked_serial = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
