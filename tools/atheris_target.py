@@ -149,8 +149,8 @@ def _check_forward(x, w, b, stride, padding, dilation, groups, y):
     abs_sum = reference.conv2d_reference_abs(xs, ws, *args)
     if bs is not None:
         abs_sum = abs_sum + np.abs(bs.astype(np.float64))[None, :, None, None]
-    if not np.isfinite(abs_sum).all():
-        return
+    if not abs_sum.max(initial=0) < np.finfo(dtype).max / 2:
+        return                          # float32 partial sums may overflow: not a bug
     bound = tolerance.error_bound(abs_sum, tolerance.forward_terms(spec, bs is not None),
                                   dtype)
     got = y if y.ndim == 4 else y[None]
