@@ -18,6 +18,9 @@ from typing import Optional
 
 from . import _openmp_helpers
 
+# More threads than this never helps a compute kernel, and asking OpenMP for millions of
+# threads would end the process when thread creation fails.
+MAX_THREADS = 1024
 _requested: Optional[int] = None
 _parallel_used = False      # a kernel ran on more than one thread in this process
 _forked_serial = False      # this is a fork() child of such a process: one thread only
@@ -31,8 +34,8 @@ def set_num_threads(n: Optional[int]) -> None:
         return
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be a positive int or None, got {n!r}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"n must be >= 1 and <= {MAX_THREADS}, got {n}")
     _requested = int(n)
     # Also set OpenMP's own count in this thread, so threadpoolctl reads and restores it.
     _openmp_helpers.set_max_threads(_requested)
@@ -55,7 +58,7 @@ def get_num_threads() -> int:
 def threads_for(tasks: int) -> int:
     """Threads for a kernel with `tasks` independent parallel tasks (never more)."""
     global _parallel_used
-    n = max(1, min(get_num_threads(), tasks))
+    n = max(1, min(get_num_threads(), tasks, MAX_THREADS))
     if n > 1:
         _parallel_used = True
     return n

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import dilconv
+from dilconv._threads import MAX_THREADS
 from dilconv._validate import MAX_ELEMENTS, MAX_EXTENT
 
 f32, f64 = np.float32, np.float64
@@ -347,7 +348,8 @@ def test_output_shape_rejects(kwargs, exc, words, torch_rejects):
 
 
 @pytest.mark.parametrize("n, exc", [(0, ValueError), (-1, ValueError), (1.5, TypeError),
-                                    (True, TypeError), ("2", TypeError)])
+                                    (True, TypeError), ("2", TypeError),
+                                    (MAX_THREADS + 1, ValueError), (2 ** 40, ValueError)])
 def test_set_num_threads_rejects(n, exc):
     before = dilconv.get_num_threads()
     with pytest.raises(exc) as info:
