@@ -236,8 +236,9 @@ def fuzz_small_functions(d: Decoder):
                              d.int_like())
     elif which == 1:
         n = d.int_like()
-        if isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) and n > 4:
-            n = 4                                     # never ask OpenMP for 2**60 threads
+        if (isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
+                and 4 < n <= 1024):
+            n = 4                       # valid but slow; larger counts must be refused
         dilconv.set_num_threads(n)
     else:
         dilconv.set_num_threads(None)
