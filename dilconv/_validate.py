@@ -177,7 +177,9 @@ def _check_rank(input_shape: tuple, weight_shape: tuple) -> None:
 def make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilation,
               groups) -> ConvSpec:
     """Check shapes and arguments together; the spec is always batched (N, C, H, W)."""
-    input_shape, weight_shape = tuple(input_shape), tuple(weight_shape)
+    # Python ints: numpy ints would wrap around in the size checks below.
+    input_shape = tuple(int(s) for s in input_shape)
+    weight_shape = tuple(int(s) for s in weight_shape)
     _check_rank(input_shape, weight_shape)
     n, c, h, w = input_shape if len(input_shape) == 4 else (1,) + input_shape
     o, wc, kh, kw = weight_shape

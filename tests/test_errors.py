@@ -337,6 +337,11 @@ OUTPUT_SHAPE = [
         ["input would have", "elements"], id="input too big"),
     row(dict(input_shape=(1, 3, 2 ** 61, 8)), ValueError, ["padded input height"],
         id="H 2**61"),
+    # numpy ints must not wrap around in the size checks
+    row(dict(input_shape=np.array([2 ** 40, 3, 2 ** 22, 2 ** 22])), ValueError,
+        ["input would have", str(3 * 2 ** 84)], id="int64 shape overflow"),
+    row(dict(input_shape=(np.int64(2 ** 40), 3, np.int64(2 ** 22), 2 ** 22)), ValueError,
+        ["input would have"], id="np.int64 dims overflow"),
     row(dict(groups=2), ValueError, ["groups=2", "C=3"], id="groups"),
 ]
 
@@ -419,3 +424,8 @@ def test_float_lists_follow_the_arrays_dtype():
     np.testing.assert_array_equal(y, 0.5)
     g = dilconv.conv2d_backward(GY.tolist(), X, W.tolist(), groups=2)
     assert g.input.dtype == g.weight.dtype == f32
+
+
+def test_output_shape_returns_python_ints():
+    shape = dilconv.output_shape(np.array([1, 3, 8, 8]), (np.int64(4), 3, 3, 3), dilation=2)
+    assert shape == (1, 4, 4, 4) and all(type(s) is int for s in shape)
