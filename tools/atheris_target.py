@@ -229,11 +229,15 @@ def fuzz_conv2d(d: Decoder, backward: bool):
 def fuzz_small_functions(d: Decoder):
     which = d.small(0, 2)
     if which == 0:
-        dilconv.output_shape(d.pick([(1, 3, 8, 8), (3, 8, 8), "abc", None, (1, 3, 8.0, 8),
-                                     (2 ** 40, 3, 2 ** 30, 2 ** 30), (0, 3, 8, 8)]),
-                             d.pick([(4, 3, 3, 3), (4, 3, 3), (4, 1, 2 ** 62, 1), [4, 3, 1, 1]]),
-                             d.geometry_arg(), d.geometry_arg(), d.geometry_arg(),
-                             d.int_like())
+        shape = dilconv.output_shape(
+            d.pick([(1, 3, 8, 8), (3, 8, 8), "abc", None, (1, 3, 8.0, 8), (0, 3, 8, 8),
+                    (2 ** 40, 3, 2 ** 30, 2 ** 30), np.array([2 ** 40, 3, 2 ** 22, 2 ** 22]),
+                    np.array([1, 3, 8, 8], np.uint8), (np.int64(1), 3, np.int32(8), 8)]),
+            d.pick([(4, 3, 3, 3), (4, 3, 3), (4, 1, 2 ** 62, 1), [4, 3, 1, 1],
+                    np.array([4, 3, 3, 3])]),
+            d.geometry_arg(), d.geometry_arg(), d.geometry_arg(), d.int_like())
+        if not all(type(s) is int for s in shape):
+            raise AssertionError(f"output_shape returned {shape!r}")
     elif which == 1:
         n = d.int_like()
         if (isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
