@@ -57,6 +57,9 @@ def choose_path(spec) -> str:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     if max(spec.c, spec.o) * MAX_TILE_PIXELS > BLAS_INT_MAX:
         return "direct"
+    # The gemm forward passes the output plane size as a BLAS leading dimension.
+    if spec.ho * spec.wo > BLAS_INT_MAX:
+        return "direct"
     return "gemm" if cg * og >= 32 else "direct"
 
 
