@@ -64,6 +64,9 @@ def choose_path(spec, op: str = "forward") -> str:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     if max(spec.c, spec.o) * MAX_TILE_PIXELS > BLAS_INT_MAX:
         return "direct"
+    # The gemm forward passes the output plane size as a BLAS leading dimension.
+    if spec.ho * spec.wo > BLAS_INT_MAX:
+        return "direct"
     if op == "forward":
         if cg * og >= 32:
             return "gemm"

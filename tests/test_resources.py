@@ -9,6 +9,7 @@ import pytest
 
 import dilconv
 from dilconv import _dispatch
+from dilconv._validate import make_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(dilconv.__file__)))
 
@@ -67,6 +68,7 @@ import numpy as np
 import threadpoolctl
 import dilconv
 from dilconv import _dispatch
+from dilconv._validate import make_spec
 
 def blas():
     return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
@@ -171,3 +173,24 @@ def test_more_than_2_31_elements(path):
         assert g.bias[0] == len(blocks) * 512 * 32
         expected_w = sum(x[(0, 0) + block].astype(np.float64).sum() for block in blocks)
         assert g.weight[0, 0, 0, 0] == expected_w
+
+
+def test_planes_over_2_31_pixels_stay_off_the_gemm_path():
+    # Channel counts that would pick gemm, on a plane of 2**31 + 4096 output pixels (the
+    # gemm forward's BLAS leading dimension is a C int). Shapes only: no memory.
+    spec = make_spec((1, 8, 524289, 4096), (8, 8, 1, 1), 1, 0, 1, 1)
+    assert _dispatch.choose_path(spec) == "direct"
+    assert _dispatch.choose_path(make_spec((1, 8, 64, 64), (8, 8, 1, 1), 1, 0, 1, 1)) == "gemm"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="gemm forward kernel: output plane size passed to sgemm as a C int "
+                          "(ldc overflows when Ho*Wo > 2**31 - 1 with whole-row tiles)",
+                   strict=False)
+def test_forced_gemm_on_a_plane_over_2_31_pixels():
+    # Whole-row tiles (Wo <= 4096) with Ho*Wo = 2**31 + 4096: about 17 GB of RAM.
+    x = np.ones((1, 1, 524289, 4096), np.float32)
+    with _dispatch.force_path("gemm"):
+        y = dilconv.conv2d(x, np.full((1, 1, 1, 1), 2, np.float32))
+    del x
+    assert (y == 2).all()
