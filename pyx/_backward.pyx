@@ -14,8 +14,6 @@ from _common cimport Geom, make_geom, axpy, dot
 cdef void _grad_input_plane(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, Wo)
                             const floating[:, :, :, ::1] w,   # IN  (O, C/groups, kH, kW)
                             floating[:, :, :, ::1] gx,        # OUT (N, C, H, W)
-                            const Py_ssize_t[::1] oh_lo, const Py_ssize_t[::1] oh_hi,
-                            const Py_ssize_t[::1] ow_lo, const Py_ssize_t[::1] ow_hi,
                             Geom g, Py_ssize_t task) noexcept nogil:
     cdef Py_ssize_t n = task // g.C, c = task % g.C
     cdef Py_ssize_t ci = c % g.Cg, o0 = (c // g.Cg) * g.Og
@@ -30,13 +28,13 @@ cdef void _grad_input_plane(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, W
     # Scatter each output gradient row back through every tap, in a fixed order.
     for oi in range(g.Og):
         for kh in range(g.kH):
-            for oh in range(oh_lo[kh], oh_hi[kh]):
+            for oh in range(g.oh_lo[kh], g.oh_hi[kh]):
                 ih = oh * g.sh + kh * g.dh - g.pt
                 gxrow = gxp + ih * g.W
                 gyrow = &gy[n, o0 + oi, oh, 0]
                 for kw in range(g.kW):
-                    lo = ow_lo[kw]
-                    hi = ow_hi[kw]
+                    lo = g.ow_lo[kw]
+                    hi = g.ow_hi[kw]
                     wv = w[o0 + oi, ci, kh, kw]
                     iw0 = lo * g.sw + kw * g.dw - g.pl
                     if g.sw == 1:
@@ -50,8 +48,6 @@ cdef void _grad_input_plane(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, W
 cdef void _grad_weight_slice(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, Wo)
                              const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                              floating[:, :, :, ::1] gw,        # OUT (O, C/groups, kH, kW)
-                             const Py_ssize_t[::1] oh_lo, const Py_ssize_t[::1] oh_hi,
-                             const Py_ssize_t[::1] ow_lo, const Py_ssize_t[::1] ow_hi,
                              Geom g, Py_ssize_t task) noexcept nogil:
     cdef Py_ssize_t o = task // g.Cg, ci = task % g.Cg
     cdef Py_ssize_t c = (o // g.Og) * g.Cg + ci
@@ -65,13 +61,13 @@ cdef void _grad_weight_slice(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, 
     # Each weight sums image by image, row by row (fixed order).
     for n in range(g.N):
         for kh in range(g.kH):
-            for oh in range(oh_lo[kh], oh_hi[kh]):
+            for oh in range(g.oh_lo[kh], g.oh_hi[kh]):
                 ih = oh * g.sh + kh * g.dh - g.pt
                 xrow = &x[n, c, ih, 0]
                 gyrow = &gy[n, o, oh, 0]
                 for kw in range(g.kW):
-                    lo = ow_lo[kw]
-                    hi = ow_hi[kw]
+                    lo = g.ow_lo[kw]
+                    hi = g.ow_hi[kw]
                     iw0 = lo * g.sw + kw * g.dw - g.pl
                     gwp[kh * g.kW + kw] = gwp[kh * g.kW + kw] + dot(
                         gyrow + lo, xrow + iw0, hi - lo, g.sw)
@@ -107,22 +103,18 @@ def grad_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w,
                floating[:, :, :, ::1] gx, spec, int n_threads):
     """Write the input gradient into `gx` (C-contiguous, shapes validated)."""
     cdef Geom g = make_geom(spec)
-    cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
-    cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
     cdef Py_ssize_t task
     for task in prange(g.N * g.C, nogil=True, schedule='static', num_threads=n_threads):
-        _grad_input_plane(gy, w, gx, oh_lo, oh_hi, ow_lo, ow_hi, g, task)
+        _grad_input_plane(gy, w, gx, g, task)
 
 
 def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
                 floating[:, :, :, ::1] gw, spec, int n_threads):
     """Write the weight gradient into `gw` (C-contiguous, shapes validated)."""
     cdef Geom g = make_geom(spec)
-    cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
-    cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
     cdef Py_ssize_t task
     for task in prange(g.O * g.Cg, nogil=True, schedule='static', num_threads=n_threads):
-        _grad_weight_slice(gy, x, gw, oh_lo, oh_hi, ow_lo, ow_hi, g, task)
+        _grad_weight_slice(gy, x, gw, g, task)
 
 
 def grad_bias(const floating[:, :, :, ::1] gy, floating[::1] gb, spec, int n_threads):

@@ -9,6 +9,12 @@ cdef struct Geom:
     Py_ssize_t pt, pl            # top and left padding (bottom/right only shape Ho, Wo)
     Py_ssize_t Ho, Wo            # output
     Py_ssize_t groups, Cg, Og    # channels per group: input, output
+    # Per kernel tap, the outputs [lo, hi) whose input pixel is in the image (kept alive by
+    # the spec for the call).
+    const Py_ssize_t* oh_lo
+    const Py_ssize_t* oh_hi
+    const Py_ssize_t* ow_lo
+    const Py_ssize_t* ow_hi
 
 
 cdef inline Geom make_geom(spec):
@@ -22,6 +28,10 @@ cdef inline Geom make_geom(spec):
     g.groups = spec.groups
     g.Cg = spec.c // spec.groups
     g.Og = spec.o // spec.groups
+    cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
+    cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
+    g.oh_lo, g.oh_hi = &oh_lo[0], &oh_hi[0]
+    g.ow_lo, g.ow_hi = &ow_lo[0], &ow_hi[0]
     return g
 
 

@@ -15,8 +15,6 @@ cdef void _forward_plane(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                          const floating[:, :, :, ::1] w,      # IN  (O, C/groups, kH, kW)
                          const floating[::1] bias,            # IN  (O,) or empty
                          floating[:, :, :, ::1] out,          # OUT (N, O, Ho, Wo)
-                         const Py_ssize_t[::1] oh_lo, const Py_ssize_t[::1] oh_hi,
-                         const Py_ssize_t[::1] ow_lo, const Py_ssize_t[::1] ow_hi,
                          Geom g, Py_ssize_t task) noexcept nogil:
     cdef Py_ssize_t n = task // g.O, o = task % g.O
     cdef Py_ssize_t c0 = (o // g.Og) * g.Cg
@@ -32,13 +30,13 @@ cdef void _forward_plane(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
     # Summation order per output: in channel, kernel row, kernel column (fixed).
     for ci in range(g.Cg):
         for kh in range(g.kH):
-            for oh in range(oh_lo[kh], oh_hi[kh]):
+            for oh in range(g.oh_lo[kh], g.oh_hi[kh]):
                 ih = oh * g.sh + kh * g.dh - g.pt
                 xrow = &x[n, c0 + ci, ih, 0]
                 orow = op + oh * g.Wo
                 for kw in range(g.kW):
-                    lo = ow_lo[kw]
-                    hi = ow_hi[kw]
+                    lo = g.ow_lo[kw]
+                    hi = g.ow_hi[kw]
                     wv = w[o, ci, kh, kw]
                     iw0 = lo * g.sw + kw * g.dw - g.pl
                     if g.sw == 1:
@@ -52,10 +50,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
             const floating[::1] bias, floating[:, :, :, ::1] out, spec, int n_threads):
     """Write conv2d(x, w) + bias into `out` (all arrays C-contiguous, shapes validated)."""
     cdef Geom g = make_geom(spec)
-    cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
-    cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
     cdef Py_ssize_t task
     # Each task owns one (image, output channel) plane: no shared writes, any thread count
     # gives the same bits.
     for task in prange(g.N * g.O, nogil=True, schedule='static', num_threads=n_threads):
-        _forward_plane(x, w, bias, out, oh_lo, oh_hi, ow_lo, ow_hi, g, task)
+        _forward_plane(x, w, bias, out, g, task)

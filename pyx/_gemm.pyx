@@ -75,8 +75,6 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,         # IN  (N, C, H, 
                         const floating[:, :, ::1] wt,           # IN  (kH*kW/kw_group, O, K)
                         const floating[::1] bias,               # IN  (O,) or empty
                         floating[:, :, :, ::1] out,             # OUT (N, O, Ho, Wo)
-                        const Py_ssize_t[::1] oh_lo, const Py_ssize_t[::1] oh_hi,
-                        const Py_ssize_t[::1] ow_lo, const Py_ssize_t[::1] ow_hi,
                         const Py_ssize_t[:, ::1] tiles,         # IN  (T, 4) r0 r1 c0 c1
                         Py_ssize_t kw_group, Geom g, Py_ssize_t task,
                         floating* pack, floating* tmp) noexcept nogil:   # SCRATCH
@@ -101,15 +99,15 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,         # IN  (N, C, H, 
             for j in range(c0, c1):
                 orow[j] = bv
     for kh in range(g.kH):
-        a = max(r0, oh_lo[kh])
-        b = min(r1, oh_hi[kh])
+        a = max(r0, g.oh_lo[kh])
+        b = min(r1, g.oh_hi[kh])
         if a >= b:
             continue
         for gi in range(g.kW // kw_group):
             kw_first = gi * kw_group
             if kw_group == 1:
-                c = max(c0, ow_lo[kw_first])
-                d = min(c1, ow_hi[kw_first])
+                c = max(c0, g.ow_lo[kw_first])
+                d = min(c1, g.ow_hi[kw_first])
             else:
                 c = c0
                 d = c1
@@ -121,7 +119,7 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,         # IN  (N, C, H, 
             for kw in range(kw_first, kw_first + kw_group):
                 for ci in range(g.Cg):
                     pack_taps(&x[n, ci0 + ci, 0, 0], g, a * g.sh + kh * g.dh - g.pt, rows,
-                              c, d, kw, ow_lo[kw], ow_hi[kw],
+                              c, d, kw, g.ow_lo[kw], g.ow_hi[kw],
                               pack + ((kw - kw_first) * g.Cg + ci) * pixels)
             a_tap = &wt[(kh * g.kW + kw_first) // kw_group, o0, 0]
             if cols == g.Wo or rows == 1:
@@ -146,8 +144,6 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt,
     columns ordered (kw, c); tiles span whole output rows, or one row; `scratch` is
     (threads, (kw_group*C/groups + O/groups) * max tile pixels)."""
     cdef Geom g = make_geom(spec)
-    cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
-    cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
     cdef Py_ssize_t task, tid
     cdef Py_ssize_t tile_pixels = scratch.shape[1] // (kw_group * g.Cg + g.Og)
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
@@ -156,7 +152,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt,
         tid = threadid()
         pack = &scratch[tid, 0]
         for task in prange(n_tasks, schedule='static'):
-            _forward_tile(x, wt, bias, out, oh_lo, oh_hi, ow_lo, ow_hi, tiles, kw_group, g,
+            _forward_tile(x, wt, bias, out, tiles, kw_group, g,
                           task, pack, pack + kw_group * g.Cg * tile_pixels)
 
 
@@ -172,8 +168,6 @@ cdef inline Py_ssize_t floor_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 cdef void _grad_input_tile(const floating[:, :, :, ::1] gy,     # IN  (N, O, Ho, Wo)
                            const floating[:, :, ::1] wt,        # IN  (kH*kW, C, O/groups)
                            floating[:, :, :, ::1] gx,           # OUT (N, C, H, W)
-                           const Py_ssize_t[::1] oh_lo, const Py_ssize_t[::1] oh_hi,
-                           const Py_ssize_t[::1] ow_lo, const Py_ssize_t[::1] ow_hi,
                            const Py_ssize_t[:, ::1] tiles,      # IN  (T, 4) of input pixels
                            Geom g, Py_ssize_t task,
                            floating* pack, floating* tmp) noexcept nogil:   # SCRATCH
@@ -195,14 +189,14 @@ cdef void _grad_input_tile(const floating[:, :, :, ::1] gy,     # IN  (N, O, Ho,
     for kh in range(g.kH):
         # Outputs whose input row (oh*sh + off_h) falls in this tile, and in the image.
         off_h = kh * g.dh - g.pt
-        a = max(oh_lo[kh], ceil_div(r0 - off_h, g.sh))
-        b = min(oh_hi[kh], floor_div(r1 - 1 - off_h, g.sh) + 1)
+        a = max(g.oh_lo[kh], ceil_div(r0 - off_h, g.sh))
+        b = min(g.oh_hi[kh], floor_div(r1 - 1 - off_h, g.sh) + 1)
         if a >= b:
             continue
         for kw in range(g.kW):
             off_w = kw * g.dw - g.pl
-            c = max(ow_lo[kw], ceil_div(c0 - off_w, g.sw))
-            d = min(ow_hi[kw], floor_div(c1 - 1 - off_w, g.sw) + 1)
+            c = max(g.ow_lo[kw], ceil_div(c0 - off_w, g.sw))
+            d = min(g.ow_hi[kw], floor_div(c1 - 1 - off_w, g.sw) + 1)
             if c >= d:
                 continue
             rows = b - a
@@ -231,8 +225,6 @@ def grad_input(const floating[:, :, :, ::1] gy, const floating[:, :, ::1] wt,
     """Input gradient into `gx`; `wt` is the weight as (kH*kW, C, O/groups), tiles cut
     the input plane, `scratch` is (threads, (O/groups + C/groups) * max tile pixels)."""
     cdef Geom g = make_geom(spec)
-    cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
-    cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
     cdef Py_ssize_t task, tid
     cdef Py_ssize_t tile_pixels = scratch.shape[1] // (g.Cg + g.Og)
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
@@ -241,15 +233,13 @@ def grad_input(const floating[:, :, :, ::1] gy, const floating[:, :, ::1] wt,
         tid = threadid()
         pack = &scratch[tid, 0]
         for task in prange(n_tasks, schedule='static'):
-            _grad_input_tile(gy, wt, gx, oh_lo, oh_hi, ow_lo, ow_hi, tiles, g, task,
+            _grad_input_tile(gy, wt, gx, tiles, g, task,
                              pack, pack + g.Og * tile_pixels)
 
 
 cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)
                              const floating[:, :, :, ::1] x,    # IN  (N, C, H, W)
                              floating[:, :, :, ::1] gw,         # OUT (O, C/groups, kH, kW)
-                             const Py_ssize_t[::1] oh_lo, const Py_ssize_t[::1] oh_hi,
-                             const Py_ssize_t[::1] ow_lo, const Py_ssize_t[::1] ow_hi,
                              const Py_ssize_t[:, ::1] tiles,    # IN  (T, 4) of output pixels
                              Py_ssize_t o_block, Geom g, Py_ssize_t task,
                              floating* pack, floating* acc) noexcept nogil:   # SCRATCH
@@ -268,10 +258,10 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
         acc[oi] = 0
     for n in range(g.N):
         for t in range(tiles.shape[0]):
-            a = max(tiles[t, 0], oh_lo[kh])
-            b = min(tiles[t, 1], oh_hi[kh])
-            c = max(tiles[t, 2], ow_lo[kw])
-            d = min(tiles[t, 3], ow_hi[kw])
+            a = max(tiles[t, 0], g.oh_lo[kh])
+            b = min(tiles[t, 1], g.oh_hi[kh])
+            c = max(tiles[t, 2], g.ow_lo[kw])
+            d = min(tiles[t, 3], g.ow_hi[kw])
             if a >= b or c >= d:
                 continue
             rows = b - a
@@ -297,8 +287,6 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     """Weight gradient into `gw`; tiles cut the output plane; `o_block` divides O/groups;
     `scratch` is (threads, (C/groups + o_block) * max tile pixels + o_block * C/groups)."""
     cdef Geom g = make_geom(spec)
-    cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
-    cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
     cdef Py_ssize_t task, tid
     cdef Py_ssize_t n_tasks = g.kH * g.kW * ((g.O + o_block - 1) // o_block)
     cdef Py_ssize_t acc_offset = scratch.shape[1] - o_block * g.Cg
@@ -307,5 +295,5 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
         tid = threadid()
         pack = &scratch[tid, 0]
         for task in prange(n_tasks, schedule='static'):
-            _grad_weight_block(gy, x, gw, oh_lo, oh_hi, ow_lo, ow_hi, tiles, o_block, g,
+            _grad_weight_block(gy, x, gw, tiles, o_block, g,
                                task, pack, pack + acc_offset)

@@ -92,9 +92,6 @@ def test_kernels_release_the_gil(rng):
     w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
     dilconv.set_num_threads(1)                   # leave a core for this thread
     try:
-        t0 = time.perf_counter()
-        dilconv.conv2d(x, w, padding=2, dilation=2)
-        duration = time.perf_counter() - t0
         done = threading.Event()
         worker = threading.Thread(target=lambda: (dilconv.conv2d(x, w, padding=2, dilation=2),
                                                   done.set()))
@@ -106,9 +103,11 @@ def test_kernels_release_the_gil(rng):
         worker.join()
     finally:
         dilconv.set_num_threads(None)
-    # A kernel holding the GIL would stall this loop for its whole duration.
+    # A kernel holding the GIL would stall this loop for (nearly) the worker's whole run;
+    # with the GIL released, the longest stall is a small part of it even on a busy machine.
     gaps = np.diff(ticks)
-    assert len(ticks) > 5 and gaps.max() < duration / 2, (duration, gaps.max(), len(ticks))
+    span = ticks[-1] - ticks[0]
+    assert len(ticks) > 5 and gaps.max() < span / 2, (span, gaps.max(), len(ticks))
 
 
 def _python(script, timeout=120):
