@@ -13,8 +13,8 @@ columns), gathered from the input chunks it overlaps (the halo), with the part o
 zero padding that falls inside the window passed as that call's padding. So every output
 element is computed from exactly the taps the in-memory call uses, for any chunking and
 stride; only the order of additions inside the kernels may differ (results agree within
-``dilconv.tolerance``). Output block j along an axis holds the outputs whose window starts in
-input chunk j. The gradient of the input is computed block by block the same way (each input
+``dilconv.tolerance``). Output block j along an axis holds the outputs whose window is
+centred in input chunk j, so with ``padding='same'`` the output is chunked like the input. The gradient of the input is computed block by block the same way (each input
 block gathers the ``grad_output`` rows that read it); the gradients of weight and bias are
 partial sums per ``grad_output`` block added in a fixed tree (``split_every`` at a time, in
 block order), so they are bitwise reproducible for a given chunking, on any scheduler.
@@ -100,8 +100,12 @@ class _Axis:
         return ja, max(ja, jb)
 
     def output_chunks(self, in_chunks: tuple) -> tuple:
-        """Output j goes with the input chunk holding its window's first pixel (clamped)."""
-        cuts = [min(self.out, max(0, -(-(start + self.lo) // self.stride)))
+        """Output j goes with the input chunk holding its window's centre (clamped).
+
+        With 'same' padding and stride 1 the output is chunked exactly like the input.
+        """
+        shift = self.lo - (self.span - 1) // 2
+        cuts = [min(self.out, max(0, -(-(start + shift) // self.stride)))
                 for start in np.cumsum(in_chunks)[:-1].tolist()]
         bounds = [0] + cuts + [self.out]
         return tuple(b - a for a, b in zip(bounds, bounds[1:]) if b > a)
@@ -372,17 +376,19 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     Returns
     -------
     dask.array.Array (N, O, Ho, Wo) (or (O, Ho, Wo)), chunked like the input along N and
-    split along H/W where the input is (output j with the input chunk its window starts in).
+    split along H/W where the input is (each output goes with the input chunk its window is
+    centred in: 'same' padding keeps the input's chunks).
 
     Examples
     --------
     >>> import numpy as np, dask.array as da, dilconv, dilconv.dask
     >>> x = da.random.default_rng(0).random((2, 3, 64, 64), chunks=(1, 3, 16, 32))
     >>> w = np.ones((4, 3, 3, 3))
-    >>> y = dilconv.dask.conv2d(x, w, dilation=2, padding=2)
+    >>> y = dilconv.dask.conv2d(x, w, dilation=2, padding="same")
     >>> y.chunks
     ((1, 1), (4,), (16, 16, 16, 16), (32, 32))
-    >>> bool(np.allclose(y.compute(), dilconv.conv2d(x.compute(), w, dilation=2, padding=2)))
+    >>> bool(np.allclose(y.compute(), dilconv.conv2d(x.compute(), w, dilation=2,
+    ...                                              padding="same")))
     True
     """
     p = _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mode,

@@ -72,6 +72,13 @@ def test_forward_equals_in_memory_for_every_chunking(case, rng):
         _assert_within(y.compute(scheduler="threads"), expected, bound, f"chunks {chunking}")
 
 
+def test_same_padding_keeps_the_input_chunks():
+    x = da.zeros((3, 2, 20, 17), chunks=((1, 2), 2, _irregular(20), (6, 11)))
+    for dilation in (1, 3):
+        y = dd.conv2d(x, np.zeros((4, 2, 3, 3)), padding="same", dilation=dilation)
+        assert y.chunks == x.chunks[:1] + ((4,),) + x.chunks[2:]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_backward_equals_in_memory_for_every_chunking(case, rng):
     x, w, _, args, spec = _case(case, rng)

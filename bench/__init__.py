@@ -1,0 +1,1 @@
+"""Benchmarks of dilconv (run as modules: python -m bench.<name>)."""
