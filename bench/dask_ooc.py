@@ -18,6 +18,12 @@ The layer is C -> C channels, 3x3, dilation 2, padding 'same', float32 with bias
 Each task runs the kernels on one OpenMP thread (dilconv.dask's default), so dask's
 threads/workers are the only parallelism. Disk space is checked first; the image is scaled
 down (with a message) when the two files would not fit.
+
+The arrays are chunked in bands of full rows (--rows, by default 1/32 of the budget
+per block): a band is one contiguous range of a row-major file, and its halo comes from the
+next band only, so a few blocks are alive at a time. (With a 2-D grid of chunks, the blocks
+waiting for their neighbours' halos make a front about two block-rows deep, and reading a
+narrow tile of a wide memory-mapped file maps whole pages of the neighbouring columns.)
 """
 from __future__ import annotations
 
@@ -66,15 +72,34 @@ def layer(channels, seed=1):
     return w, rng.standard_normal(channels).astype(np.float32)
 
 
+def band_rows(cfg, width) -> int:
+    """Rows per chunk: --rows, or a block of about budget/32."""
+    if cfg["rows"]:
+        return cfg["rows"]
+    return max(1, int(cfg["budget_mb"] * MB / 32 / (cfg["channels"] * width * 4)))
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def allocate(path, shape):
+    """A file for a float32 array of `shape`; its blocks are reserved up front where the
+    OS can (writing through a memory map into a sparse file costs a block allocation per
+    page fault)."""
+    nbytes = int(np.prod(shape)) * 4
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        except (AttributeError, OSError):
+            f.truncate(nbytes)
+
+
 def write_input(path, shape, band_rows=256):
     rng = np.random.default_rng(0)
     mm = MemmapArray(path, shape)
-    np.memmap(path, np.float32, "w+", shape=shape).flush()
+    allocate(path, shape)
     for n in range(shape[0]):
         for r in range(0, shape[2], band_rows):
             rows = min(band_rows, shape[2] - r)
@@ -84,39 +109,52 @@ def write_input(path, shape, band_rows=256):
 
 # --- runs, each in its own process --------------------------------------------------
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(function, repeat=1):
+    """(wall seconds, CPU seconds) of the fastest of `repeat` calls."""
+    best = None
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        function()
+        run = (time.perf_counter() - wall, cpu_seconds() - cpu)
+        best = run if best is None or run[0] < best[0] else best
+    return best
+
+
 def run_memory(cfg):
     import dilconv
     w, b = layer(cfg["channels"])
     size = cfg["fit_size"]
     x = np.random.default_rng(0).random((1, cfg["channels"], size, size), dtype=np.float32)
-    result = {}
+    runs = []
     for threads in (None, 1):
         dilconv.set_num_threads(threads)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            dilconv.conv2d(x, w, b, dilation=DILATION, padding="same")
-            times.append(time.perf_counter() - t0)
-        result[f"seconds_threads_{threads or dilconv.get_num_threads()}"] = min(times)
+        seconds, cpu = timed(lambda: dilconv.conv2d(x, w, b, dilation=DILATION,
+                                                    padding="same"), repeat=3)
+        runs.append({"label": f"in memory {size}^2, {dilconv.get_num_threads()} OpenMP "
+                              f"threads", "seconds": seconds, "cpu": cpu,
+                     "pixels": size * size})
     dilconv.set_num_threads(None)
-    result["pixels"] = size * size
-    return result
+    return runs
 
 
 def run_dask_memory(cfg):
     import dask.array as da
     import dilconv.dask
     w, b = layer(cfg["channels"])
-    size, chunk = cfg["fit_size"], min(cfg["chunk"], cfg["fit_size"])
+    size = cfg["fit_size"]
     x = np.random.default_rng(0).random((1, cfg["channels"], size, size), dtype=np.float32)
-    xd = da.from_array(x, chunks=(1, -1, chunk, chunk))
+    xd = da.from_array(x, chunks=(1, -1, band_rows(cfg, size), -1))
     y = dilconv.dask.conv2d(xd, w, b, dilation=DILATION, padding="same")
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        y.compute(scheduler="threads", num_workers=cfg["threads"])
-        times.append(time.perf_counter() - t0)
-    return {"seconds": min(times), "pixels": size * size}
+    seconds, cpu = timed(lambda: y.compute(scheduler="threads", num_workers=cfg["threads"]),
+                         repeat=3)
+    return [{"label": f"dask threads={cfg['threads']}, in memory {size}^2",
+             "seconds": seconds, "cpu": cpu, "pixels": size * size}]
 
 
 def _ooc_graph(cfg):
@@ -125,7 +163,7 @@ def _ooc_graph(cfg):
     shape = (1, cfg["channels"], cfg["size"], cfg["size"])
     w, b = layer(cfg["channels"])
     x = da.from_array(MemmapArray(cfg["input"], shape), lock=False,
-                      chunks=(1, -1, cfg["chunk"], cfg["chunk"]))
+                      chunks=(1, -1, band_rows(cfg, cfg["size"]), -1))
     y = dilconv.dask.conv2d(x, w, b, dilation=DILATION, padding="same")
     return y, MemmapArray(cfg["output"], shape)
 
@@ -133,11 +171,15 @@ def _ooc_graph(cfg):
 def run_ooc_threads(cfg):
     import dask.array as da
     y, target = _ooc_graph(cfg)
-    t0 = time.perf_counter()
-    da.store(y, target, lock=False, scheduler="threads", num_workers=cfg["threads"])
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "pixels": cfg["size"] ** 2, "peak_rss_mb": peak_rss_mb(),
-            "processes": {"main": peak_rss_mb()}}
+    seconds, cpu = timed(lambda: da.store(y, target, lock=False, scheduler="threads",
+                                          num_workers=cfg["threads"]))
+    return [{"label": f"out of core, dask threads={cfg['threads']}", "seconds": seconds,
+             "cpu": cpu, "pixels": cfg["size"] ** 2, "peak_rss_mb": peak_rss_mb(),
+             "processes": {"main": peak_rss_mb()}}]
+
+
+def _usage():
+    return cpu_seconds(), peak_rss_mb()
 
 
 def run_ooc_distributed(cfg):
@@ -147,15 +189,15 @@ def run_ooc_distributed(cfg):
     with LocalCluster(n_workers=cfg["workers"], threads_per_worker=1, processes=True,
                       host="127.0.0.1", dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        client.run(lambda: None)          # workers up before the clock starts
-        t0 = time.perf_counter()
-        da.store(y, target, lock=False)
-        seconds = time.perf_counter() - t0
-        workers = client.run(peak_rss_mb)
+        before = client.run(_usage)             # also: workers are up before the clock
+        seconds, cpu = timed(lambda: da.store(y, target, lock=False))
+        after = client.run(_usage)
+    cpu += sum(after[w][0] - before[w][0] for w in after)
     processes = {"client+scheduler": peak_rss_mb()}
-    processes.update({f"worker {i}": rss for i, rss in enumerate(workers.values())})
-    return {"seconds": seconds, "pixels": cfg["size"] ** 2,
-            "peak_rss_mb": sum(processes.values()), "processes": processes}
+    processes.update({f"worker {i}": after[w][1] for i, w in enumerate(sorted(after))})
+    return [{"label": f"out of core, distributed {cfg['workers']} worker(s) x 1 thread",
+             "seconds": seconds, "cpu": cpu, "pixels": cfg["size"] ** 2,
+             "peak_rss_mb": sum(processes.values()), "processes": processes}]
 
 
 RUNS = {"memory": run_memory, "dask-memory": run_dask_memory, "ooc-threads": run_ooc_threads,
@@ -178,13 +220,13 @@ def check_tiles(cfg, tile=192):
     """Output tiles at the corners and across chunk seams vs the in-memory call."""
     import dilconv
     from dilconv import tolerance
-    c, size, chunk = cfg["channels"], cfg["size"], cfg["chunk"]
+    c, size, rows = cfg["channels"], cfg["size"], band_rows(cfg, cfg["size"])
     shape = (1, c, size, size)
     x, y = MemmapArray(cfg["input"], shape), MemmapArray(cfg["output"], shape)
     w, b = layer(c)
-    seam = max(0, min(size - tile, chunk - tile // 2))
+    seam = max(0, min(size - tile, rows - tile // 2))
     worst = 0.0
-    for r, s in ((0, 0), (size - tile, size - tile), (seam, seam), (0, seam)):
+    for r, s in ((0, 0), (size - tile, size - tile), (seam, 0), (seam, size // 2)):
         lo_r, hi_r = max(0, r - PAD), min(size, r + tile + PAD)
         lo_s, hi_s = max(0, s - PAD), min(size, s + tile + PAD)
         pads = ((lo_r - (r - PAD), r + tile + PAD - hi_r),
@@ -218,7 +260,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=16384, help="image height = width")
     parser.add_argument("--channels", type=int, default=4)
-    parser.add_argument("--chunk", type=int, default=2048, help="spatial chunk edge")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="rows per chunk (default: blocks of about budget/32)")
     parser.add_argument("--budget-mb", type=float, default=1024,
                         help="memory budget the out-of-core runs must stay under (sum of "
                              "the processes' peak RSS)")
@@ -240,53 +283,49 @@ def main(argv=None):
     directory = tempfile.mkdtemp(prefix="dilconv-ooc-", dir=args.dir)
     try:
         size = fit_to_disk(args.size, args.channels, directory)
-        cfg = dict(size=size, channels=args.channels, chunk=min(args.chunk, size),
-                   fit_size=args.fit_size, threads=args.threads,
+        cfg = dict(size=size, channels=args.channels, rows=args.rows,
+                   budget_mb=args.budget_mb, fit_size=args.fit_size, threads=args.threads,
                    input=os.path.join(directory, "input.f32"),
                    output=os.path.join(directory, "output.f32"))
         nbytes = args.channels * size * size * 4
+        rows = band_rows(cfg, size)
         print(f"input 1x{args.channels}x{size}x{size} float32 = {nbytes / 1e9:.2f} GB, "
-              f"chunks {cfg['chunk']}x{cfg['chunk']} "
-              f"({args.channels * cfg['chunk'] ** 2 * 4 / MB:.0f} MiB), memory budget "
+              f"chunks of {rows} rows x {size} "
+              f"({args.channels * rows * size * 4 / MB:.0f} MiB), memory budget "
               f"{args.budget_mb:.0f} MiB; layer {args.channels}->{args.channels} 3x3 "
               f"dilation {DILATION} padding 'same'")
         if nbytes <= args.budget_mb * MB:
             print("note: the input fits in the budget: this run is not out of core")
         t0 = time.perf_counter()
         write_input(cfg["input"], (1, args.channels, size, size))
-        np.memmap(cfg["output"], np.float32, "w+", shape=(1, args.channels, size, size))
+        allocate(cfg["output"], (1, args.channels, size, size))
         print(f"wrote the input in {time.perf_counter() - t0:.1f} s")
 
-        rows = []
-        mem = in_child("memory", cfg)
-        for key, seconds in mem.items():
-            if key.startswith("seconds_threads_"):
-                rows.append((f"in memory {args.fit_size}^2, {key.rsplit('_', 1)[1]} "
-                             f"OpenMP threads", seconds, mem["pixels"], None))
-        dm = in_child("dask-memory", cfg)
-        rows.append((f"dask threads={args.threads}, in memory {args.fit_size}^2",
-                     dm["seconds"], dm["pixels"], None))
-        runs = [("ooc-threads", f"out of core, dask threads={args.threads}", cfg)]
-        runs += [("ooc-distributed", f"out of core, distributed {n} worker(s) x 1 thread",
-                  dict(cfg, workers=n)) for n in args.workers]
+        results = in_child("memory", cfg) + in_child("dask-memory", cfg)
+        runs = [("ooc-threads", cfg)]
+        runs += [("ooc-distributed", dict(cfg, workers=n)) for n in args.workers]
         over = []
-        for kind, label, run_cfg in runs:
-            res = in_child(kind, run_cfg)
+        for kind, run_cfg in runs:
+            res = in_child(kind, run_cfg)[0]
             worst = check_tiles(cfg)
-            rows.append((label, res["seconds"], res["pixels"], res["peak_rss_mb"]))
+            results.append(res)
             detail = ", ".join(f"{k} {v:.0f}" for k, v in res["processes"].items())
-            print(f"  {label}: peak RSS MiB {detail}; tiles within "
-                  f"{worst:.2g} x error bound")
+            print(f"  {res['label']}: peak RSS MiB {detail}; output tiles within "
+                  f"{worst:.2g} x the error bound")
             if res["peak_rss_mb"] > args.budget_mb:
-                over.append(label)
+                over.append(res["label"])
 
-        print(f"\n{'run':58s} {'seconds':>8s} {'Mpix/s':>8s} {'MB/s in':>8s} "
-              f"{'peak RSS':>9s}")
-        for label, seconds, pixels, rss in rows:
-            mbs = pixels * args.channels * 4 / 1e6 / seconds
+        print(f"\n{'run':52s} {'seconds':>8s} {'Mpix/s':>7s} {'MB/s in':>8s} "
+              f"{'CPU s':>7s} {'Mpix/CPU s':>10s} {'peak RSS':>9s}")
+        for res in results:
+            mpix = res["pixels"] / 1e6
+            rss = res.get("peak_rss_mb")
             rss_text = f"{rss:.0f} MiB" if rss is not None else "-"
-            print(f"{label:58s} {seconds:8.2f} {pixels / 1e6 / seconds:8.1f} {mbs:8.1f} "
-                  f"{rss_text:>9s}")
+            print(f"{res['label']:52s} {res['seconds']:8.2f} {mpix / res['seconds']:7.1f} "
+                  f"{mpix * args.channels * 4 / res['seconds']:8.1f} {res['cpu']:7.1f} "
+                  f"{mpix / res['cpu']:10.1f} {rss_text:>9s}")
+        print(f"(load average during the runs: {os.getloadavg()[0]:.1f} on "
+              f"{os.cpu_count()} cores)")
         if over:
             sys.exit(f"peak RSS over the {args.budget_mb:.0f} MiB budget: {', '.join(over)}")
     finally:

@@ -1,5 +1,6 @@
 """dilconv.dask against the in-memory calls: every chunking, forward and backward, threads
 and dask.distributed."""
+import pathlib
 import subprocess
 import sys
 import threading
@@ -142,8 +143,17 @@ def test_tasks_use_threads_per_task(rng, monkeypatch):
     assert set(seen) == {dilconv.get_num_threads()}
 
 
+def _in_new_thread(function):
+    result = []
+    thread = threading.Thread(target=lambda: result.append(function()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
 def test_limited_threads_is_per_thread_and_restored():
     before = dilconv.get_num_threads()
+    default = _in_new_thread(dilconv.get_num_threads)     # what an unlimited thread sees
     barrier, seen = threading.Barrier(2), {}
 
     def limited():
@@ -162,7 +172,7 @@ def test_limited_threads_is_per_thread_and_restored():
         t.start()
     for t in threads:
         t.join()
-    assert seen == {"limited": 1, "free": before}
+    assert seen == {"limited": 1, "free": default}
     with dd.limited_threads(1):
         assert dilconv.get_num_threads() == 1
     assert dilconv.get_num_threads() == before
@@ -198,10 +208,16 @@ def test_channel_chunks_are_merged_with_a_warning(rng):
         dd.conv2d(xd.rechunk({1: -1}), w, b, **args)
 
 
-def _dask_call(kwargs):
-    """The same bad call with its ndarray operands as dask arrays."""
-    return {name: da.from_array(v, chunks=3) if isinstance(v, np.ndarray) and
-            name in ("input", "grad_output") else v for name, v in kwargs.items()}
+def _assert_rejects_like_in_memory(function, lazy_function, call, exc):
+    """The call raises `exc` in memory, and the same message with dask operands."""
+    with pytest.raises(exc) as in_memory:
+        function(**call)
+    # The same bad call with its ndarray operands as dask arrays.
+    lazy_call = {name: da.from_array(v, chunks=3) if isinstance(v, np.ndarray) and
+                 name in ("input", "grad_output") else v for name, v in call.items()}
+    with pytest.raises(exc) as lazy:
+        lazy_function(**lazy_call)
+    assert str(lazy.value) == str(in_memory.value)
 
 
 @pytest.mark.filterwarnings("ignore:.*chunked along channels")
@@ -211,12 +227,7 @@ def _dask_call(kwargs):
 def test_conv2d_rejects_like_in_memory(kwargs, exc, words):
     call = dict(input=np.zeros((2, 4, 8, 8), np.float32), weight=np.zeros((6, 2, 3, 3),
                 np.float32), bias=np.zeros(6, np.float32), groups=2)
-    call.update(kwargs)
-    with pytest.raises(exc) as in_memory:
-        dilconv.conv2d(**call)
-    with pytest.raises(exc) as lazy:
-        dd.conv2d(**_dask_call(call))
-    assert str(lazy.value) == str(in_memory.value)
+    _assert_rejects_like_in_memory(dilconv.conv2d, dd.conv2d, {**call, **kwargs}, exc)
 
 
 @pytest.mark.filterwarnings("ignore:.*chunked along channels")
@@ -225,12 +236,8 @@ def test_conv2d_backward_rejects_like_in_memory(kwargs, exc, words):
     call = dict(grad_output=np.zeros((2, 6, 6, 6), np.float32),
                 input=np.zeros((2, 4, 8, 8), np.float32),
                 weight=np.zeros((6, 2, 3, 3), np.float32), groups=2)
-    call.update(kwargs)
-    with pytest.raises(exc) as in_memory:
-        dilconv.conv2d_backward(**call)
-    with pytest.raises(exc) as lazy:
-        dd.conv2d_backward(**_dask_call(call))
-    assert str(lazy.value) == str(in_memory.value)
+    _assert_rejects_like_in_memory(dilconv.conv2d_backward, dd.conv2d_backward,
+                                   {**call, **kwargs}, exc)
 
 
 @pytest.mark.parametrize("kwargs, exc", [
@@ -330,3 +337,17 @@ def test_distributed_matches_threads_bitwise(case, client, rng):
         np.testing.assert_array_equal(got, exp)
     _assert_within(on_cluster[0], dilconv.conv2d(x, w, b, **args),
                    forward_bound(x, w, b, spec), "forward")
+
+
+@pytest.mark.slow
+def test_out_of_core_benchmark_runs(tmp_path):
+    pytest.importorskip("distributed")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "bench.dask_ooc", "--size", "768",
+                          "--fit-size", "256", "--rows", "100", "--workers", "1", "2",
+                          "--budget-mb", "2048", "--dir", str(tmp_path)],
+                         cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    # One line per out-of-core run (threads, 1 and 2 workers), each checked against memory.
+    assert out.stdout.count("x the error bound") == 3, out.stdout
+    assert not list(tmp_path.iterdir())           # temporary files removed
