@@ -14,10 +14,12 @@ zero padding that falls inside the window passed as that call's padding. So ever
 element is computed from exactly the taps the in-memory call uses, for any chunking and
 stride; only the order of additions inside the kernels may differ (results agree within
 ``dilconv.tolerance``). Output block j along an axis holds the outputs whose window is
-centred in input chunk j, so with ``padding='same'`` the output is chunked like the input. The gradient of the input is computed block by block the same way (each input
-block gathers the ``grad_output`` rows that read it); the gradients of weight and bias are
-partial sums per ``grad_output`` block added in a fixed tree (``split_every`` at a time, in
-block order), so they are bitwise reproducible for a given chunking, on any scheduler.
+centred in input chunk j, so with ``padding='same'`` the output is chunked like the input.
+
+The gradient of the input is computed block by block the same way (each input block gathers
+the ``grad_output`` rows that read it); the gradients of weight and bias are partial sums per
+``grad_output`` block added in a fixed tree (``split_every`` at a time, in block order), so
+they are bitwise reproducible for a given chunking, on any scheduler.
 
 Threads: each block runs the kernels on ``threads_per_task`` OpenMP threads (default 1): dask
 already runs one task per worker thread, so workers x threads per worker x threads per task
