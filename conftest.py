@@ -1,4 +1,14 @@
-"""Doctests of optional modules run only when their dependencies are installed."""
+"""Doctest collection: dilconv/torch.py and dilconv/dask.py import optional dependencies."""
 import importlib.util
 
-collect_ignore = [] if importlib.util.find_spec("dask") else ["dilconv/dask.py"]
+
+def _has(module) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):        # ValueError: sys.modules[module] is None
+        return False
+
+
+collect_ignore = [path for module, path in (("torch", "dilconv/torch.py"),
+                                            ("dask", "dilconv/dask.py"))
+                  if not _has(module)]

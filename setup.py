@@ -5,6 +5,10 @@ Environment switches:
   DILCONV_REQUIRE_OPENMP=1  fail instead of falling back to a serial build
   DILCONV_DEBUG=1       bounds checks on in the kernels, -O0 -g (for gdb and debugging)
   DILCONV_SANITIZE=1    AddressSanitizer + UndefinedBehaviorSanitizer (see README, Testing)
+  DILCONV_MARCH=...     CPU the kernels are tuned for: "native" (default: this machine's
+                        instructions, e.g. AVX2/FMA, used when the compiler accepts it),
+                        "none" for the compiler's generic target (portable binaries, wheels),
+                        or any -march value such as "x86-64-v3"
 """
 import os
 import subprocess
@@ -17,7 +21,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_MODULES = ["_openmp_helpers", "_forward", "_backward", "_gemm"]
+KERNEL_MODULES = ["_openmp_helpers", "_forward", "_backward", "_gemm", "_flat"]
 
 
 def _env_flag(name):
@@ -61,6 +65,20 @@ def openmp_flags():
     return []
 
 
+def arch_flags():
+    march = os.environ.get("DILCONV_MARCH", "native").strip()
+    if march.lower() in ("", "none", "0", "generic"):
+        return []
+    flag = f"-march={march}"
+    if _compiler_accepts([flag], "int main(void) { return 0; }\n"):
+        return [flag]
+    if "DILCONV_MARCH" in os.environ:
+        sys.exit(f"dilconv: the C compiler does not accept {flag}")
+    print(f"WARNING: dilconv: the C compiler does not accept {flag}; generic build",
+          file=sys.stderr)
+    return []
+
+
 class BuildExt(build_ext):
     """Decide compiler flags at build time (the compiler is only known then)."""
 
@@ -69,7 +87,7 @@ class BuildExt(build_ext):
         if _env_flag("DILCONV_DEBUG"):
             opt = ["-O0", "-g"]
         else:
-            opt = ["-O3"]
+            opt = ["-O3"] + arch_flags()
         sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"] \
             if _env_flag("DILCONV_SANITIZE") else []
         for ext in self.extensions:

@@ -1,1 +1,1 @@
-"""Benchmarks of dilconv (run as modules: python -m bench.<name>)."""
+"""Microbenchmarks of dilconv against its peers on real layers: `python -m bench --help`."""

@@ -1,11 +1,13 @@
 """Public functions: validate, dispatch to a kernel, return numpy arrays."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from . import _dispatch, _validate
+from . import _dispatch, _padding, _validate
+from ._types import IntPair, Needs, Padding, PaddingMode
 
 
 class Conv2dGrads(NamedTuple):
@@ -16,13 +18,27 @@ class Conv2dGrads(NamedTuple):
     bias: Optional[np.ndarray]
 
 
-def _no_bias(dtype) -> np.ndarray:
+def _no_bias(dtype: np.dtype) -> np.ndarray:
     return np.empty(0, dtype=dtype)
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-           padding_mode="zeros", out=None):
+def conv2d(input: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,
+           stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1, groups: int = 1,
+           *, padding_mode: PaddingMode = "zeros",
+           out: Optional[np.ndarray] = None) -> np.ndarray:
     """2-D dilated convolution (cross-correlation), as torch.nn.functional.conv2d.
+
+    Dilation d spaces the taps of the kernel d pixels apart, so a k x k kernel covers a
+    (k-1)*d+1 window at the cost of k*k multiply-adds:
+
+        out[n, o, i, j] = bias[o] + sum over c, a, b of
+                          weight[o, c, a, b] * input[n, c, i*stride - top + a*d,
+                                                     j*stride - left + b*d]
+
+    (c over the input channels of o's group; taps outside the input read the padding).
+    With the 4 x 4 image and 2 x 2 kernel below and d = 2, out[0, 0] is
+    2*x[0, 0] + 0*x[0, 2] + 1*x[2, 0] + 3*x[2, 2] = 2 + 0 + 3 + 3 = 8: a 3 x 3 window,
+    2 x 2 outputs. A 256 x 256 image with a 3 x 3 kernel at d = 2 gives 252 x 252.
 
     Parameters
     ----------
@@ -30,11 +46,14 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     weight : array_like, (O, C/groups, kH, kW)
     bias : array_like (O,), optional
     stride, dilation : int or (int, int)
-        Dilation d spaces the kernel taps d pixels apart: a k x k kernel covers a
-        (k-1)*d+1 window at the cost of k*k taps.
     padding : int, (int, int), ((top, bottom), (left, right)), 'same' or 'valid'
+        'same' (stride 1 only) keeps H x W, the odd pixel going bottom/right as in PyTorch.
     groups : int
-    padding_mode : 'zeros'
+        Input and output channels split into `groups` independent convolutions.
+    padding_mode : {'zeros', 'reflect', 'replicate', 'circular'}
+        What the padding contains, as in torch.nn.Conv2d: zeros, the mirror image without
+        the edge (padding < size per side), copies of the edge pixel, or the opposite side
+        of the image (padding <= size).
     out : ndarray, optional
         Where to write the result: exact output shape and dtype, not overlapping the
         inputs.
@@ -44,6 +63,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     ndarray of the input's float dtype, (N, O, Ho, Wo) or (O, Ho, Wo) like the input, with
     Ho = floor((H + pad_top + pad_bottom - dilation*(kH-1) - 1) / stride) + 1 (same for Wo).
 
+    Raises
+    ------
+    ValueError, TypeError
+        For bad shapes, values, types or dtypes; the message names the argument.
+
     Examples
     --------
     >>> import numpy as np, dilconv
@@ -52,9 +76,13 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     >>> dilconv.conv2d(x[None, None], w[None, None], dilation=2)[0, 0]
     array([[ 8., 10.],
            [ 2.,  8.]])
+    >>> dilconv.conv2d(x[None], w[None, None], dilation=2, padding="same",
+    ...                padding_mode="circular").shape
+    (1, 4, 4)
     """
     call, _ = _validate.conv_call(input, weight, bias, stride, padding, dilation, groups,
                                   padding_mode)
+    call, _ = _padding.materialise(call)
     spec = call.spec
     shape = spec.output_shape if call.batched else spec.output_shape[1:]
     if out is not None:
@@ -76,8 +104,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     return result
 
 
-def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1, *,
-                    padding_mode="zeros", needs=("input", "weight", "bias")) -> Conv2dGrads:
+def conv2d_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike,
+                    stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
+                    groups: int = 1, *, padding_mode: PaddingMode = "zeros",
+                    needs: Needs = ("input", "weight", "bias")) -> Conv2dGrads:
     """Gradients of conv2d with respect to input, weight and bias.
 
     Parameters
@@ -86,7 +116,9 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         Gradient of the loss with respect to conv2d's output: exactly the forward output's
         shape.
     input, weight, stride, padding, dilation, groups, padding_mode
-        As given to :func:`conv2d` (the bias does not affect any gradient).
+        As given to :func:`conv2d` (the bias does not affect any gradient). With a
+        non-zero padding_mode the gradient of each padding pixel is added to the pixel it
+        copies.
     needs : iterable of {'input', 'weight', 'bias'}
         Which gradients to compute; the others are returned as None.
 
@@ -106,6 +138,7 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     needs = _validate.check_needs(needs)
     call, extra = _validate.conv_call(input, weight, None, stride, padding, dilation, groups,
                                       padding_mode, extra={"grad_output": grad_output})
+    call, pads = _padding.materialise(call)
     spec, dtype = call.spec, call.dtype
     expected = spec.output_shape if call.batched else spec.output_shape[1:]
     gy = _validate.as_operand("grad_output", extra["grad_output"], expected, dtype)
@@ -116,6 +149,8 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         grad_input = np.zeros(call.x.shape, dtype=dtype)
         if spec.n:
             _dispatch.grad_input(gy, call.weight, grad_input, spec)
+        if pads is not None:
+            grad_input = _padding.fold(grad_input, pads, call.padding_mode)
         if not call.batched:
             grad_input = grad_input[0]
     if "weight" in needs:
@@ -129,7 +164,8 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     return Conv2dGrads(grad_input, grad_weight, grad_bias)
 
 
-def output_shape(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1):
+def output_shape(input_shape: Sequence[int], weight_shape: Sequence[int], stride: IntPair = 1,
+                 padding: Padding = 0, dilation: IntPair = 1, groups: int = 1) -> tuple:
     """Shape of conv2d's output for these shapes and arguments, without computing it.
 
     >>> import dilconv
@@ -141,5 +177,6 @@ def output_shape(input_shape, weight_shape, stride=1, padding=0, dilation=1, gro
                 isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_))
                 for s in shape):
             raise TypeError(f"{name} must be a tuple of ints, got {shape!r}")
-    spec = _validate.make_spec(input_shape, weight_shape, stride, padding, dilation, groups)
+    spec = _validate.make_spec(tuple(input_shape), tuple(weight_shape), stride, padding,
+                               dilation, groups)
     return spec.output_shape if len(input_shape) == 4 else spec.output_shape[1:]

@@ -1,13 +1,16 @@
 """Choose and run a kernel for a validated call.
 
-Two kernel families compute every operation:
-- "direct": loops over taps with per-tap in-bounds ranges (best when channels are few, e.g.
-  depthwise);
+Kernel families:
+- "direct": loops over taps with per-tap in-bounds ranges (any geometry; the backward of
+  layers with few channels);
+- "flat": forward of unit-stride layers with few channels (depthwise, RGB stems): long
+  vectorised loops over zero-padded bands of rows (finite weights only: padding taps are
+  multiplied by zero there); its backward is "direct";
 - "gemm": per output tile and tap, one matrix product of packed pixels with the tap's
-  weights (best when channels are many).
-Both skip taps in the padding and are bitwise deterministic for any thread count.
-`DILCONV_PATH=direct|gemm` in the environment, or `force_path(...)`, overrides the choice
-(used by the fuzz lab and the tests to reach every path).
+  weights (layers with many channels).
+All are bitwise deterministic for any thread count. `DILCONV_PATH=direct|flat|gemm` in the
+environment, or `force_path(...)`, overrides the choice (the fuzz lab and the tests use it
+to reach every path); a forced "flat" where it does not apply runs "direct".
 """
 from __future__ import annotations
 
@@ -17,14 +20,16 @@ import os
 
 import numpy as np
 
-from . import _backward, _forward, _gemm
+from . import _backward, _flat, _forward, _gemm
 from ._threads import threads_for
 
-PATHS = ("direct", "gemm")
+PATHS = ("direct", "flat", "gemm")
 # Pixels per GEMM tile: a packed tile of a few hundred KiB stays in L2.
 TILE_ELEMENTS = 256 * 1024
 MIN_TILE_PIXELS = 64
 MAX_TILE_PIXELS = 4096
+# Forward GEMMs take a whole kernel row at once below this many channels per group.
+KW_GROUP_BELOW_CHANNELS = 128
 _forced = None
 _controller = None
 # BLAS takes 32-bit sizes: larger channel counts stay on the direct path.
@@ -44,7 +49,9 @@ def force_path(path):
         _forced = previous
 
 
-def choose_path(spec) -> str:
+def choose_path(spec, op: str = "forward") -> str:
+    """Kernel family for `op` ('forward', or 'backward' for the input and weight
+    gradients) on this geometry."""
     forced = _forced or os.environ.get("DILCONV_PATH") or None
     if forced is not None:
         if forced not in PATHS:
@@ -53,7 +60,12 @@ def choose_path(spec) -> str:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     if max(spec.c, spec.o) * MAX_TILE_PIXELS > BLAS_INT_MAX:
         return "direct"
-    return "gemm" if cg * og >= 32 else "direct"
+    if op == "forward":
+        if cg * og >= 32:
+            return "gemm"
+        return "flat" if spec.stride == (1, 1) else "direct"
+    # Gradient GEMMs multiply over input channels: with only a few, direct loops win.
+    return "gemm" if cg >= 16 and og >= 8 else "direct"
 
 
 def plane_tiles(height: int, width: int, channels: int) -> np.ndarray:
@@ -73,6 +85,17 @@ def plane_tiles(height: int, width: int, channels: int) -> np.ndarray:
     return np.array(tiles, dtype=np.intp)
 
 
+# Waking a second OpenMP thread costs microseconds (milliseconds on a busy machine): each
+# thread gets at least this many multiply-adds.
+MIN_MACS_PER_THREAD = 1 << 17
+
+
+def _threads(spec, tasks: int) -> int:
+    """Threads for a kernel with `tasks` parallel tasks on this geometry."""
+    macs = spec.n * spec.o * (spec.c // spec.groups) * spec.effective_taps
+    return min(threads_for(tasks), max(1, macs // MIN_MACS_PER_THREAD))
+
+
 def _largest_tile(tiles: np.ndarray) -> int:
     return int(((tiles[:, 1] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 2])).max())
 
@@ -86,29 +109,58 @@ def _blas_single_threaded():
     return _controller.limit(limits=1, user_api="blas")
 
 
+# Flat kernel: one output channel's band accumulator stays in L1; output channels of a
+# block share the packed input bands.
+FLAT_SPAN_ELEMENTS = 2048
+FLAT_MAX_O_BLOCK = 16
+
+
+def _flat_forward(x, weight, bias, out, spec) -> None:
+    og = spec.o // spec.groups
+    o_block = math.gcd(og, FLAT_MAX_O_BLOCK)
+    wp = spec.wo + (spec.kw - 1) * spec.dilation[1]
+    rows = max(1, min(spec.ho, FLAT_SPAN_ELEMENTS // wp))
+    n_tasks = spec.n * spec.groups * (og // o_block) * math.ceil(spec.ho / rows)
+    threads = _threads(spec, n_tasks)
+    band = (rows + (spec.kh - 1) * spec.dilation[0]) * wp + (spec.kw - 1) * spec.dilation[1]
+    cg = spec.c // spec.groups
+    scratch = np.empty((threads, cg * band + o_block * rows * wp), dtype=x.dtype)
+    _flat.forward(x, weight, bias, out, spec, rows, o_block, scratch, threads)
+
+
 def forward(x, weight, bias, out, spec) -> None:
     """out[...] = conv2d(x, weight) + bias for a batched spec with N > 0."""
-    if choose_path(spec) == "direct":
-        _forward.forward(x, weight, bias, out, spec, threads_for(spec.n * spec.o))
+    path = choose_path(spec)
+    if path == "flat" and spec.stride == (1, 1) and np.isfinite(weight).all():
+        _flat_forward(x, weight, bias, out, spec)
+        return
+    if path != "gemm":
+        _forward.forward(x, weight, bias, out, spec, _threads(spec, spec.n * spec.o))
         return
     cg, og = spec.c // spec.groups, spec.o // spec.groups
-    tiles = plane_tiles(spec.ho, spec.wo, cg)
-    threads = threads_for(spec.n * spec.groups * len(tiles))
-    # (O, C/g, kH, kW) -> (kH*kW, O, C/g): one contiguous (O x C/g) matrix per tap.
+    # Few channels: one product per kernel row (all kW taps, zeros where a tap is in the
+    # padding) has a longer K and runs faster than one per tap.
+    kw_group = spec.kw if cg < KW_GROUP_BELOW_CHANNELS else 1
+    tiles = plane_tiles(spec.ho, spec.wo, kw_group * cg)
+    threads = _threads(spec, spec.n * spec.groups * len(tiles))
+    # (O, C/g, kH, kW) -> (kH*kW/kw_group, O, kw_group*C/g): columns (kw, c) per product.
     taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(
-        spec.kh * spec.kw, spec.o, cg)
-    scratch = np.empty((threads, (cg + og) * _largest_tile(tiles)), dtype=x.dtype)
+        spec.kh, spec.kw // kw_group, kw_group, spec.o, cg).transpose(0, 1, 3, 2, 4).reshape(
+        spec.kh * spec.kw // kw_group, spec.o, kw_group * cg)
+    taps = np.ascontiguousarray(taps)
+    scratch = np.empty((threads, (kw_group * cg + og) * _largest_tile(tiles)), dtype=x.dtype)
     with _blas_single_threaded():
-        _gemm.forward(x, taps, bias, out, tiles, scratch, spec, threads)
+        _gemm.forward(x, taps, bias, out, tiles, kw_group, scratch, spec, threads)
 
 
 def grad_input(grad_output, weight, grad_x, spec) -> None:
-    if choose_path(spec) == "direct":
-        _backward.grad_input(grad_output, weight, grad_x, spec, threads_for(spec.n * spec.c))
+    if choose_path(spec, "backward") != "gemm":
+        _backward.grad_input(grad_output, weight, grad_x, spec,
+                             _threads(spec, spec.n * spec.c))
         return
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     tiles = plane_tiles(spec.h, spec.w, og)
-    threads = threads_for(spec.n * spec.groups * len(tiles))
+    threads = _threads(spec, spec.n * spec.groups * len(tiles))
     # (O, C/g, kH, kW) -> (kH*kW, C, O/g): per tap and group, a (C/g x O/g) matrix.
     taps = np.ascontiguousarray(
         weight.reshape(spec.groups, og, cg, spec.kh, spec.kw).transpose(3, 4, 0, 2, 1)
@@ -120,14 +172,14 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
 
 def grad_weight(grad_output, x, grad_w, spec) -> None:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
-    if choose_path(spec) == "direct":
-        _backward.grad_weight(grad_output, x, grad_w, spec, threads_for(spec.o * cg))
+    if choose_path(spec, "backward") != "gemm":
+        _backward.grad_weight(grad_output, x, grad_w, spec, _threads(spec, spec.o * cg))
         return
     # Output-channel blocks (dividing O/groups) x taps are the parallel tasks.
     o_block = math.gcd(og, 64)
     tiles = plane_tiles(spec.ho, spec.wo, cg + o_block)
     n_tasks = spec.kh * spec.kw * (spec.o // o_block)
-    threads = threads_for(n_tasks)
+    threads = _threads(spec, n_tasks)
     width = (cg + o_block) * _largest_tile(tiles) + o_block * cg
     scratch = np.empty((threads, width), dtype=grad_w.dtype)
     with _blas_single_threaded():
@@ -135,4 +187,4 @@ def grad_weight(grad_output, x, grad_w, spec) -> None:
 
 
 def grad_bias(grad_output, grad_b, spec) -> None:
-    _backward.grad_bias(grad_output, grad_b, spec, threads_for(spec.o))
+    _backward.grad_bias(grad_output, grad_b, spec, _threads(spec, spec.o))

@@ -27,6 +27,8 @@ class ConvCall(NamedTuple):
     spec: ConvSpec
     batched: bool
     dtype: np.dtype
+    # Non-zero modes: `spec.padding` is still to be applied with this mode (see _padding).
+    padding_mode: str = "zeros"
 
 
 def as_array(name: str, value) -> np.ndarray:
@@ -127,19 +129,43 @@ def check_padding_mode(padding_mode) -> str:
                         f"{padding_mode!r}")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    if padding_mode != "zeros":
-        raise NotImplementedError(f"padding_mode={padding_mode!r} is not implemented yet; "
-                                  f"only 'zeros' is available")
     return padding_mode
 
 
+def check_mode_padding(pads: tuple, padding_mode: str, input_shape: tuple) -> None:
+    """PyTorch's limits on padding for the non-zero modes (those of torch.nn.functional.pad).
+
+    'reflect' mirrors without repeating the edge, so each side needs padding < size;
+    'circular' may wrap around at most once, so padding <= size; 'replicate' takes any.
+    """
+    limits = {"reflect": (lambda p, size: p < size, "less than"),
+              "circular": (lambda p, size: p <= size, "at most")}
+    if padding_mode not in limits:
+        return
+    fits, words = limits[padding_mode]
+    for axis, size, side_names, amounts in zip(
+            ("height", "width"), tuple(input_shape)[-2:], (("top", "bottom"), ("left", "right")),
+            pads):
+        for side, p in zip(side_names, amounts):
+            if not fits(p, size):
+                raise ValueError(
+                    f"padding_mode={padding_mode!r} needs padding {words} the input {axis} "
+                    f"on each side: padding {side} is {p}, input {axis} is {size} (padding "
+                    f"{tuple(pads)}, input shape {tuple(input_shape)})")
+
+
+def positive_int(name: str, value) -> int:
+    """An int >= 1 (groups, channel counts), or a TypeError / ValueError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} of type "
+                        f"{type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
 def _check_groups(groups, c: int, o: int, weight_c: int) -> int:
-    if isinstance(groups, (bool, np.bool_)) or not isinstance(groups, numbers.Integral):
-        raise TypeError(f"groups must be an int, got {groups!r} of type "
-                        f"{type(groups).__name__}")
-    groups = int(groups)
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
+    groups = positive_int("groups", groups)
     if c % groups:
         raise ValueError(f"groups={groups} must divide the input channels, got C={c}")
     if o % groups:
@@ -210,6 +236,7 @@ def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mo
     extra_arrays = {name: as_array(name, v) for name, v in (extra or {}).items()}
     dtype = common_float_dtype({"input": x, "weight": w, "bias": b, **extra_arrays})
     spec = make_spec(x.shape, w.shape, stride, padding, dilation, groups)
+    check_mode_padding(spec.padding, padding_mode, x.shape)
     if b is not None and b.shape != (spec.o,):
         raise ValueError(f"bias must have shape ({spec.o},) to match weight.shape[0], got "
                          f"shape {b.shape}")
@@ -219,7 +246,7 @@ def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mo
         x=x if batched else x[None],
         weight=np.ascontiguousarray(w, dtype=dtype),
         bias=None if b is None else np.ascontiguousarray(b, dtype=dtype),
-        spec=spec, batched=batched, dtype=dtype)
+        spec=spec, batched=batched, dtype=dtype, padding_mode=padding_mode)
     return call, extra_arrays
 
 
@@ -259,3 +286,140 @@ def check_needs(needs) -> frozenset:
         if name not in GRAD_NAMES:
             raise ValueError(f"needs has unknown gradient {name!r}; choose from {GRAD_NAMES}")
     return frozenset(names)
+
+
+class TransposeCall(NamedTuple):
+    """A validated conv_transpose2d call, phrased as the conv2d it is the adjoint of.
+
+    `spec` is that conv2d: its input is the transposed output (N, C_out, Ho, Wo), its output
+    is (N, C_in, spec.ho, spec.wo). `x` is the transposed input, extended with zero rows or
+    columns at the bottom/right when output_padding >= stride makes spec.ho > H (spec.wo > W).
+    `spec` is None when the output is empty (Ho or Wo is 0).
+    """
+
+    x: np.ndarray            # (N, C_in, spec.ho, spec.wo)
+    weight: np.ndarray       # (C_in, C_out/groups, kH, kW)
+    bias: Optional[np.ndarray]
+    spec: Optional[ConvSpec]
+    batched: bool
+    dtype: np.dtype
+    output_shape: tuple      # (N, C_out, Ho, Wo)
+    input_hw: tuple          # (H, W) of the transposed input
+
+
+def transpose_call(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                   extra: Optional[dict] = None) -> tuple:
+    """Validate a conv_transpose2d call. Returns (TransposeCall, extra arrays converted)."""
+    x = as_array("input", input)
+    w = as_array("weight", weight)
+    b = None if bias is None else as_array("bias", bias)
+    extra_arrays = {name: as_array(name, v) for name, v in (extra or {}).items()}
+    dtype = common_float_dtype({"input": x, "weight": w, "bias": b, **extra_arrays})
+    _check_rank(x.shape, w.shape)
+    n, c_in, h, wd = x.shape if x.ndim == 4 else (1,) + x.shape
+    if n < 0 or min(c_in, h, wd) < 1 or min(w.shape) < 1:
+        raise ValueError(f"input channels, height, width and all weight dimensions must be "
+                         f">= 1, got input shape {x.shape}, weight shape {w.shape}")
+    if w.shape[0] != c_in:
+        raise ValueError(f"conv_transpose2d weight is (C_in, C_out/groups, kH, kW): "
+                         f"weight.shape[0] must equal the input channels C_in={c_in}, got "
+                         f"weight shape {w.shape}")
+    groups = positive_int("groups", groups)
+    if c_in % groups:
+        raise ValueError(f"groups={groups} must divide the input channels C_in={c_in}")
+    c_out = w.shape[1] * groups
+    stride = int_pair("stride", stride, 1)
+    dilation = int_pair("dilation", dilation, 1)
+    output_padding = int_pair("output_padding", output_padding, 0)
+    if isinstance(padding, str):
+        raise ValueError(f"conv_transpose2d padding must be an int, a pair or "
+                         f"((top, bottom), (left, right)), got the string {padding!r}")
+    pads = padding_amounts(padding, w.shape[2:], stride, dilation)
+    out_hw = []
+    for axis, size, k, s, d, op, (lo, hi) in zip(
+            ("height", "width"), (h, wd), w.shape[2:], stride, dilation, output_padding,
+            pads):
+        if op >= s and op >= d:
+            raise ValueError(f"output_padding must be smaller than either stride or dilation "
+                             f"along each axis, got output_padding={output_padding}, "
+                             f"stride={stride}, dilation={dilation}")
+        size_out = (size - 1) * s - lo - hi + d * (k - 1) + op + 1
+        if size_out < 0:
+            raise ValueError(f"conv_transpose2d output {axis} would be {size_out}: "
+                             f"(input {size} - 1) * stride {s} - padding {lo}+{hi} + dilation "
+                             f"{d} * (kernel {k} - 1) + output_padding {op} + 1; input shape "
+                             f"{x.shape}, weight shape {w.shape}")
+        out_hw.append(size_out)
+    if b is not None and b.shape != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},) = weight.shape[1] * groups, got "
+                         f"shape {b.shape}")
+    output_shape = (n, c_out) + tuple(out_hw)
+    batched = x.ndim == 4
+    x = np.ascontiguousarray(x if batched else x[None], dtype=dtype)
+    spec = None
+    # An empty output (size 0, which PyTorch allows) has no conv2d adjoint to run.
+    if min(out_hw):
+        spec = make_spec(output_shape, w.shape, stride, pads, dilation, groups)
+        if (spec.ho, spec.wo) != (h, wd):
+            x = np.pad(x, ((0, 0), (0, 0), (0, spec.ho - h), (0, spec.wo - wd)))
+    call = TransposeCall(
+        x=x, weight=np.ascontiguousarray(w, dtype=dtype),
+        bias=None if b is None else np.ascontiguousarray(b, dtype=dtype),
+        spec=spec, batched=batched, dtype=dtype, output_shape=output_shape,
+        input_hw=(h, wd))
+    return call, extra_arrays
+
+
+def _int_1d(name: str, value, minimum: int) -> int:
+    """A conv1d stride/dilation: an int or a 1-sequence (PyTorch's (k,)), >= minimum."""
+    if _is_sequence(value):
+        if len(value) != 1:
+            raise ValueError(f"{name} must be an int or a 1-tuple for conv1d, got "
+                             f"{tuple(value)!r} of length {len(value)}")
+        value = value[0]
+    return int_pair(name, value, minimum)[0]
+
+
+def conv1d_args(input, weight, grad_output, stride, padding, dilation, causal) -> tuple:
+    """Turn a conv1d call into the conv2d call on (N, C, 1, L) views; no data is copied.
+
+    Returns (input, weight, grad_output (or None), stride, padding, dilation) for conv2d.
+    """
+    x = as_array("input", input)
+    w = as_array("weight", weight)
+    if x.ndim not in (2, 3):
+        raise ValueError(f"conv1d input must be 3-D (N, C, L) or 2-D (C, L), got shape "
+                         f"{x.shape}")
+    if w.ndim != 3:
+        raise ValueError(f"conv1d weight must be 3-D (out_channels, in_channels/groups, k), "
+                         f"got shape {w.shape}")
+    gy = None
+    if grad_output is not None:
+        gy = as_array("grad_output", grad_output)
+        if gy.ndim != x.ndim:
+            raise ValueError(f"grad_output must have the rank of input ({x.ndim}-D), got "
+                             f"shape {gy.shape}")
+        gy = gy[..., None, :]
+    stride = _int_1d("stride", stride, 1)
+    dilation = _int_1d("dilation", dilation, 1)
+    pads: object
+    if isinstance(padding, str):
+        pads = padding                       # 'same' / 'valid': conv2d checks them
+    elif _is_sequence(padding) and len(padding) == 1:
+        pads = ((0, 0), (padding[0],) * 2)
+    elif _is_sequence(padding):
+        if len(padding) != 2:
+            raise ValueError(f"conv1d padding must be an int, (p,), (left, right), 'same' or "
+                             f"'valid', got {tuple(padding)!r} of length {len(padding)}")
+        pads = ((0, 0), tuple(padding))
+    else:
+        pads = ((0, 0), (padding, padding))
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if causal:
+        given = padding_amounts(pads, (1, w.shape[-1]), (1, stride), (1, dilation))
+        if given != ((0, 0), (0, 0)):
+            raise ValueError(f"causal=True sets the padding to ((k-1)*dilation, 0); it "
+                             f"cannot be combined with padding={padding!r}")
+        pads = ((0, 0), (dilation * (w.shape[-1] - 1), 0))
+    return x[..., None, :], w[:, :, None, :], gy, (1, stride), pads, (1, dilation)

@@ -45,12 +45,12 @@ from dask.array.core import PerformanceWarning
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from . import _api, _openmp_helpers, _validate
+from . import _api, _openmp_helpers, _padding, _validate
 
 __all__ = ["conv2d", "conv2d_backward"]
 
-# padding_mode -> numpy/dask pad mode (the in-memory API pads the same way).
-PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+# padding_mode -> numpy/dask pad mode, as the in-memory API pads.
+PAD_MODES = _padding.NUMPY_MODES
 
 
 @contextlib.contextmanager
@@ -322,6 +322,7 @@ def _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mod
     shape = _shape(input, probes["input"])
     w = np.ascontiguousarray(probes["weight"], dtype=dtype)
     spec = _validate.make_spec(shape, w.shape, stride, padding, dilation, groups)
+    _validate.check_mode_padding(spec.padding, mode, shape)
     b = None
     if bias is not None:
         if probes["bias"].shape != (spec.o,):
@@ -334,7 +335,7 @@ def _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mod
     x = _as_dask("input", input, probes["input"], batched, dtype,
                  {0: "auto", 1: -1, 2: "auto", 3: "auto"})
     input_chunks, mode_pads = x.chunks, ((0, 0), (0, 0))
-    if mode != "zeros":
+    if mode != "zeros" and any(spec.padding[0] + spec.padding[1]):
         # As in memory: pad by the mode, then convolve with zero padding 0.
         mode_pads, x = spec.padding, _pad_spatial(x, spec.padding, mode)
         spec = _validate.make_spec(x.shape, w.shape, stride, 0, dilation, groups)
@@ -582,13 +583,13 @@ def _pad_spatial(x: da.Array, pads: tuple, mode: str) -> da.Array:
     return da.pad(x, ((0, 0), (0, 0)) + tuple(pads), mode=PAD_MODES[mode])
 
 
-def _fold_axis(g: da.Array, axis: int, lo: int, hi: int, size: int, np_mode: str,
+def _fold_axis(g: da.Array, axis: int, lo: int, hi: int, size: int, mode: str,
                chunks: tuple) -> da.Array:
-    """Adjoint of padding `axis` by (lo, hi) with `np_mode`: add each padded position's
+    """Adjoint of padding `axis` by (lo, hi) in `mode`: add each padded position's
     gradient to the input position it copies."""
     if lo == hi == 0:
         return g
-    source = np.pad(np.arange(size), (lo, hi), mode=np_mode)
+    source = _padding.source_index(size, lo, hi, mode)
 
     def take(start, stop):
         index = [slice(None)] * g.ndim
@@ -616,6 +617,5 @@ def _fold_spatial(g: da.Array, pads: tuple, mode: str, chunks: tuple) -> da.Arra
     """Gradient of the unpadded input (chunked as `chunks`) from the gradient of
     `_pad_spatial`'s result."""
     for axis, (lo, hi) in zip((2, 3), pads):
-        g = _fold_axis(g, axis, lo, hi, g.shape[axis] - lo - hi, PAD_MODES[mode],
-                       chunks[axis])
+        g = _fold_axis(g, axis, lo, hi, g.shape[axis] - lo - hi, mode, chunks[axis])
     return g

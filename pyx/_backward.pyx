@@ -8,7 +8,7 @@ thread count. The per-tap in-bounds ranges are the forward's.
 from cython.parallel cimport prange
 from cython cimport floating
 
-from _common cimport Geom, make_geom, dot
+from _common cimport Geom, make_geom, axpy, dot
 
 
 cdef void _grad_input_plane(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, Wo)
@@ -40,8 +40,7 @@ cdef void _grad_input_plane(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, W
                     wv = w[o0 + oi, ci, kh, kw]
                     iw0 = lo * g.sw + kw * g.dw - g.pl
                     if g.sw == 1:
-                        for ow in range(lo, hi):
-                            gxrow[iw0 + ow - lo] = gxrow[iw0 + ow - lo] + wv * gyrow[ow]
+                        axpy(hi - lo, wv, gyrow + lo, gxrow + iw0)
                     else:
                         for ow in range(lo, hi):
                             gxrow[iw0 + (ow - lo) * g.sw] = (gxrow[iw0 + (ow - lo) * g.sw]

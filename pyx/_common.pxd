@@ -27,7 +27,12 @@ cdef inline Geom make_geom(spec):
 
 cdef inline floating dot(const floating* a, const floating* b, Py_ssize_t n,
                          Py_ssize_t b_step) noexcept nogil:
-    # Four partial sums in a fixed order: faster than one chain, still deterministic.
+    # Partial sums in a fixed order: faster than one chain, still deterministic.
+    if b_step == 1:
+        if floating is float:
+            return dilconv_dot_f(n, a, b)
+        else:
+            return dilconv_dot_d(n, a, b)
     cdef floating s0 = 0, s1 = 0, s2 = 0, s3 = 0
     cdef Py_ssize_t i = 0
     while i + 4 <= n:
@@ -40,3 +45,18 @@ cdef inline floating dot(const floating* a, const floating* b, Py_ssize_t n,
         s0 = s0 + a[i] * b[i * b_step]
         i = i + 1
     return (s0 + s1) + (s2 + s3)
+
+
+cdef extern from "_axpy.h":
+    void dilconv_axpy_f(Py_ssize_t n, float w, const float* x, float* y) noexcept nogil
+    void dilconv_axpy_d(Py_ssize_t n, double w, const double* x, double* y) noexcept nogil
+    float dilconv_dot_f(Py_ssize_t n, const float* a, const float* b) noexcept nogil
+    double dilconv_dot_d(Py_ssize_t n, const double* a, const double* b) noexcept nogil
+
+
+cdef inline void axpy(Py_ssize_t n, floating w, const floating* x, floating* y) noexcept nogil:
+    """y[:n] += w * x[:n] (non-overlapping runs), vectorised."""
+    if floating is float:
+        dilconv_axpy_f(n, w, x, y)
+    else:
+        dilconv_axpy_d(n, w, x, y)

@@ -8,7 +8,7 @@ ranges, so they never test bounds and never multiply taps that fall in the paddi
 from cython.parallel cimport prange
 from cython cimport floating
 
-from _common cimport Geom, make_geom
+from _common cimport Geom, make_geom, axpy
 
 
 cdef void _forward_plane(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
@@ -42,9 +42,7 @@ cdef void _forward_plane(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                     wv = w[o, ci, kh, kw]
                     iw0 = lo * g.sw + kw * g.dw - g.pl
                     if g.sw == 1:
-                        # Unit stride: contiguous on both sides, so this loop vectorises.
-                        for ow in range(lo, hi):
-                            orow[ow] = orow[ow] + wv * xrow[iw0 + ow - lo]
+                        axpy(hi - lo, wv, xrow + iw0, orow + lo)
                     else:
                         for ow in range(lo, hi):
                             orow[ow] = orow[ow] + wv * xrow[iw0 + (ow - lo) * g.sw]

@@ -46,25 +46,53 @@ cdef inline void pack_rect(const floating* plane, Py_ssize_t plane_w, Py_ssize_t
                 dst[r * cols + j] = src[j * col_step]
 
 
+cdef void pack_taps(const floating* plane, Geom g, Py_ssize_t row0, Py_ssize_t rows,
+                    Py_ssize_t c, Py_ssize_t d, Py_ssize_t kw, Py_ssize_t valid_lo,
+                    Py_ssize_t valid_hi, floating* dst) noexcept nogil:
+    """dst (rows x (d-c)): the input pixels tap column kw meets for output columns [c, d)
+    of rows starting at input row row0 (step sh); zero where that tap is in the padding
+    (outside [valid_lo, valid_hi))."""
+    cdef Py_ssize_t cols = d - c, r, j
+    cdef Py_ssize_t lo = min(max(valid_lo, c), d), hi = max(min(valid_hi, d), lo)
+    cdef const floating* src
+    cdef floating* out
+    for r in range(rows):
+        src = plane + (row0 + r * g.sh) * g.W + kw * g.dw - g.pl
+        out = dst + r * cols - c
+        for j in range(c, lo):
+            out[j] = 0
+        if g.sw == 1:
+            for j in range(lo, hi):
+                out[j] = src[j]
+        else:
+            for j in range(lo, hi):
+                out[j] = src[j * g.sw]
+        for j in range(hi, d):
+            out[j] = 0
+
+
 cdef void _forward_tile(const floating[:, :, :, ::1] x,         # IN  (N, C, H, W)
-                        const floating[:, :, ::1] wt,           # IN  (kH*kW, O, C/groups)
+                        const floating[:, :, ::1] wt,           # IN  (kH*kW/kw_group, O, K)
                         const floating[::1] bias,               # IN  (O,) or empty
                         floating[:, :, :, ::1] out,             # OUT (N, O, Ho, Wo)
                         const Py_ssize_t[::1] oh_lo, const Py_ssize_t[::1] oh_hi,
                         const Py_ssize_t[::1] ow_lo, const Py_ssize_t[::1] ow_hi,
                         const Py_ssize_t[:, ::1] tiles,         # IN  (T, 4) r0 r1 c0 c1
-                        Geom g, Py_ssize_t task,
+                        Py_ssize_t kw_group, Geom g, Py_ssize_t task,
                         floating* pack, floating* tmp) noexcept nogil:   # SCRATCH
+    # kw_group taps of a kernel row go into one product (K = kw_group * C/g): 1 for many
+    # channels (no zero padding work), kW for few (a longer K multiplies faster).
     cdef Py_ssize_t n_tiles = tiles.shape[0]
     cdef Py_ssize_t n = task // (g.groups * n_tiles)
     cdef Py_ssize_t grp = (task // n_tiles) % g.groups
     cdef Py_ssize_t t = task % n_tiles
     cdef Py_ssize_t r0 = tiles[t, 0], r1 = tiles[t, 1], c0 = tiles[t, 2], c1 = tiles[t, 3]
-    cdef Py_ssize_t o0 = grp * g.Og, ci0 = grp * g.Cg
-    cdef Py_ssize_t oi, ci, kh, kw, r, j, a, b, c, d, rows, cols, pixels
+    cdef Py_ssize_t o0 = grp * g.Og, ci0 = grp * g.Cg, k = kw_group * g.Cg
+    cdef Py_ssize_t oi, ci, kh, kw, gi, kw_first, r, j, a, b, c, d, rows, cols, pixels
     cdef floating bv
     cdef floating* orow
     cdef const floating* src
+    cdef const floating* a_tap
 
     for oi in range(g.Og):
         bv = bias[o0 + oi] if bias.shape[0] > 0 else 0
@@ -77,24 +105,31 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,         # IN  (N, C, H, 
         b = min(r1, oh_hi[kh])
         if a >= b:
             continue
-        for kw in range(g.kW):
-            c = max(c0, ow_lo[kw])
-            d = min(c1, ow_hi[kw])
+        for gi in range(g.kW // kw_group):
+            kw_first = gi * kw_group
+            if kw_group == 1:
+                c = max(c0, ow_lo[kw_first])
+                d = min(c1, ow_hi[kw_first])
+            else:
+                c = c0
+                d = c1
             if c >= d:
                 continue
             rows = b - a
             cols = d - c
             pixels = rows * cols
-            for ci in range(g.Cg):
-                pack_rect(&x[n, ci0 + ci, 0, 0], g.W, a * g.sh + kh * g.dh - g.pt, g.sh,
-                          c * g.sw + kw * g.dw - g.pl, g.sw, rows, cols, pack + ci * pixels)
-            if cols == g.Wo:
-                # Whole output rows: accumulate straight into the output planes.
-                gemm(c'N', c'N', g.Og, pixels, g.Cg, &wt[kh * g.kW + kw, o0, 0], g.Cg,
-                     pack, pixels, 1, &out[n, o0, a, 0], g.Ho * g.Wo)
+            for kw in range(kw_first, kw_first + kw_group):
+                for ci in range(g.Cg):
+                    pack_taps(&x[n, ci0 + ci, 0, 0], g, a * g.sh + kh * g.dh - g.pt, rows,
+                              c, d, kw, ow_lo[kw], ow_hi[kw],
+                              pack + ((kw - kw_first) * g.Cg + ci) * pixels)
+            a_tap = &wt[(kh * g.kW + kw_first) // kw_group, o0, 0]
+            if cols == g.Wo or rows == 1:
+                # A run of whole output rows (or one row): accumulate straight into `out`.
+                gemm(c'N', c'N', g.Og, pixels, k, a_tap, k, pack, pixels, 1,
+                     &out[n, o0, a, c], g.Ho * g.Wo)
             else:
-                gemm(c'N', c'N', g.Og, pixels, g.Cg, &wt[kh * g.kW + kw, o0, 0], g.Cg,
-                     pack, pixels, 0, tmp, pixels)
+                gemm(c'N', c'N', g.Og, pixels, k, a_tap, k, pack, pixels, 0, tmp, pixels)
                 for oi in range(g.Og):
                     for r in range(rows):
                         orow = &out[n, o0 + oi, a + r, c]
@@ -105,22 +140,24 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,         # IN  (N, C, H, 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt,
             const floating[::1] bias, floating[:, :, :, ::1] out,
-            const Py_ssize_t[:, ::1] tiles, floating[:, ::1] scratch, spec, int n_threads):
-    """conv2d into `out`; `wt` is the weight as (kH*kW, O, C/groups), `scratch` is
-    (threads, (C/groups + O/groups) * max tile pixels)."""
+            const Py_ssize_t[:, ::1] tiles, Py_ssize_t kw_group, floating[:, ::1] scratch,
+            spec, int n_threads):
+    """conv2d into `out`. `wt` is the weight as (kH*kW/kw_group, O, kw_group*C/groups),
+    columns ordered (kw, c); tiles span whole output rows, or one row; `scratch` is
+    (threads, (kw_group*C/groups + O/groups) * max tile pixels)."""
     cdef Geom g = make_geom(spec)
     cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
     cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
     cdef Py_ssize_t task, tid
-    cdef Py_ssize_t tile_pixels = scratch.shape[1] // (g.Cg + g.Og)
+    cdef Py_ssize_t tile_pixels = scratch.shape[1] // (kw_group * g.Cg + g.Og)
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
     cdef floating* pack
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         pack = &scratch[tid, 0]
         for task in prange(n_tasks, schedule='static'):
-            _forward_tile(x, wt, bias, out, oh_lo, oh_hi, ow_lo, ow_hi, tiles, g, task,
-                          pack, pack + g.Cg * tile_pixels)
+            _forward_tile(x, wt, bias, out, oh_lo, oh_hi, ow_lo, ow_hi, tiles, kw_group, g,
+                          task, pack, pack + kw_group * g.Cg * tile_pixels)
 
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:

@@ -56,3 +56,12 @@ def backward_bounds(gy, x, w, spec):
     terms = (tolerance.grad_input_terms(spec), tolerance.grad_weight_terms(spec),
              tolerance.grad_weight_terms(spec))
     return tuple(tolerance.error_bound(a, k, x.dtype) for a, k in zip(abs_sums, terms))
+
+
+def assert_rejects(fn, kwargs, exc, words):
+    """fn(**kwargs) raises `exc` whose message contains each of `words`."""
+    import pytest
+    with pytest.raises(exc) as info:
+        fn(**kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))

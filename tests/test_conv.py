@@ -79,14 +79,49 @@ def test_forward_and_backward_match_oracle(case, dtype, bias, path, rng):
         check_backward(gy, x, wt, stride, padding, dilation, groups)
 
 
-def test_dispatch_picks_gemm_for_many_channels_and_direct_for_depthwise():
+def test_dispatch_picks_gemm_for_many_channels_and_flat_or_direct_for_depthwise():
     assert choose_path(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "gemm"
-    assert choose_path(make_spec((1, 64, 32, 32), (64, 1, 3, 3), 1, 1, 1, 64)) == "direct"
+    assert choose_path(make_spec((1, 64, 32, 32), (64, 1, 3, 3), 1, 1, 1, 64)) == "flat"
+    assert choose_path(make_spec((1, 64, 32, 32), (64, 1, 3, 3), 2, 1, 1, 64)) == "direct"
     with force_path("direct"):
         assert choose_path(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "direct"
     with pytest.raises(ValueError, match="path"):
         with force_path("fast"):
             pass
+
+
+def test_flat_path_keeps_nonfinite_weights_off_the_padding(rng):
+    # A weight tap that only ever meets padding must not turn outputs into NaN (0 * inf).
+    x = rng.standard_normal((1, 1, 5, 5))
+    w = np.ones((1, 1, 3, 3))
+    w[0, 0, 0, 0] = np.inf
+    with force_path("flat"):
+        y = dilconv.conv2d(x, w, padding=2, dilation=2)
+    assert np.isfinite(y[0, 0, :2, :2]).all()       # the inf tap lands in the padding there
+    assert np.isinf(y[0, 0, 2:, 2:]).all()
+
+
+@pytest.mark.parametrize("row_products", [True, False])
+@pytest.mark.parametrize("case", GRID[:7])
+def test_gemm_forward_per_tap_and_per_kernel_row(case, row_products, monkeypatch, rng):
+    # Both ways the GEMM forward groups taps into products, whatever the channel count.
+    monkeypatch.setattr(dilconv._dispatch, "KW_GROUP_BELOW_CHANNELS",
+                        10 ** 9 if row_products else 1)
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, np.float32)
+    with force_path("gemm"):
+        check_forward(x, wt, b, stride, padding, dilation, groups)
+
+
+def test_tiny_calls_stay_on_one_thread():
+    spec = make_spec((1, 2, 5, 6), (2, 2, 3, 2), 1, 0, 2, 1)
+    try:
+        dilconv.set_num_threads(2)
+        assert dilconv._dispatch._threads(spec, 4) == 1
+        big = make_spec((1, 64, 64, 64), (64, 64, 3, 3), 1, 1, 1, 1)
+        assert dilconv._dispatch._threads(big, 4) == 2
+    finally:
+        dilconv.set_num_threads(None)
 
 
 def test_env_var_forces_path(monkeypatch):
@@ -161,7 +196,9 @@ def test_finite_differences(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bitwise_identical_across_thread_counts(dtype, rng):
+def test_bitwise_identical_across_thread_counts(dtype, rng, monkeypatch):
+    # Every thread count really runs, however little work each thread gets.
+    monkeypatch.setattr(dilconv._dispatch, "MIN_MACS_PER_THREAD", 1)
     # Large enough that the GEMM path cuts the planes into several tiles.
     x, wt, b = random_case(rng, 3, 8, 61, 75, 12, 3, 3, 2, dtype)
     args = (1, 3, 2, 2)

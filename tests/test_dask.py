@@ -240,6 +240,18 @@ def test_conv2d_backward_rejects_like_in_memory(kwargs, exc, words):
                                    {**call, **kwargs}, exc)
 
 
+@pytest.mark.parametrize("mode, padding", [("reflect", 4), ("reflect", ((0, 0), (1, 5))),
+                                           ("circular", 5)])
+def test_mode_padding_limits_like_in_memory(mode, padding):
+    call = dict(input=np.zeros((1, 2, 4, 5)), weight=np.zeros((3, 2, 3, 3)), padding=padding,
+                padding_mode=mode)
+    _assert_rejects_like_in_memory(dilconv.conv2d, dd.conv2d, call, ValueError)
+    call["grad_output"] = np.zeros(dilconv.output_shape((1, 2, 4, 5), (3, 2, 3, 3), 1,
+                                                        padding))
+    _assert_rejects_like_in_memory(dilconv.conv2d_backward, dd.conv2d_backward, call,
+                                   ValueError)
+
+
 @pytest.mark.parametrize("kwargs, exc", [
     (dict(threads_per_task=0), ValueError), (dict(threads_per_task=1.0), TypeError),
     (dict(threads_per_task=True), TypeError)])

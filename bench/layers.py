@@ -1,0 +1,102 @@
+"""The benchmark layers (DESIGN.md, "Benchmark layer suite") and named suites of them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from dilconv._validate import make_spec
+
+OPS = ("forward", "backward")
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One convolution: input and weight shapes plus conv2d's arguments (as PyTorch takes
+    them: ints or (h, w) pairs, symmetric padding)."""
+
+    name: str
+    input: tuple
+    weight: tuple
+    stride: object = 1
+    padding: object = 0
+    dilation: object = 1
+    groups: int = 1
+    what: str = ""
+
+    def spec(self):
+        return make_spec(self.input, self.weight, self.stride, self.padding, self.dilation,
+                         self.groups)
+
+    def args(self) -> tuple:
+        """(stride, padding, dilation, groups) for conv2d-style calls."""
+        return self.stride, self.padding, self.dilation, self.groups
+
+    def describe(self) -> str:
+        """Short argument summary in the DESIGN table's notation, e.g. 'g128 p4 d4'."""
+        parts = []
+        for prefix, value, default in (("s", self.stride, 1), ("p", self.padding, 0),
+                                       ("d", self.dilation, 1), ("g", self.groups, 1)):
+            if value != default:
+                text = str(value) if isinstance(value, int) else \
+                    "(" + ",".join(map(str, value)) + ")"
+                parts.append(prefix + text)
+        return " ".join(parts) or "-"
+
+
+LAYERS = {layer.name: layer for layer in [
+    Layer("seed_toy", (1, 1, 4, 4), (1, 1, 2, 2), dilation=2, what="the seed's 4x4 example"),
+    Layer("seed_3to16", (1, 3, 256, 256), (16, 3, 3, 3), dilation=2,
+          what="RGB stem, few input channels"),
+    Layer("aspp_r6", (1, 256, 33, 33), (256, 256, 3, 3), padding=6, dilation=6,
+          what="DeepLab ASPP branch, rate 6"),
+    Layer("aspp_r18", (1, 256, 33, 33), (256, 256, 3, 3), padding=18, dilation=18,
+          what="DeepLab ASPP branch, rate 18: most taps in the padding"),
+    Layer("context_d8", (1, 64, 128, 128), (64, 64, 3, 3), padding=8, dilation=8,
+          what="context module (Yu & Koltun), dilation 8"),
+    Layer("wavenet", (8, 64, 1, 4096), (64, 64, 1, 2), dilation=(1, 64),
+          what="WaveNet/TCN causal 1-D layer as 1xW, dilation 64"),
+    Layer("dw_d4", (8, 128, 64, 64), (128, 1, 3, 3), padding=4, dilation=4, groups=128,
+          what="depthwise, dilation 4"),
+    Layer("stride2_d2", (8, 32, 64, 64), (64, 32, 3, 3), stride=2, padding=2, dilation=2,
+          what="strided and dilated"),
+]}
+
+DEFAULT_THREADS = (1, 2)
+
+
+@dataclass(frozen=True)
+class Suite:
+    layers: tuple
+    dtypes: tuple = ("float32",)
+    threads: tuple = DEFAULT_THREADS
+    what: str = ""
+
+
+SUITES = {
+    "default": Suite(tuple(LAYERS), what="the DESIGN layer suite, float32"),
+    "all": Suite(tuple(LAYERS), DTYPES, what="the DESIGN layer suite, float32 and float64"),
+    "tiny": Suite(("seed_toy",), what="seed_toy only: a smoke test in seconds"),
+}
+
+
+def select(suite: str, layers: Optional[list] = None) -> list:
+    """Layers to run: `layers` by name if given, else the suite's."""
+    names = layers if layers else SUITES[suite].layers
+    return [LAYERS[name] for name in names]
+
+
+def flops(spec, op: str) -> tuple:
+    """(nominal, effective) floating-point operations of one call.
+
+    A multiply-add counts 2. Nominal counts every tap of every output; effective only the
+    taps that read the image, not the zero padding. Backward = grad input + grad weight
+    (each as many multiply-adds as the forward) + the grad bias sum.
+    """
+    per_pair = spec.n * spec.o * (spec.c // spec.groups)
+    nominal = 2 * per_pair * spec.kh * spec.kw * spec.ho * spec.wo
+    effective = 2 * per_pair * spec.effective_taps
+    if op == "forward":
+        return nominal, effective
+    bias = spec.n * spec.o * spec.ho * spec.wo
+    return 2 * nominal + bias, 2 * effective + bias

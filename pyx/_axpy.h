@@ -1,0 +1,33 @@
+/* y += w * x over n contiguous elements. restrict tells the compiler the two runs do not
+   overlap, which it cannot prove from Cython's pointers: without it the loop is left
+   scalar ("complicated access pattern"). */
+#ifndef DILCONV_AXPY_H
+#define DILCONV_AXPY_H
+#include <stddef.h>
+
+static inline void dilconv_axpy_f(ptrdiff_t n, float w, const float *restrict x,
+                                  float *restrict y) {
+    for (ptrdiff_t i = 0; i < n; i++) y[i] += w * x[i];
+}
+
+static inline void dilconv_axpy_d(ptrdiff_t n, double w, const double *restrict x,
+                                  double *restrict y) {
+    for (ptrdiff_t i = 0; i < n; i++) y[i] += w * x[i];
+}
+
+/* sum a[i] * b[i]: eight partial sums in a fixed order (one vector register), so the loop
+   vectorises and the result does not depend on anything but n and the data. */
+#define DILCONV_DOT(NAME, T)                                                   \
+static inline T NAME(ptrdiff_t n, const T *restrict a, const T *restrict b) {  \
+    T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                      \
+    ptrdiff_t i = 0;                                                           \
+    for (; i + 8 <= n; i += 8)                                                 \
+        for (int l = 0; l < 8; l++) part[l] += a[i + l] * b[i + l];           \
+    T tail = 0;                                                                \
+    for (; i < n; i++) tail += a[i] * b[i];                                    \
+    return (((part[0] + part[1]) + (part[2] + part[3]))                        \
+            + ((part[4] + part[5]) + (part[6] + part[7]))) + tail;             \
+}
+DILCONV_DOT(dilconv_dot_f, float)
+DILCONV_DOT(dilconv_dot_d, double)
+#endif
