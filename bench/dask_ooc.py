@@ -19,7 +19,7 @@ Each task runs the kernels on one OpenMP thread (dilconv.dask's default), so das
 threads/workers are the only parallelism. Disk space is checked first; the image is scaled
 down (with a message) when the two files would not fit.
 
-The arrays are chunked in bands of full rows (--rows, by default 1/32 of the budget
+The arrays are chunked in bands of full rows (--rows, by default 1/64 of the budget
 per block): a band is one contiguous range of a row-major file, and its halo comes from the
 next band only, so a few blocks are alive at a time. (With a 2-D grid of chunks, the blocks
 waiting for their neighbours' halos make a front about two block-rows deep, and reading a
@@ -73,10 +73,10 @@ def layer(channels, seed=1):
 
 
 def band_rows(cfg, width) -> int:
-    """Rows per chunk: --rows, or a block of about budget/32."""
+    """Rows per chunk: --rows, or a block of about budget/64."""
     if cfg["rows"]:
         return cfg["rows"]
-    return max(1, int(cfg["budget_mb"] * MB / 32 / (cfg["channels"] * width * 4)))
+    return max(1, int(cfg["budget_mb"] * MB / 64 / (cfg["channels"] * width * 4)))
 
 
 def peak_rss_mb() -> float:
@@ -171,11 +171,12 @@ def _ooc_graph(cfg):
 def run_ooc_threads(cfg):
     import dask.array as da
     y, target = _ooc_graph(cfg)
+    idle = peak_rss_mb()
     seconds, cpu = timed(lambda: da.store(y, target, lock=False, scheduler="threads",
                                           num_workers=cfg["threads"]))
     return [{"label": f"out of core, dask threads={cfg['threads']}", "seconds": seconds,
              "cpu": cpu, "pixels": cfg["size"] ** 2, "peak_rss_mb": peak_rss_mb(),
-             "processes": {"main": peak_rss_mb()}}]
+             "processes": {"main": (peak_rss_mb(), idle)}}]
 
 
 def _usage():
@@ -193,11 +194,13 @@ def run_ooc_distributed(cfg):
         seconds, cpu = timed(lambda: da.store(y, target, lock=False))
         after = client.run(_usage)
     cpu += sum(after[w][0] - before[w][0] for w in after)
-    processes = {"client+scheduler": peak_rss_mb()}
-    processes.update({f"worker {i}": after[w][1] for i, w in enumerate(sorted(after))})
+    processes = {"client+scheduler": (peak_rss_mb(), None)}
+    processes.update({f"worker {i}": (after[w][1], before[w][1])
+                      for i, w in enumerate(sorted(after))})
     return [{"label": f"out of core, distributed {cfg['workers']} worker(s) x 1 thread",
              "seconds": seconds, "cpu": cpu, "pixels": cfg["size"] ** 2,
-             "peak_rss_mb": sum(processes.values()), "processes": processes}]
+             "peak_rss_mb": sum(peak for peak, _ in processes.values()),
+             "processes": processes}]
 
 
 RUNS = {"memory": run_memory, "dask-memory": run_dask_memory, "ooc-threads": run_ooc_threads,
@@ -261,7 +264,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=16384, help="image height = width")
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--rows", type=int, default=None,
-                        help="rows per chunk (default: blocks of about budget/32)")
+                        help="rows per chunk (default: blocks of about budget/64)")
     parser.add_argument("--budget-mb", type=float, default=1024,
                         help="memory budget the out-of-core runs must stay under (sum of "
                              "the processes' peak RSS)")
@@ -309,7 +312,8 @@ def main(argv=None):
             res = in_child(kind, run_cfg)[0]
             worst = check_tiles(cfg)
             results.append(res)
-            detail = ", ".join(f"{k} {v:.0f}" for k, v in res["processes"].items())
+            detail = ", ".join(f"{k} {peak:.0f}" + (f" (idle {idle:.0f})" if idle else "")
+                               for k, (peak, idle) in res["processes"].items())
             print(f"  {res['label']}: peak RSS MiB {detail}; output tiles within "
                   f"{worst:.2g} x the error bound")
             if res["peak_rss_mb"] > args.budget_mb:
