@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -32,6 +33,9 @@ MAX_TILE_PIXELS = 4096
 KW_GROUP_BELOW_CHANNELS = 128
 _forced = None
 _controller = None
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
 # BLAS takes 32-bit sizes: larger channel counts stay on the direct path.
 BLAS_INT_MAX = 2 ** 31 - 1
 
@@ -59,6 +63,9 @@ def choose_path(spec, op: str = "forward") -> str:
         return forced
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     if max(spec.c, spec.o) * MAX_TILE_PIXELS > BLAS_INT_MAX:
+        return "direct"
+    # The gemm forward passes the output plane size as a BLAS leading dimension.
+    if spec.ho * spec.wo > BLAS_INT_MAX:
         return "direct"
     if op == "forward":
         if cg * og >= 32:
@@ -100,13 +107,43 @@ def _largest_tile(tiles: np.ndarray) -> int:
     return int(((tiles[:, 1] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 2])).max())
 
 
+@contextlib.contextmanager
 def _blas_single_threaded():
-    """BLAS runs inside our parallel regions: keep it to one thread there."""
-    from threadpoolctl import ThreadpoolController
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController()
-    return _controller.limit(limits=1, user_api="blas")
+    """BLAS runs inside our parallel regions: keep it to one thread there.
+
+    The limit is process-wide, so concurrent calls share one: the first caller sets it and
+    the last one restores the original count (otherwise one thread could restore it while
+    another is still inside BLAS, or leave it at 1 for good).
+    """
+    global _controller, _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            if _controller is None:
+                from threadpoolctl import ThreadpoolController
+                _controller = ThreadpoolController()
+            _blas_limiter = _controller.limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+
+
+def _after_fork_in_child() -> None:
+    # Another thread may have held the lock or the limit at fork(): start afresh.
+    global _blas_lock, _blas_users, _blas_limiter
+    _blas_lock = threading.Lock()
+    if _blas_users and _blas_limiter is not None:
+        _blas_limiter.restore_original_limits()
+    _blas_users, _blas_limiter = 0, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # Flat kernel: one output channel's band accumulator stays in L1; output channels of a
@@ -140,7 +177,8 @@ def forward(x, weight, bias, out, spec) -> None:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     # Few channels: one product per kernel row (all kW taps, zeros where a tap is in the
     # padding) has a longer K and runs faster than one per tap.
-    kw_group = spec.kw if cg < KW_GROUP_BELOW_CHANNELS else 1
+    # Those zeros meet the weights, so only finite weights may take that way (0*inf = nan).
+    kw_group = spec.kw if cg < KW_GROUP_BELOW_CHANNELS and np.isfinite(weight).all() else 1
     tiles = plane_tiles(spec.ho, spec.wo, kw_group * cg)
     threads = _threads(spec, spec.n * spec.groups * len(tiles))
     # (O, C/g, kH, kW) -> (kH*kW/kw_group, O, kw_group*C/g): columns (kw, c) per product.

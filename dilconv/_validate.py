@@ -14,8 +14,11 @@ from ._geometry import ConvSpec, conv_output_size
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 GRAD_NAMES = ("input", "weight", "bias")
-# Largest element count we hand to a kernel: indices stay far from int64 overflow.
-MAX_ELEMENTS = 2 ** 60
+# Largest element count we hand to a kernel: its float64 size in bytes still fits in intp.
+MAX_ELEMENTS = 2 ** 59
+# Largest stride, dilation, padding or padded extent along an axis: index arithmetic in the
+# kernels (sums of a few such terms) cannot overflow int64.
+MAX_EXTENT = 2 ** 60
 
 
 class ConvCall(NamedTuple):
@@ -37,7 +40,9 @@ def as_array(name: str, value) -> np.ndarray:
         raise TypeError(f"{name} must be an array of real numbers, got None")
     try:
         arr = np.asarray(value)
-    except (ValueError, TypeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # __array__ of foreign objects can raise anything
         raise TypeError(f"{name} must be an array of real numbers, could not convert "
                         f"{type(value).__name__}: {exc}") from None
     kind = arr.dtype.kind
@@ -65,6 +70,12 @@ def common_float_dtype(named: dict) -> np.dtype:
     return np.dtype(np.float32) if sizes == {4} else np.dtype(np.float64)
 
 
+def _declared(value, arr: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """`arr` if `value` carried its own dtype (an array); lists and Python numbers are None:
+    they take the float dtype of the other arrays."""
+    return arr if hasattr(value, "dtype") else None
+
+
 def _as_int(name: str, value, *, where: str = "") -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or a pair of ints, got "
@@ -89,6 +100,8 @@ def int_pair(name: str, value, minimum: int) -> tuple:
         pair = (v, v)
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum} along each axis, got {pair}")
+    if max(pair) > MAX_EXTENT:
+        raise ValueError(f"{name} must be <= {MAX_EXTENT} along each axis, got {pair}")
     return pair
 
 
@@ -190,10 +203,16 @@ def _check_rank(input_shape: tuple, weight_shape: tuple) -> None:
 def make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilation,
               groups) -> ConvSpec:
     """Check shapes and arguments together; the spec is always batched (N, C, H, W)."""
-    input_shape, weight_shape = tuple(input_shape), tuple(weight_shape)
+    # Python ints: numpy ints would wrap around in the size checks below.
+    input_shape = tuple(int(s) for s in input_shape)
+    weight_shape = tuple(int(s) for s in weight_shape)
     _check_rank(input_shape, weight_shape)
     n, c, h, w = input_shape if len(input_shape) == 4 else (1,) + input_shape
     o, wc, kh, kw = weight_shape
+    # Arguments first, then shapes (PyTorch's order): the error names the bad argument.
+    stride = int_pair("stride", stride, 1)
+    dilation = int_pair("dilation", dilation, 1)
+    pads = padding_amounts(padding, (kh, kw), stride, dilation)
     if n < 0:
         raise ValueError(f"input batch size must be >= 0, got input shape {input_shape}")
     if min(c, h, w) < 1:
@@ -202,13 +221,13 @@ def make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilation
     if min(o, wc, kh, kw) < 1:
         raise ValueError(f"weight dimensions must all be >= 1, got weight shape "
                          f"{weight_shape}")
-    stride = int_pair("stride", stride, 1)
-    dilation = int_pair("dilation", dilation, 1)
     groups = _check_groups(groups, c, o, wc)
-    pads = padding_amounts(padding, (kh, kw), stride, dilation)
     for axis, size, k, d, (lo, hi) in (("height", h, kh, dilation[0], pads[0]),
                                         ("width", w, kw, dilation[1], pads[1])):
         dilated = d * (k - 1) + 1
+        if size + lo + hi > MAX_EXTENT:
+            raise ValueError(f"padded input {axis} {size + lo + hi} (input {size} + padding "
+                             f"{lo}+{hi}) exceeds {MAX_EXTENT}; input shape {input_shape}")
         if size + lo + hi < dilated:
             raise ValueError(
                 f"dilated kernel {axis} {dilated} (kernel {k}, dilation {d}) is larger than "
@@ -234,7 +253,10 @@ def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mo
     w = as_array("weight", weight)
     b = None if bias is None else as_array("bias", bias)
     extra_arrays = {name: as_array(name, v) for name, v in (extra or {}).items()}
-    dtype = common_float_dtype({"input": x, "weight": w, "bias": b, **extra_arrays})
+    dtype = common_float_dtype({
+        "input": _declared(input, x), "weight": _declared(weight, w),
+        "bias": _declared(bias, b),
+        **{name: _declared(extra[name], arr) for name, arr in extra_arrays.items()}})
     spec = make_spec(x.shape, w.shape, stride, padding, dilation, groups)
     check_mode_padding(spec.padding, padding_mode, x.shape)
     if b is not None and b.shape != (spec.o,):

@@ -271,6 +271,9 @@ class _Prepared(NamedTuple):
 def _dtype_probe(name, value):
     """`value` as an array for the dtype checks; a dask array gets a zero-size stand-in."""
     if isinstance(value, da.Array):
+        if any(np.isnan(c) for axis in value.chunks for c in axis):
+            raise ValueError(f"{name} has unknown chunk sizes {value.chunks}; call "
+                             f"{name}.compute_chunk_sizes() first")
         return _validate.as_array(name, np.empty(0, dtype=value.dtype))
     return _validate.as_array(name, value)
 
@@ -285,9 +288,6 @@ def _as_dask(name, value, probe, batched, dtype, chunks) -> da.Array:
         value = da.from_array(probe if batched else probe[None], chunks=chunks)
     elif not batched:
         value = value[None]
-    if any(np.isnan(c) for axis in value.chunks for c in axis):
-        raise ValueError(f"{name} has unknown chunk sizes {value.chunks}; call "
-                         f"{name}.compute_chunk_sizes() first")
     if value.dtype != dtype:
         value = value.astype(dtype)
     if len(value.chunks[1]) > 1:

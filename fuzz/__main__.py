@@ -1,0 +1,182 @@
+"""Command line: python -m fuzz run | replay | self-test."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+
+from . import campaign, cases, check, impls, selftest
+from .pool import WorkerPool
+from .progress import Progress
+
+
+def _csv(choices):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}; got {text!r}")
+        return tuple(items)
+    return parse
+
+
+def _shard(text):
+    try:
+        k, m = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shard must be K/M, got {text!r}") from None
+    if not 1 <= k <= m:
+        raise argparse.ArgumentTypeError(f"shard K/M needs 1 <= K <= M, got {text!r}")
+    return (k, m)
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fuzz", description=(
+        "Fuzz lab: cross-check dilconv's kernels against the correlate2d oracle."))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a random campaign")
+    budget = r.add_mutually_exclusive_group()
+    budget.add_argument("--cases", type=_positive(int), help="cases to run (default 500)")
+    budget.add_argument("--time-budget", type=_positive(float), metavar="SECONDS",
+                        help="run until this many seconds have passed")
+    r.add_argument("--seed", type=int, help="campaign seed (default: random, printed)")
+    r.add_argument("--jobs", type=_positive(int), default=1, help="worker processes")
+    r.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/M",
+                   help="run only cases i with i %% M == K-1 (deterministic split)")
+    r.add_argument("--dtype", type=_csv(cases.DTYPES), default=cases.DTYPES)
+    r.add_argument("--ops", type=_csv(cases.OPS), default=cases.OPS,
+                   help=f"checks to run, from {','.join(cases.OPS)}")
+    r.add_argument("--modes", type=_csv(cases.PADDING_MODES), default=cases.PADDING_MODES,
+                   help="padding modes to draw (unsupported ones are skipped and counted)")
+    r.add_argument("--max-size", type=_positive(int), default=48,
+                   help="largest image height/width (default 48)")
+    r.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    r.add_argument("--corpus", default="fuzz-corpus", metavar="DIR",
+                   help="where shrunk repro files go (default fuzz-corpus)")
+    r.add_argument("--impl", default=impls.REAL, help="implementation (a mutant's name "
+                   "runs the campaign against it)")
+    r.add_argument("--timeout", type=_positive(float), default=300.0,
+                   help="seconds before a case counts as hung")
+    r.add_argument("--max-shrinks", type=int, default=3,
+                   help="distinct failures to shrink into repro files")
+    r.add_argument("--no-progress", action="store_true")
+
+    rp = sub.add_parser("replay", help="re-run a repro file, print error vs bound")
+    rp.add_argument("file")
+    rp.add_argument("--impl", help="implementation (default: the one in the file)")
+    rp.add_argument("--in-process", action="store_true",
+                    help="run here instead of in a worker process (for a debugger)")
+
+    st = sub.add_parser("self-test", help="prove the lab catches deliberately wrong kernels")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--budget", type=_positive(int), default=300,
+                    help="cases per mutant before it counts as surviving")
+    st.add_argument("--jobs", type=_positive(int), default=2)
+    st.add_argument("--mutants", type=_csv(tuple(selftest.MUTANTS)), default=None)
+    return p
+
+
+def cmd_run(args) -> int:
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+    n = args.cases if args.cases is not None or args.time_budget is not None else 500
+    gen = cases.GenConfig(dtypes=args.dtype, ops=args.ops, max_size=args.max_size,
+                          modes=args.modes)
+    plan = campaign.Plan(seed=seed, n_cases=n, time_budget=args.time_budget, shard=args.shard,
+                         gen=gen, impl=args.impl, max_shrinks=args.max_shrinks,
+                         corpus=args.corpus)
+    impls.get(args.impl)                         # unknown names fail before any work
+    what = f"{n} cases" if n is not None else f"{args.time_budget:g} s"
+    print(f"fuzz: seed {seed}, {what}, shard {args.shard[0]}/{args.shard[1]}, "
+          f"{args.jobs} job(s), impl {args.impl}  (replay the run with --seed {seed})",
+          file=sys.stderr, flush=True)
+    total = None if n is None else len(range(args.shard[0] - 1, n, args.shard[1]))
+    with WorkerPool(args.jobs, timeout=args.timeout) as pool:
+        rep = campaign.run(plan, pool, Progress(total=total, enabled=not args.no_progress))
+    if args.report:
+        campaign.write_report(rep, args.report)
+        print(f"report: {args.report}")
+    print(campaign.summary(rep))
+    if rep["disagreements"]:
+        return 1
+    return 130 if rep["interrupted"] else 0
+
+
+def describe(case) -> str:
+    """The case as the call it makes."""
+    s = {k: cases.api_shape(case, v)
+         for k, v in cases.roles(case, cases.shapes(case)).items()}
+    x_shape = s["input"][1:] if case["unbatched"] else s["input"]
+    kw = cases.call_kwargs(case)
+    args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    lay = case["layouts"]
+    lines = [f"case {case['id']} of seed {case['seed']}: {case.get('api', 'conv2d')} "
+             f"({case['kind']}, {case['dtype']}, "
+             f"values {case['values']}, array seed {case['array_seed']}, path {case['path']}, "
+             f"{case['threads']} thread(s))",
+             f"  input {x_shape} [{lay['input']}], weight {s['weight']} [{lay['weight']}], "
+             f"bias {s['bias'] if case['bias'] else None} [{lay['bias']}], grad_output "
+             f"{s['grad_output']} [{lay['grad_output']}], out={case['out']}",
+             f"  {args}"]
+    if case["kind"] == "invalid":
+        lines.append(f"  broken on purpose: {case['invalid']} in {case['call']}")
+    else:
+        lines.append(f"  needs={tuple(case['needs'])}, ops {case['ops']}")
+    return "\n".join(lines)
+
+
+def cmd_replay(args) -> int:
+    with open(args.file) as f:
+        body = json.load(f)
+    if body.get("format") != campaign.REPRO_FORMAT:
+        print(f"{args.file}: not a {campaign.REPRO_FORMAT} file", file=sys.stderr)
+        return 2
+    case, impl = body["case"], args.impl or body["impl"]
+    print(f"replaying {args.file} on {impl}")
+    print(describe(case))
+    if args.in_process:
+        result = check.run_case(case, impls.get(impl))
+    else:
+        with WorkerPool(1) as pool:
+            result = next(iter(pool.run([(0, case, impl)])))[2]
+    for op, info in result.get("details", {}).items():
+        verdict = "ok" if info["ratio"] <= 1 else "FAIL"
+        if info["index"] is None:
+            print(f"  {op:<12} empty result  {verdict}")
+            continue
+        print(f"  {op:<12} max error {info['max_err']:.4g}; worst element {tuple(info['index'])}"
+              f": |{info['got']!r} - {info['expected']!r}| = {info['err']:.4g} vs bound "
+              f"{info['bound']:.4g} (ratio {info['ratio']:.3g})  {verdict}")
+    for op, ratio in result.get("ratios", {}).items():
+        if op not in result.get("details", {}):
+            print(f"  {op:<12} ratio {ratio:.3g}  {'ok' if ratio <= 1 else 'FAIL'}")
+    if result["status"] == "skipped":
+        print(f"  skipped: {result['skip_reason']}")
+    for f in result["failures"]:
+        print(f"  FAILURE {f['op']} {f['kind']}: {f['message']}")
+    print("still fails" if result["failures"] else "passes")
+    return 1 if result["failures"] else 0
+
+
+def cmd_self_test(args) -> int:
+    with WorkerPool(args.jobs) as pool:
+        return selftest.run(pool, seed=args.seed, budget=args.budget, names=args.mutants)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return {"run": cmd_run, "replay": cmd_replay, "self-test": cmd_self_test}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Run one case against an implementation and report every disagreement.
+
+An implementation is anything with dilconv's `conv2d` and `conv2d_backward` (the real module
+or a self-test mutant, see `impls`). A valid case runs on the case's kernel path and thread
+count; its results are compared element by element with the oracle, checked against the
+adjoint identities, and re-run with the other thread count, which must give the same bits.
+An invalid case must raise ValueError or TypeError naming the bad argument.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+
+import numpy as np
+
+import dilconv
+from dilconv import _dispatch
+from dilconv._dispatch import force_path
+
+from . import cases, oracle
+
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def failure(op, kind, message, **details) -> dict:
+    return {"op": op, "kind": kind, "message": message, **details}
+
+
+def run_case(case, impl) -> dict:
+    """Outcome of `case` on `impl`: status pass / fail / skipped, the ops checked, worst
+    ratio per op, failures."""
+    start = time.process_time()
+    try:
+        # Garbage results may overflow the error ratios: inf and NaN fail the checks anyway.
+        with np.errstate(all="ignore"):
+            if case["kind"] == "invalid":
+                result = _run_invalid(case, impl)
+            else:
+                result = _run_valid(case, impl)
+    except Exception:            # a bug in the lab itself: loud, never a silent pass
+        result = _result([failure("lab", "lab_error", traceback.format_exc(limit=6))])
+    result["id"] = case["id"]
+    result["cpu_s"] = time.process_time() - start
+    return result
+
+
+def _result(failures, checked=(), ratios=None, skipped=None) -> dict:
+    status = "skipped" if skipped else ("fail" if failures else "pass")
+    return {"status": status, "failures": failures, "checked": list(checked),
+            "ratios": ratios or {}, "skip_reason": skipped}
+
+
+def _grad_op(needs):
+    return next(op for op, name in cases.GRADS.items() if name in needs)
+
+
+def _make_out(case):
+    if case["out"] is None:
+        return None
+    shape = cases.api_shape(case, cases.shapes(case)["grad_output"])[int(case["unbatched"]):]
+    out = np.full(shape, np.nan, np.dtype(case["dtype"]))
+    return out if case["out"] == "c" else cases.present(out, "strided")
+
+
+# dilconv._dispatch settings a case may override: tile sizes far below the defaults (which
+# exceed every image the lab draws), so small images cross GEMM tile and flat band
+# boundaries; and no minimum of work per thread, so "2 threads" really splits tiny cases.
+# A setting dilconv no longer has is skipped (environment() lists the ones found).
+KNOBS = {"tile_pixels": ("MIN_TILE_PIXELS", "MAX_TILE_PIXELS", "FLAT_SPAN_ELEMENTS"),
+         "min_macs_per_thread": ("MIN_MACS_PER_THREAD",)}
+
+
+def available_knobs() -> list:
+    return [name for names in KNOBS.values() for name in names if hasattr(_dispatch, name)]
+
+
+@contextlib.contextmanager
+def dispatch_knobs(case):
+    """Apply the case's overrides of dilconv._dispatch settings; restore them after."""
+    saved = {}
+    try:
+        for key, names in KNOBS.items():
+            if case.get(key) is None:
+                continue
+            for name in names:
+                if hasattr(_dispatch, name):
+                    saved[name] = getattr(_dispatch, name)
+                    setattr(_dispatch, name, case[key])
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(_dispatch, name, value)
+
+
+API_BACKWARD = {"conv2d": "conv2d_backward", "conv1d": "conv1d_backward",
+                "conv_transpose2d": "conv_transpose2d_backward"}
+
+
+def _call(case, impl, arrays, threads, got) -> dict:
+    """Run the case's function and its backward as the case says, filling `got` (its
+    "stage" says which call was running if one raises)."""
+    call = cases.call_arrays(case, arrays)
+    kwargs = cases.call_kwargs(case)
+    api = case.get("api", "conv2d")
+    out = got["out"] = _make_out(case)
+    extra = {} if api == "conv_transpose2d" else {"out": out}
+    dilconv.set_num_threads(threads)
+    got["stage"] = "forward"
+    try:
+        with force_path(case["path"]), dispatch_knobs(case):
+            got["forward"] = getattr(impl, api)(call["input"], call["weight"], call["bias"],
+                                                **kwargs, **extra)
+            got["stage"] = "backward"
+            if case["needs"]:
+                got["grads"] = getattr(impl, API_BACKWARD[api])(
+                    call["grad_output"], call["input"], call["weight"], **kwargs,
+                    needs=tuple(case["needs"]))
+    finally:
+        dilconv.set_num_threads(None)
+    return got
+
+
+def _check_shapes(case, got) -> tuple:
+    """Shape, dtype and `out` identity checks; returns (results batched and in the 4-D
+    conv2d space of the oracle, failures)."""
+    shapes = cases.roles(case, cases.shapes(case))
+    dtype = np.dtype(case["dtype"])
+    lead = 1 if case["unbatched"] else 0
+    results, failures = {}, []
+    items = [("forward", got["forward"], shapes["grad_output"])]
+    grads = got.get("grads")
+    for op, name in cases.GRADS.items():
+        if name in case["needs"]:
+            items.append((op, getattr(grads, name, None), shapes[name]))
+    for op, value, shape in items:
+        batched = op in ("forward", "grad_input")
+        want = cases.api_shape(case, shape)[lead if batched else 0:]
+        if not isinstance(value, np.ndarray) or value.shape != want or value.dtype != dtype:
+            desc = (f"{type(value).__name__} {getattr(value, 'shape', '')} "
+                    f"{getattr(value, 'dtype', '')}")
+            failures.append(failure(op, "shape", f"expected {dtype} array of shape {want}, "
+                                                  f"got {desc}"))
+            continue
+        results[op] = np.ascontiguousarray(value).reshape(shape)
+    if got["out"] is not None and got["forward"] is not got["out"]:
+        failures.append(failure("forward", "shape", "conv2d(out=...) did not return `out`"))
+    for op, name in cases.GRADS.items():
+        if name not in case["needs"] and getattr(grads, name, None) is not None:
+            failures.append(failure(op, "shape", f"gradient {name!r} not in needs but "
+                                                 f"returned"))
+    return results, failures
+
+
+def _run_valid(case, impl) -> dict:
+    arrays = cases.build_arrays(case)
+    got = {}
+    try:
+        _call(case, impl, arrays, case["threads"], got)
+    except NotImplementedError as exc:
+        if case["padding_mode"] != "zeros":
+            return _result([], skipped=f"padding_mode {case['padding_mode']!r}: {exc}")
+        raise
+    except Exception as exc:
+        op = "forward" if got["stage"] == "forward" else _grad_op(case["needs"])
+        return _result([failure(op, "raised", f"valid case raised {type(exc).__name__}: "
+                                              f"{exc}")])
+    results, failures = _check_shapes(case, got)
+    ops = [op for op in case["ops"] if op in results or op in ("adjoint", "determinism")]
+    expected = oracle.expected(case, arrays, ops)
+    ratios, details = {}, {}
+    for op in ("forward",) + tuple(cases.GRADS):
+        if op in ops and op in results:
+            info = details[op] = oracle.compare(results[op], expected[op], case["dtype"])
+            ratios[op] = info["ratio"]
+            if not info["ratio"] <= 1.0:
+                failures.append(failure(op, "mismatch", f"{op} off by {info['ratio']:.3g} x "
+                                        f"bound", **info))
+    adjoint = _adjoint(cases.roles(case, arrays), results, expected, case["dtype"],
+                       failures) if "adjoint" in ops else None
+    if adjoint is not None:
+        ratios["adjoint"] = adjoint
+    if "determinism" in ops:
+        _determinism(case, impl, arrays, results, failures)
+    checked = [op for op in ops if op in ratios or op == "determinism"]
+    result = _result(failures, checked, ratios)
+    result["details"] = details
+    return result
+
+
+def _dot(a, b) -> float:
+    return float(np.dot(a.astype(np.float64).ravel(), b.astype(np.float64).ravel()))
+
+
+def _adjoint(arrays, results, expected, dtype, failures):
+    """<conv(x), g> = <x, dL/dx> + <b, dL/db> = <w, dL/dw> + <b, dL/db>, with kernel results.
+    Returns the worst ratio to the slack, or None if no gradient was there to check.
+
+    Slack: each side's per-element bounds weighted by the other factor, plus float64
+    rounding of the dot products; exact arithmetic would give equality.
+    """
+    grads = [name for name in ("input", "weight") if "grad_" + name in results]
+    if "forward" not in results or not grads:
+        return None
+    gy, b = arrays["grad_output"].astype(np.float64), arrays["bias"]
+    y = results["forward"]
+    lhs = _dot(y, gy)
+    sizes = y.size + sum(a.size for a in arrays.values() if a is not None)
+    base_slack = _dot(np.abs(gy), expected["forward"].bound(dtype)) + EPS64 * sizes * _dot(
+        np.abs(y), np.abs(gy))
+    bias_term = bias_slack = 0.0
+    if b is not None:
+        gb = gy.sum(axis=(0, 2, 3))
+        bias_term = _dot(b, gb)
+        bias_slack = EPS64 * sizes * _dot(np.abs(b), np.abs(gy).sum(axis=(0, 2, 3)))
+    worst = 0.0
+    for name in grads:
+        op = "grad_" + name
+        a, g = arrays[name].astype(np.float64), results[op]
+        rhs = _dot(a, g) + bias_term
+        slack = (base_slack + bias_slack + _dot(np.abs(a), expected[op].bound(dtype))
+                 + EPS64 * sizes * _dot(np.abs(a), np.abs(g)) + np.finfo(np.float64).tiny)
+        ratio = abs(lhs - rhs) / slack
+        ratio = float("inf") if np.isnan(ratio) else float(ratio)
+        worst = max(worst, ratio)
+        if not ratio <= 1.0:
+            failures.append(failure("adjoint", "mismatch", f"<conv(x), g> = {lhs!r} but "
+                                    f"<{name}, grad_{name}> (+ bias term) = {rhs!r}: off by "
+                                    f"{ratio:.3g} x slack {slack:.3g}", ratio=ratio))
+    return worst
+
+
+def _determinism(case, impl, arrays, results, failures) -> None:
+    """The other thread count must give bitwise the same results."""
+    other = 3 - case["threads"]
+    try:
+        again, _ = _check_shapes(case, _call(case, impl, arrays, other, {}))
+    except Exception as exc:
+        failures.append(failure("determinism", "raised", f"with {other} threads: "
+                                f"{type(exc).__name__}: {exc}"))
+        return
+    for op, value in results.items():
+        if op not in again or again[op].tobytes() != value.tobytes():
+            diff = int(np.sum(again[op] != value)) if op in again else -1
+            failures.append(failure("determinism", "nondeterministic",
+                                    f"{op} with {other} threads differs from {case['threads']} "
+                                    f"thread(s) in {diff} elements"))
+
+
+def _run_invalid(case, impl) -> dict:
+    call = cases.invalid_call(case)
+    expect = cases.INVALID[case["invalid"]]
+    kwargs = call["kwargs"]
+    dilconv.set_num_threads(case["threads"])
+    try:
+        with force_path(case["path"]):
+            if call["fn"] == "conv2d":
+                impl.conv2d(call["input"], call["weight"], call["bias"], **kwargs,
+                            out=call["out"])
+            else:
+                impl.conv2d_backward(call["grad_output"], call["input"], call["weight"],
+                                     **kwargs)
+    except NotImplementedError as exc:
+        if kwargs.get("padding_mode") != "zeros":
+            return _result([], skipped=f"padding_mode {kwargs.get('padding_mode')!r}: {exc}")
+        return _result([failure("invalid", "wrong_exception", f"NotImplementedError: {exc}")],
+                       ["invalid"])
+    except (ValueError, TypeError) as exc:
+        if expect.word not in str(exc):
+            return _result([failure("invalid", "message", f"{case['invalid']}: "
+                                    f"{type(exc).__name__} does not name {expect.word!r}: "
+                                    f"{exc}")], ["invalid"])
+        return _result([], ["invalid"])
+    except Exception as exc:
+        return _result([failure("invalid", "wrong_exception", f"{case['invalid']}: expected "
+                                f"ValueError/TypeError, got {type(exc).__name__}: {exc}")],
+                       ["invalid"])
+    finally:
+        dilconv.set_num_threads(None)
+    return _result([failure("invalid", "returned", f"{case['invalid']}: {call['fn']} returned "
+                            f"instead of raising")], ["invalid"])

@@ -1,0 +1,177 @@
+"""The fuzz lab: generator, oracle for padding modes, campaign, crash handling, shrinking,
+replay, and the self-test (every mutant must be caught)."""
+import io
+import json
+
+import numpy as np
+import pytest
+
+import dilconv
+from fuzz import campaign, cases, check, impls, oracle, selftest
+from fuzz.__main__ import main
+from fuzz.mutants import MUTANTS
+from fuzz.pool import WorkerPool
+from fuzz.progress import Progress
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with WorkerPool(2, timeout=120) as p:
+        yield p
+
+
+def test_case_stream_is_reproducible_and_shards_partition_it():
+    cfg = cases.GenConfig()
+    first = [cases.generate(7, i, cfg) for i in range(50)]
+    assert first == [json.loads(json.dumps(cases.generate(7, i, cfg))) for i in range(50)]
+    assert first != [cases.generate(8, i, cfg) for i in range(50)]
+    shards = [list(campaign.Plan(n_cases=50, shard=(k, 3)).indices()) for k in (1, 2, 3)]
+    assert sorted(sum(shards, [])) == list(range(50))
+
+
+def test_generator_covers_the_parameter_space_and_its_geometry_matches_dilconv():
+    cfg = cases.GenConfig()
+    seen = {key: set() for key in ("api", "padding_form", "padding_mode", "edge", "path",
+                                   "threads", "dtype", "values", "out", "kind", "unbatched")}
+    for i in range(1500):
+        case = cases.generate(3, i, cfg)
+        for key in seen:
+            seen[key].add(case.get(key))
+        assert cases.is_valid(case), case
+        assert max(case["h"], case["w"]) <= cfg.max_size
+        if case["api"] == "conv2d" and case["padding_mode"] == "zeros":
+            s = cases.shapes(case)
+            kw = cases.call_kwargs(case)
+            del kw["padding_mode"]
+            assert dilconv.output_shape(s["input"], s["weight"], **kw) == s["grad_output"]
+    assert seen["padding_form"] == set(cases.PADDING_FORMS)
+    assert seen["padding_mode"] == set(cases.PADDING_MODES)
+    assert seen["edge"] == set(cases.EDGES)
+    assert seen["unbatched"] == {True, False} and seen["threads"] == {1, 2}
+    assert seen["path"] == set(cases.PATHS) and seen["api"] == set(cases.APIS)
+
+
+@pytest.mark.parametrize("mode", sorted(cases.NUMPY_PAD_MODE))
+def test_fold_is_the_adjoint_of_numpy_pad(mode, rng):
+    x = rng.standard_normal((2, 3, 5, 4))
+    pads = ((2, 4), (3, 1))
+    padded = np.pad(x, ((0, 0), (0, 0)) + pads, mode=cases.NUMPY_PAD_MODE[mode])
+    g = rng.standard_normal(padded.shape)
+    folded, copies = oracle.fold(g, (5, 4), pads, mode)
+    assert folded.shape == x.shape and copies >= 2
+    np.testing.assert_allclose(np.vdot(padded, g), np.vdot(x, folded), rtol=1e-12)
+
+
+def test_dispatch_knobs_split_small_planes_and_are_restored():
+    from dilconv import _dispatch
+    assert set(check.available_knobs()) == {n for names in check.KNOBS.values() for n in names}
+    before = len(_dispatch.plane_tiles(10, 9, 4)), _dispatch.MIN_MACS_PER_THREAD
+    with check.dispatch_knobs({"tile_pixels": 7, "min_macs_per_thread": 1}):
+        tiles = _dispatch.plane_tiles(10, 9, 4)
+        covered = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in tiles)
+        assert len(tiles) > before[0] and covered == 90
+        assert _dispatch.FLAT_SPAN_ELEMENTS == 7 and _dispatch.MIN_MACS_PER_THREAD == 1
+    assert (len(_dispatch.plane_tiles(10, 9, 4)), _dispatch.MIN_MACS_PER_THREAD) == before
+
+
+def test_every_invalid_call_raises_a_named_error():
+    base = next(c for c in (cases.generate(5, i, cases.GenConfig(ops=("invalid",)))
+                            for i in range(100)) if c["n"] >= 1)
+    for name in cases.INVALID:
+        for fn in ("conv2d", "conv2d_backward"):
+            case = cases.replace(base, invalid=name, call=cases.INVALID[name].call or fn)
+            result = check.run_case(case, dilconv)
+            assert result["status"] in ("pass", "skipped"), (name, result["failures"])
+            assert result["status"] == "pass" or "_pad_too_big" in name
+
+
+def test_progress_without_a_terminal_prints_plain_lines():
+    out = io.StringIO()
+    progress = Progress(total=10, stream=out, every=0.0)
+    progress.update(5, 1)
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert lines and "\r" not in out.getvalue() and "1 failures" in lines[-1]
+
+
+def test_short_campaign_agrees_with_the_oracle_and_covers_everything(pool):
+    rep = campaign.run(campaign.Plan(seed=11, n_cases=300), pool)
+    assert rep["disagreements"] == 0, rep["failures"][:3]
+    assert rep["cases_run"] == 300
+    assert rep["coverage"]["never_exercised"] == []
+    assert set(rep["counts"]["by_op"]) == set(cases.OPS)
+    assert rep["throughput"]["cases_per_cpu_s"] > 0
+    for op, worst in rep["worst_ratio_by_op"].items():
+        assert worst["ratio"] <= 1, op
+
+
+def test_oracle_agrees_with_torch_on_every_api_and_padding_mode():
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    impl = impls.get(impls.TORCH)           # in this process: no torch import per worker
+    ops = tuple(op for op in cases.VALID_OPS if op != "determinism")
+    # Non-zero modes only (conv_transpose2d cases still pad with zeros).
+    cfg = cases.GenConfig(ops=ops, modes=("reflect", "replicate", "circular"))
+    checked = {}
+    try:
+        for i in range(60):
+            case = cases.generate(12, i, cfg)
+            result = check.run_case(case, impl)
+            assert result["status"] == "pass", (case, result["failures"])
+            for key in (case["padding_mode"], case["api"]):
+                checked[key] = checked.get(key, 0) + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert min(checked.get(k, 0) for k in cases.PADDING_MODES + cases.APIS) >= 4, checked
+
+
+def test_crash_is_reported_with_its_case_shrunk_and_replayed(pool, tmp_path, capsys):
+    name = "segfault_on_wide_dilation"
+    plan = campaign.Plan(seed=1, n_cases=30, impl=name, max_shrinks=1,
+                         corpus=str(tmp_path))
+    rep = campaign.run(plan, pool)
+    crashes = [f for f in rep["failures"] if f["kind"] == "crash"]
+    assert crashes and rep["cases_run"] == 30
+    for f in crashes:
+        assert cases.pair(f["case"]["dilation"])[1] >= 6
+        assert "SIGSEGV" in f["message"] and "string_at" in f["message"]
+    (path,) = rep["repros"]
+    repro = json.load(open(path))
+    small = repro["case"]
+    assert (small["groups"], small["cg"], small["og"], small["h"], small["kh"]) == (1,) * 5
+    assert cases.pair(small["dilation"]) == (1, 6)
+    assert main(["replay", path]) == 1
+    assert "still fails" in capsys.readouterr().out
+    assert main(["replay", path, "--impl", "dilconv"]) == 0
+
+
+def test_mismatch_shrinks_to_a_minimal_case(pool, tmp_path):
+    plan = campaign.Plan(seed=4, n_cases=20, impl="bias_doubled", max_shrinks=1,
+                         corpus=str(tmp_path), stop_on_failure=True)
+    rep = campaign.run(plan, pool)
+    (path,) = rep["repros"]
+    small = json.load(open(path))["case"]
+    assert small["bias"] and small["n"] == 1
+    for key in ("groups", "cg", "og", "h", "w", "kh", "kw"):
+        assert small[key] == 1, key
+    assert small["padding"] == 0
+
+
+def test_self_test_kills_every_mutant(pool):
+    out = io.StringIO()
+    assert selftest.run(pool, seed=0, stream=out) == 0, out.getvalue()
+    text = out.getvalue()
+    applicable = [n for n, m in MUTANTS.items()
+                  if all(mode in campaign.supported_modes() for mode in m.needs_modes)]
+    assert f"killed {len(applicable)}/{len(applicable)} mutants" in text
+    assert " NO " not in text
+
+
+def test_cli_run_writes_the_report(tmp_path):
+    report = tmp_path / "r.json"
+    code = main(["run", "--cases", "40", "--seed", "3", "--jobs", "1", "--no-progress",
+                 "--dtype", "float32", "--report", str(report)])
+    rep = json.loads(report.read_text())
+    assert code == 0 and rep["cases_run"] == 40 and rep["seed"] == 3
+    assert set(rep["counts"]["by_dtype"]) == {"float32"}
+    assert {"throughput", "environment", "coverage", "failures"} <= set(rep)
