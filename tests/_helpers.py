@@ -20,12 +20,7 @@ def check_forward(x, w, b, stride=1, padding=0, dilation=1, groups=1, threads=No
     assert y.dtype == x.dtype and y.shape == spec.output_shape
     args = (spec.stride, spec.padding, spec.dilation, spec.groups)
     expected = reference.conv2d_reference(x, w, b, *args)
-    abs_sum = reference.conv2d_reference_abs(x, w, *args)
-    if b is not None:
-        abs_sum = abs_sum + np.abs(b.astype(np.float64))[None, :, None, None]
-    bound = tolerance.error_bound(abs_sum, tolerance.forward_terms(spec, b is not None),
-                                  x.dtype)
-    ratio = tolerance.worst_ratio(y, expected, bound)
+    ratio = tolerance.worst_ratio(y, expected, forward_bound(x, w, b, spec))
     assert ratio <= 1.0, f"forward off by {ratio:.3g} x bound"
     return y
 
@@ -35,15 +30,32 @@ def check_backward(gy, x, w, stride=1, padding=0, dilation=1, groups=1):
     grads = dilconv.conv2d_backward(gy, x, w, stride, padding, dilation, groups)
     args = (spec.stride, spec.padding, spec.dilation, spec.groups)
     expected = reference.conv2d_backward_reference(gy, x, w, *args)
+    for name, got, exp, bound, like in zip(("input", "weight", "bias"), grads, expected,
+                                           backward_bounds(gy, x, w, spec),
+                                           (x, w, w[:, 0, 0, 0])):
+        assert got.shape == like.shape and got.dtype == x.dtype, name
+        ratio = tolerance.worst_ratio(got, exp, bound)
+        assert ratio <= 1.0, f"grad {name} off by {ratio:.3g} x bound"
+    return grads
+
+
+def forward_bound(x, w, b, spec):
+    """Per-element error bound of conv2d(x, w, b) for the validated `spec`."""
+    args = (spec.stride, spec.padding, spec.dilation, spec.groups)
+    abs_sum = reference.conv2d_reference_abs(x, w, *args)
+    if b is not None:
+        abs_sum = abs_sum + np.abs(b.astype(np.float64))[None, :, None, None]
+    return tolerance.error_bound(abs_sum, tolerance.forward_terms(spec, b is not None),
+                                 x.dtype)
+
+
+def backward_bounds(gy, x, w, spec):
+    """Per-element error bounds of the (input, weight, bias) gradients."""
+    args = (spec.stride, spec.padding, spec.dilation, spec.groups)
     abs_sums = reference.conv2d_backward_reference_abs(gy, x, w, *args)
     terms = (tolerance.grad_input_terms(spec), tolerance.grad_weight_terms(spec),
              tolerance.grad_weight_terms(spec))
-    for name, got, exp, abs_sum, k, like in zip(("input", "weight", "bias"), grads, expected,
-                                                abs_sums, terms, (x, w, w[:, 0, 0, 0])):
-        assert got.shape == like.shape and got.dtype == x.dtype, name
-        ratio = tolerance.worst_ratio(got, exp, tolerance.error_bound(abs_sum, k, x.dtype))
-        assert ratio <= 1.0, f"grad {name} off by {ratio:.3g} x bound"
-    return grads
+    return tuple(tolerance.error_bound(a, k, x.dtype) for a, k in zip(abs_sums, terms))
 
 
 def assert_rejects(fn, kwargs, exc, words):

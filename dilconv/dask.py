@@ -1,0 +1,621 @@
+"""dilconv on dask arrays: batches and images larger than memory, on one machine or a cluster.
+
+Optional: needs ``pip install "dilconv[dask]"`` and is never imported by ``import dilconv``.
+
+``conv2d`` and ``conv2d_backward`` take a ``dask.array.Array`` (N, C, H, W) chunked along the
+batch and/or the spatial axes, and return lazy dask arrays; nothing runs until you call
+``.compute()``, ``dask.compute``, ``da.store``... on any dask scheduler (threads, processes,
+``dask.distributed``).
+
+How it works: every output block is one in-memory ``dilconv.conv2d`` call on the input window
+it reads, ``[a*s - pad, (b-1)*s + d*(k-1) + 1 - pad)`` for output rows ``[a, b)`` (same for
+columns), gathered from the input chunks it overlaps (the halo), with the part of the global
+zero padding that falls inside the window passed as that call's padding. So every output
+element is computed from exactly the taps the in-memory call uses, for any chunking and
+stride; only the order of additions inside the kernels may differ (results agree within
+``dilconv.tolerance``). Output block j along an axis holds the outputs whose window is
+centred in input chunk j, so with ``padding='same'`` the output is chunked like the input.
+
+The gradient of the input is computed block by block the same way (each input block gathers
+the ``grad_output`` rows that read it); the gradients of weight and bias are partial sums per
+``grad_output`` block added in a fixed tree (``split_every`` at a time, in block order), so
+they are bitwise reproducible for a given chunking, on any scheduler.
+
+Threads: each block runs the kernels on ``threads_per_task`` OpenMP threads (default 1): dask
+already runs one task per worker thread, so workers x threads per worker x threads per task
+should not exceed the cores. Pass ``threads_per_task=None`` to use dilconv's process setting
+(``dilconv.set_num_threads`` / ``OMP_NUM_THREADS``), e.g. with the synchronous scheduler. The
+limit is set in the task's own thread only and restored afterwards; ``set_num_threads(n)``
+still caps it.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import functools
+import numbers
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import dask.array as da
+import numpy as np
+from dask.array.core import PerformanceWarning
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from . import _api, _openmp_helpers, _padding, _validate
+
+__all__ = ["conv2d", "conv2d_backward"]
+
+# padding_mode -> numpy/dask pad mode, as the in-memory API pads.
+PAD_MODES = _padding.NUMPY_MODES
+
+
+@contextlib.contextmanager
+def limited_threads(n: Optional[int]):
+    """Run dilconv's kernels on at most `n` OpenMP threads in this thread (None: no change).
+
+    OpenMP's thread count is per calling thread, so concurrent dask tasks do not interfere.
+    """
+    if n is None:
+        yield
+        return
+    previous = _openmp_helpers.max_threads()
+    _openmp_helpers.set_max_threads(n)
+    try:
+        yield
+    finally:
+        _openmp_helpers.set_max_threads(previous)
+
+
+# --- geometry of one spatial axis -------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Axis:
+    size: int
+    k: int
+    stride: int
+    dilation: int
+    lo: int             # zero padding before
+    out: int            # output length
+
+    @property
+    def span(self) -> int:
+        return self.dilation * (self.k - 1) + 1
+
+    def window(self, a: int, b: int):
+        """Input [r0, r1) read by outputs [a, b), and the padding (before, after) around it.
+
+        Empty (r1 <= r0) when those outputs read only padding.
+        """
+        start = a * self.stride - self.lo
+        end = (b - 1) * self.stride + self.span - self.lo
+        r0, r1 = max(0, start), min(self.size, end)
+        return r0, r1, (r0 - start, end - r1)
+
+    def readers(self, r0: int, r1: int):
+        """Outputs [ja, jb) whose window overlaps input [r0, r1) (empty when ja == jb)."""
+        ja = max(0, -((self.span - 1 - self.lo - r0) // self.stride))
+        jb = min(self.out, (r1 - 1 + self.lo) // self.stride + 1)
+        return ja, max(ja, jb)
+
+    def output_chunks(self, in_chunks: tuple) -> tuple:
+        """Output j goes with the input chunk holding its window's centre (clamped).
+
+        With 'same' padding and stride 1 the output is chunked exactly like the input.
+        """
+        shift = self.lo - (self.span - 1) // 2
+        cuts = [min(self.out, max(0, -(-(start + shift) // self.stride)))
+                for start in np.cumsum(in_chunks)[:-1].tolist()]
+        bounds = [0] + cuts + [self.out]
+        return tuple(b - a for a, b in zip(bounds, bounds[1:]) if b > a)
+
+
+def _axes(spec):
+    (pt, _), (pl, _) = spec.padding
+    return (_Axis(spec.h, spec.kh, spec.stride[0], spec.dilation[0], pt, spec.ho),
+            _Axis(spec.w, spec.kw, spec.stride[1], spec.dilation[1], pl, spec.wo))
+
+
+def _ranges(chunks):
+    """[(start, stop)] of each chunk."""
+    bounds = np.cumsum((0,) + tuple(chunks)).tolist()
+    return list(zip(bounds, bounds[1:]))
+
+
+def _locate(bounds, r0, r1):
+    """(chunk index, local start, local stop) of the chunks covering [r0, r1)."""
+    i = bisect.bisect_right(bounds, r0) - 1
+    pieces = []
+    while r0 < r1:
+        stop = min(r1, bounds[i + 1])
+        if stop > r0:
+            pieces.append((i, r0 - bounds[i], stop - bounds[i]))
+        r0, i = stop, i + 1
+    return pieces
+
+
+# --- task-side pieces: opaque to dask (no keys inside), picklable -----------------------
+
+@dataclass(frozen=True)
+class _Slices:
+    """Rows of (row slice, column slice) cutting each gathered block to the window."""
+
+    grid: tuple
+
+
+@dataclass(frozen=True)
+class _Conv:
+    """Arguments of one block's in-memory call."""
+
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    threads: Optional[int]
+    needs: tuple = ()
+
+
+def _cut(block, rows, cols):
+    # A copy, so a halo strip neither keeps its whole block alive nor ships it between
+    # workers.
+    return block[:, :, rows, cols].copy()
+
+
+def _cat(parts, axis):
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+
+
+def _assemble(blocks, slices: _Slices):
+    rows = [_cat([b[:, :, sh, sw] for b, (sh, sw) in zip(brow, srow)], 3)
+            for brow, srow in zip(blocks, slices.grid)]
+    return _cat(rows, 2)
+
+
+def _forward_block(blocks, slices, weight, bias, conv: _Conv):
+    with limited_threads(conv.threads):
+        return _api.conv2d(_assemble(blocks, slices), weight, bias, conv.stride, conv.padding,
+                           conv.dilation, conv.groups)
+
+
+def _bias_block(shape, dtype, bias):
+    """An output block whose taps all fall in the padding: just the bias, as in memory."""
+    y = np.zeros(shape, dtype=dtype)
+    if bias is not None:
+        y += bias[None, :, None, None]
+    return y
+
+
+def _grad_input_block(blocks, slices, weight, conv: _Conv, window_shape, shape, rows, cols):
+    """Gradient for one input block; `rows`/`cols` place the gradient window in the block."""
+    gy = _assemble(blocks, slices)
+    # Only the shape of the input matters for its gradient: calloc'd zeros are never touched.
+    dummy = np.zeros(window_shape, dtype=gy.dtype)
+    with limited_threads(conv.threads):
+        g = _api.conv2d_backward(gy, dummy, weight, conv.stride, conv.padding, conv.dilation,
+                                 conv.groups, needs=("input",)).input
+    out = np.zeros(shape, dtype=gy.dtype)
+    (r0, r1, s0), (c0, c1, t0) = rows, cols
+    out[:, :, r0:r1, c0:c1] = g[:, :, s0:s0 + r1 - r0, t0:t0 + c1 - c0]
+    return out
+
+
+def _partial_grads(gy, blocks, slices, weight, conv: _Conv):
+    """(grad weight, grad bias) of one grad_output block; None where not needed."""
+    if blocks is None:     # the block reads only padding
+        gw = np.zeros(weight.shape, gy.dtype) if "weight" in conv.needs else None
+        gb = gy.sum(axis=(0, 2, 3)) if "bias" in conv.needs else None
+        return gw, gb
+    with limited_threads(conv.threads):
+        grads = _api.conv2d_backward(gy, _assemble(blocks, slices), weight, conv.stride,
+                                     conv.padding, conv.dilation, conv.groups,
+                                     needs=conv.needs)
+    return grads.weight, grads.bias
+
+
+def _add_partials(parts):
+    """Sum (weight, bias) pairs in list order (fixed, so the result is reproducible)."""
+    def total(values):
+        return None if values[0] is None else functools.reduce(operator.add, values)
+    return tuple(total([p[i] for p in parts]) for i in range(2))
+
+
+# --- graph building -------------------------------------------------------------------
+
+def _window(dsk, src, bn, rows, cols, strip_name, where):
+    """Keys and slices assembling src[block bn, :, r0:r1, c0:c1] from src's chunks.
+
+    A piece that is less than half of its block is cut out by its own task, so only the
+    halo travels; larger pieces are sliced inside the consuming task.
+    """
+    hb = np.cumsum((0,) + src.chunks[2]).tolist()
+    wb = np.cumsum((0,) + src.chunks[3]).tolist()
+    keys, grid = [], []
+    for ih, h0, h1 in _locate(hb, *rows):
+        krow, srow = [], []
+        for iw, w0, w1 in _locate(wb, *cols):
+            key = (src.name, bn, 0, ih, iw)
+            index = (slice(h0, h1), slice(w0, w1))
+            if 2 * (h1 - h0) * (w1 - w0) < (hb[ih + 1] - hb[ih]) * (wb[iw + 1] - wb[iw]):
+                strip = (strip_name,) + where + (ih, iw)
+                dsk[strip] = (_cut, key) + index
+                key, index = strip, (slice(None), slice(None))
+            krow.append(key)
+            srow.append(index)
+        keys.append(krow)
+        grid.append(tuple(srow))
+    return keys, _Slices(tuple(grid))
+
+
+def _array(name, dsk, dependencies, chunks, dtype):
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=dependencies)
+    return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype=dtype))
+
+
+class _Prepared(NamedTuple):
+    x: da.Array              # (N, C, H, W), float dtype, channels in one chunk, mode-padded
+    weight: np.ndarray
+    bias: Optional[np.ndarray]
+    spec: object             # ConvSpec of the zero-padding convolution run on x
+    batched: bool
+    dtype: np.dtype
+    mode: str
+    mode_pads: tuple         # padding done by da.pad for a non-zero padding_mode
+    input_chunks: tuple      # of the input before that padding
+    threads: Optional[int]
+    extra: dict              # extra operands, validated like the input (numpy ones converted)
+
+
+def _dtype_probe(name, value):
+    """`value` as an array for the dtype checks; a dask array gets a zero-size stand-in."""
+    if isinstance(value, da.Array):
+        if any(np.isnan(c) for axis in value.chunks for c in axis):
+            raise ValueError(f"{name} has unknown chunk sizes {value.chunks}; call "
+                             f"{name}.compute_chunk_sizes() first")
+        return _validate.as_array(name, np.empty(0, dtype=value.dtype))
+    return _validate.as_array(name, value)
+
+
+def _shape(value, probe) -> tuple:
+    return tuple(value.shape) if isinstance(value, da.Array) else probe.shape
+
+
+def _as_dask(name, value, probe, batched, dtype, chunks) -> da.Array:
+    """A 4-D dask array of `dtype` with all channels in one chunk."""
+    if not isinstance(value, da.Array):
+        value = da.from_array(probe if batched else probe[None], chunks=chunks)
+    elif not batched:
+        value = value[None]
+    if value.dtype != dtype:
+        value = value.astype(dtype)
+    if len(value.chunks[1]) > 1:
+        warnings.warn(f"{name} is chunked along channels {value.chunks[1]}; dilconv.dask "
+                      f"needs all channels of a block together and rechunks them into one "
+                      f"chunk (rechunk({{1: -1}}) yourself to avoid this warning)",
+                      PerformanceWarning, stacklevel=4)
+        value = value.rechunk({1: -1})
+    return value
+
+
+def _check_threads(threads_per_task):
+    if threads_per_task is None:
+        return None
+    if isinstance(threads_per_task, bool) or not isinstance(threads_per_task,
+                                                            numbers.Integral):
+        raise TypeError(f"threads_per_task must be a positive int or None, got "
+                        f"{threads_per_task!r}")
+    if threads_per_task < 1:
+        raise ValueError(f"threads_per_task must be >= 1, got {threads_per_task}")
+    return int(threads_per_task)
+
+
+def _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mode,
+             threads_per_task, extra=None) -> _Prepared:
+    """Validate as the in-memory call does, on shapes and dtypes only (nothing computes)."""
+    mode = _validate.check_padding_mode(padding_mode)
+    named = {"input": input, "weight": weight, "bias": bias, **(extra or {})}
+    probes = {name: _dtype_probe(name, value) for name, value in named.items()
+              if value is not None or name != "bias"}
+    dtype = _validate.common_float_dtype(probes)
+    shape = _shape(input, probes["input"])
+    w = np.ascontiguousarray(probes["weight"], dtype=dtype)
+    spec = _validate.make_spec(shape, w.shape, stride, padding, dilation, groups)
+    _validate.check_mode_padding(spec.padding, mode, shape)
+    b = None
+    if bias is not None:
+        if probes["bias"].shape != (spec.o,):
+            raise ValueError(f"bias must have shape ({spec.o},) to match weight.shape[0], "
+                             f"got shape {probes['bias'].shape}")
+        b = np.ascontiguousarray(probes["bias"], dtype=dtype)
+    threads = _check_threads(threads_per_task)
+    batched = len(shape) == 4
+    # numpy input: automatic chunks, channels together.
+    x = _as_dask("input", input, probes["input"], batched, dtype,
+                 {0: "auto", 1: -1, 2: "auto", 3: "auto"})
+    input_chunks, mode_pads = x.chunks, ((0, 0), (0, 0))
+    if mode != "zeros" and any(spec.padding[0] + spec.padding[1]):
+        # As in memory: pad by the mode, then convolve with zero padding 0.
+        mode_pads, x = spec.padding, _pad_spatial(x, spec.padding, mode)
+        spec = _validate.make_spec(x.shape, w.shape, stride, 0, dilation, groups)
+    probes = {name: (value, probes[name]) for name, value in (extra or {}).items()}
+    return _Prepared(x, w, b, spec, batched, dtype, mode, mode_pads, input_chunks, threads,
+                     probes)
+
+
+def _spec_token(spec) -> tuple:
+    return (spec.n, spec.c, spec.h, spec.w, spec.o, spec.kh, spec.kw, spec.stride,
+            spec.dilation, spec.padding, spec.groups)
+
+
+def _constants(token, weight, bias=None):
+    """A graph holding weight and bias once (not once per task), and their keys."""
+    wkey, bkey = "dilconv-weight-" + token, None
+    dsk = {wkey: weight}
+    if bias is not None:
+        bkey = "dilconv-bias-" + token
+        dsk[bkey] = bias
+    return dsk, wkey, bkey
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+           padding_mode="zeros", *, threads_per_task=1):
+    """`dilconv.conv2d` of a dask array, as a lazy dask array.
+
+    Parameters
+    ----------
+    input : dask.array.Array, (N, C, H, W) or (C, H, W)
+        Chunked along N, H and/or W in any way; channels are rechunked into one chunk (with
+        a PerformanceWarning) if split. A numpy array is wrapped with automatic chunks.
+    weight, bias : array_like
+        In memory (small); as in `dilconv.conv2d`.
+    stride, padding, dilation, groups, padding_mode
+        As in `dilconv.conv2d`; arguments are checked before the graph is built and raise
+        the same errors.
+    threads_per_task : int or None
+        OpenMP threads of each block's kernel call (default 1; None: dilconv's setting).
+
+    Returns
+    -------
+    dask.array.Array (N, O, Ho, Wo) (or (O, Ho, Wo)), chunked like the input along N and
+    split along H/W where the input is (each output goes with the input chunk its window is
+    centred in: 'same' padding keeps the input's chunks).
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da, dilconv, dilconv.dask
+    >>> x = da.random.default_rng(0).random((2, 3, 64, 64), chunks=(1, 3, 16, 32))
+    >>> w = np.ones((4, 3, 3, 3))
+    >>> y = dilconv.dask.conv2d(x, w, dilation=2, padding="same")
+    >>> y.chunks
+    ((1, 1), (4,), (16, 16, 16, 16), (32, 32))
+    >>> bool(np.allclose(y.compute(), dilconv.conv2d(x.compute(), w, dilation=2,
+    ...                                              padding="same")))
+    True
+    """
+    p = _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mode,
+                 threads_per_task)
+    x, spec = p.x, p.spec
+    ax_h, ax_w = _axes(spec)
+    out_h, out_w = ax_h.output_chunks(x.chunks[2]), ax_w.output_chunks(x.chunks[3])
+    token = tokenize(x.name, p.weight, p.bias, _spec_token(spec), p.threads)
+    name, strips = "dilconv-conv2d-" + token, "dilconv-conv2d-halo-" + token
+    dsk, wkey, bkey = _constants(token, p.weight, p.bias)
+    for bn, nb in enumerate(x.chunks[0]):
+        for bi, (a, b) in enumerate(_ranges(out_h)):
+            r0, r1, pad_h = ax_h.window(a, b)
+            for bj, (c, d) in enumerate(_ranges(out_w)):
+                c0, c1, pad_w = ax_w.window(c, d)
+                key = (name, bn, 0, bi, bj)
+                if r1 <= r0 or c1 <= c0:
+                    dsk[key] = (_bias_block, (nb, spec.o, b - a, d - c), p.dtype, bkey)
+                    continue
+                keys, slices = _window(dsk, x, bn, (r0, r1), (c0, c1), strips, (bn, bi, bj))
+                conv = _Conv(spec.stride, (pad_h, pad_w), spec.dilation, spec.groups,
+                             p.threads)
+                dsk[key] = (_forward_block, keys, slices, wkey, bkey, conv)
+    y = _array(name, dsk, [x], (x.chunks[0], (spec.o,), out_h, out_w), p.dtype)
+    return y if p.batched else y[0]
+
+
+def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1,
+                    padding_mode="zeros", *, needs=("input", "weight", "bias"),
+                    threads_per_task=1, split_every=8) -> _api.Conv2dGrads:
+    """`dilconv.conv2d_backward` of dask arrays, as lazy dask arrays.
+
+    Parameters
+    ----------
+    grad_output : dask.array.Array (or numpy array)
+        The forward output's shape, any chunking (its N chunks are matched to the input's).
+    input : dask.array.Array
+        As given to `conv2d`.
+    weight, stride, padding, dilation, groups, padding_mode, needs, threads_per_task
+        As in `dilconv.conv2d_backward` and `conv2d`.
+    split_every : int
+        Fan-in of the tree that adds the per-block weight and bias gradients (in block order).
+
+    Returns
+    -------
+    Conv2dGrads(input, weight, bias) of dask arrays (None where not asked for). The input
+    gradient is chunked like the input; compute them together (``dask.compute(*grads)``) to
+    share the work.
+
+    Examples
+    --------
+    >>> import numpy as np, dask, dask.array as da, dilconv, dilconv.dask
+    >>> x = da.ones((1, 1, 4, 4), chunks=(1, 1, 2, 2))
+    >>> g = dilconv.dask.conv2d_backward(da.ones((1, 1, 2, 2)), x, np.ones((1, 1, 2, 2)),
+    ...                                  dilation=2)
+    >>> gx, gw, gb = dask.compute(*g)
+    >>> gb, gw[0, 0]
+    (array([4.]), array([[4., 4.],
+           [4., 4.]]))
+    """
+    needs = _validate.check_needs(needs)
+    if isinstance(split_every, bool) or not isinstance(split_every, numbers.Integral) \
+            or split_every < 2:
+        raise ValueError(f"split_every must be an int >= 2, got {split_every!r}")
+    p = _prepare(input, weight, None, stride, padding, dilation, groups, padding_mode,
+                 threads_per_task, extra={"grad_output": grad_output})
+    x, spec = p.x, p.spec
+    gy_value, gy_probe = p.extra["grad_output"]
+    # (Padding by the mode first leaves the output shape unchanged.)
+    expected = spec.output_shape if p.batched else spec.output_shape[1:]
+    if _shape(gy_value, gy_probe) != expected:
+        raise ValueError(f"grad_output must have shape {expected}, got "
+                         f"{_shape(gy_value, gy_probe)}")
+    ax_h, ax_w = _axes(spec)
+    # numpy grad_output: chunked as conv2d's output would be.
+    gy = _as_dask("grad_output", gy_value, gy_probe, p.batched, p.dtype,
+                  (x.chunks[0], (spec.o,), ax_h.output_chunks(x.chunks[2]),
+                   ax_w.output_chunks(x.chunks[3])))
+    if gy.chunks[0] != x.chunks[0]:
+        gy = gy.rechunk({0: x.chunks[0]})
+    token = tokenize(x.name, gy.name, p.weight, _spec_token(spec), sorted(needs), p.threads,
+                     split_every)
+    grad_input = grad_weight = grad_bias = None
+    if "input" in needs:
+        grad_input = _grad_input_graph(token, x, gy, p)
+        if p.mode != "zeros":
+            grad_input = _fold_spatial(grad_input, p.mode_pads, p.mode, p.input_chunks)
+        if not p.batched:
+            grad_input = grad_input[0]
+    param_needs = tuple(n for n in ("weight", "bias") if n in needs)
+    if param_needs:
+        graph, root = _partials_graph(token, x, gy, p, param_needs, split_every)
+        if "weight" in needs:
+            name = "dilconv-grad-weight-" + token
+            grad_weight = _array(name, {(name, 0, 0, 0, 0): (operator.getitem, root, 0)},
+                                 [graph], tuple((s,) for s in p.weight.shape), p.dtype)
+        if "bias" in needs:
+            name = "dilconv-grad-bias-" + token
+            grad_bias = _array(name, {(name, 0): (operator.getitem, root, 1)}, [graph],
+                               ((spec.o,),), p.dtype)
+    return _api.Conv2dGrads(grad_input, grad_weight, grad_bias)
+
+
+class _Graph:
+    """A bare dask collection around a graph, so another layer can depend on it."""
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __dask_graph__(self):
+        return self.graph
+
+    def __dask_layers__(self):
+        return tuple(self.graph.layers)
+
+
+def _grad_input_graph(token, x, gy, p) -> da.Array:
+    """Each input block gathers the grad_output rows/columns whose windows overlap it."""
+    spec = p.spec
+    ax_h, ax_w = _axes(spec)
+    name = "dilconv-grad-input-" + token
+    strips = "dilconv-grad-input-halo-" + token
+    dsk, wkey, _ = _constants(token, p.weight)
+    for bn, nb in enumerate(x.chunks[0]):
+        for bi, (r0, r1) in enumerate(_ranges(x.chunks[2])):
+            ja, jb = ax_h.readers(r0, r1)
+            l0, l1, pad_h = ax_h.window(ja, jb)
+            for bj, (c0, c1) in enumerate(_ranges(x.chunks[3])):
+                ka, kb = ax_w.readers(c0, c1)
+                m0, m1, pad_w = ax_w.window(ka, kb)
+                key = (name, bn, 0, bi, bj)
+                shape = (nb, spec.c, r1 - r0, c1 - c0)
+                if ja == jb or ka == kb:       # no output reads this block
+                    dsk[key] = (np.zeros, shape, p.dtype)
+                    continue
+                keys, slices = _window(dsk, gy, bn, (ja, jb), (ka, kb), strips, (bn, bi, bj))
+                conv = _Conv(spec.stride, (pad_h, pad_w), spec.dilation, spec.groups,
+                             p.threads)
+                # Overlap of block and gradient window: block rows [from, to), window row.
+                rows = (max(r0, l0) - r0, min(r1, l1) - r0, max(r0, l0) - l0)
+                cols = (max(c0, m0) - c0, min(c1, m1) - c0, max(c0, m0) - m0)
+                dsk[key] = (_grad_input_block, keys, slices, wkey, conv,
+                            (nb, spec.c, l1 - l0, m1 - m0), shape, rows, cols)
+    return _array(name, dsk, [x, gy], x.chunks, p.dtype)
+
+
+def _partials_graph(token, x, gy, p, needs, split_every):
+    """Per grad_output block (weight, bias) partial sums, then a fixed-order tree sum.
+
+    Returns the graph (as a collection) and the key of the final (weight, bias) pair.
+    """
+    spec = p.spec
+    ax_h, ax_w = _axes(spec)
+    name = "dilconv-grad-partial-" + token
+    strips = "dilconv-grad-partial-halo-" + token
+    dsk, wkey, _ = _constants(token, p.weight)
+    partials = []
+    for bn in range(len(gy.chunks[0])):
+        for bi, (a, b) in enumerate(_ranges(gy.chunks[2])):
+            r0, r1, pad_h = ax_h.window(a, b)
+            for bj, (c, d) in enumerate(_ranges(gy.chunks[3])):
+                c0, c1, pad_w = ax_w.window(c, d)
+                key = (name, bn, bi, bj)
+                conv = _Conv(spec.stride, (pad_h, pad_w), spec.dilation, spec.groups,
+                             p.threads, needs)
+                keys = slices = None           # None: the block reads only padding
+                if r1 > r0 and c1 > c0:
+                    keys, slices = _window(dsk, x, bn, (r0, r1), (c0, c1), strips,
+                                           (bn, bi, bj))
+                dsk[key] = (_partial_grads, (gy.name, bn, 0, bi, bj), keys, slices, wkey,
+                            conv)
+                partials.append(key)
+    level = 0
+    while len(partials) > 1:
+        groups = [partials[i:i + split_every] for i in range(0, len(partials), split_every)]
+        partials = []
+        for i, group in enumerate(groups):
+            key = ("dilconv-grad-sum-" + token, level, i)
+            dsk[key] = (_add_partials, group)
+            partials.append(key)
+        level += 1
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x, gy])
+    return _Graph(graph), partials[0]
+
+
+# --- non-zero padding modes: pad with da.pad, fold the gradient back --------------------
+
+def _pad_spatial(x: da.Array, pads: tuple, mode: str) -> da.Array:
+    return da.pad(x, ((0, 0), (0, 0)) + tuple(pads), mode=PAD_MODES[mode])
+
+
+def _fold_axis(g: da.Array, axis: int, lo: int, hi: int, size: int, mode: str,
+               chunks: tuple) -> da.Array:
+    """Adjoint of padding `axis` by (lo, hi) in `mode`: add each padded position's
+    gradient to the input position it copies."""
+    if lo == hi == 0:
+        return g
+    source = _padding.source_index(size, lo, hi, mode)
+
+    def take(start, stop):
+        index = [slice(None)] * g.ndim
+        index[axis] = slice(start, stop)
+        return g[tuple(index)]
+
+    targets = {}
+    for pos in list(range(lo)) + list(range(lo + size, lo + size + hi)):
+        targets.setdefault(int(source[pos]), []).append(pos)
+    pieces, start = [], 0
+    for t in sorted(targets):
+        if t > start:
+            pieces.append(take(lo + start, lo + t))
+        row = take(lo + t, lo + t + 1)
+        for pos in targets[t]:
+            row = row + take(pos, pos + 1)
+        pieces.append(row)
+        start = t + 1
+    if start < size:
+        pieces.append(take(lo + start, lo + size))
+    return da.concatenate(pieces, axis=axis).rechunk({axis: chunks})
+
+
+def _fold_spatial(g: da.Array, pads: tuple, mode: str, chunks: tuple) -> da.Array:
+    """Gradient of the unpadded input (chunked as `chunks`) from the gradient of
+    `_pad_spatial`'s result."""
+    for axis, (lo, hi) in zip((2, 3), pads):
+        g = _fold_axis(g, axis, lo, hi, g.shape[axis] - lo - hi, mode, chunks[axis])
+    return g
