@@ -69,7 +69,7 @@ assert b'__asan_report' in open(f.__file__, 'rb').read(), 'kernels are not instr
 print('instrumented kernels from', dilconv.__file__)"
 run pytest python -m pytest -q -p no:cacheprovider
 if [[ -d fuzz ]]; then
-    run fuzz-lab python -m fuzz run --cases 200
+    run fuzz-lab python -m fuzz run --cases 200 --seed 1 --jobs 1 --timeout 300 --no-progress
 fi
 # Hypothesis-heavy pass over the kernel tests (the fuzz lab may not be present).
 run hypothesis-long env DILCONV_HYPOTHESIS=long python -m pytest -q -p no:cacheprovider \
