@@ -246,15 +246,22 @@ def fuzz_other_functions(d: Decoder):
     def arg(low=0):
         return d.geometry_arg(huge=False) if d.small(0, 3) == 0 else d.small(low, 3)
 
+    def operands(rank):
+        """input (batched or not), weight, bias, grad_output; None if one is too big."""
+        arrays = (d.array(rank if d.small(0, 3) else rank - 1), d.array(rank),
+                  d.array(1) if d.bool() else None, d.array(rank))
+        if any(_size(np.shape(a)) > LIMIT for a in arrays
+               if a is not None and hasattr(a, "shape")):
+            return None
+        return arrays
+
     which = d.small(0, 2)
     mode = d.pick(STRINGS + [None]) if d.small(0, 3) == 0 else "zeros"
     needs = d.pick([("input", "weight", "bias"), ("weight",), (), "bias", ("inputs",), 3])
     if which == 0:
-        x, w = d.array(3 if d.small(0, 3) else 2), d.array(3)
-        b, gy = (d.array(1) if d.bool() else None), d.array(3)
-        if any(_size(np.shape(a)) > LIMIT for a in (x, w, b, gy)
-               if a is not None and hasattr(a, "shape")):
+        if (arrays := operands(3)) is None:
             return
+        x, w, b, gy = arrays
         args = (arg(1), arg(), arg(1), 1 if d.small(0, 2) else d.int_like(huge=False))
         causal = d.pick([False, False, True, 1, "yes"])
         if d.bool():
@@ -264,11 +271,9 @@ def fuzz_other_functions(d: Decoder):
             _checked_result(dilconv.conv1d_backward(gy, x, w, *args, padding_mode=mode,
                                                     causal=causal, needs=needs))
     elif which == 1:
-        x, w = d.array(4 if d.small(0, 3) else 3), d.array(4)
-        b, gy = (d.array(1) if d.bool() else None), d.array(4)
-        if any(_size(np.shape(a)) > LIMIT for a in (x, w, b, gy)
-               if a is not None and hasattr(a, "shape")):
+        if (arrays := operands(4)) is None:
             return
+        x, w, b, gy = arrays
         args = (arg(1), arg(), arg(), 1 if d.small(0, 2) else d.int_like(huge=False), arg(1))
         if d.bool():
             _checked_result([dilconv.conv_transpose2d(x, w, b, *args)])
