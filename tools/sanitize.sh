@@ -10,6 +10,8 @@
 # Python itself is not instrumented, so the sanitizer runtimes are preloaded; leak detection
 # is off because CPython does not free everything at exit (tests/test_resources.py measures
 # leaks by RSS instead). Any sanitizer report aborts the step and fails the script.
+# handle_segv=0: the fuzz lab's self-test crashes a worker on purpose and expects a plain
+# SIGSEGV; real out-of-bounds accesses are caught by the instrumentation, not the handler.
 set -euo pipefail
 
 root=$(cd "${1:-$(dirname "$0")/..}" && pwd)
@@ -43,7 +45,7 @@ fi
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 export LD_PRELOAD="$asan:$ubsan"
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1:strict_string_checks=1:check_initialization_order=1:detect_stack_use_after_return=1:log_path=$logs/asan"
+export ASAN_OPTIONS="detect_leaks=0:handle_segv=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1:strict_string_checks=1:check_initialization_order=1:detect_stack_use_after_return=1:log_path=$logs/asan"
 export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1:log_path=$logs/ubsan"
 # The instrumented copy, not an installed dilconv.
 export PYTHONPATH="$work"
