@@ -4,6 +4,7 @@
 #
 # Usage: tools/sanitize.sh [REPO_ROOT]        (default: the repository holding this script)
 # Env:   ATHERIS_RUNS=N   atheris executions under the sanitizers (default 20000, 0: skip)
+#        ATHERIS_CORPUS=DIR  start atheris from a copy of this corpus (e.g. an earlier run's)
 #        KEEP=1           keep the temporary copy (it is always kept when a step fails)
 #
 # The copy is built with DILCONV_SANITIZE=1 (setup.py adds -fsanitize=address,undefined).
@@ -78,6 +79,7 @@ run hypothesis-long env DILCONV_HYPOTHESIS=long python -m pytest -q -p no:cachep
     tests/test_conv.py -k property
 if [[ "${ATHERIS_RUNS:-20000}" != 0 ]] && python -c "import atheris" 2>/dev/null; then
     mkdir -p "$work/corpus" "$work/artifacts"
+    if [[ -n "${ATHERIS_CORPUS:-}" ]]; then cp -r "$ATHERIS_CORPUS"/. "$work/corpus/"; fi
     run atheris python -W ignore tools/atheris_target.py -atheris_runs="${ATHERIS_RUNS:-20000}" \
         -max_len=512 -len_control=10 -artifact_prefix="$work/artifacts/" "$work/corpus"
 fi
