@@ -8,9 +8,12 @@ unknown `needs=` names. The contract checked:
 - only ValueError, TypeError or NotImplementedError may escape (anything else, or a crash,
   is a bug);
 - conv2d and conv2d_backward reject exactly the geometries output_shape rejects;
-- a successful call returns the shapes and dtypes output_shape and the inputs predict, and,
-  for finite inputs, values within the derived error bound of the float64 oracle (on the
-  kernel path chosen by the input: automatic, direct or gemm).
+- a successful conv2d call returns the shapes and dtypes output_shape and the inputs
+  predict, and, for finite inputs and zero padding, values within the derived error bound
+  of the float64 oracle (on the kernel path chosen by the input: automatic or any of
+  dilconv._dispatch.PATHS);
+- conv1d, conv_transpose2d, their backward functions and the layers (Conv2d, Conv1d,
+  ConvTranspose2d: construction, forward, backward) return float arrays.
 
 Calls whose arrays would be larger than LIMIT elements are checked by output_shape only, so
 the fuzzer never asks for gigabytes.
@@ -56,9 +59,9 @@ class Decoder:
     def bool(self):
         return self.fdp.ConsumeBool()
 
-    def int_like(self):
+    def int_like(self, huge=True):
         kind = self.small(0, 9)
-        if kind <= 5:
+        if kind <= 5 or (kind == 6 and not huge):
             return self.small(-2, 5)
         if kind == 6:
             return 2 ** self.small(20, 70) * self.pick([1, -1])
@@ -68,17 +71,20 @@ class Decoder:
             return self.pick([True, False, np.bool_(True)])
         return self.pick([1.0, 2.5, float("nan"), None, "2", (), [], object()])
 
-    def geometry_arg(self):
-        """stride / dilation / padding candidates: ints, pairs, nests, strings, junk."""
+    def geometry_arg(self, huge=True):
+        """stride / dilation / padding candidates: ints, pairs, nests, strings, junk.
+
+        huge=False leaves out integers of 2**20 and more: valid huge geometries of the
+        functions without an output_shape check would ask for terabytes."""
         kind = self.small(0, 6)
         if kind <= 2:
-            return self.int_like()
+            return self.int_like(huge)
         if kind == 3:
-            return tuple(self.int_like() for _ in range(self.small(0, 3)))
+            return tuple(self.int_like(huge) for _ in range(self.small(0, 3)))
         if kind == 4:
-            return [self.int_like(), self.int_like()]
+            return [self.int_like(huge), self.int_like(huge)]
         if kind == 5:
-            return tuple(tuple(self.int_like() for _ in range(self.small(0, 3)))
+            return tuple(tuple(self.int_like(huge) for _ in range(self.small(0, 3)))
                          for _ in range(self.small(1, 3)))
         return self.pick(STRINGS + [np.array([1, 2]), np.array([[1]]), {"h": 1}])
 
@@ -223,7 +229,73 @@ def fuzz_conv2d(d: Decoder, backward: bool):
         raise AssertionError("conv2d(out=...) did not return out")
     if y.shape != tuple(shape) or y.dtype not in (np.float32, np.float64):
         raise AssertionError(f"conv2d returned {y.shape} {y.dtype}, expected {shape}")
-    _check_forward(x, w, b, stride, padding, dilation, groups, y)
+    if mode == "zeros":
+        _check_forward(x, w, b, stride, padding, dilation, groups, y)
+
+
+def _checked_result(arrays):
+    for a in arrays:
+        if a is not None and (not isinstance(a, np.ndarray)
+                              or a.dtype not in (np.float32, np.float64)):
+            raise AssertionError(f"result {type(a).__name__} {getattr(a, 'dtype', '')}")
+
+
+def fuzz_other_functions(d: Decoder):
+    """conv1d, conv_transpose2d (and their backward) and the layers: the exception
+    contract and result types (the fuzz lab checks their values)."""
+    def arg(low=0):
+        return d.geometry_arg(huge=False) if d.small(0, 3) == 0 else d.small(low, 3)
+
+    def operands(rank):
+        """input (batched or not), weight, bias, grad_output; None if one is too big."""
+        arrays = (d.array(rank if d.small(0, 3) else rank - 1), d.array(rank),
+                  d.array(1) if d.bool() else None, d.array(rank))
+        if any(_size(np.shape(a)) > LIMIT for a in arrays
+               if a is not None and hasattr(a, "shape")):
+            return None
+        return arrays
+
+    which = d.small(0, 2)
+    mode = d.pick(STRINGS + [None]) if d.small(0, 3) == 0 else "zeros"
+    needs = d.pick([("input", "weight", "bias"), ("weight",), (), "bias", ("inputs",), 3])
+    if which == 0:
+        if (arrays := operands(3)) is None:
+            return
+        x, w, b, gy = arrays
+        args = (arg(1), arg(), arg(1), 1 if d.small(0, 2) else d.int_like(huge=False))
+        causal = d.pick([False, False, True, 1, "yes"])
+        if d.bool():
+            _checked_result([dilconv.conv1d(x, w, b, *args, padding_mode=mode,
+                                            causal=causal)])
+        else:
+            _checked_result(dilconv.conv1d_backward(gy, x, w, *args, padding_mode=mode,
+                                                    causal=causal, needs=needs))
+    elif which == 1:
+        if (arrays := operands(4)) is None:
+            return
+        x, w, b, gy = arrays
+        args = (arg(1), arg(), arg(), 1 if d.small(0, 2) else d.int_like(huge=False), arg(1))
+        if d.bool():
+            _checked_result([dilconv.conv_transpose2d(x, w, b, *args)])
+        else:
+            _checked_result(dilconv.conv_transpose2d_backward(gy, x, w, *args, needs=needs))
+    else:
+        cls = d.pick([dilconv.Conv2d, dilconv.Conv1d, dilconv.ConvTranspose2d])
+        extra = {"output_padding": arg()} if cls is dilconv.ConvTranspose2d else {
+            "padding_mode": mode}
+        layer = cls(d.pick([1, 2, 3, 4, 0, -1, 2.0, None]), d.pick([1, 2, 4, 0, True, "2"]),
+                    arg(1), stride=arg(1), padding=d.pick([arg(), "same", "valid"]),
+                    dilation=arg(1), groups=d.pick([1, 1, 2, 0, 3.0]),
+                    bias=d.pick([True, False, None]),
+                    dtype=d.pick([np.float32, np.float64, "float32", np.int64, None]),
+                    rng=d.small(0, 3), **extra)
+        x = d.array(cls._ndim + 2 if d.small(0, 3) else cls._ndim + 1)
+        if _size(np.shape(x)) > LIMIT:
+            return
+        y = layer(x)
+        _checked_result([y])
+        gy = np.ones_like(y) if d.small(0, 3) else d.array(y.ndim)
+        _checked_result([layer.backward(gy), layer.weight_grad, layer.bias_grad])
 
 
 def fuzz_small_functions(d: Decoder):
@@ -257,8 +329,8 @@ STATS_EVERY = 25000
 
 def TestOneInput(data: bytes):
     d = Decoder(data)
-    which = d.small(0, 4)
-    path = d.pick([None, None, "direct", "gemm"])
+    which = d.small(0, 6)
+    path = d.pick([None, None] + list(_dispatch.PATHS))
     STATS["calls"] += 1
     try:
         with _dispatch.force_path(path):
@@ -266,6 +338,8 @@ def TestOneInput(data: bytes):
                 fuzz_conv2d(d, backward=False)
             elif which <= 3:
                 fuzz_conv2d(d, backward=True)
+            elif which <= 5:
+                fuzz_other_functions(d)
             else:
                 fuzz_small_functions(d)
         STATS["returned"] += 1
