@@ -46,6 +46,21 @@ cdef inline void pack_rect(const floating* plane, Py_ssize_t plane_w, Py_ssize_t
                 dst[r * cols + j] = src[j * col_step]
 
 
+cdef struct TileTask:
+    Py_ssize_t n, grp, r0, r1, c0, c1
+
+
+cdef inline TileTask tile_task(const Py_ssize_t[:, ::1] tiles, Geom g,
+                               Py_ssize_t task) noexcept nogil:
+    """Task numbers run over (image, group, tile), tiles fastest."""
+    cdef TileTask tt
+    cdef Py_ssize_t n_tiles = tiles.shape[0], t = task % n_tiles
+    tt.n = task // (g.groups * n_tiles)
+    tt.grp = (task // n_tiles) % g.groups
+    tt.r0, tt.r1, tt.c0, tt.c1 = tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3]
+    return tt
+
+
 cdef void pack_taps(const floating* plane, Geom g, Py_ssize_t row0, Py_ssize_t rows,
                     Py_ssize_t c, Py_ssize_t d, Py_ssize_t kw, Py_ssize_t valid_lo,
                     Py_ssize_t valid_hi, floating* dst) noexcept nogil:
@@ -80,11 +95,8 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,         # IN  (N, C, H, 
                         floating* pack, floating* tmp) noexcept nogil:   # SCRATCH
     # kw_group taps of a kernel row go into one product (K = kw_group * C/g): 1 for many
     # channels (no zero padding work), kW for few (a longer K multiplies faster).
-    cdef Py_ssize_t n_tiles = tiles.shape[0]
-    cdef Py_ssize_t n = task // (g.groups * n_tiles)
-    cdef Py_ssize_t grp = (task // n_tiles) % g.groups
-    cdef Py_ssize_t t = task % n_tiles
-    cdef Py_ssize_t r0 = tiles[t, 0], r1 = tiles[t, 1], c0 = tiles[t, 2], c1 = tiles[t, 3]
+    cdef TileTask tt = tile_task(tiles, g, task)
+    cdef Py_ssize_t n = tt.n, grp = tt.grp, r0 = tt.r0, r1 = tt.r1, c0 = tt.c0, c1 = tt.c1
     cdef Py_ssize_t o0 = grp * g.Og, ci0 = grp * g.Cg, k = kw_group * g.Cg
     cdef Py_ssize_t oi, ci, kh, kw, gi, kw_first, r, j, a, b, c, d, rows, cols, pixels
     cdef floating bv
@@ -171,11 +183,8 @@ cdef void _grad_input_tile(const floating[:, :, :, ::1] gy,     # IN  (N, O, Ho,
                            const Py_ssize_t[:, ::1] tiles,      # IN  (T, 4) of input pixels
                            Geom g, Py_ssize_t task,
                            floating* pack, floating* tmp) noexcept nogil:   # SCRATCH
-    cdef Py_ssize_t n_tiles = tiles.shape[0]
-    cdef Py_ssize_t n = task // (g.groups * n_tiles)
-    cdef Py_ssize_t grp = (task // n_tiles) % g.groups
-    cdef Py_ssize_t t = task % n_tiles
-    cdef Py_ssize_t r0 = tiles[t, 0], r1 = tiles[t, 1], c0 = tiles[t, 2], c1 = tiles[t, 3]
+    cdef TileTask tt = tile_task(tiles, g, task)
+    cdef Py_ssize_t n = tt.n, grp = tt.grp, r0 = tt.r0, r1 = tt.r1, c0 = tt.c0, c1 = tt.c1
     cdef Py_ssize_t o0 = grp * g.Og, ci0 = grp * g.Cg
     cdef Py_ssize_t oi, ci, kh, kw, r, j, a, b, c, d, rows, cols, pixels, off_h, off_w
     cdef floating* gxrow
