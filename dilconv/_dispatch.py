@@ -56,17 +56,18 @@ def force_path(path):
 def choose_path(spec, op: str = "forward") -> str:
     """Kernel family for `op` ('forward', or 'backward' for the input and weight
     gradients) on this geometry."""
+    # BLAS takes 32-bit sizes, and the gemm forward passes the output plane size as a
+    # leading dimension: larger geometries run direct, even when gemm is forced.
+    fits_blas = (max(spec.c, spec.o) * MAX_TILE_PIXELS <= BLAS_INT_MAX
+                 and spec.ho * spec.wo <= BLAS_INT_MAX)
     forced = _forced or os.environ.get("DILCONV_PATH") or None
     if forced is not None:
         if forced not in PATHS:
             raise ValueError(f"DILCONV_PATH must be one of {PATHS}, got {forced!r}")
-        return forced
+        return "direct" if forced == "gemm" and not fits_blas else forced
+    if not fits_blas:
+        return "direct"
     cg, og = spec.c // spec.groups, spec.o // spec.groups
-    if max(spec.c, spec.o) * MAX_TILE_PIXELS > BLAS_INT_MAX:
-        return "direct"
-    # The gemm forward passes the output plane size as a BLAS leading dimension.
-    if spec.ho * spec.wo > BLAS_INT_MAX:
-        return "direct"
     if op == "forward":
         if cg * og >= 32:
             return "gemm"

@@ -183,10 +183,16 @@ def test_planes_over_2_31_pixels_stay_off_the_gemm_path():
     assert _dispatch.choose_path(make_spec((1, 8, 64, 64), (8, 8, 1, 1), 1, 0, 1, 1)) == "gemm"
 
 
+def test_forced_gemm_falls_back_to_direct_past_blas_sizes():
+    # BLAS sizes are 32-bit: a plane of more than 2**31 - 1 output pixels never reaches it.
+    spec = make_spec((1, 1, 524289, 4096), (1, 1, 1, 1), 1, 0, 1, 1)
+    with _dispatch.force_path("gemm"):
+        assert _dispatch.choose_path(spec) == "direct"
+        assert _dispatch.choose_path(make_spec((1, 8, 64, 64), (8, 8, 1, 1), 1, 0, 1,
+                                               1)) == "gemm"
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="gemm forward kernel: output plane size passed to sgemm as a C int "
-                          "(ldc overflows when Ho*Wo > 2**31 - 1 with whole-row tiles)",
-                   strict=False)
 def test_forced_gemm_on_a_plane_over_2_31_pixels():
     # Whole-row tiles (Wo <= 4096) with Ho*Wo = 2**31 + 4096: about 17 GB of RAM.
     x = np.ones((1, 1, 524289, 4096), np.float32)
