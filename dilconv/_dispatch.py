@@ -122,6 +122,7 @@ def _blas_single_threaded():
             if _controller is None:
                 from threadpoolctl import ThreadpoolController
                 _controller = ThreadpoolController()
+            _release_openblas_control()
             _blas_limiter = _controller.limit(limits=1, user_api="blas")
         _blas_users += 1
     try:
@@ -130,8 +131,26 @@ def _blas_single_threaded():
         with _blas_lock:
             _blas_users -= 1
             if _blas_users == 0:
+                _release_openblas_control()
                 _blas_limiter.restore_original_limits()
                 _blas_limiter = None
+                _release_openblas_control()
+
+
+def _release_openblas_control() -> None:
+    """Let this thread set OpenBLAS's count.
+
+    threadpoolctl (3.6+) lets only one "controlling" thread change a process-wide
+    OpenBLAS pool and silently ignores the others; the last caller, who restores the
+    count, may not be the first, who set it. We hold _blas_lock here.
+    """
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:
+        return
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
 
 
 def _after_fork_in_child() -> None:

@@ -250,3 +250,34 @@ def test_set_num_threads_and_threadpool_limits_take_effect():
         assert seen[label] == [base + n - 1, n], (label, seen)
     assert seen["set_num_threads(4) + threadpool_limits(1)"][1] == 1
     assert seen["after the limit"][1] == 4
+
+
+FIRST_CALLS_CONCURRENT_SCRIPT = """
+import json, threading
+import numpy as np
+import threadpoolctl
+import dilconv
+
+def blas():
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+before = blas()
+x = np.random.rand(1, 64, 64, 64).astype(np.float32)
+w = np.random.rand(64, 64, 3, 3).astype(np.float32)
+def calls():
+    for _ in range(20):
+        dilconv.conv2d(x, w, padding=1)                 # gemm path: limits BLAS
+threads = [threading.Thread(target=calls) for _ in range(2)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(json.dumps({"before": before, "after": blas()}))
+"""
+
+
+def test_blas_count_comes_back_when_the_first_calls_are_concurrent():
+    # threadpoolctl lets only one thread change OpenBLAS's pool; the thread that restores
+    # the count is not always the one that limited it (dask's threaded scheduler).
+    import json
+    proc = _python(FIRST_CALLS_CONCURRENT_SCRIPT)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["after"] == report["before"], report
