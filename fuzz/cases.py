@@ -375,6 +375,7 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
             rng, (None, "c", "strided"), (0.7, 0.15, 0.15)),
         tile_pixels=None if rng.random() < 0.6 else _choice(rng, TILE_PIXELS),
         min_macs_per_thread=None if rng.random() < 0.2 else 1,
+        kw_group_below_channels=None if rng.random() < 0.7 else 1,
     )
     if invalid:
         case["ops"] = ["invalid"]
