@@ -177,6 +177,15 @@ cdef inline Py_ssize_t floor_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a // b if a >= 0 else -((-a + b - 1) // b)
 
 
+cdef inline void outputs_reading(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t first,
+                                 Py_ssize_t stop, Py_ssize_t offset, Py_ssize_t step,
+                                 Py_ssize_t* a, Py_ssize_t* b) noexcept nogil:
+    """[a, b): outputs j in the tap's in-bounds range [lo, hi) whose input index
+    j*step + offset falls in [first, stop), along one axis."""
+    a[0] = max(lo, ceil_div(first - offset, step))
+    b[0] = min(hi, floor_div(stop - 1 - offset, step) + 1)
+
+
 cdef void _grad_input_tile(const floating[:, :, :, ::1] gy,     # IN  (N, O, Ho, Wo)
                            const floating[:, :, ::1] wt,        # IN  (kH*kW, C, O/groups)
                            floating[:, :, :, ::1] gx,           # OUT (N, C, H, W)
@@ -198,14 +207,12 @@ cdef void _grad_input_tile(const floating[:, :, :, ::1] gy,     # IN  (N, O, Ho,
     for kh in range(g.kH):
         # Outputs whose input row (oh*sh + off_h) falls in this tile, and in the image.
         off_h = kh * g.dh - g.pt
-        a = max(g.oh_lo[kh], ceil_div(r0 - off_h, g.sh))
-        b = min(g.oh_hi[kh], floor_div(r1 - 1 - off_h, g.sh) + 1)
+        outputs_reading(g.oh_lo[kh], g.oh_hi[kh], r0, r1, off_h, g.sh, &a, &b)
         if a >= b:
             continue
         for kw in range(g.kW):
             off_w = kw * g.dw - g.pl
-            c = max(g.ow_lo[kw], ceil_div(c0 - off_w, g.sw))
-            d = min(g.ow_hi[kw], floor_div(c1 - 1 - off_w, g.sw) + 1)
+            outputs_reading(g.ow_lo[kw], g.ow_hi[kw], c0, c1, off_w, g.sw, &c, &d)
             if c >= d:
                 continue
             rows = b - a
