@@ -21,7 +21,11 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_MODULES = ["_openmp_helpers", "_forward", "_backward", "_gemm", "_flat"]
+KERNEL_MODULES = ["_openmp_helpers", "_forward", "_backward", "_gemm", "_flat", "_depthwise"]
+# Per-module flags. _depthwise: no fused multiply-adds, so that every block size rounds the
+# same way (gcc fused the sums of some blocks and not of others), and an output's bits do
+# not depend on which block computed it.
+MODULE_FLAGS = {"_depthwise": ["-ffp-contract=off"]}
 
 
 def _env_flag(name):
@@ -91,7 +95,8 @@ class BuildExt(build_ext):
         sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"] \
             if _env_flag("DILCONV_SANITIZE") else []
         for ext in self.extensions:
-            ext.extra_compile_args = opt + omp + sanitize
+            module = ext.name.rsplit(".", 1)[-1]
+            ext.extra_compile_args = opt + omp + sanitize + MODULE_FLAGS.get(module, [])
             ext.extra_link_args = omp + sanitize
         super().build_extensions()
 

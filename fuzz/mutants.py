@@ -239,6 +239,17 @@ class FlatDropsFirstRow(Mutant):
         return y
 
 
+class DepthwiseDropsSecondRows(Mutant):
+    description = "depthwise path only: last output column of odd rows left at zero (forward)"
+
+    def forward(self, call, mode):
+        y = real_forward(call, mode)
+        spec = call.spec
+        if _dispatch.choose_path(spec) == "depthwise" and spec.c == spec.groups:
+            y[..., 1::2, -1] = 0
+        return y
+
+
 class GemmIgnoresBias(Mutant):
     description = "gemm path only: bias ignored (forward)"
 
@@ -372,7 +383,7 @@ MUTANTS = {_name(cls): cls() for cls in (
     DilationOffByOne, StrideIgnored, GroupsMappedWrongly, PaddingWrongSide, KernelFlipped,
     BiasDropped, BiasDoubled, Float32PartialTaps, Float64InFloat32, PaddingFilledWithOnes,
     BigEndianMisread, FortranMisread, UnbatchedKeepsBatchAxis, OutIgnored, ThreadDependent,
-    DirectDropsLastColumn, FlatDropsFirstRow, GemmIgnoresBias, GradWeightMissingLastRow,
+    DirectDropsLastColumn, FlatDropsFirstRow, DepthwiseDropsSecondRows, GemmIgnoresBias, GradWeightMissingLastRow,
     GradInputOffByOneRow, GradBiasFirstImageOnly, EmptyBatchGradWeightGarbage,
     ErrorsSwallowed, WrongExceptionType, VagueErrors, Conv1dKernelReversed,
     TransposeBiasDropped, SegfaultOnWideDilation, ReflectAsReplicate)}

@@ -79,10 +79,10 @@ def test_forward_and_backward_match_oracle(case, dtype, bias, path, rng):
         check_backward(gy, x, wt, stride, padding, dilation, groups)
 
 
-def test_dispatch_picks_gemm_for_many_channels_and_flat_or_direct_for_depthwise():
+def test_dispatch_picks_gemm_for_many_channels_and_flat_or_direct_for_few():
     assert choose_path(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "gemm"
-    assert choose_path(make_spec((1, 64, 32, 32), (64, 1, 3, 3), 1, 1, 1, 64)) == "flat"
-    assert choose_path(make_spec((1, 64, 32, 32), (64, 1, 3, 3), 2, 1, 1, 64)) == "direct"
+    assert choose_path(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 1, 1, 1, 4)) == "flat"
+    assert choose_path(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 2, 1, 1, 4)) == "direct"
     with force_path("direct"):
         assert choose_path(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "direct"
     with pytest.raises(ValueError, match="path"):

@@ -129,7 +129,7 @@ def _check_rows(y, x, rows, fn):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["direct", "gemm"])
+@pytest.mark.parametrize("path", ["direct", "gemm", "depthwise"])
 def test_more_than_2_31_elements(path):
     assert BIG * BIG > 2 ** 31
     x = np.empty((1, 1, BIG, BIG), np.float32)

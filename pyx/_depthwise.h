@@ -1,0 +1,125 @@
+/* Depthwise rows: every output is its bias plus its in-image taps, summed in registers in a
+   fixed order (kernel row, then kernel column) and stored once. A block of R output rows x
+   V vectors keeps its R*V sums in registers over all taps, so a tap costs one load and one
+   multiply-add per vector (an axpy into memory would also load and store the sums), and the
+   R*V independent chains of additions hide their latency.
+
+   Output j of row r of a run: y[r*y_next + j] = b + sum_{i < nh} sum_{k < nk}
+       w[i*w_row + k] * x[r*x_next + i*x_row + k*dw + j*sw].
+   The caller passes only taps whose input pixel is in the image: padding is never
+   multiplied. Which block computes an output depends on the geometry only, never on the
+   thread count. */
+#ifndef DILCONV_DEPTHWISE_H
+#define DILCONV_DEPTHWISE_H
+#include <stddef.h>
+
+/* GCC/Clang vector types: gcc left plain loops over a block scalar or vectorised them
+   across taps, with shuffles. may_alias and element alignment: they load and store
+   unaligned runs of a float array, like the types of the unaligned intrinsics. */
+#define DILCONV_DW_BLOCK(NAME, T, BYTES, R, V)                                       \
+typedef T NAME##_vec __attribute__((vector_size(BYTES), may_alias, aligned(sizeof(T))));\
+static inline void NAME(const T *restrict x, ptrdiff_t x_next, ptrdiff_t x_row,       \
+                        ptrdiff_t nh, ptrdiff_t dw, const T *restrict w,              \
+                        ptrdiff_t w_row, ptrdiff_t nk, T b, T *restrict y,            \
+                        ptrdiff_t y_next) {                                           \
+    enum { L = (BYTES) / sizeof(T) };                                                 \
+    const NAME##_vec bv = b - (NAME##_vec){0};   /* broadcast (b - 0 is b, even -0) */\
+    NAME##_vec acc[R][V];                                                             \
+    for (int r = 0; r < R; r++)                                                       \
+        for (int v = 0; v < V; v++) acc[r][v] = bv;                                   \
+    for (ptrdiff_t i = 0; i < nh; i++)                                                \
+        for (ptrdiff_t k = 0; k < nk; k++) {                                          \
+            const T wv = w[i * w_row + k];                                            \
+            const T *xp = x + i * x_row + k * dw;                                     \
+            for (int r = 0; r < R; r++)                                               \
+                for (int v = 0; v < V; v++)                                           \
+                    acc[r][v] += wv * *(const NAME##_vec *)(xp + r * x_next + v * L); \
+        }                                                                             \
+    for (int r = 0; r < R; r++)                                                       \
+        for (int v = 0; v < V; v++) *(NAME##_vec *)(y + r * y_next + v * L) = acc[r][v];\
+}
+
+/* One output in each of R rows (plain scalars: gcc kept one-element vectors on the
+   stack). Any column stride: x points at the output's own input pixel. */
+#define DILCONV_DW_ONE(NAME, T, R)                                                   \
+static inline void NAME(const T *restrict x, ptrdiff_t x_next, ptrdiff_t x_row,       \
+                        ptrdiff_t nh, ptrdiff_t dw, const T *restrict w,              \
+                        ptrdiff_t w_row, ptrdiff_t nk, T b, T *restrict y,            \
+                        ptrdiff_t y_next) {                                           \
+    T acc[R];                                                                         \
+    for (int r = 0; r < R; r++) acc[r] = b;                                           \
+    for (ptrdiff_t i = 0; i < nh; i++)                                                \
+        for (ptrdiff_t k = 0; k < nk; k++) {                                          \
+            const T wv = w[i * w_row + k];                                            \
+            const T *xp = x + i * x_row + k * dw;                                     \
+            for (int r = 0; r < R; r++) acc[r] += wv * xp[r * x_next];                \
+        }                                                                             \
+    for (int r = 0; r < R; r++) y[r * y_next] = acc[r];                               \
+}
+
+/* A run of n outputs in each of R rows. Unit stride: blocks of four 32-byte vectors, then
+   of one; a rest shorter than a vector is covered by one more vector block that ends at
+   the run's end and recomputes some outputs (same sums, stored again: fewer, wider
+   blocks). Runs shorter than a vector take half vectors the same way, or single
+   outputs. */
+#define DILCONV_DW_ROWS(NAME, T, R)                                                 \
+DILCONV_DW_BLOCK(NAME##_wide, T, 32, R, 4)                                            \
+DILCONV_DW_BLOCK(NAME##_vec1, T, 32, R, 1)                                            \
+DILCONV_DW_BLOCK(NAME##_half, T, 16, R, 1)                                            \
+DILCONV_DW_ONE(NAME##_one, T, R)                                                      \
+static inline void NAME(ptrdiff_t n, const T *x, ptrdiff_t x_next, ptrdiff_t x_row,   \
+                        ptrdiff_t nh, ptrdiff_t dw, ptrdiff_t sw, const T *w,         \
+                        ptrdiff_t w_row, ptrdiff_t nk, T b, T *y, ptrdiff_t y_next) { \
+    const ptrdiff_t lanes = 32 / sizeof(T), half = lanes / 2;                         \
+    ptrdiff_t j = 0;                                                                  \
+    if (sw == 1 && n >= lanes) {                                                      \
+        for (; j + 4 * lanes <= n; j += 4 * lanes)                                    \
+            NAME##_wide(x + j, x_next, x_row, nh, dw, w, w_row, nk, b, y + j, y_next);\
+        for (; j < n; j += lanes) {                                                   \
+            if (j + lanes > n)                                                        \
+                j = n - lanes;                                                        \
+            NAME##_vec1(x + j, x_next, x_row, nh, dw, w, w_row, nk, b, y + j, y_next);\
+        }                                                                             \
+    } else if (sw == 1 && n >= half) {                                                \
+        for (; j < n; j += half) {                                                    \
+            if (j + half > n)                                                         \
+                j = n - half;                                                         \
+            NAME##_half(x + j, x_next, x_row, nh, dw, w, w_row, nk, b, y + j, y_next);\
+        }                                                                             \
+    }                                                                                 \
+    for (; j < n; j++)                                                                \
+        NAME##_one(x + j * sw, x_next, x_row, nh, dw, w, w_row, nk, b, y + j, y_next);\
+}
+
+/* n outputs in each of `rows` (1 or DILCONV_DW_ROW_BLOCK) consecutive output rows with
+   the same taps. Two rows: eight independent sums per block; four rows were as fast on
+   float32 in cache but slower from memory (more interleaved streams), most on float64. */
+enum { DILCONV_DW_ROW_BLOCK = 2 };
+#define DILCONV_DW_RUN(NAME, T)                                                      \
+DILCONV_DW_ROWS(NAME##_r1, T, 1)                                                      \
+DILCONV_DW_ROWS(NAME##_rb, T, DILCONV_DW_ROW_BLOCK)                                   \
+static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *x, ptrdiff_t x_next,    \
+                        ptrdiff_t x_row, ptrdiff_t nh, ptrdiff_t dw, ptrdiff_t sw,    \
+                        const T *w, ptrdiff_t w_row, ptrdiff_t nk, T b, T *y,         \
+                        ptrdiff_t y_next) {                                           \
+    if (rows == DILCONV_DW_ROW_BLOCK)                                                 \
+        NAME##_rb(n, x, x_next, x_row, nh, dw, sw, w, w_row, nk, b, y, y_next);       \
+    else                                                                              \
+        NAME##_r1(n, x, x_next, x_row, nh, dw, sw, w, w_row, nk, b, y, y_next);       \
+}
+
+/* Ask for the cache lines of [p, p + bytes) ahead of use (for writing if `write`): the
+   rows a block reads are interleaved, which the hardware prefetchers follow less well
+   than one stream. Never faults. */
+static inline void dilconv_dw_prefetch(const char *p, ptrdiff_t bytes, int write) {
+    for (ptrdiff_t i = 0; i < bytes; i += 64) {
+        if (write)
+            __builtin_prefetch(p + i, 1, 3);
+        else
+            __builtin_prefetch(p + i, 0, 3);
+    }
+}
+
+DILCONV_DW_RUN(dilconv_dw_run_f, float)
+DILCONV_DW_RUN(dilconv_dw_run_d, double)
+#endif

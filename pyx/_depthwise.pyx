@@ -1,0 +1,132 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Forward of depthwise convolutions: one input channel per group (C/groups == 1), any
+channel multiplier O/groups, stride and dilation.
+
+Memory-bound, so each output is computed once, in registers, and stored once: per output
+row, the columns are cut into runs over which the same kernel columns are in the image
+(`segments`), and each run sums its in-image taps block by block (`_depthwise.h`). Taps in
+the padding are skipped, never multiplied, so non-finite weights need no special care.
+"""
+from cython.parallel cimport prange
+from cython cimport floating
+
+import numpy as np
+
+from _common cimport Geom, make_geom
+
+# Rows of input (beyond the newest a block reads) and of output ahead of the current block
+# whose cache lines are requested early; the next plane's, at the end of a plane.
+cdef enum:
+    PREFETCH_ROWS = 8
+
+cdef extern from "_depthwise.h":
+    enum: DILCONV_DW_ROW_BLOCK
+    void dilconv_dw_prefetch(const char* p, Py_ssize_t nbytes, int write) noexcept nogil
+    void dilconv_dw_run_f(Py_ssize_t rows, Py_ssize_t n, const float* x, Py_ssize_t x_next,
+                          Py_ssize_t x_row, Py_ssize_t nh, Py_ssize_t dw, Py_ssize_t sw,
+                          const float* w, Py_ssize_t w_row, Py_ssize_t nk, float b, float* y,
+                          Py_ssize_t y_next) noexcept nogil
+    void dilconv_dw_run_d(Py_ssize_t rows, Py_ssize_t n, const double* x, Py_ssize_t x_next,
+                          Py_ssize_t x_row, Py_ssize_t nh, Py_ssize_t dw, Py_ssize_t sw,
+                          const double* w, Py_ssize_t w_row, Py_ssize_t nk, double b,
+                          double* y, Py_ssize_t y_next) noexcept nogil
+
+
+def segments(lo, hi, size):
+    """Cut the outputs [0, size) of one axis into runs over which the same taps are in the
+    image: rows (start, end, t0, t1), taps [t0, t1) (empty when t0 == t1).
+
+    `lo`, `hi` are the spec's per-tap in-image output ranges. The input index grows with
+    the tap, so the in-image taps of an output are always a contiguous range."""
+    lo, hi = np.asarray(lo), np.asarray(hi)
+    cuts = np.unique(np.clip(np.concatenate(([0, size], lo, hi)), 0, size))
+    runs = []
+    for start, end in zip(cuts, cuts[1:]):
+        inside = np.flatnonzero((lo <= start) & (start < hi))
+        t0, t1 = (inside.min(), inside.max() + 1) if inside.size else (0, 0)
+        runs.append((start, end, t0, t1))
+    return np.array(runs, dtype=np.intp).reshape(-1, 4)
+
+
+cdef inline void _run(Py_ssize_t rows, Py_ssize_t n, const floating* x, Py_ssize_t x_next,
+                      Py_ssize_t x_row, Py_ssize_t nh, Py_ssize_t dw, Py_ssize_t sw,
+                      const floating* w, Py_ssize_t w_row, Py_ssize_t nk, floating b,
+                      floating* y, Py_ssize_t y_next) noexcept nogil:
+    if floating is float:
+        dilconv_dw_run_f(rows, n, x, x_next, x_row, nh, dw, sw, w, w_row, nk, b, y, y_next)
+    else:
+        dilconv_dw_run_d(rows, n, x, x_next, x_row, nh, dw, sw, w, w_row, nk, b, y, y_next)
+
+
+cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W)
+                const floating[:, :, :, ::1] w,                # IN  (O, 1, kH, kW)
+                const floating[::1] bias,                      # IN  (O,) or empty
+                floating[:, :, :, ::1] out,                    # OUT (N, O, Ho, Wo)
+                Geom g, const Py_ssize_t[:, ::1] rows,         # IN  row runs (segments)
+                const Py_ssize_t[:, ::1] cols,                 # IN  column runs
+                Py_ssize_t band_rows, Py_ssize_t task) noexcept nogil:
+    cdef Py_ssize_t bands = (g.Ho + band_rows - 1) // band_rows
+    cdef Py_ssize_t plane = task // bands
+    cdef Py_ssize_t n = plane // g.O, o = plane % g.O
+    cdef Py_ssize_t r0 = (task % bands) * band_rows
+    cdef Py_ssize_t r1 = min(g.Ho, r0 + band_rows)
+    cdef const floating* xp = &x[n, o // g.Og, 0, 0]     # the group's one input channel
+    cdef const floating* wp = &w[o, 0, 0, 0]
+    cdef floating b = bias[o] if bias.shape[0] > 0 else 0
+    cdef Py_ssize_t rs, cs, oh, oh_end, step, h0, nh, j0, k0, nk
+    cdef const floating* src
+    for rs in range(rows.shape[0]):
+        h0 = rows[rs, 2]
+        nh = rows[rs, 3] - h0
+        oh = max(r0, rows[rs, 0])
+        oh_end = min(r1, rows[rs, 1])
+        while oh < oh_end:
+            # Blocks of rows with the same taps: more independent sums in flight.
+            step = DILCONV_DW_ROW_BLOCK if oh + DILCONV_DW_ROW_BLOCK <= oh_end else 1
+            _prefetch(x, out, g, n, o, oh, step)
+            for cs in range(cols.shape[0]):
+                j0 = cols[cs, 0]
+                k0 = cols[cs, 2]
+                nk = cols[cs, 3] - k0
+                src = xp
+                if nh > 0 and nk > 0:        # else only the bias: nothing is read
+                    src = xp + (oh * g.sh + h0 * g.dh - g.pt) * g.W \
+                        + j0 * g.sw + k0 * g.dw - g.pl
+                _run(step, cols[cs, 1] - j0, src, g.sh * g.W, g.dh * g.W,
+                     nh if nk > 0 else 0, g.dw, g.sw, wp + h0 * g.kW + k0, g.kW, nk, b,
+                     &out[n, o, oh, j0], g.Wo)
+            oh = oh + step
+
+
+cdef inline void _prefetch(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
+                           Geom g, Py_ssize_t n, Py_ssize_t o, Py_ssize_t oh,
+                           Py_ssize_t step) noexcept nogil:
+    """Request the input rows PREFETCH_ROWS past the newest that rows [oh, oh + step) read,
+    and the output rows PREFETCH_ROWS ahead: offsets in the whole arrays, so past a plane's
+    end they are the next plane's (the next task's on this thread). Within the arrays only."""
+    cdef Py_ssize_t first = (n * g.C + o // g.Og) * g.H * g.W \
+        + (oh * g.sh + (g.kH - 1) * g.dh - g.pt + PREFETCH_ROWS) * g.W
+    cdef Py_ssize_t count = step * g.sh * g.W
+    if first >= 0 and first + count <= g.N * g.C * g.H * g.W:
+        dilconv_dw_prefetch(<const char*>(&x[0, 0, 0, 0] + first), count * sizeof(floating),
+                            0)
+    first = (n * g.O + o) * g.Ho * g.Wo + (oh + PREFETCH_ROWS) * g.Wo
+    count = step * g.Wo
+    if first + count <= g.N * g.O * g.Ho * g.Wo:
+        dilconv_dw_prefetch(<const char*>(&out[0, 0, 0, 0] + first),
+                            count * sizeof(floating), 1)
+
+
+def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
+            const floating[::1] bias, floating[:, :, :, ::1] out, spec,
+            Py_ssize_t band_rows, int n_threads):
+    """Depthwise conv2d + bias into `out` (C/groups == 1). Tasks are bands of `band_rows`
+    output rows of one (image, output channel) plane; every output is computed by one task
+    in a fixed order, so any thread count gives the same bits."""
+    cdef Geom g = make_geom(spec)
+    cdef const Py_ssize_t[:, ::1] rows = segments(spec.oh_lo, spec.oh_hi, spec.ho)
+    cdef const Py_ssize_t[:, ::1] cols = segments(spec.ow_lo, spec.ow_hi, spec.wo)
+    cdef Py_ssize_t task
+    cdef Py_ssize_t n_tasks = g.N * g.O * ((g.Ho + band_rows - 1) // band_rows)
+    for task in prange(n_tasks, nogil=True, schedule='static', num_threads=n_threads):
+        _band(x, w, bias, out, g, rows, cols, band_rows, task)

@@ -1,0 +1,145 @@
+"""The depthwise forward kernel (one input channel per group) against the oracle: row and
+column runs of every block width, padding wider than the kernel, strides, channel
+multipliers, task bands, thread counts, non-finite weights, and the dispatch rule."""
+import itertools
+
+import numpy as np
+import pytest
+
+import dilconv
+from dilconv import _dispatch, tolerance
+from dilconv._depthwise import segments
+from dilconv._dispatch import choose_path, force_path
+from dilconv._validate import make_spec
+
+from _helpers import check_forward, forward_bound, random_case
+
+# (n, groups, multiplier, h, w, kh, kw, stride, padding, dilation)
+GRID = [
+    (2, 6, 1, 13, 40, 3, 3, 1, 4, 4),                        # dw_d4, small
+    (1, 3, 2, 9, 33, 3, 3, 1, ((4, 1), (5, 2)), (2, 3)),     # multiplier 2, asymmetric
+    (2, 4, 1, 5, 7, 3, 3, 1, 9, 2),                          # padding > dilated kernel
+    (1, 2, 1, 3, 70, 3, 5, 1, ((0, 7), (11, 0)), (1, 4)),    # whole rows in the padding
+    (1, 5, 1, 11, 37, 3, 3, (2, 1), 2, 2),                   # row stride
+    (2, 3, 1, 12, 41, 3, 3, (1, 2), 1, 1),                   # column stride
+    (1, 4, 3, 10, 29, 2, 4, 3, (1, 3), (2, 3)),              # both strides, multiplier 3
+    (3, 2, 1, 1, 1, 1, 1, 1, 0, 1),                          # 1-pixel image
+    (2, 3, 1, 1, 1, 3, 3, 1, 1, 1),                          # only the centre tap
+    (1, 2, 2, 2, 3, 3, 3, 1, 2, 1),                          # output bigger than input
+    (1, 1, 4, 17, 66, 7, 7, 1, 3, 1),                        # groups 1, C = 1, k7
+    (2, 8, 1, 1, 300, 1, 2, 1, 0, (1, 64)),                  # wavenet-like
+]
+
+
+@pytest.mark.parametrize("path", ["depthwise", None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", GRID)
+def test_matches_oracle(case, dtype, path, rng):
+    n, groups, mult, h, w, kh, kw, stride, padding, dilation = case
+    x, wt, b = random_case(rng, n, groups, h, w, groups * mult, kh, kw, groups, dtype,
+                           bias=rng.random() < 0.7)
+    with force_path(path):
+        check_forward(x, wt, b, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_run_width(dtype, rng):
+    # Runs of 1..70 columns (after the edge runs) and 1..5 rows: wide, one-vector,
+    # overlapping, half-vector and single-output blocks, one and two rows at a time.
+    for width, height in itertools.product(range(1, 71), (1, 2, 5)):
+        x, wt, b = random_case(rng, 1, 2, height, width, 2, 3, 3, 2, dtype)
+        with force_path("depthwise"):
+            check_forward(x, wt, b, 1, (1, 2), (1, 2), 2)
+
+
+def test_outputs_without_taps_are_the_bias(rng):
+    # Padding of 5 around a 2x3 image with a 1x1 kernel: the border outputs see no pixel.
+    x, wt, b = random_case(rng, 2, 3, 2, 3, 3, 1, 1, 3, np.float32)
+    with force_path("depthwise"):
+        y = dilconv.conv2d(x, wt, b, padding=5, groups=3)
+    inside = np.zeros(y.shape[2:], bool)
+    inside[5:7, 5:8] = True
+    np.testing.assert_array_equal(y[:, :, ~inside], np.broadcast_to(
+        b[None, :, None], (2, 3, int((~inside).sum()))))
+    np.testing.assert_array_equal(y[:, :, inside], x.reshape(2, 3, 6) * wt.reshape(1, 3, 1)
+                                  + b[None, :, None])
+
+
+@pytest.mark.parametrize("task_pixels", [1, 7, 50, 1 << 14])
+def test_task_bands_cover_the_plane_once(task_pixels, monkeypatch, rng):
+    monkeypatch.setattr(_dispatch, "DEPTHWISE_TASK_PIXELS", task_pixels)
+    x, wt, b = random_case(rng, 2, 3, 23, 30, 6, 3, 3, 3, np.float64)
+    with force_path("depthwise"):
+        check_forward(x, wt, b, 1, 3, (3, 2), 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bitwise_identical_across_thread_counts(dtype, rng, monkeypatch):
+    monkeypatch.setattr(_dispatch, "MIN_MACS_PER_THREAD", 1)
+    x, wt, b = random_case(rng, 3, 8, 37, 61, 16, 3, 3, 8, dtype)
+    results = []
+    try:
+        for task_pixels, threads in itertools.product((61 * 5, 1 << 14), (1, 2, 3)):
+            monkeypatch.setattr(_dispatch, "DEPTHWISE_TASK_PIXELS", task_pixels)
+            dilconv.set_num_threads(threads)
+            with force_path("depthwise"):
+                results.append(dilconv.conv2d(x, wt, b, 1, 4, 4, 8).tobytes())
+    finally:
+        dilconv.set_num_threads(None)
+    assert all(r == results[0] for r in results[1:])
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_weight_in_the_padding_is_not_multiplied(value):
+    # Hand-computed: the top-left tap only meets padding for the first output row and
+    # column, so those outputs are the sum of the other in-image taps; the rest take it.
+    w = np.ones((2, 1, 3, 3))
+    w[:, 0, 0, 0] = value
+    x = np.ones((1, 2, 4, 30))
+    with force_path("depthwise"):
+        y = dilconv.conv2d(x, w, padding=1, groups=2)[0]
+    expected_row0 = np.full(30, 6.0)
+    expected_row0[[0, -1]] = 4
+    np.testing.assert_array_equal(y[:, 0], np.broadcast_to(expected_row0, (2, 30)))
+    np.testing.assert_array_equal(y[:, 1:, 0], np.full((2, 3), [6.0, 6.0, 4.0]))
+    np.testing.assert_array_equal(y[:, 1:, 1:], np.full((2, 3, 29), value))   # nan == nan
+
+
+def test_segments_split_an_axis_by_taps_in_the_image():
+    # Kernel 3, dilation 4, padding 4 on 64 outputs: taps 1..2, then all, then 0..1.
+    spec = make_spec((1, 1, 64, 64), (1, 1, 3, 3), 1, 4, 4, 1)
+    runs = segments(spec.ow_lo, spec.ow_hi, spec.wo)
+    np.testing.assert_array_equal(runs, [[0, 4, 1, 3], [4, 60, 0, 3], [60, 64, 0, 2]])
+    # Padding wider than the kernel: runs with no tap in the image.
+    spec = make_spec((1, 1, 2, 2), (1, 1, 1, 1), 1, 3, 1, 1)
+    np.testing.assert_array_equal(segments(spec.oh_lo, spec.oh_hi, spec.ho),
+                                  [[0, 3, 0, 0], [3, 5, 0, 1], [5, 8, 0, 0]])
+
+
+def test_dispatch_rule():
+    wide = make_spec((2, 64, 40, 40), (64, 1, 3, 3), 1, 1, 1, 64)
+    assert choose_path(wide) == "depthwise"
+    assert choose_path(wide, "backward") == "direct"
+    # Channel multiplier, and groups == 1 with one input channel.
+    assert choose_path(make_spec((1, 8, 40, 40), (32, 1, 3, 3), 1, 1, 1, 8)) == "depthwise"
+    assert choose_path(make_spec((1, 1, 40, 40), (64, 1, 3, 3), 1, 1, 1, 1)) == "depthwise"
+    # Narrow rows: the flat kernel; strided columns: the direct one.
+    narrow_wo = _dispatch.DEPTHWISE_MIN_WIDTH - 1
+    assert choose_path(make_spec((1, 64, 8, narrow_wo), (64, 1, 3, 3), 1, 1, 1, 64)) == "flat"
+    assert choose_path(make_spec((1, 64, 80, 80), (64, 1, 3, 3), (1, 2), 1, 1, 64)) == "direct"
+    assert choose_path(make_spec((1, 64, 80, 80), (64, 1, 3, 3), (2, 1), 1, 1, 64)) == \
+        "depthwise"
+    # Two input channels per group is not depthwise.
+    assert choose_path(make_spec((1, 8, 40, 40), (8, 2, 3, 3), 1, 1, 1, 4)) == "flat"
+
+
+def test_matches_torch_on_the_benchmark_layer(rng):
+    torch = pytest.importorskip("torch")
+    x, wt, b = random_case(rng, 2, 128, 64, 64, 128, 3, 3, 128, np.float32)
+    spec = make_spec(x.shape, wt.shape, 1, 4, 4, 128)
+    assert choose_path(spec) == "depthwise"
+    y = check_forward(x, wt, b, 1, 4, 4, 128)
+    ty = torch.nn.functional.conv2d(*(torch.from_numpy(a) for a in (x, wt, b)), padding=4,
+                                    dilation=4, groups=128).numpy()
+    # Both sides round: twice the bound of one.
+    assert tolerance.worst_ratio(y, ty, 2 * forward_bound(x, wt, b, spec)) <= 1
