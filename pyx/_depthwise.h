@@ -7,8 +7,9 @@
    Output j of row r of a run: y[r*y_next + j] = b + sum_{i < nh} sum_{k < nk}
        w[i*w_row + k] * x[r*x_next + i*x_row + k*dw + j*sw].
    The caller passes only taps whose input pixel is in the image: padding is never
-   multiplied. Which block computes an output depends on the geometry only, never on the
-   thread count. */
+   multiplied. setup.py builds this without fused multiply-adds (gcc fused the sums of
+   some block shapes and not of others), so every block rounds alike: an output's bits do
+   not depend on the block, the band or the thread that computes it. */
 #ifndef DILCONV_DEPTHWISE_H
 #define DILCONV_DEPTHWISE_H
 #include <stddef.h>
@@ -58,13 +59,15 @@ static inline void NAME(const T *restrict x, ptrdiff_t x_next, ptrdiff_t x_row, 
 }
 
 /* A run of n outputs in each of R rows. Unit stride: blocks of four 32-byte vectors, then
-   of one; a rest shorter than a vector is covered by one more vector block that ends at
-   the run's end and recomputes some outputs (same sums, stored again: fewer, wider
-   blocks). Runs shorter than a vector take half vectors the same way, or single
-   outputs. */
+   one block of the whole vectors left (more sums in flight than one vector at a time); a
+   rest shorter than a vector is covered by one more vector that ends at the run's end and
+   recomputes some outputs (same sums, stored again). Runs shorter than a vector take half
+   vectors the same way, or single outputs. */
 #define DILCONV_DW_ROWS(NAME, T, R)                                                 \
-DILCONV_DW_BLOCK(NAME##_wide, T, 32, R, 4)                                            \
-DILCONV_DW_BLOCK(NAME##_vec1, T, 32, R, 1)                                            \
+DILCONV_DW_BLOCK(NAME##_v4, T, 32, R, 4)                                              \
+DILCONV_DW_BLOCK(NAME##_v3, T, 32, R, 3)                                              \
+DILCONV_DW_BLOCK(NAME##_v2, T, 32, R, 2)                                              \
+DILCONV_DW_BLOCK(NAME##_v1, T, 32, R, 1)                                              \
 DILCONV_DW_BLOCK(NAME##_half, T, 16, R, 1)                                            \
 DILCONV_DW_ONE(NAME##_one, T, R)                                                      \
 static inline void NAME(ptrdiff_t n, const T *x, ptrdiff_t x_next, ptrdiff_t x_row,   \
@@ -74,12 +77,23 @@ static inline void NAME(ptrdiff_t n, const T *x, ptrdiff_t x_next, ptrdiff_t x_r
     ptrdiff_t j = 0;                                                                  \
     if (sw == 1 && n >= lanes) {                                                      \
         for (; j + 4 * lanes <= n; j += 4 * lanes)                                    \
-            NAME##_wide(x + j, x_next, x_row, nh, dw, w, w_row, nk, b, y + j, y_next);\
-        for (; j < n; j += lanes) {                                                   \
-            if (j + lanes > n)                                                        \
-                j = n - lanes;                                                        \
-            NAME##_vec1(x + j, x_next, x_row, nh, dw, w, w_row, nk, b, y + j, y_next);\
+            NAME##_v4(x + j, x_next, x_row, nh, dw, w, w_row, nk, b, y + j, y_next);  \
+        switch ((n - j) / lanes) {                                                    \
+        case 3:                                                                       \
+            NAME##_v3(x + j, x_next, x_row, nh, dw, w, w_row, nk, b, y + j, y_next);  \
+            break;                                                                    \
+        case 2:                                                                       \
+            NAME##_v2(x + j, x_next, x_row, nh, dw, w, w_row, nk, b, y + j, y_next);  \
+            break;                                                                    \
+        case 1:                                                                       \
+            NAME##_v1(x + j, x_next, x_row, nh, dw, w, w_row, nk, b, y + j, y_next);  \
+            break;                                                                    \
         }                                                                             \
+        j += (n - j) / lanes * lanes;                                                 \
+        if (j < n)                                                                    \
+            NAME##_v1(x + n - lanes, x_next, x_row, nh, dw, w, w_row, nk, b,          \
+                      y + n - lanes, y_next);                                         \
+        j = n;                                                                        \
     } else if (sw == 1 && n >= half) {                                                \
         for (; j < n; j += half) {                                                    \
             if (j + half > n)                                                         \
@@ -106,18 +120,6 @@ static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *x, ptrdiff_t x_nex
         NAME##_rb(n, x, x_next, x_row, nh, dw, sw, w, w_row, nk, b, y, y_next);       \
     else                                                                              \
         NAME##_r1(n, x, x_next, x_row, nh, dw, sw, w, w_row, nk, b, y, y_next);       \
-}
-
-/* Ask for the cache lines of [p, p + bytes) ahead of use (for writing if `write`): the
-   rows a block reads are interleaved, which the hardware prefetchers follow less well
-   than one stream. Never faults. */
-static inline void dilconv_dw_prefetch(const char *p, ptrdiff_t bytes, int write) {
-    for (ptrdiff_t i = 0; i < bytes; i += 64) {
-        if (write)
-            __builtin_prefetch(p + i, 1, 3);
-        else
-            __builtin_prefetch(p + i, 0, 3);
-    }
 }
 
 DILCONV_DW_RUN(dilconv_dw_run_f, float)

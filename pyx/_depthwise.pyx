@@ -14,14 +14,8 @@ import numpy as np
 
 from _common cimport Geom, make_geom
 
-# Rows of input (beyond the newest a block reads) and of output ahead of the current block
-# whose cache lines are requested early; the next plane's, at the end of a plane.
-cdef enum:
-    PREFETCH_ROWS = 8
-
 cdef extern from "_depthwise.h":
     enum: DILCONV_DW_ROW_BLOCK
-    void dilconv_dw_prefetch(const char* p, Py_ssize_t nbytes, int write) noexcept nogil
     void dilconv_dw_run_f(Py_ssize_t rows, Py_ssize_t n, const float* x, Py_ssize_t x_next,
                           Py_ssize_t x_row, Py_ssize_t nh, Py_ssize_t dw, Py_ssize_t sw,
                           const float* w, Py_ssize_t w_row, Py_ssize_t nk, float b, float* y,
@@ -38,13 +32,13 @@ def segments(lo, hi, size):
 
     `lo`, `hi` are the spec's per-tap in-image output ranges. The input index grows with
     the tap, so the in-image taps of an output are always a contiguous range."""
-    lo, hi = np.asarray(lo), np.asarray(hi)
-    cuts = np.unique(np.clip(np.concatenate(([0, size], lo, hi)), 0, size))
+    lo, hi = np.asarray(lo).tolist(), np.asarray(hi).tolist()   # a few ints: no numpy ops
+    cuts = sorted({0, size} | {min(max(v, 0), size) for v in lo + hi})
     runs = []
     for start, end in zip(cuts, cuts[1:]):
-        inside = np.flatnonzero((lo <= start) & (start < hi))
-        t0, t1 = (inside.min(), inside.max() + 1) if inside.size else (0, 0)
-        runs.append((start, end, t0, t1))
+        inside = [t for t in range(len(lo)) if lo[t] <= start < hi[t]]
+        runs.append((start, end, inside[0], inside[len(inside) - 1] + 1) if inside
+                    else (start, end, 0, 0))
     return np.array(runs, dtype=np.intp).reshape(-1, 4)
 
 
@@ -83,7 +77,6 @@ cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W
         while oh < oh_end:
             # Blocks of rows with the same taps: more independent sums in flight.
             step = DILCONV_DW_ROW_BLOCK if oh + DILCONV_DW_ROW_BLOCK <= oh_end else 1
-            _prefetch(x, out, g, n, o, oh, step)
             for cs in range(cols.shape[0]):
                 j0 = cols[cs, 0]
                 k0 = cols[cs, 2]
@@ -96,25 +89,6 @@ cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W
                      nh if nk > 0 else 0, g.dw, g.sw, wp + h0 * g.kW + k0, g.kW, nk, b,
                      &out[n, o, oh, j0], g.Wo)
             oh = oh + step
-
-
-cdef inline void _prefetch(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
-                           Geom g, Py_ssize_t n, Py_ssize_t o, Py_ssize_t oh,
-                           Py_ssize_t step) noexcept nogil:
-    """Request the input rows PREFETCH_ROWS past the newest that rows [oh, oh + step) read,
-    and the output rows PREFETCH_ROWS ahead: offsets in the whole arrays, so past a plane's
-    end they are the next plane's (the next task's on this thread). Within the arrays only."""
-    cdef Py_ssize_t first = (n * g.C + o // g.Og) * g.H * g.W \
-        + (oh * g.sh + (g.kH - 1) * g.dh - g.pt + PREFETCH_ROWS) * g.W
-    cdef Py_ssize_t count = step * g.sh * g.W
-    if first >= 0 and first + count <= g.N * g.C * g.H * g.W:
-        dilconv_dw_prefetch(<const char*>(&x[0, 0, 0, 0] + first), count * sizeof(floating),
-                            0)
-    first = (n * g.O + o) * g.Ho * g.Wo + (oh + PREFETCH_ROWS) * g.Wo
-    count = step * g.Wo
-    if first + count <= g.N * g.O * g.Ho * g.Wo:
-        dilconv_dw_prefetch(<const char*>(&out[0, 0, 0, 0] + first),
-                            count * sizeof(floating), 1)
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
