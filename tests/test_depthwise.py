@@ -135,7 +135,7 @@ def test_dispatch_rule():
 
 def test_matches_torch_on_the_benchmark_layer(rng):
     torch = pytest.importorskip("torch")
-    x, wt, b = random_case(rng, 2, 128, 64, 64, 128, 3, 3, 128, np.float32)
+    x, wt, b = random_case(rng, 1, 128, 64, 64, 128, 3, 3, 128, np.float32)
     spec = make_spec(x.shape, wt.shape, 1, 4, 4, 128)
     assert choose_path(spec) == "depthwise"
     y = check_forward(x, wt, b, 1, 4, 4, 128)
