@@ -21,7 +21,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_MODULES = ["_openmp_helpers", "_forward", "_backward", "_gemm", "_flat"]
+KERNEL_MODULES = ["_openmp_helpers", "_forward", "_backward", "_gemm", "_flat", "_panel"]
 
 
 def _env_flag(name):

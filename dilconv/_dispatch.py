@@ -6,8 +6,11 @@ Kernel families:
 - "flat": forward of unit-stride layers with few channels (depthwise, RGB stems): long
   vectorised loops over zero-padded bands of rows (finite weights only: padding taps are
   multiplied by zero there); its backward is "direct";
-- "gemm": per output tile and tap, one matrix product of packed pixels with the tap's
-  weights (layers with many channels).
+- "panel": forward of layers with many channels (and, at unit stride, their input
+  gradient, as the forward of the transposed kernel): output tiles aligned with the taps'
+  in-bounds ranges, packed into panels, summed by a register-blocked micro-kernel;
+- "gemm": per output tile and tap, one BLAS matrix product of packed pixels with the tap's
+  weights (the gradients of layers with many channels; the forward when forced).
 All are bitwise deterministic for any thread count. `DILCONV_PATH=direct|flat|gemm` in the
 environment, or `force_path(...)`, overrides the choice (the fuzz lab and the tests use it
 to reach every path); a forced "flat" where it does not apply runs "direct".
@@ -21,10 +24,11 @@ import threading
 
 import numpy as np
 
-from . import _backward, _flat, _forward, _gemm
+from . import _backward, _flat, _forward, _gemm, _panel
+from ._geometry import ConvSpec
 from ._threads import threads_for
 
-PATHS = ("direct", "flat", "gemm")
+PATHS = ("direct", "flat", "gemm", "panel")
 # Pixels per GEMM tile: a packed tile of a few hundred KiB stays in L2.
 TILE_ELEMENTS = 256 * 1024
 MIN_TILE_PIXELS = 64
@@ -42,7 +46,7 @@ BLAS_INT_MAX = 2 ** 31 - 1
 
 @contextlib.contextmanager
 def force_path(path):
-    """Run the enclosed calls on kernel family `path` ('direct', 'gemm' or None)."""
+    """Run the enclosed calls on kernel family `path` (one of PATHS, or None)."""
     global _forced
     if path is not None and path not in PATHS:
         raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
@@ -65,15 +69,13 @@ def choose_path(spec, op: str = "forward") -> str:
         if forced not in PATHS:
             raise ValueError(f"DILCONV_PATH must be one of {PATHS}, got {forced!r}")
         return "direct" if forced == "gemm" and not fits_blas else forced
-    if not fits_blas:
-        return "direct"
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     if op == "forward":
         if cg * og >= 32:
-            return "gemm"
+            return "panel"
         return "flat" if spec.stride == (1, 1) else "direct"
     # Gradient GEMMs multiply over input channels: with only a few, direct loops win.
-    return "gemm" if cg >= 16 and og >= 8 else "direct"
+    return "gemm" if cg >= 16 and og >= 8 and fits_blas else "direct"
 
 
 def plane_tiles(height: int, width: int, channels: int) -> np.ndarray:
@@ -82,14 +84,36 @@ def plane_tiles(height: int, width: int, channels: int) -> np.ndarray:
     Depends on the geometry only (never on the thread count), so results do not either.
     """
     target = max(MIN_TILE_PIXELS, min(MAX_TILE_PIXELS, TILE_ELEMENTS // max(1, channels)))
+    return np.array(_rect_tiles(0, height, 0, width, target), dtype=np.intp)
+
+
+def _rect_tiles(r0: int, r1: int, c0: int, c1: int, target: int) -> list:
+    """Rectangles of about `target` pixels covering rows [r0, r1) x columns [c0, c1):
+    whole rows of the rectangle, or pieces of one row when a row is that long."""
+    height, width = r1 - r0, c1 - c0
     if width >= target:
         tile_h = 1
         tile_w = math.ceil(width / math.ceil(width / target))
     else:
         tile_w = width
         tile_h = math.ceil(height / math.ceil(height * width / target))
-    tiles = [(r, min(height, r + tile_h), c, min(width, c + tile_w))
-             for r in range(0, height, tile_h) for c in range(0, width, tile_w)]
+    return [(r, min(r1, r + tile_h), c, min(c1, c + tile_w))
+            for r in range(r0, r1, tile_h) for c in range(c0, c1, tile_w)]
+
+
+def _range_edges(lo: np.ndarray, hi: np.ndarray, size: int) -> list:
+    """0, size and every tap range end inside (0, size), sorted: between two edges, each
+    tap is in the image for all outputs or for none."""
+    inner = {int(v) for v in np.concatenate([lo, hi]) if 0 < v < size}
+    return sorted(inner | {0, size})
+
+
+def aligned_tiles(spec, target: int) -> np.ndarray:
+    """Tiles (r0, r1, c0, c1) of about `target` pixels, none crossing a tap range end."""
+    rows = _range_edges(spec.oh_lo, spec.oh_hi, spec.ho)
+    cols = _range_edges(spec.ow_lo, spec.ow_hi, spec.wo)
+    tiles = [tile for a, b in zip(rows, rows[1:]) for c, d in zip(cols, cols[1:])
+             for tile in _rect_tiles(a, b, c, d, target)]
     return np.array(tiles, dtype=np.intp)
 
 
@@ -188,6 +212,9 @@ def _flat_forward(x, weight, bias, out, spec) -> None:
 def forward(x, weight, bias, out, spec) -> None:
     """out[...] = conv2d(x, weight) + bias for a batched spec with N > 0."""
     path = choose_path(spec)
+    if path == "panel":
+        _panel_forward(x, weight, bias, out, spec)
+        return
     if path == "flat" and spec.stride == (1, 1) and np.isfinite(weight).all():
         _flat_forward(x, weight, bias, out, spec)
         return
@@ -211,8 +238,79 @@ def forward(x, weight, bias, out, spec) -> None:
         _gemm.forward(x, taps, bias, out, tiles, kw_group, scratch, spec, threads)
 
 
+# Packed panels of a panel-path tile: about this many bytes, and enough pixels that
+# blocks of NR are mostly full.
+PANEL_PACK_BYTES = 1024 * 1024
+PANEL_MIN_PIXELS = 256
+# Unit-stride blocks read the image in place when one block reads at most this many bytes.
+PANEL_IN_PLACE_BYTES = 4 * 1024
+
+
+def pack_panel_weights(weight, bias, spec):
+    """Weights as (groups, blocks, kH*kW, C/g, MR) and bias as (groups, blocks, MR): MR
+    output channels per block, zero past O/groups."""
+    groups, cg, og = spec.groups, spec.c // spec.groups, spec.o // spec.groups
+    mr = _panel.MR
+    blocks = -(-og // mr)
+    taps = spec.kh * spec.kw
+    padded = np.zeros((groups, blocks * mr, cg, taps), dtype=weight.dtype)
+    padded[:, :og] = weight.reshape(groups, og, cg, taps)
+    wp = np.ascontiguousarray(
+        padded.reshape(groups, blocks, mr, cg, taps).transpose(0, 1, 4, 3, 2))
+    bp = np.zeros((groups, blocks * mr), dtype=weight.dtype)
+    if bias.shape[0]:
+        bp[:, :og] = bias.reshape(groups, og)
+    return wp, bp.reshape(groups, blocks, mr)
+
+
+def _panel_forward(x, weight, bias, out, spec) -> None:
+    nr = _panel.BLOCK_NBYTES // x.dtype.itemsize
+    depth = spec.kh * spec.kw * (spec.c // spec.groups)
+    target = max(PANEL_MIN_PIXELS, PANEL_PACK_BYTES // x.dtype.itemsize // depth)
+    tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, target - target % nr))
+    threads = _threads(spec, spec.n * spec.groups * len(tiles))
+    panels = -(-_largest_tile(tiles) // nr)
+    scratch = np.empty((threads, panels * nr * depth + _panel.MR * nr + spec.w + spec.stride[1]),
+                       dtype=x.dtype)
+    tap_scratch = np.empty((threads, 4 * spec.kh * spec.kw), dtype=np.intp)
+    wp, bp = pack_panel_weights(weight, bias, spec)
+    _panel.forward(x, wp, bp, out, tiles, scratch, tap_scratch, PANEL_IN_PLACE_BYTES, spec,
+                   threads)
+
+
+def transposed_spec(spec):
+    """For a unit-stride spec, the spec whose forward maps grad_output to grad_input
+    (with the weights of transposed_weight), or None where its padding would be negative
+    (padding beyond the dilated kernel)."""
+    if spec.stride != (1, 1):
+        return None
+    (pt, pb), (pl, pr) = spec.padding
+    reach_h, reach_w = (spec.kh - 1) * spec.dilation[0], (spec.kw - 1) * spec.dilation[1]
+    pads = ((reach_h - pt, reach_h - pb), (reach_w - pl, reach_w - pr))
+    if min(pads[0] + pads[1]) < 0:
+        return None
+    return ConvSpec(spec.n, spec.o, spec.ho, spec.wo, spec.c, spec.kh, spec.kw, (1, 1),
+                    spec.dilation, pads, spec.groups)
+
+
+def transposed_weight(weight, spec):
+    """(O, C/g, kH, kW) -> (C, O/g, kH, kW): per group, in and out channels swapped and
+    the kernel turned by 180 degrees."""
+    groups, cg, og = spec.groups, spec.c // spec.groups, spec.o // spec.groups
+    w = weight.reshape(groups, og, cg, spec.kh, spec.kw)[:, :, :, ::-1, ::-1]
+    return w.transpose(0, 2, 1, 3, 4).reshape(spec.c, og, spec.kh, spec.kw)
+
+
 def grad_input(grad_output, weight, grad_x, spec) -> None:
-    if choose_path(spec, "backward") != "gemm":
+    path = choose_path(spec, "backward")
+    spec_t = transposed_spec(spec) if path in ("gemm", "panel") else None
+    if spec_t is not None:
+        # Unit stride: grad_input is the forward convolution of grad_output with the
+        # transposed, turned kernel, on the panel kernel.
+        _panel_forward(grad_output, transposed_weight(weight, spec), np.empty(0, grad_x.dtype),
+                       grad_x, spec_t)
+        return
+    if path != "gemm":
         _backward.grad_input(grad_output, weight, grad_x, spec,
                              _threads(spec, spec.n * spec.c))
         return

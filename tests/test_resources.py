@@ -176,11 +176,14 @@ def test_more_than_2_31_elements(path):
 
 
 def test_planes_over_2_31_pixels_stay_off_the_gemm_path():
-    # Channel counts that would pick gemm, on a plane of 2**31 + 4096 output pixels (the
-    # gemm forward's BLAS leading dimension is a C int). Shapes only: no memory.
-    spec = make_spec((1, 8, 524289, 4096), (8, 8, 1, 1), 1, 0, 1, 1)
-    assert _dispatch.choose_path(spec) == "direct"
-    assert _dispatch.choose_path(make_spec((1, 8, 64, 64), (8, 8, 1, 1), 1, 0, 1, 1)) == "gemm"
+    # Channel counts that would pick gemm for the gradients, on a plane of 2**31 + 4096
+    # output pixels (BLAS sizes are C ints). The panel forward has no such limit.
+    # Shapes only: no memory.
+    big = make_spec((1, 16, 524289, 4096), (16, 16, 1, 1), 1, 0, 1, 1)
+    small = make_spec((1, 16, 64, 64), (16, 16, 1, 1), 1, 0, 1, 1)
+    assert _dispatch.choose_path(big, "backward") == "direct"
+    assert _dispatch.choose_path(small, "backward") == "gemm"
+    assert _dispatch.choose_path(big) == _dispatch.choose_path(small) == "panel"
 
 
 def test_forced_gemm_falls_back_to_direct_past_blas_sizes():
