@@ -60,10 +60,7 @@ def force_path(path):
 def choose_path(spec, op: str = "forward") -> str:
     """Kernel family for `op` ('forward', or 'backward' for the input and weight
     gradients) on this geometry."""
-    # BLAS takes 32-bit sizes, and the gemm forward passes the output plane size as a
-    # leading dimension: larger geometries run direct, even when gemm is forced.
-    fits_blas = (max(spec.c, spec.o) * MAX_TILE_PIXELS <= BLAS_INT_MAX
-                 and spec.ho * spec.wo <= BLAS_INT_MAX)
+    fits_blas = _fits_blas(spec)
     forced = _forced or os.environ.get("DILCONV_PATH") or None
     if forced is not None:
         if forced not in PATHS:
@@ -74,8 +71,15 @@ def choose_path(spec, op: str = "forward") -> str:
         if cg * og >= 32:
             return "panel"
         return "flat" if spec.stride == (1, 1) else "direct"
-    # Gradient GEMMs multiply over input channels: with only a few, direct loops win.
-    return "gemm" if cg >= 16 and og >= 8 and fits_blas else "direct"
+    # Gradient blocks run over input channels: with only a few, direct loops win.
+    return "panel" if cg >= 16 and og >= 8 else "direct"
+
+
+def _fits_blas(spec) -> bool:
+    # BLAS takes 32-bit sizes, and the gemm forward passes the output plane size as a
+    # leading dimension: larger geometries run direct, even when gemm is forced.
+    return (max(spec.c, spec.o) * MAX_TILE_PIXELS <= BLAS_INT_MAX
+            and spec.ho * spec.wo <= BLAS_INT_MAX)
 
 
 def plane_tiles(height: int, width: int, channels: int) -> np.ndarray:
@@ -310,7 +314,8 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
         _panel_forward(grad_output, transposed_weight(weight, spec), np.empty(0, grad_x.dtype),
                        grad_x, spec_t)
         return
-    if path != "gemm":
+    # Strided layers of the panel family take the BLAS kernel where BLAS's sizes allow.
+    if path == "direct" or (path == "panel" and not _fits_blas(spec)):
         _backward.grad_input(grad_output, weight, grad_x, spec,
                              _threads(spec, spec.n * spec.c))
         return
@@ -326,9 +331,39 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
         _gemm.grad_input(grad_output, taps, grad_x, tiles, scratch, spec, threads)
 
 
+# Weight-gradient tiles of the panel path: their packed input stays within this (in L1/L2),
+# and a task's output channels of grad_output (in L2 across the taps) within this many.
+PANEL_GRAD_WEIGHT_PACK_BYTES = 64 * 1024
+PANEL_GRAD_WEIGHT_O_CHUNK = 64
+
+
+def _panel_grad_weight(grad_output, x, grad_w, spec) -> None:
+    cg = spec.c // spec.groups
+    nr = _panel.BLOCK_NBYTES // x.dtype.itemsize
+    taps = spec.kh * spec.kw
+    target = min(MAX_TILE_PIXELS, max(1, PANEL_GRAD_WEIGHT_PACK_BYTES // _panel.BLOCK_NBYTES))
+    tiles = aligned_tiles(spec, target)
+    c_blocks = -(-cg // nr)
+    og = spec.o // spec.groups
+    o_chunk = min(og, PANEL_GRAD_WEIGHT_O_CHUNK)
+    o_chunk += -o_chunk % _panel.MR
+    threads = _threads(spec, spec.groups * c_blocks * -(-og // o_chunk))
+    scratch = np.empty((threads, nr * _largest_tile(tiles)), dtype=x.dtype)
+    rows = int((tiles[:, 1] - tiles[:, 0]).max())
+    offset_scratch = np.empty((threads, 2 * rows), dtype=np.intp)
+    gwt = np.zeros((taps, spec.o, c_blocks * nr), dtype=x.dtype)
+    _panel.grad_weight(grad_output, x, gwt, tiles, o_chunk, scratch, offset_scratch, spec,
+                       threads)
+    grad_w[...] = gwt[:, :, :cg].transpose(1, 2, 0).reshape(grad_w.shape)
+
+
 def grad_weight(grad_output, x, grad_w, spec) -> None:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
-    if choose_path(spec, "backward") != "gemm":
+    path = choose_path(spec, "backward")
+    if path == "panel":
+        _panel_grad_weight(grad_output, x, grad_w, spec)
+        return
+    if path != "gemm":
         _backward.grad_weight(grad_output, x, grad_w, spec, _threads(spec, spec.o * cg))
         return
     # Output-channel blocks (dividing O/groups) x taps are the parallel tasks.

@@ -7,7 +7,8 @@
 
    The sum runs over n_seg segments of seg_len terms, in that order for every output.
    Term k of segment s multiplies MR values of A, at a + a_off[s] + k*a_step + i*a_row
-   (i < MR), with NR consecutive values of B at b + b_off[s] + k*b_step. In the forward,
+   (i < m; the rows past m are computed and dropped), with NR consecutive values of B at
+   b + b_off[s] + k*b_step. In the forward,
    a segment is a kernel tap in the image and a term an input channel: A is the packed
    weights, B a packed panel or the image itself. In the weight gradient, a segment is a
    row of pixels and a term one pixel: A is grad_output in place, B packed input. */
@@ -49,13 +50,16 @@ static inline void NAME(const dilconv_terms *terms, const T *restrict a,        
         acc0[i] = *(NAME##_vu *)part[i];                                                 \
         acc1[i] = *(NAME##_vu *)(part[i] + L);                                           \
     }                                                                                    \
+    /* Rows past m repeat row m-1, so A is never read past its m rows. */                \
+    ptrdiff_t row[MR];                                                                   \
+    for (int i = 0; i < MR; i++) row[i] = (i < m ? i : m - 1) * a_row;                   \
     for (ptrdiff_t s = 0; s < terms->n_seg; s++) {                                       \
         const T *ak = a + terms->a_off[s], *bk = b + terms->b_off[s];                    \
         for (ptrdiff_t k = 0; k < seg_len; k++, ak += a_step, bk += b_step) {            \
             NAME##_v b0 = *(const NAME##_vu *)bk, b1 = *(const NAME##_vu *)(bk + L);     \
             for (int i = 0; i < MR; i++) {                                               \
-                acc0[i] += ak[i * a_row] * b0;                                           \
-                acc1[i] += ak[i * a_row] * b1;                                           \
+                acc0[i] += ak[row[i]] * b0;                                              \
+                acc1[i] += ak[row[i]] * b1;                                              \
             }                                                                            \
         }                                                                                \
     }                                                                                    \
@@ -88,7 +92,8 @@ static inline void NAME(const dilconv_terms *terms, const T *a, const T *b,     
         for (ptrdiff_t k = 0; k < terms->seg_len; k++)                                   \
             for (int i = 0; i < MR; i++)                                                 \
                 for (int j = 0; j < NR; j++)                                             \
-                    acc[i][j] += a[terms->a_off[s] + k * terms->a_step + i * terms->a_row] \
+                    acc[i][j] += a[terms->a_off[s] + k * terms->a_step                   \
+                                   + (i < m ? i : m - 1) * terms->a_row]                 \
                                  * b[terms->b_off[s] + k * terms->b_step + j];           \
     for (ptrdiff_t i = 0; i < m; i++)                                                    \
         for (ptrdiff_t j = 0; j < n; j++) c[i * ldc + j] = acc[i][j];                    \

@@ -255,3 +255,86 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
                           &scratch[tid, block_offset + DILCONV_MR * nr],
                           &tap_scratch[tid, 0], &tap_scratch[tid, g.kH * g.kW],
                           in_place_bytes)
+
+
+cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)
+                             const floating[:, :, :, ::1] x,    # IN  (N, C, H, W)
+                             floating[:, :, ::1] gwt,           # OUT (kH*kW, O, C/g padded)
+                             const Py_ssize_t[:, ::1] tiles,    # IN  (T, 4) aligned tiles
+                             Py_ssize_t o_chunk, Geom g, Py_ssize_t task,
+                             floating* pack, Py_ssize_t* offsets) noexcept nogil:  # SCRATCH
+    # One task: NR input channels x o_chunk output channels of one group, for every tap,
+    # summed over images and tiles. Per tile and tap, A is grad_output read in place (a
+    # term is a pixel, a segment a tile row: the tile stays in cache across the taps) and
+    # B the tap's input pixels of the NR channels, packed pixel by pixel.
+    cdef Py_ssize_t nr = block_pixels(pack)
+    cdef Py_ssize_t c_blocks = (g.Cg + nr - 1) // nr
+    cdef Py_ssize_t o_chunks = (g.Og + o_chunk - 1) // o_chunk
+    cdef Py_ssize_t cb = task % c_blocks
+    cdef Py_ssize_t oc = (task // c_blocks) % o_chunks
+    cdef Py_ssize_t grp = task // (c_blocks * o_chunks)
+    cdef Py_ssize_t o_first = grp * g.Og + oc * o_chunk
+    cdef Py_ssize_t o_stop = grp * g.Og + min(g.Og, (oc + 1) * o_chunk)
+    cdef Py_ssize_t ci0 = grp * g.Cg + cb * nr
+    cdef Py_ssize_t lanes = min(nr, g.Cg - cb * nr)
+    cdef Py_ssize_t n, t, r0, r1, c0, c1, tw, rr, j, q, o, kh, kw
+    cdef const floating* src
+    cdef Terms terms
+
+    terms.a_step = 1
+    terms.a_row = g.Ho * g.Wo
+    terms.b_step = nr
+    for n in range(g.N):
+        for t in range(tiles.shape[0]):
+            r0, r1, c0, c1 = tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3]
+            tw = c1 - c0
+            for rr in range(r1 - r0):
+                offsets[rr] = (r0 + rr) * g.Wo + c0
+                offsets[(r1 - r0) + rr] = rr * tw * nr
+            terms.n_seg = r1 - r0
+            terms.seg_len = tw
+            terms.a_off = offsets
+            terms.b_off = offsets + (r1 - r0)
+            for kh in range(g.kH):
+                # Aligned tiles: a tap reads the image for all of the tile or for none.
+                if not (g.oh_lo[kh] <= r0 < g.oh_hi[kh]):
+                    continue
+                for kw in range(g.kW):
+                    if not (g.ow_lo[kw] <= c0 < g.ow_hi[kw]):
+                        continue
+                    for rr in range(r1 - r0):
+                        for j in range(nr):
+                            if j < lanes:
+                                src = &x[n, ci0 + j, (r0 + rr) * g.sh + kh * g.dh - g.pt,
+                                         c0 * g.sw + kw * g.dw - g.pl]
+                                for q in range(tw):
+                                    pack[(rr * tw + q) * nr + j] = src[q * g.sw]
+                            else:
+                                for q in range(tw):
+                                    pack[(rr * tw + q) * nr + j] = 0
+                    o = o_first
+                    while o < o_stop:
+                        ukr(&terms, &gy[n, o, 0, 0], pack, NULL, 1,
+                            &gwt[kh * g.kW + kw, o, cb * nr], gwt.shape[2],
+                            min(<Py_ssize_t> DILCONV_MR, o_stop - o), lanes)
+                        o = o + DILCONV_MR
+
+
+def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
+                floating[:, :, ::1] gwt, const Py_ssize_t[:, ::1] tiles,
+                Py_ssize_t o_chunk, floating[:, ::1] scratch,
+                Py_ssize_t[:, ::1] offset_scratch, spec, int n_threads):
+    """Weight gradient, summed into `gwt` (kH*kW, O, ceil(C/g / NR) * NR), which holds
+    zeros on entry. `tiles` are aligned with the tap ranges; tasks take `o_chunk` output
+    channels (a multiple of MR); `scratch` is (threads, NR * max tile pixels);
+    `offset_scratch` is (threads, 2 * max tile rows)."""
+    cdef Geom g = make_geom(spec)
+    cdef Py_ssize_t nr = BLOCK_BYTES // sizeof(floating)
+    cdef Py_ssize_t task, tid
+    cdef Py_ssize_t n_tasks = (g.groups * ((g.Cg + nr - 1) // nr)
+                               * ((g.Og + o_chunk - 1) // o_chunk))
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        for task in prange(n_tasks, schedule='static'):
+            _grad_weight_block(gy, x, gwt, tiles, o_chunk, g, task, &scratch[tid, 0],
+                               &offset_scratch[tid, 0])
