@@ -7,7 +7,8 @@ in the image, with no zero padding and no bounds tests. A tile's input pixels, f
 its taps and channels, are packed into a per-thread buffer as panels of NR pixels; the
 micro-kernel (pyx/_microkernel.h) then holds MR output channels x NR pixels in registers
 over the whole sum, and writes each output once. Every output sums its taps and channels
-in one fixed order, so results are bitwise identical for any thread count.
+in one fixed order, so results are bitwise identical for any thread count (and tasks,
+which own their outputs, are handed out dynamically: tiles differ in size).
 """
 from cython.parallel cimport prange, parallel, threadid
 from cython cimport floating
@@ -76,19 +77,23 @@ cdef void pack_row(const floating* src, Py_ssize_t count, Py_ssize_t q, Py_ssize
             dst = dst + depth * nr
 
 
+cdef extern from "_axpy.h":
+    void dilconv_gather_f(Py_ssize_t n, const float* src, Py_ssize_t step,
+                          float* dst) noexcept nogil
+    void dilconv_gather_d(Py_ssize_t n, const double* src, Py_ssize_t step,
+                          double* dst) noexcept nogil
+
+
 cdef Py_ssize_t deinterleave(const floating* src, Py_ssize_t step, Py_ssize_t span,
                              floating* row) noexcept nogil:
     """row[p*phase + j] = src[p + j*step] for the span values of src: each stride phase
     becomes one contiguous run. Returns the phase length."""
-    cdef Py_ssize_t phase = (span + step - 1) // step, p, j
+    cdef Py_ssize_t phase = (span + step - 1) // step, p
     for p in range(step):
-        if step == 2:
-            # A constant stride lets the compiler gather with vector shuffles.
-            for j in range((span - p + 1) // 2):
-                row[p * phase + j] = src[p + j * 2]
+        if floating is float:
+            dilconv_gather_f((span - p + step - 1) // step, src + p, step, row + p * phase)
         else:
-            for j in range((span - p + step - 1) // step):
-                row[p * phase + j] = src[p + j * step]
+            dilconv_gather_d((span - p + step - 1) // step, src + p, step, row + p * phase)
     return phase
 
 
@@ -249,7 +254,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
     cdef Py_ssize_t block_offset = scratch.shape[1] - DILCONV_MR * nr - g.W - g.sw
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
-        for task in prange(n_tasks, schedule='static'):
+        for task in prange(n_tasks, schedule='dynamic'):
             _forward_tile(x, wp, bp, out, tiles, g, task, &scratch[tid, 0],
                           &scratch[tid, block_offset],
                           &scratch[tid, block_offset + DILCONV_MR * nr],
@@ -335,6 +340,6 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
                                * ((g.Og + o_chunk - 1) // o_chunk))
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
-        for task in prange(n_tasks, schedule='static'):
+        for task in prange(n_tasks, schedule='dynamic'):
             _grad_weight_block(gy, x, gwt, tiles, o_chunk, g, task, &scratch[tid, 0],
                                &offset_scratch[tid, 0])
