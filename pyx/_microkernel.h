@@ -42,13 +42,18 @@ static inline void NAME(const dilconv_terms *terms, const T *restrict a,        
     const ptrdiff_t b_step = terms->b_step, seg_len = terms->seg_len;                    \
     NAME##_v acc0[MR], acc1[MR];                                                         \
     T part[MR][2 * L];                                                                   \
-    for (int i = 0; i < MR; i++)                                                         \
-        for (int j = 0; j < 2 * L; j++)                                                  \
-            part[i][j] = (accumulate && i < m && j < n) ? c[i * ldc + j]                 \
-                         : (bias && i < m) ? bias[i] : (T)0;                             \
     for (int i = 0; i < MR; i++) {                                                       \
-        acc0[i] = *(NAME##_vu *)part[i];                                                 \
-        acc1[i] = *(NAME##_vu *)(part[i] + L);                                           \
+        if (accumulate && i < m && n == 2 * L) {                                         \
+            acc0[i] = *(const NAME##_vu *)(c + i * ldc);                                 \
+            acc1[i] = *(const NAME##_vu *)(c + i * ldc + L);                             \
+        } else if (accumulate && i < m) {  /* a partial block: through `part` */        \
+            for (int j = 0; j < 2 * L; j++) part[i][j] = j < n ? c[i * ldc + j] : (T)0;  \
+            acc0[i] = *(NAME##_vu *)part[i];                                             \
+            acc1[i] = *(NAME##_vu *)(part[i] + L);                                       \
+        } else {                                                                         \
+            acc0[i] = (NAME##_v){0} + ((bias && i < m) ? bias[i] : (T)0);                \
+            acc1[i] = acc0[i];                                                           \
+        }                                                                                \
     }                                                                                    \
     /* Rows past m repeat row m-1, so A is never read past its m rows. */                \
     ptrdiff_t row[MR];                                                                   \
