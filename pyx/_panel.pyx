@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Forward over packed panels with a register-blocked micro-kernel (channel-heavy layers).
+"""Packed panels and a register-blocked micro-kernel (layers with many channels).
 
 The output plane is cut into tiles aligned with the taps' in-bounds ranges, so in a tile
 every tap reads the image for all of its pixels or for none: a tile sums exactly its taps
@@ -8,11 +8,12 @@ its taps and channels, are packed into a per-thread buffer as panels of NR pixel
 micro-kernel (pyx/_microkernel.h) then holds MR output channels x NR pixels in registers
 over the whole sum, and writes each output once. Every output sums its taps and channels
 in one fixed order, so results are bitwise identical for any thread count (and tasks,
-which own their outputs, are handed out dynamically: tiles differ in size).
+which own their outputs, are handed out dynamically: tiles differ in size). The weight
+gradient runs on the same micro-kernel, with pixels as the terms of its sums.
 """
 from cython.parallel cimport prange, parallel, threadid
 from cython cimport floating
-from libc.string cimport memcpy, memset
+from libc.string cimport memset
 
 from _common cimport Geom, make_geom
 
@@ -33,6 +34,12 @@ cdef extern from "_microkernel.h":
                        Py_ssize_t m, Py_ssize_t n) noexcept nogil
 
 MR = DILCONV_MR
+
+cdef extern from "_axpy.h":
+    void dilconv_gather_f(Py_ssize_t n, const float* src, Py_ssize_t step,
+                          float* dst) noexcept nogil
+    void dilconv_gather_d(Py_ssize_t n, const double* src, Py_ssize_t step,
+                          double* dst) noexcept nogil
 
 
 # A micro-kernel block is two 32-byte vectors of pixels.
@@ -60,16 +67,11 @@ cdef void pack_row(const floating* src, Py_ssize_t count, Py_ssize_t q, Py_ssize
     """Tile pixels q .. q+count-1 of sum index k, from src[0:count], into their panels
     (pack[panel][k][lane] with panel, lane = divmod(q, NR))."""
     cdef Py_ssize_t nr = block_pixels(pack)
-    cdef Py_ssize_t lane = q % nr, run, j = 0, l
+    cdef Py_ssize_t lane = q % nr, run, j = 0
     cdef floating* dst = pack + (q // nr) * depth * nr + k * nr
     while j < count:
         run = min(nr - lane, count - j)
-        if run == nr:
-            # A whole block: a fixed-size copy the compiler turns into vector moves.
-            for l in range(block_pixels(pack)):
-                dst[l] = src[j + l]
-        else:
-            memcpy(dst + lane, src + j, run * sizeof(floating))
+        gather(run, src + j, 1, dst + lane)
         j = j + run
         lane = lane + run
         if lane == nr:
@@ -77,11 +79,13 @@ cdef void pack_row(const floating* src, Py_ssize_t count, Py_ssize_t q, Py_ssize
             dst = dst + depth * nr
 
 
-cdef extern from "_axpy.h":
-    void dilconv_gather_f(Py_ssize_t n, const float* src, Py_ssize_t step,
-                          float* dst) noexcept nogil
-    void dilconv_gather_d(Py_ssize_t n, const double* src, Py_ssize_t step,
-                          double* dst) noexcept nogil
+cdef inline void gather(Py_ssize_t n, const floating* src, Py_ssize_t step,
+                        floating* dst) noexcept nogil:
+    # dst[i] = src[i*step] through restrict pointers (pyx/_axpy.h), which vectorise.
+    if floating is float:
+        dilconv_gather_f(n, src, step, dst)
+    else:
+        dilconv_gather_d(n, src, step, dst)
 
 
 cdef Py_ssize_t deinterleave(const floating* src, Py_ssize_t step, Py_ssize_t span,
@@ -90,10 +94,7 @@ cdef Py_ssize_t deinterleave(const floating* src, Py_ssize_t step, Py_ssize_t sp
     becomes one contiguous run. Returns the phase length."""
     cdef Py_ssize_t phase = (span + step - 1) // step, p
     for p in range(step):
-        if floating is float:
-            dilconv_gather_f((span - p + step - 1) // step, src + p, step, row + p * phase)
-        else:
-            dilconv_gather_d((span - p + step - 1) // step, src + p, step, row + p * phase)
+        gather((span - p + step - 1) // step, src + p, step, row + p * phase)
     return phase
 
 
@@ -110,8 +111,8 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
     cdef Py_ssize_t n = task // (g.groups * n_tiles), grp = (task // n_tiles) % g.groups
     cdef Py_ssize_t r0 = tiles[t, 0], r1 = tiles[t, 1], c0 = tiles[t, 2], c1 = tiles[t, 3]
     cdef Py_ssize_t tw = c1 - c0, pixels = (r1 - r0) * tw, nr = block_pixels(pack)
-    cdef Py_ssize_t o0 = grp * g.Og, ci0 = grp * g.Cg, plane = g.Ho * g.Wo
-    cdef Py_ssize_t n_taps = 0, kh, kw, kh0 = 0, kw0 = 0, ti, ci, rr, k, j, depth, p, valid
+    cdef Py_ssize_t ci0 = grp * g.Cg
+    cdef Py_ssize_t n_taps = 0, kh, kw, kh0 = 0, kw0 = 0, ti, ci, rr, k, depth, p, valid
     cdef Py_ssize_t panels, direct_w = 0, te, tj, kw_first, span, phase = 0, off
     cdef Py_ssize_t* packed_off
     cdef Py_ssize_t* image_off
@@ -245,8 +246,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
     """conv2d into `out`. `wp` is the weight packed as (groups, ceil(O/g / MR), kH*kW,
     C/g, MR), `bp` the bias as (groups, blocks, MR), both zero past O/g; `tiles` are
     aligned with the tap ranges; `scratch` is (threads, panels * NR * kH*kW * C/g + MR*NR
-    + W + stride) for the largest tile; `tap_scratch` is (threads, 4 * kH*kW). Unit-stride blocks whose
-    reads take at most `in_place_bytes` read the image in place instead of packed panels."""
+    + W + stride) for the largest tile; `tap_scratch` is (threads, 4 * kH*kW). Unit-stride
+    blocks whose reads take at most `in_place_bytes` read the image in place."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t task, tid
