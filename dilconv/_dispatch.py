@@ -6,8 +6,11 @@ Kernel families:
 - "flat": forward of unit-stride layers with few channels (depthwise, RGB stems): long
   vectorised loops over zero-padded bands of rows (finite weights only: padding taps are
   multiplied by zero there); its backward is "direct";
-- "gemm": per output tile and tap, one matrix product of packed pixels with the tap's
-  weights (layers with many channels);
+- "panel": forward of layers with many channels (and, at unit stride, their input
+  gradient, as the forward of the transposed kernel): output tiles aligned with the taps'
+  in-bounds ranges, packed into panels, summed by a register-blocked micro-kernel;
+- "gemm": per output tile and tap, one BLAS matrix product of packed pixels with the tap's
+  weights (the gradients of layers with many channels; the forward when forced);
 - "depthwise": forward of layers with one input channel per group (depthwise, any channel
   multiplier): each output summed in registers and stored once, one pass over input and
   output; chosen for unit column stride (a strided one runs, on scalars); its backward is
@@ -25,10 +28,11 @@ import threading
 
 import numpy as np
 
-from . import _backward, _depthwise, _flat, _forward, _gemm
+from . import _backward, _depthwise, _flat, _forward, _gemm, _panel
+from ._geometry import ConvSpec
 from ._threads import threads_for
 
-PATHS = ("direct", "flat", "gemm", "depthwise")
+PATHS = ("direct", "flat", "gemm", "panel", "depthwise")
 # Pixels per GEMM tile: a packed tile of a few hundred KiB stays in L2.
 TILE_ELEMENTS = 256 * 1024
 MIN_TILE_PIXELS = 64
@@ -60,10 +64,7 @@ def force_path(path):
 def choose_path(spec, op: str = "forward") -> str:
     """Kernel family for `op` ('forward', or 'backward' for the input and weight
     gradients) on this geometry."""
-    # BLAS takes 32-bit sizes, and the gemm forward passes the output plane size as a
-    # leading dimension: larger geometries run direct, even when gemm is forced.
-    fits_blas = (max(spec.c, spec.o) * MAX_TILE_PIXELS <= BLAS_INT_MAX
-                 and spec.ho * spec.wo <= BLAS_INT_MAX)
+    fits_blas = _fits_blas(spec)
     forced = _forced or os.environ.get("DILCONV_PATH") or None
     if forced is not None:
         if forced not in PATHS:
@@ -73,14 +74,19 @@ def choose_path(spec, op: str = "forward") -> str:
     if (op == "forward" and cg == 1 and spec.stride[1] == 1
             and spec.wo >= DEPTHWISE_MIN_WIDTH):
         return "depthwise"
-    if not fits_blas:
-        return "direct"
     if op == "forward":
         if cg * og >= 32:
-            return "gemm"
+            return "panel"
         return "flat" if spec.stride == (1, 1) else "direct"
-    # Gradient GEMMs multiply over input channels: with only a few, direct loops win.
-    return "gemm" if cg >= 16 and og >= 8 else "direct"
+    # Gradient blocks run over input channels: with only a few, direct loops win.
+    return "panel" if cg >= 16 and og >= 8 else "direct"
+
+
+def _fits_blas(spec) -> bool:
+    # BLAS takes 32-bit sizes, and the gemm forward passes the output plane size as a
+    # leading dimension: larger geometries run direct, even when gemm is forced.
+    return (max(spec.c, spec.o) * MAX_TILE_PIXELS <= BLAS_INT_MAX
+            and spec.ho * spec.wo <= BLAS_INT_MAX)
 
 
 def plane_tiles(height: int, width: int, channels: int) -> np.ndarray:
@@ -89,14 +95,36 @@ def plane_tiles(height: int, width: int, channels: int) -> np.ndarray:
     Depends on the geometry only (never on the thread count), so results do not either.
     """
     target = max(MIN_TILE_PIXELS, min(MAX_TILE_PIXELS, TILE_ELEMENTS // max(1, channels)))
+    return np.array(_rect_tiles(0, height, 0, width, target), dtype=np.intp)
+
+
+def _rect_tiles(r0: int, r1: int, c0: int, c1: int, target: int) -> list:
+    """Rectangles of about `target` pixels covering rows [r0, r1) x columns [c0, c1):
+    whole rows of the rectangle, or pieces of one row when a row is that long."""
+    height, width = r1 - r0, c1 - c0
     if width >= target:
         tile_h = 1
         tile_w = math.ceil(width / math.ceil(width / target))
     else:
         tile_w = width
         tile_h = math.ceil(height / math.ceil(height * width / target))
-    tiles = [(r, min(height, r + tile_h), c, min(width, c + tile_w))
-             for r in range(0, height, tile_h) for c in range(0, width, tile_w)]
+    return [(r, min(r1, r + tile_h), c, min(c1, c + tile_w))
+            for r in range(r0, r1, tile_h) for c in range(c0, c1, tile_w)]
+
+
+def _range_edges(lo: np.ndarray, hi: np.ndarray, size: int) -> list:
+    """0, size and every tap range end inside (0, size), sorted: between two edges, each
+    tap is in the image for all outputs or for none."""
+    inner = {int(v) for v in np.concatenate([lo, hi]) if 0 < v < size}
+    return sorted(inner | {0, size})
+
+
+def aligned_tiles(spec, target: int) -> np.ndarray:
+    """Tiles (r0, r1, c0, c1) of about `target` pixels, none crossing a tap range end."""
+    rows = _range_edges(spec.oh_lo, spec.oh_hi, spec.ho)
+    cols = _range_edges(spec.ow_lo, spec.ow_hi, spec.wo)
+    tiles = [tile for a, b in zip(rows, rows[1:]) for c, d in zip(cols, cols[1:])
+             for tile in _rect_tiles(a, b, c, d, target)]
     return np.array(tiles, dtype=np.intp)
 
 
@@ -201,10 +229,25 @@ DEPTHWISE_MIN_WIDTH = 24
 DEPTHWISE_TASK_PIXELS = 1 << 14
 
 
+def tap_runs(lo: np.ndarray, hi: np.ndarray, size: int) -> np.ndarray:
+    """Rows (start, end, t0, t1): the outputs [0, size) of one axis cut at the range edges,
+    with the taps [t0, t1) that read the image for a whole run (none when t0 == t1; the
+    input index grows with the tap, so they are a contiguous range)."""
+    edges = _range_edges(lo, hi, size)
+    lo, hi = lo.tolist(), hi.tolist()
+    runs = []
+    for start, end in zip(edges, edges[1:]):
+        inside = [t for t in range(len(lo)) if lo[t] <= start < hi[t]]
+        runs.append((start, end, inside[0], inside[-1] + 1) if inside else (start, end, 0, 0))
+    return np.array(runs, dtype=np.intp).reshape(-1, 4)
+
+
 def _depthwise_forward(x, weight, bias, out, spec) -> None:
     band_rows = max(1, min(spec.ho, DEPTHWISE_TASK_PIXELS // spec.wo))
     n_tasks = spec.n * spec.o * math.ceil(spec.ho / band_rows)
-    _depthwise.forward(x, weight, bias, out, spec, band_rows, _threads(spec, n_tasks))
+    _depthwise.forward(x, weight, bias, out, spec, tap_runs(spec.oh_lo, spec.oh_hi, spec.ho),
+                       tap_runs(spec.ow_lo, spec.ow_hi, spec.wo), band_rows,
+                       _threads(spec, n_tasks))
 
 
 def forward(x, weight, bias, out, spec) -> None:
@@ -212,6 +255,9 @@ def forward(x, weight, bias, out, spec) -> None:
     path = choose_path(spec)
     if path == "depthwise" and spec.c == spec.groups:
         _depthwise_forward(x, weight, bias, out, spec)
+        return
+    if path == "panel":
+        _panel_forward(x, weight, bias, out, spec)
         return
     if path == "flat" and spec.stride == (1, 1) and np.isfinite(weight).all():
         _flat_forward(x, weight, bias, out, spec)
@@ -236,8 +282,80 @@ def forward(x, weight, bias, out, spec) -> None:
         _gemm.forward(x, taps, bias, out, tiles, kw_group, scratch, spec, threads)
 
 
+# Packed panels of a panel-path tile: about this many bytes, and enough pixels that
+# blocks of NR are mostly full.
+PANEL_PACK_BYTES = 1024 * 1024
+PANEL_MIN_PIXELS = 256
+# Unit-stride blocks read the image in place when one block reads at most this many bytes.
+PANEL_IN_PLACE_BYTES = 4 * 1024
+
+
+def pack_panel_weights(weight, bias, spec):
+    """Weights as (groups, blocks, kH*kW, C/g, MR) and bias as (groups, blocks, MR): MR
+    output channels per block, zero past O/groups."""
+    groups, cg, og = spec.groups, spec.c // spec.groups, spec.o // spec.groups
+    mr = _panel.MR
+    blocks = -(-og // mr)
+    taps = spec.kh * spec.kw
+    padded = np.zeros((groups, blocks * mr, cg, taps), dtype=weight.dtype)
+    padded[:, :og] = weight.reshape(groups, og, cg, taps)
+    wp = np.ascontiguousarray(
+        padded.reshape(groups, blocks, mr, cg, taps).transpose(0, 1, 4, 3, 2))
+    bp = np.zeros((groups, blocks * mr), dtype=weight.dtype)
+    if bias.shape[0]:
+        bp[:, :og] = bias.reshape(groups, og)
+    return wp, bp.reshape(groups, blocks, mr)
+
+
+def _panel_forward(x, weight, bias, out, spec) -> None:
+    nr = _panel.BLOCK_NBYTES // x.dtype.itemsize
+    depth = spec.kh * spec.kw * (spec.c // spec.groups)
+    target = max(PANEL_MIN_PIXELS, PANEL_PACK_BYTES // x.dtype.itemsize // depth)
+    tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, target - target % nr))
+    threads = _threads(spec, spec.n * spec.groups * len(tiles))
+    panels = -(-_largest_tile(tiles) // nr)
+    scratch = np.empty((threads, panels * nr * depth + _panel.MR * nr + spec.w + spec.stride[1]),
+                       dtype=x.dtype)
+    tap_scratch = np.empty((threads, 4 * spec.kh * spec.kw), dtype=np.intp)
+    wp, bp = pack_panel_weights(weight, bias, spec)
+    _panel.forward(x, wp, bp, out, tiles, scratch, tap_scratch, PANEL_IN_PLACE_BYTES, spec,
+                   threads)
+
+
+def transposed_spec(spec):
+    """For a unit-stride spec, the spec whose forward maps grad_output to grad_input
+    (with the weights of transposed_weight), or None where its padding would be negative
+    (padding beyond the dilated kernel)."""
+    if spec.stride != (1, 1):
+        return None
+    (pt, pb), (pl, pr) = spec.padding
+    reach_h, reach_w = (spec.kh - 1) * spec.dilation[0], (spec.kw - 1) * spec.dilation[1]
+    pads = ((reach_h - pt, reach_h - pb), (reach_w - pl, reach_w - pr))
+    if min(pads[0] + pads[1]) < 0:
+        return None
+    return ConvSpec(spec.n, spec.o, spec.ho, spec.wo, spec.c, spec.kh, spec.kw, (1, 1),
+                    spec.dilation, pads, spec.groups)
+
+
+def transposed_weight(weight, spec):
+    """(O, C/g, kH, kW) -> (C, O/g, kH, kW): per group, in and out channels swapped and
+    the kernel turned by 180 degrees."""
+    groups, cg, og = spec.groups, spec.c // spec.groups, spec.o // spec.groups
+    w = weight.reshape(groups, og, cg, spec.kh, spec.kw)[:, :, :, ::-1, ::-1]
+    return w.transpose(0, 2, 1, 3, 4).reshape(spec.c, og, spec.kh, spec.kw)
+
+
 def grad_input(grad_output, weight, grad_x, spec) -> None:
-    if choose_path(spec, "backward") != "gemm":
+    path = choose_path(spec, "backward")
+    spec_t = transposed_spec(spec) if path in ("gemm", "panel") else None
+    if spec_t is not None:
+        # Unit stride: grad_input is the forward convolution of grad_output with the
+        # transposed, turned kernel, on the panel kernel.
+        _panel_forward(grad_output, transposed_weight(weight, spec), np.empty(0, grad_x.dtype),
+                       grad_x, spec_t)
+        return
+    # Strided layers of the panel family take the BLAS kernel where BLAS's sizes allow.
+    if path == "direct" or (path == "panel" and not _fits_blas(spec)):
         _backward.grad_input(grad_output, weight, grad_x, spec,
                              _threads(spec, spec.n * spec.c))
         return
@@ -253,9 +371,39 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
         _gemm.grad_input(grad_output, taps, grad_x, tiles, scratch, spec, threads)
 
 
+# Weight-gradient tiles of the panel path: their packed input stays within this (in L1/L2),
+# and a task's output channels of grad_output (in L2 across the taps) within this many.
+PANEL_GRAD_WEIGHT_PACK_BYTES = 64 * 1024
+PANEL_GRAD_WEIGHT_O_CHUNK = 64
+
+
+def _panel_grad_weight(grad_output, x, grad_w, spec) -> None:
+    cg = spec.c // spec.groups
+    nr = _panel.BLOCK_NBYTES // x.dtype.itemsize
+    taps = spec.kh * spec.kw
+    target = min(MAX_TILE_PIXELS, max(1, PANEL_GRAD_WEIGHT_PACK_BYTES // _panel.BLOCK_NBYTES))
+    tiles = aligned_tiles(spec, target)
+    c_blocks = -(-cg // nr)
+    og = spec.o // spec.groups
+    o_chunk = min(og, PANEL_GRAD_WEIGHT_O_CHUNK)
+    o_chunk += -o_chunk % _panel.MR
+    threads = _threads(spec, spec.groups * c_blocks * -(-og // o_chunk))
+    scratch = np.empty((threads, nr * _largest_tile(tiles)), dtype=x.dtype)
+    rows = int((tiles[:, 1] - tiles[:, 0]).max())
+    offset_scratch = np.empty((threads, 2 * rows), dtype=np.intp)
+    gwt = np.zeros((taps, spec.o, c_blocks * nr), dtype=x.dtype)
+    _panel.grad_weight(grad_output, x, gwt, tiles, o_chunk, scratch, offset_scratch, spec,
+                       threads)
+    grad_w[...] = gwt[:, :, :cg].transpose(1, 2, 0).reshape(grad_w.shape)
+
+
 def grad_weight(grad_output, x, grad_w, spec) -> None:
     cg, og = spec.c // spec.groups, spec.o // spec.groups
-    if choose_path(spec, "backward") != "gemm":
+    path = choose_path(spec, "backward")
+    if path == "panel":
+        _panel_grad_weight(grad_output, x, grad_w, spec)
+        return
+    if path != "gemm":
         _backward.grad_weight(grad_output, x, grad_w, spec, _threads(spec, spec.o * cg))
         return
     # Output-channel blocks (dividing O/groups) x taps are the parallel tasks.

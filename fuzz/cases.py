@@ -376,6 +376,7 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
         tile_pixels=None if rng.random() < 0.6 else _choice(rng, TILE_PIXELS),
         min_macs_per_thread=None if rng.random() < 0.2 else 1,
         kw_group_below_channels=None if rng.random() < 0.7 else 1,
+        panel_in_place_bytes=None if rng.random() < 0.5 else _choice(rng, (0, 1 << 30)),
     )
     if invalid:
         case["ops"] = ["invalid"]

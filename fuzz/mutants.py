@@ -259,6 +259,17 @@ class GemmIgnoresBias(Mutant):
         return real_forward(call, mode)
 
 
+class PanelSkipsLastTap(Mutant):
+    description = "panel path only: the last kernel tap left out (forward)"
+
+    def forward(self, call, mode):
+        if _dispatch.choose_path(call.spec) == "panel" and call.weight.shape[-1] > 1:
+            weight = call.weight.copy()
+            weight[..., -1, -1] = 0
+            return real_forward(call, mode, weight=weight)
+        return real_forward(call, mode)
+
+
 class _GradMutant(Mutant):
     """Changes a gradient after the real backward."""
 
@@ -383,7 +394,8 @@ MUTANTS = {_name(cls): cls() for cls in (
     DilationOffByOne, StrideIgnored, GroupsMappedWrongly, PaddingWrongSide, KernelFlipped,
     BiasDropped, BiasDoubled, Float32PartialTaps, Float64InFloat32, PaddingFilledWithOnes,
     BigEndianMisread, FortranMisread, UnbatchedKeepsBatchAxis, OutIgnored, ThreadDependent,
-    DirectDropsLastColumn, FlatDropsFirstRow, DepthwiseDropsSecondRows, GemmIgnoresBias, GradWeightMissingLastRow,
+    DirectDropsLastColumn, FlatDropsFirstRow, GemmIgnoresBias, PanelSkipsLastTap,
+    DepthwiseDropsSecondRows, GradWeightMissingLastRow,
     GradInputOffByOneRow, GradBiasFirstImageOnly, EmptyBatchGradWeightGarbage,
     ErrorsSwallowed, WrongExceptionType, VagueErrors, Conv1dKernelReversed,
     TransposeBiasDropped, SegfaultOnWideDilation, ReflectAsReplicate)}

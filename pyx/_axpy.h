@@ -30,4 +30,19 @@ static inline T NAME(ptrdiff_t n, const T *restrict a, const T *restrict b) {  \
 }
 DILCONV_DOT(dilconv_dot_f, float)
 DILCONV_DOT(dilconv_dot_d, double)
+
+/* dst[i] = src[i * step]: with restrict, steps of 1 and 2 copy with vector moves and
+   shuffles instead of one element at a time. */
+#define DILCONV_GATHER(NAME, T)                                                \
+static inline void NAME(ptrdiff_t n, const T *restrict src, ptrdiff_t step,    \
+                        T *restrict dst) {                                     \
+    if (step == 1)                                                             \
+        for (ptrdiff_t i = 0; i < n; i++) dst[i] = src[i];                     \
+    else if (step == 2)                                                        \
+        for (ptrdiff_t i = 0; i < n; i++) dst[i] = src[2 * i];                 \
+    else                                                                       \
+        for (ptrdiff_t i = 0; i < n; i++) dst[i] = src[i * step];              \
+}
+DILCONV_GATHER(dilconv_gather_f, float)
+DILCONV_GATHER(dilconv_gather_d, double)
 #endif

@@ -4,13 +4,12 @@ channel multiplier O/groups, stride and dilation.
 
 Memory-bound, so each output is computed once, in registers, and stored once: per output
 row, the columns are cut into runs over which the same kernel columns are in the image
-(`segments`), and each run sums its in-image taps block by block (`_depthwise.h`). Taps in
+(`dilconv._dispatch.tap_runs`), and each run sums its in-image taps block by block
+(`_depthwise.h`). Taps in
 the padding are skipped, never multiplied, so non-finite weights need no special care.
 """
 from cython.parallel cimport prange
 from cython cimport floating
-
-import numpy as np
 
 from _common cimport Geom, make_geom
 
@@ -24,22 +23,6 @@ cdef extern from "_depthwise.h":
                           Py_ssize_t x_row, Py_ssize_t nh, Py_ssize_t dw, Py_ssize_t sw,
                           const double* w, Py_ssize_t w_row, Py_ssize_t nk, double b,
                           double* y, Py_ssize_t y_next) noexcept nogil
-
-
-def segments(lo, hi, size):
-    """Cut the outputs [0, size) of one axis into runs over which the same taps are in the
-    image: rows (start, end, t0, t1), taps [t0, t1) (empty when t0 == t1).
-
-    `lo`, `hi` are the spec's per-tap in-image output ranges. The input index grows with
-    the tap, so the in-image taps of an output are always a contiguous range."""
-    lo, hi = np.asarray(lo).tolist(), np.asarray(hi).tolist()   # a few ints: no numpy ops
-    cuts = sorted({0, size} | {min(max(v, 0), size) for v in lo + hi})
-    runs = []
-    for start, end in zip(cuts, cuts[1:]):
-        inside = [t for t in range(len(lo)) if lo[t] <= start < hi[t]]
-        runs.append((start, end, inside[0], inside[len(inside) - 1] + 1) if inside
-                    else (start, end, 0, 0))
-    return np.array(runs, dtype=np.intp).reshape(-1, 4)
 
 
 cdef inline void _run(Py_ssize_t rows, Py_ssize_t n, const floating* x, Py_ssize_t x_next,
@@ -56,7 +39,7 @@ cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W
                 const floating[:, :, :, ::1] w,                # IN  (O, 1, kH, kW)
                 const floating[::1] bias,                      # IN  (O,) or empty
                 floating[:, :, :, ::1] out,                    # OUT (N, O, Ho, Wo)
-                Geom g, const Py_ssize_t[:, ::1] rows,         # IN  row runs (segments)
+                Geom g, const Py_ssize_t[:, ::1] rows,         # IN  row runs (tap_runs)
                 const Py_ssize_t[:, ::1] cols,                 # IN  column runs
                 Py_ssize_t band_rows, Py_ssize_t task) noexcept nogil:
     cdef Py_ssize_t bands = (g.Ho + band_rows - 1) // band_rows
@@ -93,13 +76,14 @@ cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
             const floating[::1] bias, floating[:, :, :, ::1] out, spec,
+            const Py_ssize_t[:, ::1] rows, const Py_ssize_t[:, ::1] cols,
             Py_ssize_t band_rows, int n_threads):
-    """Depthwise conv2d + bias into `out` (C/groups == 1). Tasks are bands of `band_rows`
-    output rows of one (image, output channel) plane; every output is computed by one task
-    in a fixed order, so any thread count gives the same bits."""
+    """Depthwise conv2d + bias into `out` (C/groups == 1). `rows`, `cols`: runs (start, end,
+    t0, t1) of output rows / columns over which kernel rows / columns [t0, t1) read the
+    image. Tasks are bands of `band_rows` output rows of one (image, output channel) plane;
+    every output is computed by one task in a fixed order, so any thread count gives the
+    same bits."""
     cdef Geom g = make_geom(spec)
-    cdef const Py_ssize_t[:, ::1] rows = segments(spec.oh_lo, spec.oh_hi, spec.ho)
-    cdef const Py_ssize_t[:, ::1] cols = segments(spec.ow_lo, spec.ow_hi, spec.wo)
     cdef Py_ssize_t task
     cdef Py_ssize_t n_tasks = g.N * g.O * ((g.Ho + band_rows - 1) // band_rows)
     for task in prange(n_tasks, nogil=True, schedule='static', num_threads=n_threads):

@@ -79,8 +79,10 @@ def test_forward_and_backward_match_oracle(case, dtype, bias, path, rng):
         check_backward(gy, x, wt, stride, padding, dilation, groups)
 
 
-def test_dispatch_picks_gemm_for_many_channels_and_flat_or_direct_for_few():
-    assert choose_path(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "gemm"
+def test_dispatch_picks_panel_for_many_channels_and_flat_or_direct_for_few():
+    many = make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)
+    assert choose_path(many) == "panel"
+    assert choose_path(many, "backward") == "panel"
     assert choose_path(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 1, 1, 1, 4)) == "flat"
     assert choose_path(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 2, 1, 1, 4)) == "direct"
     with force_path("direct"):
@@ -111,6 +113,40 @@ def test_gemm_forward_per_tap_and_per_kernel_row(case, row_products, monkeypatch
     x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, np.float32)
     with force_path("gemm"):
         check_forward(x, wt, b, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("tile_pixels", [5, 4096])
+@pytest.mark.parametrize("case", GRID[:7] + GRID[-1:])
+def test_panel_blocks_in_place_and_packed(case, in_place, tile_pixels, monkeypatch, rng):
+    # Blocks that read the image in place and packed ones, in small and large tiles.
+    monkeypatch.setattr(dilconv._dispatch, "PANEL_IN_PLACE_BYTES", 1 << 30 if in_place else 0)
+    monkeypatch.setattr(dilconv._dispatch, "MAX_TILE_PIXELS", tile_pixels)
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    for dtype in (np.float32, np.float64):
+        x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
+        with force_path("panel"):
+            y = check_forward(x, wt, b, stride, padding, dilation, groups)
+            check_backward(rng.standard_normal(y.shape).astype(dtype), x, wt, stride,
+                           padding, dilation, groups)
+
+
+@pytest.mark.parametrize("case", GRID)
+def test_panel_tiles_cover_the_plane_and_align_with_tap_ranges(case):
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    spec = make_spec((max(n, 1), c, h, w), (o, c // groups, kh, kw), stride, padding,
+                     dilation, groups)
+    tiles = dilconv._dispatch.aligned_tiles(spec, 7)
+    covered = np.zeros((spec.ho, spec.wo), int)
+    for r0, r1, c0, c1 in tiles:
+        covered[r0:r1, c0:c1] += 1
+        # Each tap reads the image for every pixel of the tile, or for none.
+        for lo, hi, a, b in ((spec.oh_lo, spec.oh_hi, r0, r1), (spec.ow_lo, spec.ow_hi, c0, c1)):
+            for t in range(len(lo)):
+                inside = (a >= lo[t]) & (b <= hi[t])
+                outside = (b <= lo[t]) | (a >= hi[t])
+                assert inside or outside
+    assert (covered == 1).all()
 
 
 def test_tiny_calls_stay_on_one_thread():

@@ -8,8 +8,7 @@ import pytest
 
 import dilconv
 from dilconv import _dispatch, tolerance
-from dilconv._depthwise import segments
-from dilconv._dispatch import choose_path, force_path
+from dilconv._dispatch import choose_path, force_path, tap_runs
 from dilconv._validate import make_spec
 
 from _helpers import check_forward, forward_bound, random_case
@@ -105,14 +104,14 @@ def test_nonfinite_weight_in_the_padding_is_not_multiplied(value):
     np.testing.assert_array_equal(y[:, 1:, 1:], np.full((2, 3, 29), value))   # nan == nan
 
 
-def test_segments_split_an_axis_by_taps_in_the_image():
+def test_tap_runs_split_an_axis_by_taps_in_the_image():
     # Kernel 3, dilation 4, padding 4 on 64 outputs: taps 1..2, then all, then 0..1.
     spec = make_spec((1, 1, 64, 64), (1, 1, 3, 3), 1, 4, 4, 1)
-    runs = segments(spec.ow_lo, spec.ow_hi, spec.wo)
+    runs = tap_runs(spec.ow_lo, spec.ow_hi, spec.wo)
     np.testing.assert_array_equal(runs, [[0, 4, 1, 3], [4, 60, 0, 3], [60, 64, 0, 2]])
     # Padding wider than the kernel: runs with no tap in the image.
     spec = make_spec((1, 1, 2, 2), (1, 1, 1, 1), 1, 3, 1, 1)
-    np.testing.assert_array_equal(segments(spec.oh_lo, spec.oh_hi, spec.ho),
+    np.testing.assert_array_equal(tap_runs(spec.oh_lo, spec.oh_hi, spec.ho),
                                   [[0, 3, 0, 0], [3, 5, 0, 1], [5, 8, 0, 0]])
 
 

@@ -175,12 +175,18 @@ def test_more_than_2_31_elements(path):
         assert g.weight[0, 0, 0, 0] == expected_w
 
 
-def test_planes_over_2_31_pixels_stay_off_the_gemm_path():
-    # Channel counts that would pick gemm, on a plane of 2**31 + 4096 output pixels (the
-    # gemm forward's BLAS leading dimension is a C int). Shapes only: no memory.
-    spec = make_spec((1, 8, 524289, 4096), (8, 8, 1, 1), 1, 0, 1, 1)
-    assert _dispatch.choose_path(spec) == "direct"
-    assert _dispatch.choose_path(make_spec((1, 8, 64, 64), (8, 8, 1, 1), 1, 0, 1, 1)) == "gemm"
+def test_planes_over_2_31_pixels_stay_off_blas(monkeypatch):
+    # A plane of 2**31 + 4096 output pixels (BLAS sizes are C ints): the panel kernels
+    # (no BLAS) take it; the strided input gradient, which the panel family leaves to
+    # BLAS, runs direct. Shapes only: no memory.
+    big = make_spec((1, 16, 524289, 8192), (16, 16, 1, 1), (1, 2), 0, 1, 1)
+    assert _dispatch.choose_path(big) == _dispatch.choose_path(big, "backward") == "panel"
+    ran = []
+    monkeypatch.setattr(_dispatch._backward, "grad_input", lambda *a: ran.append("direct"))
+    monkeypatch.setattr(_dispatch._gemm, "grad_input", lambda *a: ran.append("gemm"))
+    _dispatch.grad_input(None, np.zeros((16, 16, 1, 1), np.float32),
+                         np.zeros((1, 16, 1, 1), np.float32), big)
+    assert ran == ["direct"]
 
 
 def test_forced_gemm_falls_back_to_direct_past_blas_sizes():
