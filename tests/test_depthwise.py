@@ -115,21 +115,18 @@ def test_tap_runs_split_an_axis_by_taps_in_the_image():
                                   [[0, 3, 0, 0], [3, 5, 0, 1], [5, 8, 0, 0]])
 
 
-def test_dispatch_rule():
-    wide = make_spec((2, 64, 40, 40), (64, 1, 3, 3), 1, 1, 1, 64)
-    assert choose_path(wide) == "depthwise"
-    assert choose_path(wide, "backward") == "direct"
-    # Channel multiplier, and groups == 1 with one input channel.
-    assert choose_path(make_spec((1, 8, 40, 40), (32, 1, 3, 3), 1, 1, 1, 8)) == "depthwise"
-    assert choose_path(make_spec((1, 1, 40, 40), (64, 1, 3, 3), 1, 1, 1, 1)) == "depthwise"
-    # Narrow rows: the flat kernel; strided columns: the direct one.
-    narrow_wo = _dispatch.DEPTHWISE_MIN_WIDTH - 1
-    assert choose_path(make_spec((1, 64, 8, narrow_wo), (64, 1, 3, 3), 1, 1, 1, 64)) == "flat"
-    assert choose_path(make_spec((1, 64, 80, 80), (64, 1, 3, 3), (1, 2), 1, 1, 64)) == "direct"
-    assert choose_path(make_spec((1, 64, 80, 80), (64, 1, 3, 3), (2, 1), 1, 1, 64)) == \
-        "depthwise"
-    # Two input channels per group is not depthwise.
-    assert choose_path(make_spec((1, 8, 40, 40), (8, 2, 3, 3), 1, 1, 1, 4)) == "flat"
+@pytest.mark.parametrize("xs, ws, stride, groups, op, path", [
+    ((2, 64, 40, 40), (64, 1, 3, 3), 1, 64, "forward", "depthwise"),
+    ((2, 64, 40, 40), (64, 1, 3, 3), 1, 64, "backward", "direct"),
+    ((1, 8, 40, 40), (32, 1, 3, 3), 1, 8, "forward", "depthwise"),       # multiplier 4
+    ((1, 1, 40, 40), (64, 1, 3, 3), 1, 1, "forward", "depthwise"),       # groups 1, C = 1
+    ((1, 64, 8, _dispatch.DEPTHWISE_MIN_WIDTH - 1), (64, 1, 3, 3), 1, 64, "forward", "flat"),
+    ((1, 64, 80, 80), (64, 1, 3, 3), (1, 2), 64, "forward", "direct"),   # strided columns
+    ((1, 64, 80, 80), (64, 1, 3, 3), (2, 1), 64, "forward", "depthwise"),
+    ((1, 8, 40, 40), (8, 2, 3, 3), 1, 4, "forward", "flat"),             # two per group
+])
+def test_dispatch_rule(xs, ws, stride, groups, op, path):
+    assert choose_path(make_spec(xs, ws, stride, 1, 1, groups), op) == path
 
 
 def test_matches_torch_on_the_benchmark_layer(rng):
