@@ -14,6 +14,7 @@
 #define DILCONV_DEPTHWISE_H
 #include <stddef.h>
 
+#if defined(__GNUC__) || defined(__clang__)
 /* GCC/Clang vector types: gcc left plain loops over a block scalar or vectorised them
    across taps, with shuffles. may_alias and element alignment: they load and store
    unaligned runs of a float array, like the types of the unaligned intrinsics. */
@@ -39,6 +40,28 @@ static inline void NAME(const T *restrict x, ptrdiff_t x_next, ptrdiff_t x_row, 
     for (int r = 0; r < R; r++)                                                       \
         for (int v = 0; v < V; v++) *(NAME##_vec *)(y + r * y_next + v * L) = acc[r][v];\
 }
+#else
+/* Other compilers: the same sums, in the same order, on plain arrays. */
+#define DILCONV_DW_BLOCK(NAME, T, BYTES, R, V)                                       \
+static inline void NAME(const T *restrict x, ptrdiff_t x_next, ptrdiff_t x_row,       \
+                        ptrdiff_t nh, ptrdiff_t dw, const T *restrict w,              \
+                        ptrdiff_t w_row, ptrdiff_t nk, T b, T *restrict y,            \
+                        ptrdiff_t y_next) {                                           \
+    enum { N = (BYTES) / sizeof(T) * (V) };                                           \
+    T acc[R][N];                                                                      \
+    for (int r = 0; r < R; r++)                                                       \
+        for (int l = 0; l < N; l++) acc[r][l] = b;                                    \
+    for (ptrdiff_t i = 0; i < nh; i++)                                                \
+        for (ptrdiff_t k = 0; k < nk; k++) {                                          \
+            const T wv = w[i * w_row + k];                                            \
+            const T *xp = x + i * x_row + k * dw;                                     \
+            for (int r = 0; r < R; r++)                                               \
+                for (int l = 0; l < N; l++) acc[r][l] += wv * xp[r * x_next + l];     \
+        }                                                                             \
+    for (int r = 0; r < R; r++)                                                       \
+        for (int l = 0; l < N; l++) y[r * y_next + l] = acc[r][l];                    \
+}
+#endif
 
 /* One output in each of R rows (plain scalars: gcc kept one-element vectors on the
    stack). Any column stride: x points at the output's own input pixel. */
