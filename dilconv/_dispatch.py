@@ -119,10 +119,11 @@ def _range_edges(lo: np.ndarray, hi: np.ndarray, size: int) -> list:
     return sorted(inner | {0, size})
 
 
-def aligned_tiles(spec, target: int) -> np.ndarray:
-    """Tiles (r0, r1, c0, c1) of about `target` pixels, none crossing a tap range end."""
+def aligned_tiles(spec, target: int, zero_fill: bool = False) -> np.ndarray:
+    """Tiles (r0, r1, c0, c1) of about `target` pixels, none crossing a tap range end (of
+    the row taps only, with `zero_fill`: column taps then read zeros in the padding)."""
     rows = _range_edges(spec.oh_lo, spec.oh_hi, spec.ho)
-    cols = _range_edges(spec.ow_lo, spec.ow_hi, spec.wo)
+    cols = [0, spec.wo] if zero_fill else _range_edges(spec.ow_lo, spec.ow_hi, spec.wo)
     tiles = [tile for a, b in zip(rows, rows[1:]) for c, d in zip(cols, cols[1:])
              for tile in _rect_tiles(a, b, c, d, target)]
     return np.array(tiles, dtype=np.intp)
@@ -288,6 +289,9 @@ PANEL_PACK_BYTES = 1024 * 1024
 PANEL_MIN_PIXELS = 256
 # Unit-stride blocks read the image in place when one block reads at most this many bytes.
 PANEL_IN_PLACE_BYTES = 4 * 1024
+# Panel tiles are cut at the column taps' range ends too, unless not cutting them
+# multiplies at most this many zeros per useful multiply-add (border columns).
+PANEL_ZERO_FILL_MAX = 0.1
 
 
 def pack_panel_weights(weight, bias, spec):
@@ -307,19 +311,33 @@ def pack_panel_weights(weight, bias, spec):
     return wp, bp.reshape(groups, blocks, mr)
 
 
+def zero_filled_columns(spec) -> float:
+    """Multiply-adds on zeros per useful one when tiles span whole output rows: a column
+    tap partly in the padding then reads zeros there."""
+    useful = int((spec.ow_hi - spec.ow_lo).sum())
+    active = int((spec.ow_hi > spec.ow_lo).sum())
+    return (active * spec.wo - useful) / max(useful, 1)
+
+
 def _panel_forward(x, weight, bias, out, spec) -> None:
     nr = _panel.BLOCK_NBYTES // x.dtype.itemsize
     depth = spec.kh * spec.kw * (spec.c // spec.groups)
     target = max(PANEL_MIN_PIXELS, PANEL_PACK_BYTES // x.dtype.itemsize // depth)
-    tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, target - target % nr))
+    # Tiles not cut at the column taps' range ends (whole rows, when the rows are short)
+    # store each block straight into the output and pack whole blocks; border columns
+    # then multiply zeros, so only finite weights go that way (0 * inf = nan), and only
+    # where few zeros are multiplied.
+    zero_fill = (zero_filled_columns(spec) <= PANEL_ZERO_FILL_MAX
+                  and bool(np.isfinite(weight).all()))
+    tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, target - target % nr), zero_fill)
     threads = _threads(spec, spec.n * spec.groups * len(tiles))
     panels = -(-_largest_tile(tiles) // nr)
-    scratch = np.empty((threads, panels * nr * depth + _panel.MR * nr + spec.w + spec.stride[1]),
-                       dtype=x.dtype)
+    row = spec.w + spec.stride[1] + spec.wo
+    scratch = np.empty((threads, panels * nr * depth + _panel.MR * nr + row), dtype=x.dtype)
     tap_scratch = np.empty((threads, 4 * spec.kh * spec.kw), dtype=np.intp)
     wp, bp = pack_panel_weights(weight, bias, spec)
-    _panel.forward(x, wp, bp, out, tiles, scratch, tap_scratch, PANEL_IN_PLACE_BYTES, spec,
-                   threads)
+    _panel.forward(x, wp, bp, out, tiles, zero_fill, scratch, tap_scratch,
+                   PANEL_IN_PLACE_BYTES, spec, threads)
 
 
 def transposed_spec(spec):

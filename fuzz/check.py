@@ -67,13 +67,15 @@ def _make_out(case):
 # exceed every image the lab draws), so small images cross GEMM tile, flat band and
 # depthwise task boundaries; no minimum of work per thread, so "2 threads" really splits
 # tiny cases; and one GEMM product per tap (the many-channel forward) on the lab's
-# few-channel layers; panel blocks that always, or never, read the image in place.
+# few-channel layers; panel blocks that always, or never, read the image in place; panel
+# tiles always, or never, cut at the column taps' range ends (else zeros in the padding).
 # A setting dilconv no longer has is skipped (environment() lists the ones found).
 KNOBS = {"tile_pixels": ("MIN_TILE_PIXELS", "MAX_TILE_PIXELS", "FLAT_SPAN_ELEMENTS",
                         "DEPTHWISE_TASK_PIXELS"),
          "min_macs_per_thread": ("MIN_MACS_PER_THREAD",),
          "kw_group_below_channels": ("KW_GROUP_BELOW_CHANNELS",),
-         "panel_in_place_bytes": ("PANEL_IN_PLACE_BYTES",)}
+         "panel_in_place_bytes": ("PANEL_IN_PLACE_BYTES",),
+         "panel_zero_fill_max": ("PANEL_ZERO_FILL_MAX",)}
 
 
 def available_knobs() -> list:

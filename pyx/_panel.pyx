@@ -98,6 +98,18 @@ cdef Py_ssize_t deinterleave(const floating* src, Py_ssize_t step, Py_ssize_t sp
     return phase
 
 
+cdef floating* padded_row(const floating[:, :, :, ::1] x, Geom g, Py_ssize_t n,
+                          Py_ssize_t c, Py_ssize_t ih, Py_ssize_t kw,
+                          floating* row) noexcept nogil:
+    """row[0:Wo] = the input pixels column tap kw reads for a whole output row from input
+    row ih, zero where that tap is in the padding (tiles take their columns of it)."""
+    cdef Py_ssize_t lo = g.ow_lo[kw], hi = g.ow_hi[kw]
+    memset(row, 0, lo * sizeof(floating))
+    gather(hi - lo, &x[n, c, ih, lo * g.sw + kw * g.dw - g.pl], g.sw, row + lo)
+    memset(row + hi, 0, (g.Wo - hi) * sizeof(floating))
+    return row
+
+
 cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H, W)
                         const floating[:, :, :, :, ::1] wp,      # IN  (groups, blocks, kH*kW, C/g, MR)
                         const floating[:, :, ::1] bp,            # IN  (groups, blocks, MR)
@@ -105,7 +117,7 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
                         const Py_ssize_t[:, ::1] tiles,          # IN  (T, 4) r0 r1 c0 c1
                         Geom g, Py_ssize_t task,
                         floating* pack, floating* block, floating* row,  # SCRATCH
-                        Py_ssize_t* taps, Py_ssize_t* offsets,
+                        Py_ssize_t* taps, Py_ssize_t* offsets, bint zero_fill,
                         Py_ssize_t in_place_bytes) noexcept nogil:
     cdef Py_ssize_t n_tiles = tiles.shape[0], t = task % n_tiles
     cdef Py_ssize_t n = task // (g.groups * n_tiles), grp = (task // n_tiles) % g.groups
@@ -121,12 +133,14 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
     cdef const floating* src
     cdef Terms terms
 
-    # The tile is aligned with the tap ranges: test one pixel per tap.
+    # The tile is aligned with the tap ranges (of the rows only, with zero_fill, where
+    # column taps partly in the padding read zeros there): test one pixel per tap.
     for kh in range(g.kH):
         if not (g.oh_lo[kh] <= r0 < g.oh_hi[kh]):
             continue
         for kw in range(g.kW):
-            if g.ow_lo[kw] <= c0 < g.ow_hi[kw]:
+            if (g.ow_lo[kw] < g.ow_hi[kw] if zero_fill
+                    else g.ow_lo[kw] <= c0 < g.ow_hi[kw]):
                 taps[n_taps] = kh * g.kW + kw
                 n_taps = n_taps + 1
     depth = n_taps * g.Cg
@@ -151,7 +165,7 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
     # Unit stride: a block of NR pixels along a row reads NR consecutive pixels of each
     # input row, so whole blocks can read the image in place, without packing. That pays
     # while one block's reads stay within L1; packed panels are read sequentially.
-    if n_taps > 0 and g.sw == 1 and depth * BLOCK_BYTES <= in_place_bytes:
+    if n_taps > 0 and not zero_fill and g.sw == 1 and depth * BLOCK_BYTES <= in_place_bytes:
         direct_w = tw - tw % nr
     terms.b_off = image_off
     terms.b_step = g.H * g.W
@@ -182,6 +196,12 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
         span = (tw - 1) * g.sw + 1 + (taps[te - 1] % g.kW - kw_first) * g.dw
         for ci in range(g.Cg):
             for rr in range(r1 - r0):
+                if zero_fill:
+                    for tj in range(ti, te):
+                        pack_row(padded_row(x, g, n, ci0 + ci, (r0 + rr) * g.sh + kh * g.dh
+                                            - g.pt, taps[tj] % g.kW, row) + c0,
+                                 tw, rr * tw, tj * g.Cg + ci, depth, pack)
+                    continue
                 src = &x[n, ci0 + ci, (r0 + rr) * g.sh + kh * g.dh - g.pt,
                          c0 * g.sw + kw_first * g.dw - g.pl]
                 if g.sw != 1:
@@ -241,18 +261,19 @@ cdef void _blocks(const floating[:, :, :, :, ::1] wp, const floating[:, :, ::1] 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
             const floating[:, :, ::1] bp, floating[:, :, :, ::1] out,
-            const Py_ssize_t[:, ::1] tiles, floating[:, ::1] scratch,
+            const Py_ssize_t[:, ::1] tiles, bint zero_fill, floating[:, ::1] scratch,
             Py_ssize_t[:, ::1] tap_scratch, Py_ssize_t in_place_bytes, spec, int n_threads):
     """conv2d into `out`. `wp` is the weight packed as (groups, ceil(O/g / MR), kH*kW,
     C/g, MR), `bp` the bias as (groups, blocks, MR), both zero past O/g; `tiles` are
-    aligned with the tap ranges; `scratch` is (threads, panels * NR * kH*kW * C/g + MR*NR
-    + W + stride) for the largest tile; `tap_scratch` is (threads, 4 * kH*kW). Unit-stride
+    aligned with the tap ranges (of the rows only with `zero_fill`, where column taps
+    read zeros in the padding: finite weights only); `scratch` is (threads, panels * NR * kH*kW * C/g + MR*NR
+    + W + stride + Wo) for the largest tile; `tap_scratch` is (threads, 4 * kH*kW). Unit-stride
     blocks whose reads take at most `in_place_bytes` read the image in place."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t task, tid
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
-    cdef Py_ssize_t block_offset = scratch.shape[1] - DILCONV_MR * nr - g.W - g.sw
+    cdef Py_ssize_t block_offset = scratch.shape[1] - DILCONV_MR * nr - g.W - g.sw - g.Wo
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         for task in prange(n_tasks, schedule='dynamic'):
@@ -260,7 +281,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
                           &scratch[tid, block_offset],
                           &scratch[tid, block_offset + DILCONV_MR * nr],
                           &tap_scratch[tid, 0], &tap_scratch[tid, g.kH * g.kW],
-                          in_place_bytes)
+                          zero_fill, in_place_bytes)
 
 
 cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)

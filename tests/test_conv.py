@@ -115,12 +115,16 @@ def test_gemm_forward_per_tap_and_per_kernel_row(case, row_products, monkeypatch
         check_forward(x, wt, b, stride, padding, dilation, groups)
 
 
-@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("in_place, zero_fill", [(True, False), (False, False),
+                                                  (False, True)])
 @pytest.mark.parametrize("tile_pixels", [5, 4096])
 @pytest.mark.parametrize("case", GRID[:7] + GRID[-1:])
-def test_panel_blocks_in_place_and_packed(case, in_place, tile_pixels, monkeypatch, rng):
-    # Blocks that read the image in place and packed ones, in small and large tiles.
+def test_panel_blocks_in_place_packed_and_zero_fill(case, in_place, zero_fill, tile_pixels,
+                                                     monkeypatch, rng):
+    # Blocks that read the image in place and packed ones, tiles cut at the column taps'
+    # range ends or spanning whole rows (zeros in the padding), small and large tiles.
     monkeypatch.setattr(dilconv._dispatch, "PANEL_IN_PLACE_BYTES", 1 << 30 if in_place else 0)
+    monkeypatch.setattr(dilconv._dispatch, "PANEL_ZERO_FILL_MAX", 1e9 if zero_fill else -1)
     monkeypatch.setattr(dilconv._dispatch, "MAX_TILE_PIXELS", tile_pixels)
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
     for dtype in (np.float32, np.float64):
@@ -136,17 +140,22 @@ def test_panel_tiles_cover_the_plane_and_align_with_tap_ranges(case):
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
     spec = make_spec((max(n, 1), c, h, w), (o, c // groups, kh, kw), stride, padding,
                      dilation, groups)
-    tiles = dilconv._dispatch.aligned_tiles(spec, 7)
-    covered = np.zeros((spec.ho, spec.wo), int)
-    for r0, r1, c0, c1 in tiles:
-        covered[r0:r1, c0:c1] += 1
-        # Each tap reads the image for every pixel of the tile, or for none.
-        for lo, hi, a, b in ((spec.oh_lo, spec.oh_hi, r0, r1), (spec.ow_lo, spec.ow_hi, c0, c1)):
-            for t in range(len(lo)):
-                inside = (a >= lo[t]) & (b <= hi[t])
-                outside = (b <= lo[t]) | (a >= hi[t])
-                assert inside or outside
-    assert (covered == 1).all()
+    for zero_fill in (False, True):
+        tiles = dilconv._dispatch.aligned_tiles(spec, 7, zero_fill)
+        covered = np.zeros((spec.ho, spec.wo), int)
+        for r0, r1, c0, c1 in tiles:
+            covered[r0:r1, c0:c1] += 1
+            # Each tap reads the image for every pixel of the tile, or for none (row
+            # taps only, with zero_fill).
+            edges = [(spec.oh_lo, spec.oh_hi, r0, r1)]
+            if not zero_fill:
+                edges.append((spec.ow_lo, spec.ow_hi, c0, c1))
+            for lo, hi, a, b in edges:
+                for t in range(len(lo)):
+                    inside = (a >= lo[t]) & (b <= hi[t])
+                    outside = (b <= lo[t]) | (a >= hi[t])
+                    assert inside or outside
+        assert (covered == 1).all()
 
 
 def test_tiny_calls_stay_on_one_thread():
