@@ -1,6 +1,7 @@
 """Convolution geometry: one immutable spec per call, shared by all kernels."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,7 +70,7 @@ class ConvSpec:
     def output_shape(self):
         return (self.n, self.o, self.ho, self.wo)
 
-    @property
+    @functools.cached_property
     def effective_taps(self) -> int:
         """Multiply-adds per (image, output channel, input channel of the group) that
         touch the image rather than the padding."""

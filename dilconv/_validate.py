@@ -5,6 +5,8 @@ message names the argument, what was expected and what was given.
 """
 from __future__ import annotations
 
+import functools
+
 import numbers
 from typing import NamedTuple, Optional
 
@@ -203,6 +205,29 @@ def _check_rank(input_shape: tuple, weight_shape: tuple) -> None:
 def make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilation,
               groups) -> ConvSpec:
     """Check shapes and arguments together; the spec is always batched (N, C, H, W)."""
+    # Layers call again and again with the same geometry: valid specs of plain ints and
+    # strings are remembered (specs are immutable). Anything else (bools, numpy ints,
+    # lists) is checked afresh, so it gets its own error or conversion every time.
+    args = (tuple(input_shape), tuple(weight_shape), stride, padding, dilation, groups)
+    if _plain(args):
+        return _cached_spec(*args)
+    return _make_spec(*args)
+
+
+def _plain(value) -> bool:
+    kind = type(value)
+    if kind is tuple:
+        return all(map(_plain, value))
+    return kind is int or kind is str
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_spec(*args) -> ConvSpec:
+    return _make_spec(*args)
+
+
+def _make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilation,
+               groups) -> ConvSpec:
     # Python ints: numpy ints would wrap around in the size checks below.
     input_shape = tuple(int(s) for s in input_shape)
     weight_shape = tuple(int(s) for s in weight_shape)

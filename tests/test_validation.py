@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import dilconv
+from dilconv import _validate
 
 X = np.zeros((2, 4, 8, 8), np.float32)
 W = np.zeros((6, 2, 3, 3), np.float32)
@@ -123,3 +124,17 @@ def test_set_num_threads_rejects():
         dilconv.set_num_threads(0)
     with pytest.raises(TypeError):
         dilconv.set_num_threads(1.5)
+
+
+def test_remembered_specs_never_skip_a_check():
+    # Valid geometries of plain ints are remembered; a bad argument equal to a good one
+    # (True == 1, (1, True) == (1, 1)) must still be rejected after the good one.
+    x, w = np.ones((1, 1, 5, 5)), np.ones((1, 1, 2, 2))
+    spec = _validate.make_spec((1, 1, 5, 5), (1, 1, 2, 2), 1, 0, 1, 1)
+    assert _validate.make_spec((1, 1, 5, 5), (1, 1, 2, 2), 1, 0, 1, 1) is spec
+    for bad in (True, (1, True)):
+        dilconv.conv2d(x, w, stride=1)
+        with pytest.raises(TypeError, match="stride"):
+            dilconv.conv2d(x, w, stride=bad)
+    with pytest.raises(TypeError, match="groups"):
+        dilconv.conv2d(x, w, groups=True)
