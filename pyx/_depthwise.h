@@ -14,6 +14,14 @@
 #define DILCONV_DEPTHWISE_H
 #include <stddef.h>
 
+/* Vector bytes: 32 where AVX is enabled; else 16 (SSE, NEON), since wider vectors than
+   the target has are emulated slowly. */
+#if defined(__AVX__)
+#define DILCONV_DW_VEC 32
+#else
+#define DILCONV_DW_VEC 16
+#endif
+
 #if defined(__GNUC__) || defined(__clang__)
 /* GCC/Clang vector types: gcc left plain loops over a block scalar or vectorised them
    across taps, with shuffles. may_alias and element alignment: they load and store
@@ -81,22 +89,22 @@ static inline void NAME(const T *restrict x, ptrdiff_t x_next, ptrdiff_t x_row, 
     for (int r = 0; r < R; r++) y[r * y_next] = acc[r];                               \
 }
 
-/* A run of n outputs in each of R rows. Unit stride: blocks of four 32-byte vectors, then
+/* A run of n outputs in each of R rows. Unit stride: blocks of four vectors, then
    one block of the whole vectors left (more sums in flight than one vector at a time); a
    rest shorter than a vector is covered by one more vector that ends at the run's end and
    recomputes some outputs (same sums, stored again). Runs shorter than a vector take half
    vectors the same way, or single outputs. */
 #define DILCONV_DW_ROWS(NAME, T, R)                                                 \
-DILCONV_DW_BLOCK(NAME##_v4, T, 32, R, 4)                                              \
-DILCONV_DW_BLOCK(NAME##_v3, T, 32, R, 3)                                              \
-DILCONV_DW_BLOCK(NAME##_v2, T, 32, R, 2)                                              \
-DILCONV_DW_BLOCK(NAME##_v1, T, 32, R, 1)                                              \
-DILCONV_DW_BLOCK(NAME##_half, T, 16, R, 1)                                            \
+DILCONV_DW_BLOCK(NAME##_v4, T, DILCONV_DW_VEC, R, 4)                                              \
+DILCONV_DW_BLOCK(NAME##_v3, T, DILCONV_DW_VEC, R, 3)                                              \
+DILCONV_DW_BLOCK(NAME##_v2, T, DILCONV_DW_VEC, R, 2)                                              \
+DILCONV_DW_BLOCK(NAME##_v1, T, DILCONV_DW_VEC, R, 1)                                              \
+DILCONV_DW_BLOCK(NAME##_half, T, DILCONV_DW_VEC / 2, R, 1)                                            \
 DILCONV_DW_ONE(NAME##_one, T, R)                                                      \
 static inline void NAME(ptrdiff_t n, const T *x, ptrdiff_t x_next, ptrdiff_t x_row,   \
                         ptrdiff_t nh, ptrdiff_t dw, ptrdiff_t sw, const T *w,         \
                         ptrdiff_t w_row, ptrdiff_t nk, T b, T *y, ptrdiff_t y_next) { \
-    const ptrdiff_t lanes = 32 / sizeof(T), half = lanes / 2;                         \
+    const ptrdiff_t lanes = DILCONV_DW_VEC / sizeof(T), half = lanes / 2;                         \
     ptrdiff_t j = 0;                                                                  \
     if (sw == 1 && n >= lanes) {                                                      \
         for (; j + 4 * lanes <= n; j += 4 * lanes)                                    \

@@ -2,8 +2,10 @@
    pixels) summed over packed panels, with the accumulators in vector registers.
 
    It is written with GCC/Clang vector extensions because accumulators kept in a C (or
-   Cython) array are spilled to the stack by the compiler, which runs ~40x slower. The
-   32-byte vectors map to one AVX register, or to two SSE or NEON registers.
+   Cython) array are spilled to the stack by the compiler, which runs ~40x slower. A block
+   is 64 bytes of pixels per output channel: two 32-byte vectors where AVX is enabled,
+   else four 16-byte ones (SSE, NEON; wider vectors than the target has are emulated
+   slowly). MR fits the accumulators in the registers: 16 on x86-64, 32 on aarch64.
 
    The sum runs over n_seg segments of seg_len terms, in that order for every output.
    Term k of segment s multiplies MR values of A, at a + a_off[s] + k*a_step + i*a_row
@@ -16,10 +18,19 @@
 #define DILCONV_MICROKERNEL_H
 #include <stddef.h>
 
-#define DILCONV_MR 6
+#if defined(__AVX__)
 #define DILCONV_VEC_BYTES 32
-/* Pixels per block: two vectors. */
-#define DILCONV_NR(T) (2 * DILCONV_VEC_BYTES / (ptrdiff_t)sizeof(T))
+#define DILCONV_MR 6
+#elif defined(__aarch64__)
+#define DILCONV_VEC_BYTES 16
+#define DILCONV_MR 6
+#else
+#define DILCONV_VEC_BYTES 16
+#define DILCONV_MR 3
+#endif
+#define DILCONV_BLOCK_BYTES 64
+/* Pixels per block. */
+#define DILCONV_NR(T) (DILCONV_BLOCK_BYTES / (ptrdiff_t)sizeof(T))
 
 /* The terms of one block's sum. */
 typedef struct {
@@ -37,22 +48,22 @@ typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC_BYTES), aligned(sizeo
 static inline void NAME(const dilconv_terms *terms, const T *restrict a,                 \
                         const T *restrict b, const T *bias, int accumulate,              \
                         T *restrict c, ptrdiff_t ldc, ptrdiff_t m, ptrdiff_t n) {        \
-    enum { L = DILCONV_VEC_BYTES / sizeof(T), MR = DILCONV_MR };                         \
+    enum { L = DILCONV_VEC_BYTES / sizeof(T), MR = DILCONV_MR,                           \
+           NV = DILCONV_BLOCK_BYTES / DILCONV_VEC_BYTES, NR = L * NV };                  \
     const ptrdiff_t a_step = terms->a_step, a_row = terms->a_row;                        \
     const ptrdiff_t b_step = terms->b_step, seg_len = terms->seg_len;                    \
-    NAME##_v acc0[MR], acc1[MR];                                                         \
-    T part[MR][2 * L];                                                                   \
+    NAME##_v acc[MR][NV];                                                                \
+    T part[MR][NR];                                                                      \
     for (int i = 0; i < MR; i++) {                                                       \
-        if (accumulate && i < m && n == 2 * L) {                                         \
-            acc0[i] = *(const NAME##_vu *)(c + i * ldc);                                 \
-            acc1[i] = *(const NAME##_vu *)(c + i * ldc + L);                             \
+        if (accumulate && i < m && n == NR) {                                            \
+            for (int v = 0; v < NV; v++)                                                 \
+                acc[i][v] = *(const NAME##_vu *)(c + i * ldc + v * L);                   \
         } else if (accumulate && i < m) {  /* a partial block: through `part` */        \
-            for (int j = 0; j < 2 * L; j++) part[i][j] = j < n ? c[i * ldc + j] : (T)0;  \
-            acc0[i] = *(NAME##_vu *)part[i];                                             \
-            acc1[i] = *(NAME##_vu *)(part[i] + L);                                       \
+            for (int j = 0; j < NR; j++) part[i][j] = j < n ? c[i * ldc + j] : (T)0;     \
+            for (int v = 0; v < NV; v++) acc[i][v] = *(NAME##_vu *)(part[i] + v * L);    \
         } else {                                                                         \
-            acc0[i] = (NAME##_v){0} + ((bias && i < m) ? bias[i] : (T)0);                \
-            acc1[i] = acc0[i];                                                           \
+            for (int v = 0; v < NV; v++)                                                 \
+                acc[i][v] = (NAME##_v){0} + ((bias && i < m) ? bias[i] : (T)0);          \
         }                                                                                \
     }                                                                                    \
     /* Rows past m repeat row m-1, so A is never read past its m rows. */                \
@@ -61,23 +72,19 @@ static inline void NAME(const dilconv_terms *terms, const T *restrict a,        
     for (ptrdiff_t s = 0; s < terms->n_seg; s++) {                                       \
         const T *ak = a + terms->a_off[s], *bk = b + terms->b_off[s];                    \
         for (ptrdiff_t k = 0; k < seg_len; k++, ak += a_step, bk += b_step) {            \
-            NAME##_v b0 = *(const NAME##_vu *)bk, b1 = *(const NAME##_vu *)(bk + L);     \
-            for (int i = 0; i < MR; i++) {                                               \
-                acc0[i] += ak[row[i]] * b0;                                              \
-                acc1[i] += ak[row[i]] * b1;                                              \
-            }                                                                            \
+            NAME##_v bv[NV];                                                             \
+            for (int v = 0; v < NV; v++) bv[v] = *(const NAME##_vu *)(bk + v * L);       \
+            for (int i = 0; i < MR; i++)                                                 \
+                for (int v = 0; v < NV; v++) acc[i][v] += ak[row[i]] * bv[v];            \
         }                                                                                \
     }                                                                                    \
-    if (n == 2 * L) {                                                                    \
-        for (int i = 0; i < MR && i < m; i++) {                                          \
-            *(NAME##_vu *)(c + i * ldc) = acc0[i];                                       \
-            *(NAME##_vu *)(c + i * ldc + L) = acc1[i];                                   \
-        }                                                                                \
+    if (n == NR) {                                                                       \
+        for (int i = 0; i < MR && i < m; i++)                                            \
+            for (int v = 0; v < NV; v++) *(NAME##_vu *)(c + i * ldc + v * L) = acc[i][v]; \
         return;                                                                          \
     }                                                                                    \
     for (int i = 0; i < MR && i < m; i++) {                                              \
-        *(NAME##_vu *)part[i] = acc0[i];                                                 \
-        *(NAME##_vu *)(part[i] + L) = acc1[i];                                           \
+        for (int v = 0; v < NV; v++) *(NAME##_vu *)(part[i] + v * L) = acc[i][v];        \
         for (ptrdiff_t j = 0; j < n; j++) c[i * ldc + j] = part[i][j];                   \
     }                                                                                    \
 }
