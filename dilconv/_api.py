@@ -88,8 +88,8 @@ def conv2d(input: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None
     if out is not None:
         _validate.check_out(out, shape, call.dtype,
                             (("input", input), ("weight", weight), ("bias", bias)))
-    # Kernels write into a C-contiguous batched array; a strided `out` gets a copy.
-    if out is not None and out.flags.c_contiguous:
+    # Kernels write into a C-contiguous, aligned batched array; any other `out` gets a copy.
+    if out is not None and out.flags.c_contiguous and out.flags.aligned:
         y = out if call.batched else out[None]
     else:
         y = np.empty(spec.output_shape, dtype=call.dtype)

@@ -288,11 +288,11 @@ def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mo
         raise ValueError(f"bias must have shape ({spec.o},) to match weight.shape[0], got "
                          f"shape {b.shape}")
     batched = x.ndim == 4
-    x = np.ascontiguousarray(x, dtype=dtype)
+    x = kernel_array(x, dtype)
     call = ConvCall(
         x=x if batched else x[None],
-        weight=np.ascontiguousarray(w, dtype=dtype),
-        bias=None if b is None else np.ascontiguousarray(b, dtype=dtype),
+        weight=kernel_array(w, dtype),
+        bias=None if b is None else kernel_array(b, dtype),
         spec=spec, batched=batched, dtype=dtype, padding_mode=padding_mode)
     return call, extra_arrays
 
@@ -301,7 +301,14 @@ def as_operand(name: str, arr: np.ndarray, shape: tuple, dtype: np.dtype) -> np.
     """A C-contiguous `dtype` copy (or view) of `arr`, which must have `shape`."""
     if arr.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=dtype)
+    return kernel_array(arr, dtype)
+
+
+def kernel_array(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`arr` as the kernels read it: C-contiguous, `dtype`, and aligned to its items
+    (buffers from pickle or the network can start at any byte; the kernels' loads assume
+    whole items). A copy only where needed."""
+    return np.require(arr, dtype=dtype, requirements=("C", "A"))
 
 
 def check_out(out, shape: tuple, dtype: np.dtype, inputs: tuple) -> None:
@@ -402,7 +409,7 @@ def transpose_call(input, weight, bias, stride, padding, output_padding, groups,
                          f"shape {b.shape}")
     output_shape = (n, c_out) + tuple(out_hw)
     batched = x.ndim == 4
-    x = np.ascontiguousarray(x if batched else x[None], dtype=dtype)
+    x = kernel_array(x if batched else x[None], dtype)
     spec = None
     # An empty output (size 0, which PyTorch allows) has no conv2d adjoint to run.
     if min(out_hw):
@@ -410,8 +417,8 @@ def transpose_call(input, weight, bias, stride, padding, output_padding, groups,
         if (spec.ho, spec.wo) != (h, wd):
             x = np.pad(x, ((0, 0), (0, 0), (0, spec.ho - h), (0, spec.wo - wd)))
     call = TransposeCall(
-        x=x, weight=np.ascontiguousarray(w, dtype=dtype),
-        bias=None if b is None else np.ascontiguousarray(b, dtype=dtype),
+        x=x, weight=kernel_array(w, dtype),
+        bias=None if b is None else kernel_array(b, dtype),
         spec=spec, batched=batched, dtype=dtype, output_shape=output_shape,
         input_hw=(h, wd))
     return call, extra_arrays

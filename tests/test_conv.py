@@ -267,9 +267,20 @@ def test_bitwise_identical_across_thread_counts(dtype, rng, monkeypatch):
                 assert a.tobytes() == b_.tobytes()
 
 
+def _unaligned(x):
+    """x's values in a C-contiguous array one byte off its item alignment."""
+    raw = np.zeros(x.nbytes + 1, np.uint8)
+    y = raw[1:].view(x.dtype).reshape(x.shape)
+    y[...] = x
+    assert not y.flags.aligned and y.flags.c_contiguous
+    return y
+
+
 def _layouts(x):
-    """The same values in C order, Fortran order, a strided view, read-only, big-endian."""
+    """The same values in C order, Fortran order, a strided view, read-only, big-endian,
+    and one byte off alignment (as buffers from pickle or the network can be)."""
     yield "c", x
+    yield "unaligned", _unaligned(x)
     yield "fortran", np.asfortranarray(x)
     big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
     big[..., ::2] = x
@@ -293,6 +304,20 @@ def test_layouts_give_identical_results(dtype, rng):
         np.testing.assert_array_equal(y, y0, err_msg=name)
         for got, want in zip(dilconv.conv2d_backward(gl, xl, wl, *args), g0):
             np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_unaligned_arrays_reach_the_kernels_aligned(rng):
+    # x86 tolerates misaligned loads, so results alone cannot show it (the sanitizer
+    # build does): the arrays the kernels get are aligned copies, and an unaligned `out`
+    # gets the result through a copy.
+    x, wt, b = random_case(rng, 2, 4, 10, 9, 4, 3, 3, 2, np.float32)
+    call, _ = dilconv._validate.conv_call(_unaligned(x), _unaligned(wt), _unaligned(b), 1,
+                                          0, 1, 2, "zeros")
+    assert call.x.flags.aligned and call.weight.flags.aligned and call.bias.flags.aligned
+    want = dilconv.conv2d(x, wt, b, groups=2)
+    out = _unaligned(np.zeros_like(want))
+    assert dilconv.conv2d(x, wt, b, groups=2, out=out) is out
+    np.testing.assert_array_equal(out, want)
 
 
 def test_lists_and_ints_become_float64():
