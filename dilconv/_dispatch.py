@@ -6,11 +6,12 @@ Kernel families:
 - "flat": forward of unit-stride layers with few channels (depthwise, RGB stems): long
   vectorised loops over zero-padded bands of rows (finite weights only: padding taps are
   multiplied by zero there); its backward is "direct";
-- "panel": forward of layers with many channels (and, at unit stride, their input
-  gradient, as the forward of the transposed kernel): output tiles aligned with the taps'
-  in-bounds ranges, packed into panels, summed by a register-blocked micro-kernel;
-- "gemm": per output tile and tap, one BLAS matrix product of packed pixels with the tap's
-  weights (the gradients of layers with many channels; the forward when forced);
+- "panel": layers with many channels: output tiles aligned with the taps' in-bounds
+  ranges, packed into panels, summed by a register-blocked micro-kernel; at unit stride
+  the input gradient is the same forward of grad_output with the transposed, turned
+  kernel, and the weight gradient runs on the same micro-kernel;
+- "gemm": per tile and tap, one BLAS matrix product (the strided input gradient of the
+  panel family's layers; everything else when forced);
 - "depthwise": forward of layers with one input channel per group (depthwise, any channel
   multiplier): each output summed in registers and stored once, one pass over input and
   output; chosen for unit column stride (a strided one runs, on scalars); its backward is
@@ -365,15 +366,16 @@ def transposed_weight(weight, spec):
 
 def grad_input(grad_output, weight, grad_x, spec) -> None:
     path = choose_path(spec, "backward")
-    spec_t = transposed_spec(spec) if path in ("gemm", "panel") else None
+    spec_t = transposed_spec(spec) if path == "panel" else None
     if spec_t is not None:
         # Unit stride: grad_input is the forward convolution of grad_output with the
         # transposed, turned kernel, on the panel kernel.
         _panel_forward(grad_output, transposed_weight(weight, spec), np.empty(0, grad_x.dtype),
                        grad_x, spec_t)
         return
-    # Strided layers of the panel family take the BLAS kernel where BLAS's sizes allow.
-    if path == "direct" or (path == "panel" and not _fits_blas(spec)):
+    # Strided layers of the panel family (and padding past the dilated kernel) take the
+    # BLAS kernel where BLAS's sizes allow.
+    if path not in ("gemm", "panel") or (path == "panel" and not _fits_blas(spec)):
         _backward.grad_input(grad_output, weight, grad_x, spec,
                              _threads(spec, spec.n * spec.c))
         return
