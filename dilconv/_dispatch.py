@@ -327,9 +327,9 @@ def _panel_forward(x, weight, bias, out, spec) -> None:
     # Tiles not cut at the column taps' range ends (whole rows, when the rows are short)
     # store each block straight into the output and pack whole blocks; border columns
     # then multiply zeros, so only finite weights go that way (0 * inf = nan), and only
-    # where few zeros are multiplied.
-    zero_fill = (zero_filled_columns(spec) <= PANEL_ZERO_FILL_MAX
-                  and bool(np.isfinite(weight).all()))
+    # where few zeros are multiplied (with none, the tiles are whole rows anyway).
+    zeros = zero_filled_columns(spec)
+    zero_fill = 0 < zeros <= PANEL_ZERO_FILL_MAX and bool(np.isfinite(weight).all())
     tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, target - target % nr), zero_fill)
     threads = _threads(spec, spec.n * spec.groups * len(tiles))
     panels = -(-_largest_tile(tiles) // nr)

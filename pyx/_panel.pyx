@@ -32,6 +32,8 @@ cdef extern from "_microkernel.h":
     void dilconv_ukr_d(const Terms* terms, const double* a, const double* b,
                        const double* bias, int accumulate, double* c, Py_ssize_t ldc,
                        Py_ssize_t m, Py_ssize_t n) noexcept nogil
+    void dilconv_copy_block_f(const float* src, float* dst) noexcept nogil
+    void dilconv_copy_block_d(const double* src, double* dst) noexcept nogil
 
 MR = DILCONV_MR
 
@@ -71,7 +73,13 @@ cdef void pack_row(const floating* src, Py_ssize_t count, Py_ssize_t q, Py_ssize
     cdef floating* dst = pack + (q // nr) * depth * nr + k * nr
     while j < count:
         run = min(nr - lane, count - j)
-        gather(run, src + j, 1, dst + lane)
+        if run == nr:
+            if floating is float:
+                dilconv_copy_block_f(src + j, dst)
+            else:
+                dilconv_copy_block_d(src + j, dst)
+        else:
+            gather(run, src + j, 1, dst + lane)
         j = j + run
         lane = lane + run
         if lane == nr:
@@ -99,14 +107,14 @@ cdef Py_ssize_t deinterleave(const floating* src, Py_ssize_t step, Py_ssize_t sp
 
 
 cdef floating* padded_row(const floating[:, :, :, ::1] x, Geom g, Py_ssize_t n,
-                          Py_ssize_t c, Py_ssize_t ih, Py_ssize_t kw,
-                          floating* row) noexcept nogil:
-    """row[0:Wo] = the input pixels column tap kw reads for a whole output row from input
-    row ih, zero where that tap is in the padding (tiles take their columns of it)."""
-    cdef Py_ssize_t lo = g.ow_lo[kw], hi = g.ow_hi[kw]
-    memset(row, 0, lo * sizeof(floating))
-    gather(hi - lo, &x[n, c, ih, lo * g.sw + kw * g.dw - g.pl], g.sw, row + lo)
-    memset(row + hi, 0, (g.Wo - hi) * sizeof(floating))
+                          Py_ssize_t c, Py_ssize_t ih, Py_ssize_t kw, Py_ssize_t c0,
+                          Py_ssize_t c1, floating* row) noexcept nogil:
+    """row[0:c1-c0] = the input pixels column tap kw reads for output columns [c0, c1)
+    from input row ih, zero where that tap is in the padding."""
+    cdef Py_ssize_t lo = min(max(g.ow_lo[kw], c0), c1), hi = max(min(g.ow_hi[kw], c1), lo)
+    memset(row, 0, (lo - c0) * sizeof(floating))
+    gather(hi - lo, &x[n, c, ih, lo * g.sw + kw * g.dw - g.pl], g.sw, row + lo - c0)
+    memset(row + hi - c0, 0, (c1 - hi) * sizeof(floating))
     return row
 
 
@@ -199,7 +207,7 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
                 if zero_fill:
                     for tj in range(ti, te):
                         pack_row(padded_row(x, g, n, ci0 + ci, (r0 + rr) * g.sh + kh * g.dh
-                                            - g.pt, taps[tj] % g.kW, row) + c0,
+                                            - g.pt, taps[tj] % g.kW, c0, c1, row),
                                  tw, rr * tw, tj * g.Cg + ci, depth, pack)
                     continue
                 src = &x[n, ci0 + ci, (r0 + rr) * g.sh + kh * g.dh - g.pt,
