@@ -3,8 +3,10 @@
 
 The output plane is cut into tiles aligned with the taps' in-bounds ranges, so in a tile
 every tap reads the image for all of its pixels or for none: a tile sums exactly its taps
-in the image, with no zero padding and no bounds tests. A tile's input pixels, for all of
-its taps and channels, are packed into a per-thread buffer as panels of NR pixels; the
+in the image, with no zero padding and no bounds tests (where border columns are thin and
+the weights finite, the caller may cut along rows only: column taps then read zeros). A
+tile's input pixels, for all of its taps and channels, are packed into a per-thread
+buffer as panels of NR pixels (or, at unit stride with few terms, read in place); the
 micro-kernel (pyx/_microkernel.h) then holds MR output channels x NR pixels in registers
 over the whole sum, and writes each output once. Every output sums its taps and channels
 in one fixed order, so results are bitwise identical for any thread count (and tasks,
