@@ -21,7 +21,7 @@ from _common cimport Geom, make_geom
 
 
 cdef extern from "_microkernel.h":
-    enum: DILCONV_MR
+    enum: DILCONV_MR, DILCONV_BLOCK_BYTES
     ctypedef struct Terms "dilconv_terms":
         # The sum of one output block: see pyx/_microkernel.h.
         Py_ssize_t n_seg, seg_len
@@ -46,10 +46,8 @@ cdef extern from "_axpy.h":
                           double* dst) noexcept nogil
 
 
-# A micro-kernel block is two 32-byte vectors of pixels.
-cdef enum:
-    BLOCK_BYTES = 64
-BLOCK_NBYTES = BLOCK_BYTES
+# Bytes of pixels per output channel in a micro-kernel block (NR pixels).
+BLOCK_NBYTES = DILCONV_BLOCK_BYTES
 
 
 cdef inline void ukr(const Terms* terms, const floating* a, const floating* b,
@@ -63,7 +61,7 @@ cdef inline void ukr(const Terms* terms, const floating* a, const floating* b,
 
 cdef inline Py_ssize_t block_pixels(floating* like) noexcept nogil:
     # NR as a compile-time constant of each specialisation: divisions by it are shifts.
-    return BLOCK_BYTES // sizeof(floating)
+    return DILCONV_BLOCK_BYTES // sizeof(floating)
 
 
 cdef void pack_row(const floating* src, Py_ssize_t count, Py_ssize_t q, Py_ssize_t k,
@@ -121,7 +119,7 @@ cdef floating* padded_row(const floating[:, :, :, ::1] x, Geom g, Py_ssize_t n,
 
 
 cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H, W)
-                        const floating[:, :, :, :, ::1] wp,      # IN  (groups, blocks, kH*kW, C/g, MR)
+                        const floating[:, :, :, :, ::1] wp,      # IN  (groups, blocks, taps, Cg, MR)
                         const floating[:, :, ::1] bp,            # IN  (groups, blocks, MR)
                         floating[:, :, :, ::1] out,              # OUT (N, O, Ho, Wo)
                         const Py_ssize_t[:, ::1] tiles,          # IN  (T, 4) r0 r1 c0 c1
@@ -175,19 +173,19 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
     # Unit stride: a block of NR pixels along a row reads NR consecutive pixels of each
     # input row, so whole blocks can read the image in place, without packing. That pays
     # while one block's reads stay within L1; packed panels are read sequentially.
-    if n_taps > 0 and not zero_fill and g.sw == 1 and depth * BLOCK_BYTES <= in_place_bytes:
+    if (n_taps > 0 and not zero_fill and g.sw == 1
+            and depth * DILCONV_BLOCK_BYTES <= in_place_bytes):
         direct_w = tw - tw % nr
-    terms.b_off = image_off
-    terms.b_step = g.H * g.W
-    for rr in range(r1 - r0):
-        if direct_w == 0:
-            break
-        base = &x[n, ci0, (r0 + rr) * g.sh + kh0 * g.dh - g.pt, c0 + kw0 * g.dw - g.pl]
-        for p in range(direct_w // nr):
-            _blocks(wp, bp, out, g, n, grp, r0 + rr, c0 + p * nr, base + p * nr, &terms,
-                    nr, 0, 0, block)
-    if direct_w == tw:
-        return
+    if direct_w:
+        terms.b_off = image_off
+        terms.b_step = g.H * g.W
+        for rr in range(r1 - r0):
+            base = &x[n, ci0, (r0 + rr) * g.sh + kh0 * g.dh - g.pt, c0 + kw0 * g.dw - g.pl]
+            for p in range(direct_w // nr):
+                _blocks(wp, bp, out, g, n, grp, r0 + rr, c0 + p * nr, base + p * nr,
+                        &terms, nr, 0, 0, block)
+        if direct_w == tw:
+            return
 
     # The rest of the tile, columns [c0 + direct_w, c1), through packed panels.
     c0 = c0 + direct_w
@@ -276,11 +274,12 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
     """conv2d into `out`. `wp` is the weight packed as (groups, ceil(O/g / MR), kH*kW,
     C/g, MR), `bp` the bias as (groups, blocks, MR), both zero past O/g; `tiles` are
     aligned with the tap ranges (of the rows only with `zero_fill`, where column taps
-    read zeros in the padding: finite weights only); `scratch` is (threads, panels * NR * kH*kW * C/g + MR*NR
-    + W + stride + Wo) for the largest tile; `tap_scratch` is (threads, 4 * kH*kW). Unit-stride
-    blocks whose reads take at most `in_place_bytes` read the image in place."""
+    read zeros in the padding: finite weights only); `scratch` is (threads, panels * NR
+    * kH*kW * C/g + MR*NR + W + stride + Wo) for the largest tile; `tap_scratch` is
+    (threads, 4 * kH*kW). Unit-stride blocks whose reads take at most `in_place_bytes`
+    read the image in place."""
     cdef Geom g = make_geom(spec)
-    cdef Py_ssize_t nr = BLOCK_BYTES // sizeof(floating)
+    cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t task, tid
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
     cdef Py_ssize_t block_offset = scratch.shape[1] - DILCONV_MR * nr - g.W - g.sw - g.Wo
@@ -366,7 +365,7 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     channels (a multiple of MR); `scratch` is (threads, NR * max tile pixels);
     `offset_scratch` is (threads, 2 * max tile rows)."""
     cdef Geom g = make_geom(spec)
-    cdef Py_ssize_t nr = BLOCK_BYTES // sizeof(floating)
+    cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t task, tid
     cdef Py_ssize_t n_tasks = (g.groups * ((g.Cg + nr - 1) // nr)
                                * ((g.Og + o_chunk - 1) // o_chunk))
