@@ -10,10 +10,10 @@
    The sum runs over n_seg segments of seg_len terms, in that order for every output.
    Term k of segment s multiplies MR values of A, at a + a_off[s] + k*a_step + i*a_row
    (i < m; the rows past m are computed and dropped), with NR consecutive values of B at
-   b + b_off[s] + k*b_step. In the forward,
-   a segment is a kernel tap in the image and a term an input channel: A is the packed
-   weights, B a packed panel or the image itself. In the weight gradient, a segment is a
-   row of pixels and a term one pixel: A is grad_output in place, B packed input. */
+   b + b_off[s] + k*b_step. In the forward, a segment is a kernel tap in the image and a
+   term an input channel: A is the packed weights, B a packed panel or the image itself.
+   In the weight gradient, a segment is a row of pixels and a term one pixel: A is
+   grad_output in place, B packed input. */
 #ifndef DILCONV_MICROKERNEL_H
 #define DILCONV_MICROKERNEL_H
 #include <stddef.h>
