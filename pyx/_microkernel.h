@@ -41,34 +41,34 @@ typedef struct {
 } dilconv_terms;
 
 #if defined(__GNUC__) || defined(__clang__)
+/* One body, inlined with constant `packed` and `full`: gcc keeps the accumulators in
+   registers only while the code around them is this plain. Packed A (the forward's
+   weights) is MR values per term, zero past the block's rows, with an MR-value bias:
+   rows past m are then summed like the others. Otherwise rows past m repeat row m-1. */
 #define DILCONV_UKR(NAME, T)                                                              \
 typedef T NAME##_v __attribute__((vector_size(DILCONV_VEC_BYTES)));                       \
 typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC_BYTES), aligned(sizeof(T)),  \
                                    may_alias));                                          \
-static inline void NAME(const dilconv_terms *terms, const T *restrict a,                 \
-                        const T *restrict b, const T *bias, int accumulate,              \
-                        T *restrict c, ptrdiff_t ldc, ptrdiff_t m, ptrdiff_t n) {        \
+static inline __attribute__((always_inline)) void NAME##_body(                           \
+        const dilconv_terms *terms, const T *restrict a, const T *restrict b,            \
+        const T *bias, int accumulate, T *restrict c, ptrdiff_t ldc, ptrdiff_t m,        \
+        const int packed) {                                                              \
     enum { L = DILCONV_VEC_BYTES / sizeof(T), MR = DILCONV_MR,                           \
-           NV = DILCONV_BLOCK_BYTES / DILCONV_VEC_BYTES, NR = L * NV };                  \
-    const ptrdiff_t a_step = terms->a_step, a_row = terms->a_row;                        \
+           NV = DILCONV_BLOCK_BYTES / DILCONV_VEC_BYTES };                               \
+    const ptrdiff_t a_step = packed ? MR : terms->a_step;                                \
+    const ptrdiff_t a_row = packed ? 1 : terms->a_row;                                   \
     const ptrdiff_t b_step = terms->b_step, seg_len = terms->seg_len;                    \
-    NAME##_v acc[MR][NV];                                                                \
-    T part[MR][NR];                                                                      \
-    for (int i = 0; i < MR; i++) {                                                       \
-        if (accumulate && i < m && n == NR) {                                            \
-            for (int v = 0; v < NV; v++)                                                 \
-                acc[i][v] = *(const NAME##_vu *)(c + i * ldc + v * L);                   \
-        } else if (accumulate && i < m) {  /* a partial block: through `part` */        \
-            for (int j = 0; j < NR; j++) part[i][j] = j < n ? c[i * ldc + j] : (T)0;     \
-            for (int v = 0; v < NV; v++) acc[i][v] = *(NAME##_vu *)(part[i] + v * L);    \
-        } else {                                                                         \
-            for (int v = 0; v < NV; v++)                                                 \
-                acc[i][v] = (NAME##_v){0} + ((bias && i < m) ? bias[i] : (T)0);          \
-        }                                                                                \
-    }                                                                                    \
-    /* Rows past m repeat row m-1, so A is never read past its m rows. */                \
     ptrdiff_t row[MR];                                                                   \
-    for (int i = 0; i < MR; i++) row[i] = (i < m ? i : m - 1) * a_row;                   \
+    for (int i = 0; i < MR; i++) row[i] = (packed || i < m ? i : m - 1) * a_row;         \
+    NAME##_v acc[MR][NV];                                                                \
+    for (int i = 0; i < MR; i++)                                                         \
+        for (int v = 0; v < NV; v++) {                                                   \
+            if (accumulate)                                                              \
+                acc[i][v] = *(const NAME##_vu *)(c + (i < m ? i : m - 1) * ldc + v * L); \
+            else                                                                         \
+                acc[i][v] = (NAME##_v){0} + (bias ? bias[packed || i < m ? i : m - 1]    \
+                                                  : (T)0);                               \
+        }                                                                                \
     for (ptrdiff_t s = 0; s < terms->n_seg; s++) {                                       \
         const T *ak = a + terms->a_off[s], *bk = b + terms->b_off[s];                    \
         for (ptrdiff_t k = 0; k < seg_len; k++, ak += a_step, bk += b_step) {            \
@@ -78,15 +78,37 @@ static inline void NAME(const dilconv_terms *terms, const T *restrict a,        
                 for (int v = 0; v < NV; v++) acc[i][v] += ak[row[i]] * bv[v];            \
         }                                                                                \
     }                                                                                    \
-    if (n == NR) {                                                                       \
-        for (int i = 0; i < MR && i < m; i++)                                            \
+    for (int i = 0; i < MR; i++)                                                         \
+        if (i < m)                                                                       \
             for (int v = 0; v < NV; v++) *(NAME##_vu *)(c + i * ldc + v * L) = acc[i][v]; \
+}                                                                                        \
+/* Any n <= NR: a partial block goes through a local full one. */                         \
+static inline __attribute__((always_inline)) void NAME##_any(                            \
+        const dilconv_terms *terms, const T *restrict a, const T *restrict b,            \
+        const T *bias, int accumulate, T *restrict c, ptrdiff_t ldc, ptrdiff_t m,        \
+        ptrdiff_t n, const int packed) {                                                 \
+    enum { MR = DILCONV_MR, NR = DILCONV_BLOCK_BYTES / sizeof(T) };                      \
+    if (n == NR) {                                                                       \
+        NAME##_body(terms, a, b, bias, accumulate, c, ldc, m, packed);                   \
         return;                                                                          \
     }                                                                                    \
-    for (int i = 0; i < MR && i < m; i++) {                                              \
-        for (int v = 0; v < NV; v++) *(NAME##_vu *)(part[i] + v * L) = acc[i][v];        \
+    T part[MR][NR];                                                                      \
+    for (ptrdiff_t i = 0; i < m; i++)                                                    \
+        for (ptrdiff_t j = 0; j < NR; j++)                                               \
+            part[i][j] = accumulate && j < n ? c[i * ldc + j] : (T)0;                    \
+    NAME##_body(terms, a, b, bias, accumulate, &part[0][0], NR, m, packed);              \
+    for (ptrdiff_t i = 0; i < m; i++)                                                    \
         for (ptrdiff_t j = 0; j < n; j++) c[i * ldc + j] = part[i][j];                   \
-    }                                                                                    \
+}                                                                                        \
+static inline void NAME(const dilconv_terms *terms, const T *a, const T *b,              \
+                        const T *bias, int accumulate, T *c, ptrdiff_t ldc,              \
+                        ptrdiff_t m, ptrdiff_t n) {                                      \
+    NAME##_any(terms, a, b, bias, accumulate, c, ldc, m, n, 0);                          \
+}                                                                                        \
+static inline void NAME##_packed(const dilconv_terms *terms, const T *a, const T *b,     \
+                                 const T *bias, T *c, ptrdiff_t ldc, ptrdiff_t m,        \
+                                 ptrdiff_t n) {                                          \
+    NAME##_any(terms, a, b, bias, 0, c, ldc, m, n, 1);                                   \
 }
 #else
 /* Other compilers: the same sums, in the same order, without vector types. */
@@ -109,6 +131,11 @@ static inline void NAME(const dilconv_terms *terms, const T *a, const T *b,     
                                  * b[terms->b_off[s] + k * terms->b_step + j];           \
     for (ptrdiff_t i = 0; i < m; i++)                                                    \
         for (ptrdiff_t j = 0; j < n; j++) c[i * ldc + j] = acc[i][j];                    \
+}                                                                                        \
+static inline void NAME##_packed(const dilconv_terms *terms, const T *a, const T *b,     \
+                                 const T *bias, T *c, ptrdiff_t ldc, ptrdiff_t m,        \
+                                 ptrdiff_t n) {                                          \
+    NAME(terms, a, b, bias, 0, c, ldc, m, n);                                            \
 }
 #endif
 

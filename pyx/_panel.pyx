@@ -34,6 +34,12 @@ cdef extern from "_microkernel.h":
     void dilconv_ukr_d(const Terms* terms, const double* a, const double* b,
                        const double* bias, int accumulate, double* c, Py_ssize_t ldc,
                        Py_ssize_t m, Py_ssize_t n) noexcept nogil
+    void dilconv_ukr_f_packed(const Terms* terms, const float* a, const float* b,
+                              const float* bias, float* c, Py_ssize_t ldc, Py_ssize_t m,
+                              Py_ssize_t n) noexcept nogil
+    void dilconv_ukr_d_packed(const Terms* terms, const double* a, const double* b,
+                              const double* bias, double* c, Py_ssize_t ldc, Py_ssize_t m,
+                              Py_ssize_t n) noexcept nogil
     void dilconv_copy_block_f(const float* src, float* dst) noexcept nogil
     void dilconv_copy_block_d(const double* src, double* dst) noexcept nogil
 
@@ -57,6 +63,16 @@ cdef inline void ukr(const Terms* terms, const floating* a, const floating* b,
         dilconv_ukr_f(terms, a, b, bias, accumulate, c, ldc, m, n)
     else:
         dilconv_ukr_d(terms, a, b, bias, accumulate, c, ldc, m, n)
+
+
+cdef inline void ukr_packed(const Terms* terms, const floating* a, const floating* b,
+                            const floating* bias, floating* c, Py_ssize_t ldc,
+                            Py_ssize_t m, Py_ssize_t n) noexcept nogil:
+    # The forward's: A is packed weights (MR per term, zero past m) and bias MR values.
+    if floating is float:
+        dilconv_ukr_f_packed(terms, a, b, bias, c, ldc, m, n)
+    else:
+        dilconv_ukr_d_packed(terms, a, b, bias, c, ldc, m, n)
 
 
 cdef inline Py_ssize_t block_pixels(floating* like) noexcept nogil:
@@ -248,10 +264,10 @@ cdef void _blocks(const floating[:, :, :, :, ::1] wp, const floating[:, :, ::1] 
             # The pixels are consecutive in `out`.
             rq = r0 + (q0 // tw if tw else 0)
             cq = c0 + (q0 % tw if tw else 0)
-            ukr(terms, &wp[grp, ob, 0, 0, 0], b, &bp[grp, ob, 0], 0,
-                &out[n, o0 + ob * DILCONV_MR, rq, cq], plane, m, valid)
+            ukr_packed(terms, &wp[grp, ob, 0, 0, 0], b, &bp[grp, ob, 0],
+                       &out[n, o0 + ob * DILCONV_MR, rq, cq], plane, m, valid)
             continue
-        ukr(terms, &wp[grp, ob, 0, 0, 0], b, &bp[grp, ob, 0], 0, block, nr, DILCONV_MR, nr)
+        ukr_packed(terms, &wp[grp, ob, 0, 0, 0], b, &bp[grp, ob, 0], block, nr, DILCONV_MR, nr)
         # Copy the block out in runs of consecutive pixels of one tile row.
         rq = q0 // tw
         cq = q0 % tw
