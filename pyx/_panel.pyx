@@ -80,7 +80,7 @@ cdef inline Py_ssize_t block_pixels(floating* like) noexcept nogil:
     return DILCONV_BLOCK_BYTES // sizeof(floating)
 
 
-cdef void pack_row(const floating* src, Py_ssize_t count, Py_ssize_t q, Py_ssize_t k,
+cdef inline void pack_row(const floating* src, Py_ssize_t count, Py_ssize_t q, Py_ssize_t k,
                    Py_ssize_t depth, floating* pack) noexcept nogil:
     """Tile pixels q .. q+count-1 of sum index k, from src[0:count], into their panels
     (pack[panel][k][lane] with panel, lane = divmod(q, NR))."""
