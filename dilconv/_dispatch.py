@@ -330,10 +330,10 @@ def _panel_forward(x, weight, bias, out, spec) -> None:
     # where few zeros are multiplied (with none, the tiles are whole rows anyway).
     zeros = zero_filled_columns(spec)
     zero_fill = 0 < zeros <= PANEL_ZERO_FILL_MAX and bool(np.isfinite(weight).all())
-    tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, target - target % nr), zero_fill)
+    tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, max(nr, target - target % nr)), zero_fill)
     threads = _threads(spec, spec.n * spec.groups * len(tiles))
     panels = -(-_largest_tile(tiles) // nr)
-    row = spec.w + spec.stride[1] + spec.wo
+    row = spec.w + spec.stride[1]
     scratch = np.empty((threads, panels * nr * depth + _panel.MR * nr + row), dtype=x.dtype)
     tap_scratch = np.empty((threads, 4 * spec.kh * spec.kw), dtype=np.intp)
     wp, bp = pack_panel_weights(weight, bias, spec)

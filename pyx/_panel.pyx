@@ -81,15 +81,17 @@ cdef inline Py_ssize_t block_pixels(floating* like) noexcept nogil:
 
 
 cdef inline void pack_row(const floating* src, Py_ssize_t count, Py_ssize_t q, Py_ssize_t k,
-                   Py_ssize_t depth, floating* pack) noexcept nogil:
-    """Tile pixels q .. q+count-1 of sum index k, from src[0:count], into their panels
-    (pack[panel][k][lane] with panel, lane = divmod(q, NR))."""
+                          Py_ssize_t depth, floating* pack) noexcept nogil:
+    """Tile pixels q .. q+count-1 of sum index k, from src[0:count] (zeros if src is
+    NULL), into their panels (pack[panel][k][lane] with panel, lane = divmod(q, NR))."""
     cdef Py_ssize_t nr = block_pixels(pack)
     cdef Py_ssize_t lane = q % nr, run, j = 0
     cdef floating* dst = pack + (q // nr) * depth * nr + k * nr
     while j < count:
         run = min(nr - lane, count - j)
-        if run == nr:
+        if src == NULL:
+            memset(dst + lane, 0, run * sizeof(floating))
+        elif run == nr:
             if floating is float:
                 dilconv_copy_block_f(src + j, dst)
             else:
@@ -122,18 +124,6 @@ cdef Py_ssize_t deinterleave(const floating* src, Py_ssize_t step, Py_ssize_t sp
     return phase
 
 
-cdef floating* padded_row(const floating[:, :, :, ::1] x, Geom g, Py_ssize_t n,
-                          Py_ssize_t c, Py_ssize_t ih, Py_ssize_t kw, Py_ssize_t c0,
-                          Py_ssize_t c1, floating* row) noexcept nogil:
-    """row[0:c1-c0] = the input pixels column tap kw reads for output columns [c0, c1)
-    from input row ih, zero where that tap is in the padding."""
-    cdef Py_ssize_t lo = min(max(g.ow_lo[kw], c0), c1), hi = max(min(g.ow_hi[kw], c1), lo)
-    memset(row, 0, (lo - c0) * sizeof(floating))
-    gather(hi - lo, &x[n, c, ih, lo * g.sw + kw * g.dw - g.pl], g.sw, row + lo - c0)
-    memset(row + hi - c0, 0, (c1 - hi) * sizeof(floating))
-    return row
-
-
 cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H, W)
                         const floating[:, :, :, :, ::1] wp,      # IN  (groups, blocks, taps, Cg, MR)
                         const floating[:, :, ::1] bp,            # IN  (groups, blocks, MR)
@@ -149,7 +139,7 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
     cdef Py_ssize_t tw = c1 - c0, pixels = (r1 - r0) * tw, nr = block_pixels(pack)
     cdef Py_ssize_t ci0 = grp * g.Cg
     cdef Py_ssize_t n_taps = 0, kh, kw, kh0 = 0, kw0 = 0, ti, ci, rr, k, depth, p, valid
-    cdef Py_ssize_t panels, direct_w = 0, te, tj, kw_first, span, phase = 0, off
+    cdef Py_ssize_t panels, direct_w = 0, te, tj, x_lo, x_hi, lo, hi, phase = 0, off
     cdef Py_ssize_t* packed_off
     cdef Py_ssize_t* image_off
     cdef Py_ssize_t* weight_off
@@ -209,32 +199,36 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
     pixels = (r1 - r0) * tw
     panels = (pixels + nr - 1) // nr
     # Taps of one kernel row read one input row: strided rows are split into their
-    # stride phases once for all of them, then every tap copies one contiguous run.
+    # stride phases once for all of them, then every tap copies one contiguous run (and,
+    # with zero_fill, zeros where it is in the padding).
     ti = 0
     while ti < n_taps:
         kh = taps[ti] // g.kW
         te = ti
         while te < n_taps and taps[te] // g.kW == kh:
             te = te + 1
-        kw_first = taps[ti] % g.kW
-        span = (tw - 1) * g.sw + 1 + (taps[te - 1] % g.kW - kw_first) * g.dw
+        # The input columns these taps read in the image, for output columns [c0, c1).
+        x_lo = c0 * g.sw + taps[ti] % g.kW * g.dw - g.pl
+        x_hi = min(x_lo + (tw - 1) * g.sw + 1 + (taps[te - 1] - taps[ti]) * g.dw, g.W)
+        x_lo = max(x_lo, 0)
         for ci in range(g.Cg):
             for rr in range(r1 - r0):
-                if zero_fill:
-                    for tj in range(ti, te):
-                        pack_row(padded_row(x, g, n, ci0 + ci, (r0 + rr) * g.sh + kh * g.dh
-                                            - g.pt, taps[tj] % g.kW, c0, c1, row),
-                                 tw, rr * tw, tj * g.Cg + ci, depth, pack)
-                    continue
-                src = &x[n, ci0 + ci, (r0 + rr) * g.sh + kh * g.dh - g.pt,
-                         c0 * g.sw + kw_first * g.dw - g.pl]
+                src = &x[n, ci0 + ci, (r0 + rr) * g.sh + kh * g.dh - g.pt, 0]
                 if g.sw != 1:
-                    phase = deinterleave(src, g.sw, span, row)
+                    phase = deinterleave(src + x_lo, g.sw, x_hi - x_lo, row)
                 for tj in range(ti, te):
-                    off = (taps[tj] % g.kW - kw_first) * g.dw
-                    pack_row(src + off if g.sw == 1
+                    kw = taps[tj] % g.kW
+                    lo = min(max(g.ow_lo[kw], c0), c1)
+                    hi = max(min(g.ow_hi[kw], c1), lo)
+                    k = tj * g.Cg + ci
+                    if lo > c0:
+                        pack_row(<floating*> NULL, lo - c0, rr * tw, k, depth, pack)
+                    off = lo * g.sw + kw * g.dw - g.pl - x_lo
+                    pack_row(src + x_lo + off if g.sw == 1
                              else row + (off % g.sw) * phase + off // g.sw,
-                             tw, rr * tw, tj * g.Cg + ci, depth, pack)
+                             hi - lo, rr * tw + lo - c0, k, depth, pack)
+                    if hi < c1:
+                        pack_row(<floating*> NULL, c1 - hi, rr * tw + hi - c0, k, depth, pack)
         ti = te
     # Lanes past the last pixel are computed and dropped: keep them finite.
     valid = pixels - (panels - 1) * nr
@@ -291,14 +285,14 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
     C/g, MR), `bp` the bias as (groups, blocks, MR), both zero past O/g; `tiles` are
     aligned with the tap ranges (of the rows only with `zero_fill`, where column taps
     read zeros in the padding: finite weights only); `scratch` is (threads, panels * NR
-    * kH*kW * C/g + MR*NR + W + stride + Wo) for the largest tile; `tap_scratch` is
+    * kH*kW * C/g + MR*NR + W + stride) for the largest tile; `tap_scratch` is
     (threads, 4 * kH*kW). Unit-stride blocks whose reads take at most `in_place_bytes`
     read the image in place."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t task, tid
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
-    cdef Py_ssize_t block_offset = scratch.shape[1] - DILCONV_MR * nr - g.W - g.sw - g.Wo
+    cdef Py_ssize_t block_offset = scratch.shape[1] - DILCONV_MR * nr - g.W - g.sw
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         for task in prange(n_tasks, schedule='dynamic'):
