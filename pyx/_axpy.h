@@ -31,6 +31,22 @@ static inline T NAME(ptrdiff_t n, const T *restrict a, const T *restrict b) {  \
 DILCONV_DOT(dilconv_dot_f, float)
 DILCONV_DOT(dilconv_dot_d, double)
 
+/* sum a[i]: sixteen partial sums in a fixed order (two to four vector registers, so the
+   adds overlap), then a fixed tree. */
+#define DILCONV_SUM(NAME, T)                                                   \
+static inline T NAME(ptrdiff_t n, const T *restrict a) {                       \
+    T part[16] = {0};                                                          \
+    ptrdiff_t i = 0;                                                           \
+    for (; i + 16 <= n; i += 16)                                               \
+        for (int l = 0; l < 16; l++) part[l] += a[i + l];                      \
+    for (; i < n; i++) part[i % 16] += a[i];                                   \
+    for (int w = 8; w > 0; w /= 2)                                             \
+        for (int l = 0; l < w; l++) part[l] += part[l + w];                    \
+    return part[0];                                                            \
+}
+DILCONV_SUM(dilconv_sum_f, float)
+DILCONV_SUM(dilconv_sum_d, double)
+
 /* dst[i] = src[i * step]: with restrict, steps of 1 and 2 copy with vector moves and
    shuffles instead of one element at a time. */
 #define DILCONV_GATHER(NAME, T)                                                \

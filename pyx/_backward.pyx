@@ -8,7 +8,7 @@ thread count. The per-tap in-bounds ranges are the forward's.
 from cython.parallel cimport prange
 from cython cimport floating
 
-from _common cimport Geom, make_geom, axpy, dot
+from _common cimport Geom, make_geom, axpy, dot, total
 
 
 cdef void _grad_input_plane(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, Wo)
@@ -73,29 +73,13 @@ cdef void _grad_weight_slice(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, 
                         gyrow + lo, xrow + iw0, hi - lo, g.sw)
 
 
-cdef inline floating _row_sum(const floating* a, Py_ssize_t n) noexcept nogil:
-    cdef floating s0 = 0, s1 = 0, s2 = 0, s3 = 0
-    cdef Py_ssize_t i = 0
-    while i + 4 <= n:
-        s0 = s0 + a[i]
-        s1 = s1 + a[i + 1]
-        s2 = s2 + a[i + 2]
-        s3 = s3 + a[i + 3]
-        i = i + 4
-    while i < n:
-        s0 = s0 + a[i]
-        i = i + 1
-    return (s0 + s1) + (s2 + s3)
-
-
 cdef void _grad_bias_entry(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)
                            floating[::1] gb,                  # OUT (O,)
                            Geom g, Py_ssize_t o) noexcept nogil:
-    cdef Py_ssize_t n, oh
+    cdef Py_ssize_t n
     cdef floating acc = 0
     for n in range(g.N):
-        for oh in range(g.Ho):
-            acc = acc + _row_sum(&gy[n, o, oh, 0], g.Wo)
+        acc = acc + total(&gy[n, o, 0, 0], g.Ho * g.Wo)
     gb[o] = acc
 
 

@@ -62,6 +62,16 @@ cdef extern from "_axpy.h":
     void dilconv_axpy_d(Py_ssize_t n, double w, const double* x, double* y) noexcept nogil
     float dilconv_dot_f(Py_ssize_t n, const float* a, const float* b) noexcept nogil
     double dilconv_dot_d(Py_ssize_t n, const double* a, const double* b) noexcept nogil
+    float dilconv_sum_f(Py_ssize_t n, const float* a) noexcept nogil
+    double dilconv_sum_d(Py_ssize_t n, const double* a) noexcept nogil
+
+
+cdef inline floating total(const floating* a, Py_ssize_t n) noexcept nogil:
+    """sum a[:n], vectorised, in a fixed order."""
+    if floating is float:
+        return dilconv_sum_f(n, a)
+    else:
+        return dilconv_sum_d(n, a)
 
 
 cdef inline void axpy(Py_ssize_t n, floating w, const floating* x, floating* y) noexcept nogil:
