@@ -297,19 +297,13 @@ PANEL_ZERO_FILL_MAX = 0.1
 
 def pack_panel_weights(weight, bias, spec):
     """Weights as (groups, blocks, kH*kW, C/g, MR) and bias as (groups, blocks, MR): MR
-    output channels per block, zero past O/groups."""
+    output channels per block, zero past O/groups. `weight` may be any strided view."""
     groups, cg, og = spec.groups, spec.c // spec.groups, spec.o // spec.groups
-    mr = _panel.MR
-    blocks = -(-og // mr)
-    taps = spec.kh * spec.kw
-    padded = np.zeros((groups, blocks * mr, cg, taps), dtype=weight.dtype)
-    padded[:, :og] = weight.reshape(groups, og, cg, taps)
-    wp = np.ascontiguousarray(
-        padded.reshape(groups, blocks, mr, cg, taps).transpose(0, 1, 4, 3, 2))
-    bp = np.zeros((groups, blocks * mr), dtype=weight.dtype)
-    if bias.shape[0]:
-        bp[:, :og] = bias.reshape(groups, og)
-    return wp, bp.reshape(groups, blocks, mr)
+    blocks = -(-og // _panel.MR)
+    wp = np.empty((groups, blocks, spec.kh * spec.kw, cg, _panel.MR), dtype=weight.dtype)
+    bp = np.empty((groups, blocks, _panel.MR), dtype=weight.dtype)
+    _panel.pack_weights(weight, bias, wp, bp)
+    return wp, bp
 
 
 def zero_filled_columns(spec) -> float:

@@ -277,6 +277,30 @@ cdef void _blocks(const floating[:, :, :, :, ::1] wp, const floating[:, :, ::1] 
             rq = rq + 1
 
 
+def pack_weights(const floating[:, :, :, :] w, const floating[:] bias,
+                 floating[:, :, :, :, ::1] wp, floating[:, :, ::1] bp):
+    """wp[grp, ob, kh*kW + kw, ci, i] = w[grp*O/g + ob*MR + i, ci, kh, kw] and bp likewise
+    from `bias` (which may be empty), zero past O/g. `w` may have any strides."""
+    cdef Py_ssize_t groups = wp.shape[0], blocks = wp.shape[1], cg = wp.shape[3]
+    cdef Py_ssize_t og = w.shape[0] // groups, kh_size = w.shape[2], kw_size = w.shape[3]
+    cdef Py_ssize_t grp, ob, ci, kh, kw, i, o, m
+    with nogil:
+        for grp in range(groups):
+            for ob in range(blocks):
+                m = min(<Py_ssize_t> DILCONV_MR, og - ob * DILCONV_MR)
+                for i in range(DILCONV_MR):
+                    o = grp * og + ob * DILCONV_MR + i
+                    bp[grp, ob, i] = bias[o] if i < m and bias.shape[0] else 0
+                for ci in range(cg):
+                    for kh in range(kh_size):
+                        for kw in range(kw_size):
+                            for i in range(m):
+                                wp[grp, ob, kh * kw_size + kw, ci, i] = w[
+                                    grp * og + ob * DILCONV_MR + i, ci, kh, kw]
+                            for i in range(m, DILCONV_MR):
+                                wp[grp, ob, kh * kw_size + kw, ci, i] = 0
+
+
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
             const floating[:, :, ::1] bp, floating[:, :, :, ::1] out,
             const Py_ssize_t[:, ::1] tiles, bint zero_fill, floating[:, ::1] scratch,
