@@ -327,7 +327,7 @@ def _panel_forward(x, weight, bias, out, spec) -> None:
     tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, max(nr, target - target % nr)), zero_fill)
     threads = _threads(spec, spec.n * spec.groups * len(tiles))
     panels = -(-_largest_tile(tiles) // nr)
-    row = spec.w + spec.stride[1]
+    row = (spec.wo - 1) * spec.stride[1] + (spec.kw - 1) * spec.dilation[1] + 1 + spec.stride[1]
     scratch = np.empty((threads, panels * nr * depth + _panel.MR * nr + row), dtype=x.dtype)
     tap_scratch = np.empty((threads, 4 * spec.kh * spec.kw), dtype=np.intp)
     wp, bp = pack_panel_weights(weight, bias, spec)

@@ -114,13 +114,19 @@ cdef inline void gather(Py_ssize_t n, const floating* src, Py_ssize_t step,
         dilconv_gather_d(n, src, step, dst)
 
 
-cdef Py_ssize_t deinterleave(const floating* src, Py_ssize_t step, Py_ssize_t span,
-                             floating* row) noexcept nogil:
-    """row[p*phase + j] = src[p + j*step] for the span values of src: each stride phase
-    becomes one contiguous run. Returns the phase length."""
-    cdef Py_ssize_t phase = (span + step - 1) // step, p
+cdef Py_ssize_t deinterleave(const floating* src, Py_ssize_t width, Py_ssize_t start,
+                             Py_ssize_t step, Py_ssize_t span, floating* row) noexcept nogil:
+    """row[p*phase + j] = src[start + p + j*step] for the span values from `start`, zero
+    where that is outside [0, width) (the padding): each stride phase becomes one
+    contiguous run. Returns the phase length."""
+    cdef Py_ssize_t phase = (span + step - 1) // step, p, count, j_lo, j_hi
     for p in range(step):
-        gather((span - p + step - 1) // step, src + p, step, row + p * phase)
+        count = (span - p + step - 1) // step
+        j_lo = min(max(0, (step - 1 - start - p) // step), count)
+        j_hi = max(min(count, (width - start - p + step - 1) // step), j_lo)
+        memset(row + p * phase, 0, j_lo * sizeof(floating))
+        gather(j_hi - j_lo, src + start + p + j_lo * step, step, row + p * phase + j_lo)
+        memset(row + p * phase + j_hi, 0, (count - j_hi) * sizeof(floating))
     return phase
 
 
@@ -139,7 +145,7 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
     cdef Py_ssize_t tw = c1 - c0, pixels = (r1 - r0) * tw, nr = block_pixels(pack)
     cdef Py_ssize_t ci0 = grp * g.Cg
     cdef Py_ssize_t n_taps = 0, kh, kw, kh0 = 0, kw0 = 0, ti, ci, rr, k, depth, p, valid
-    cdef Py_ssize_t panels, direct_w = 0, te, tj, x_lo, x_hi, lo, hi, phase = 0, off
+    cdef Py_ssize_t panels, direct_w = 0, te, tj, x_lo, span, lo, hi, phase = 0, off
     cdef Py_ssize_t* packed_off
     cdef Py_ssize_t* image_off
     cdef Py_ssize_t* weight_off
@@ -198,35 +204,37 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
     tw = c1 - c0
     pixels = (r1 - r0) * tw
     panels = (pixels + nr - 1) // nr
-    # Taps of one kernel row read one input row: strided rows are split into their
-    # stride phases once for all of them, then every tap copies one contiguous run (and,
-    # with zero_fill, zeros where it is in the padding).
+    # Taps of one kernel row read one input row. Strided rows are split into their stride
+    # phases once for all of them (with zeros in the padding, for zero_fill), then every
+    # tap copies one contiguous run of the tile's width. At unit stride the taps copy from
+    # the image, and pack zeros where zero_fill has them read the padding.
     ti = 0
     while ti < n_taps:
         kh = taps[ti] // g.kW
         te = ti
         while te < n_taps and taps[te] // g.kW == kh:
             te = te + 1
-        # The input columns these taps read in the image, for output columns [c0, c1).
         x_lo = c0 * g.sw + taps[ti] % g.kW * g.dw - g.pl
-        x_hi = min(x_lo + (tw - 1) * g.sw + 1 + (taps[te - 1] - taps[ti]) * g.dw, g.W)
-        x_lo = max(x_lo, 0)
+        span = (tw - 1) * g.sw + 1 + (taps[te - 1] - taps[ti]) * g.dw
         for ci in range(g.Cg):
             for rr in range(r1 - r0):
                 src = &x[n, ci0 + ci, (r0 + rr) * g.sh + kh * g.dh - g.pt, 0]
                 if g.sw != 1:
-                    phase = deinterleave(src + x_lo, g.sw, x_hi - x_lo, row)
+                    phase = deinterleave(src, g.W, x_lo, g.sw, span, row)
                 for tj in range(ti, te):
-                    kw = taps[tj] % g.kW
-                    lo = min(max(g.ow_lo[kw], c0), c1)
-                    hi = max(min(g.ow_hi[kw], c1), lo)
                     k = tj * g.Cg + ci
+                    off = (taps[tj] - taps[ti]) * g.dw
+                    if g.sw != 1:
+                        pack_row(row + (off % g.sw) * phase + off // g.sw, tw, rr * tw, k,
+                                 depth, pack)
+                        continue
+                    # Output columns [lo, hi) of the tile read the image.
+                    lo = min(max(g.ow_lo[taps[tj] % g.kW], c0), c1)
+                    hi = max(min(g.ow_hi[taps[tj] % g.kW], c1), lo)
                     if lo > c0:
                         pack_row(<floating*> NULL, lo - c0, rr * tw, k, depth, pack)
-                    off = lo * g.sw + kw * g.dw - g.pl - x_lo
-                    pack_row(src + x_lo + off if g.sw == 1
-                             else row + (off % g.sw) * phase + off // g.sw,
-                             hi - lo, rr * tw + lo - c0, k, depth, pack)
+                    pack_row(src + x_lo + off + lo - c0, hi - lo, rr * tw + lo - c0, k,
+                             depth, pack)
                     if hi < c1:
                         pack_row(<floating*> NULL, c1 - hi, rr * tw + hi - c0, k, depth, pack)
         ti = te
@@ -309,14 +317,16 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
     C/g, MR), `bp` the bias as (groups, blocks, MR), both zero past O/g; `tiles` are
     aligned with the tap ranges (of the rows only with `zero_fill`, where column taps
     read zeros in the padding: finite weights only); `scratch` is (threads, panels * NR
-    * kH*kW * C/g + MR*NR + W + stride) for the largest tile; `tap_scratch` is
+    * kH*kW * C/g + MR*NR + row) for the largest tile, with row = (Wo-1)*stride
+    + (kW-1)*dilation + 1 + stride (an input row's span, split into stride phases); `tap_scratch` is
     (threads, 4 * kH*kW). Unit-stride blocks whose reads take at most `in_place_bytes`
     read the image in place."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t task, tid
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
-    cdef Py_ssize_t block_offset = scratch.shape[1] - DILCONV_MR * nr - g.W - g.sw
+    cdef Py_ssize_t block_offset = (scratch.shape[1] - DILCONV_MR * nr
+                                    - ((g.Wo - 1) * g.sw + (g.kW - 1) * g.dw + 1 + g.sw))
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         for task in prange(n_tasks, schedule='dynamic'):
