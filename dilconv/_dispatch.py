@@ -284,8 +284,8 @@ def forward(x, weight, bias, out, spec) -> None:
         _gemm.forward(x, taps, bias, out, tiles, kw_group, scratch, spec, threads)
 
 
-# Packed panels of a panel-path tile: about this many bytes, and enough pixels that
-# blocks of NR are mostly full.
+# Panel-path tiles (tasks): about this many bytes of input terms (pixels x taps x
+# channels), and enough pixels that blocks of NR are mostly full.
 PANEL_PACK_BYTES = 1024 * 1024
 PANEL_MIN_PIXELS = 256
 # Unit-stride blocks read the image in place when one block reads at most this many bytes.
@@ -326,9 +326,7 @@ def _panel_forward(x, weight, bias, out, spec) -> None:
     zero_fill = 0 < zeros <= PANEL_ZERO_FILL_MAX and bool(np.isfinite(weight).all())
     tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, max(nr, target - target % nr)), zero_fill)
     threads = _threads(spec, spec.n * spec.groups * len(tiles))
-    panels = -(-_largest_tile(tiles) // nr)
-    row = (spec.wo - 1) * spec.stride[1] + (spec.kw - 1) * spec.dilation[1] + 1 + spec.stride[1]
-    scratch = np.empty((threads, panels * nr * depth + _panel.MR * nr + row), dtype=x.dtype)
+    scratch = np.empty((threads, nr * depth + _panel.MR * nr), dtype=x.dtype)
     tap_scratch = np.empty((threads, 4 * spec.kh * spec.kw), dtype=np.intp)
     wp, bp = pack_panel_weights(weight, bias, spec)
     _panel.forward(x, wp, bp, out, tiles, zero_fill, scratch, tap_scratch,

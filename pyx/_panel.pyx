@@ -5,10 +5,11 @@ The output plane is cut into tiles aligned with the taps' in-bounds ranges, so i
 every tap reads the image for all of its pixels or for none: a tile sums exactly its taps
 in the image, with no zero padding and no bounds tests (where border columns are thin and
 the weights finite, the caller may cut along rows only: column taps then read zeros). A
-tile's input pixels, for all of its taps and channels, are packed into a per-thread
-buffer as panels of NR pixels (or, at unit stride with few terms, read in place); the
-micro-kernel (pyx/_microkernel.h) then holds MR output channels x NR pixels in registers
-over the whole sum, and writes each output once. Every output sums its taps and channels
+tile is computed NR pixels at a time: their input pixels, for all of the taps and
+channels, are packed into a per-thread panel (or, at unit stride with few terms, read in
+place), and the micro-kernel (pyx/_microkernel.h) holds MR output channels x NR pixels in
+registers over the whole sum, once per block of MR output channels, while the panel is
+still in cache. Each output is written once. Every output sums its taps and channels
 in one fixed order, so results are bitwise identical for any thread count (and tasks,
 which own their outputs, are handed out dynamically: tiles differ in size). The weight
 gradient runs on the same micro-kernel, with pixels as the terms of its sums.
@@ -80,31 +81,6 @@ cdef inline Py_ssize_t block_pixels(floating* like) noexcept nogil:
     return DILCONV_BLOCK_BYTES // sizeof(floating)
 
 
-cdef inline void pack_row(const floating* src, Py_ssize_t count, Py_ssize_t q, Py_ssize_t k,
-                          Py_ssize_t depth, floating* pack) noexcept nogil:
-    """Tile pixels q .. q+count-1 of sum index k, from src[0:count] (zeros if src is
-    NULL), into their panels (pack[panel][k][lane] with panel, lane = divmod(q, NR))."""
-    cdef Py_ssize_t nr = block_pixels(pack)
-    cdef Py_ssize_t lane = q % nr, run, j = 0
-    cdef floating* dst = pack + (q // nr) * depth * nr + k * nr
-    while j < count:
-        run = min(nr - lane, count - j)
-        if src == NULL:
-            memset(dst + lane, 0, run * sizeof(floating))
-        elif run == nr:
-            if floating is float:
-                dilconv_copy_block_f(src + j, dst)
-            else:
-                dilconv_copy_block_d(src + j, dst)
-        else:
-            gather(run, src + j, 1, dst + lane)
-        j = j + run
-        lane = lane + run
-        if lane == nr:
-            lane = 0
-            dst = dst + depth * nr
-
-
 cdef inline void gather(Py_ssize_t n, const floating* src, Py_ssize_t step,
                         floating* dst) noexcept nogil:
     # dst[i] = src[i*step] through restrict pointers (pyx/_axpy.h), which vectorise.
@@ -114,29 +90,13 @@ cdef inline void gather(Py_ssize_t n, const floating* src, Py_ssize_t step,
         dilconv_gather_d(n, src, step, dst)
 
 
-cdef Py_ssize_t deinterleave(const floating* src, Py_ssize_t width, Py_ssize_t start,
-                             Py_ssize_t step, Py_ssize_t span, floating* row) noexcept nogil:
-    """row[p*phase + j] = src[start + p + j*step] for the span values from `start`, zero
-    where that is outside [0, width) (the padding): each stride phase becomes one
-    contiguous run. Returns the phase length."""
-    cdef Py_ssize_t phase = (span + step - 1) // step, p, count, j_lo, j_hi
-    for p in range(step):
-        count = (span - p + step - 1) // step
-        j_lo = min(max(0, (step - 1 - start - p) // step), count)
-        j_hi = max(min(count, (width - start - p + step - 1) // step), j_lo)
-        memset(row + p * phase, 0, j_lo * sizeof(floating))
-        gather(j_hi - j_lo, src + start + p + j_lo * step, step, row + p * phase + j_lo)
-        memset(row + p * phase + j_hi, 0, (count - j_hi) * sizeof(floating))
-    return phase
-
-
 cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H, W)
                         const floating[:, :, :, :, ::1] wp,      # IN  (groups, blocks, taps, Cg, MR)
                         const floating[:, :, ::1] bp,            # IN  (groups, blocks, MR)
                         floating[:, :, :, ::1] out,              # OUT (N, O, Ho, Wo)
                         const Py_ssize_t[:, ::1] tiles,          # IN  (T, 4) r0 r1 c0 c1
                         Geom g, Py_ssize_t task,
-                        floating* pack, floating* block, floating* row,  # SCRATCH
+                        floating* pack, floating* block,                 # SCRATCH
                         Py_ssize_t* taps, Py_ssize_t* offsets, bint zero_fill,
                         Py_ssize_t in_place_bytes) noexcept nogil:
     cdef Py_ssize_t n_tiles = tiles.shape[0], t = task % n_tiles
@@ -144,13 +104,12 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
     cdef Py_ssize_t r0 = tiles[t, 0], r1 = tiles[t, 1], c0 = tiles[t, 2], c1 = tiles[t, 3]
     cdef Py_ssize_t tw = c1 - c0, pixels = (r1 - r0) * tw, nr = block_pixels(pack)
     cdef Py_ssize_t ci0 = grp * g.Cg
-    cdef Py_ssize_t n_taps = 0, kh, kw, kh0 = 0, kw0 = 0, ti, ci, rr, k, depth, p, valid
-    cdef Py_ssize_t panels, direct_w = 0, te, tj, x_lo, span, lo, hi, phase = 0, off
+    cdef Py_ssize_t n_taps = 0, kh, kw, kh0 = 0, kw0 = 0, ti, rr, depth, p, valid
+    cdef Py_ssize_t panels, direct_w = 0
     cdef Py_ssize_t* packed_off
     cdef Py_ssize_t* image_off
     cdef Py_ssize_t* weight_off
     cdef const floating* base
-    cdef const floating* src
     cdef Terms terms
 
     # The tile is aligned with the tap ranges (of the rows only, with zero_fill, where
@@ -199,55 +158,62 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
         if direct_w == tw:
             return
 
-    # The rest of the tile, columns [c0 + direct_w, c1), through packed panels.
+    # The rest of the tile, columns [c0 + direct_w, c1), panel by panel: each is packed
+    # just before its blocks read it, so it is still in cache.
     c0 = c0 + direct_w
     tw = c1 - c0
     pixels = (r1 - r0) * tw
     panels = (pixels + nr - 1) // nr
-    # Taps of one kernel row read one input row. Strided rows are split into their stride
-    # phases once for all of them (with zeros in the padding, for zero_fill), then every
-    # tap copies one contiguous run of the tile's width. At unit stride the taps copy from
-    # the image, and pack zeros where zero_fill has them read the padding.
-    ti = 0
-    while ti < n_taps:
-        kh = taps[ti] // g.kW
-        te = ti
-        while te < n_taps and taps[te] // g.kW == kh:
-            te = te + 1
-        x_lo = c0 * g.sw + taps[ti] % g.kW * g.dw - g.pl
-        span = (tw - 1) * g.sw + 1 + (taps[te - 1] - taps[ti]) * g.dw
-        for ci in range(g.Cg):
-            for rr in range(r1 - r0):
-                src = &x[n, ci0 + ci, (r0 + rr) * g.sh + kh * g.dh - g.pt, 0]
-                if g.sw != 1:
-                    phase = deinterleave(src, g.W, x_lo, g.sw, span, row)
-                for tj in range(ti, te):
-                    k = tj * g.Cg + ci
-                    off = (taps[tj] - taps[ti]) * g.dw
-                    if g.sw != 1:
-                        pack_row(row + (off % g.sw) * phase + off // g.sw, tw, rr * tw, k,
-                                 depth, pack)
-                        continue
-                    # Output columns [lo, hi) of the tile read the image.
-                    lo = min(max(g.ow_lo[taps[tj] % g.kW], c0), c1)
-                    hi = max(min(g.ow_hi[taps[tj] % g.kW], c1), lo)
-                    if lo > c0:
-                        pack_row(<floating*> NULL, lo - c0, rr * tw, k, depth, pack)
-                    pack_row(src + x_lo + off + lo - c0, hi - lo, rr * tw + lo - c0, k,
-                             depth, pack)
-                    if hi < c1:
-                        pack_row(<floating*> NULL, c1 - hi, rr * tw + hi - c0, k, depth, pack)
-        ti = te
-    # Lanes past the last pixel are computed and dropped: keep them finite.
-    valid = pixels - (panels - 1) * nr
-    for k in range(depth):
-        memset(pack + (panels - 1) * depth * nr + k * nr + valid, 0,
-               (nr - valid) * sizeof(floating))
     terms.b_off = packed_off
     terms.b_step = nr
     for p in range(panels):
-        _blocks(wp, bp, out, g, n, grp, r0, c0, pack + p * nr * depth, &terms,
-                min(nr, pixels - p * nr), p * nr, tw, block)
+        valid = min(nr, pixels - p * nr)
+        _pack_panel(&x[n, ci0, 0, 0], g, taps, n_taps, r0, c0, tw, p * nr, valid, pack)
+        _blocks(wp, bp, out, g, n, grp, r0, c0, pack, &terms, valid, p * nr, tw, block)
+
+
+cdef void _pack_panel(const floating* img, Geom g, const Py_ssize_t* taps, Py_ssize_t n_taps,
+                      Py_ssize_t r0, Py_ssize_t c0, Py_ssize_t tw, Py_ssize_t q0,
+                      Py_ssize_t valid, floating* pack) noexcept nogil:
+    """pack[k][0:NR] = the input pixels that sum index k (tap taps[k // Cg], channel
+    k % Cg of the group whose first channel is img) reads for tile pixels q0 ..
+    q0+valid-1, zero where the tap is in the padding and past `valid`."""
+    cdef Py_ssize_t nr = block_pixels(pack), plane = g.H * g.W
+    cdef Py_ssize_t ti, ci, kh, kw, lane, q, rr, c, run, lo, hi, src_off
+    cdef floating* dst
+    for ti in range(n_taps):
+        kh = taps[ti] // g.kW
+        kw = taps[ti] % g.kW
+        # The panel's pixels in runs along tile rows.
+        lane = 0
+        q = q0
+        while lane < valid:
+            rr = q // tw
+            c = c0 + q % tw
+            run = min(tw - q % tw, valid - lane)
+            # Columns [lo, hi) of the run read the image.
+            lo = min(max(g.ow_lo[kw], c), c + run)
+            hi = max(min(g.ow_hi[kw], c + run), lo)
+            src_off = (((r0 + rr) * g.sh + kh * g.dh - g.pt) * g.W
+                       + lo * g.sw + kw * g.dw - g.pl)
+            for ci in range(g.Cg):
+                dst = pack + (ti * g.Cg + ci) * nr + lane
+                if lo > c:
+                    memset(dst, 0, (lo - c) * sizeof(floating))
+                if hi - lo == nr and g.sw == 1:
+                    if floating is float:
+                        dilconv_copy_block_f(img + ci * plane + src_off, dst)
+                    else:
+                        dilconv_copy_block_d(img + ci * plane + src_off, dst)
+                elif hi > lo:
+                    gather(hi - lo, img + ci * plane + src_off, g.sw, dst + lo - c)
+                if hi < c + run:
+                    memset(dst + hi - c, 0, (c + run - hi) * sizeof(floating))
+            lane = lane + run
+            q = q + run
+        if valid < nr:
+            for ci in range(g.Cg):
+                memset(pack + (ti * g.Cg + ci) * nr + valid, 0, (nr - valid) * sizeof(floating))
 
 
 cdef void _blocks(const floating[:, :, :, :, ::1] wp, const floating[:, :, ::1] bp,
@@ -317,22 +283,19 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
     C/g, MR), `bp` the bias as (groups, blocks, MR), both zero past O/g; `tiles` are
     aligned with the tap ranges (of the rows only with `zero_fill`, where column taps
     read zeros in the padding: finite weights only); `scratch` is (threads, panels * NR
-    * kH*kW * C/g + MR*NR + row) for the largest tile, with row = (Wo-1)*stride
-    + (kW-1)*dilation + 1 + stride (an input row's span, split into stride phases); `tap_scratch` is
-    (threads, 4 * kH*kW). Unit-stride blocks whose reads take at most `in_place_bytes`
+    * kH*kW * C/g + MR*NR) (one packed panel and one block); `tap_scratch` is (threads,
+    4 * kH*kW). Unit-stride blocks whose reads take at most `in_place_bytes`
     read the image in place."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t task, tid
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
-    cdef Py_ssize_t block_offset = (scratch.shape[1] - DILCONV_MR * nr
-                                    - ((g.Wo - 1) * g.sw + (g.kW - 1) * g.dw + 1 + g.sw))
+    cdef Py_ssize_t block_offset = scratch.shape[1] - DILCONV_MR * nr
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         for task in prange(n_tasks, schedule='dynamic'):
             _forward_tile(x, wp, bp, out, tiles, g, task, &scratch[tid, 0],
                           &scratch[tid, block_offset],
-                          &scratch[tid, block_offset + DILCONV_MR * nr],
                           &tap_scratch[tid, 0], &tap_scratch[tid, g.kH * g.kW],
                           zero_fill, in_place_bytes)
 
