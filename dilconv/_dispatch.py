@@ -288,6 +288,8 @@ def forward(x, weight, bias, out, spec) -> None:
 # channels), and enough pixels that blocks of NR are mostly full.
 PANEL_PACK_BYTES = 1024 * 1024
 PANEL_MIN_PIXELS = 256
+# Panels are packed in groups of about this many bytes, just before their blocks run.
+PANEL_GROUP_BYTES = 128 * 1024
 # Unit-stride blocks read the image in place when one block reads at most this many bytes.
 PANEL_IN_PLACE_BYTES = 4 * 1024
 # Panel tiles are cut at the column taps' range ends too, unless not cutting them
@@ -326,11 +328,12 @@ def _panel_forward(x, weight, bias, out, spec) -> None:
     zero_fill = 0 < zeros <= PANEL_ZERO_FILL_MAX and bool(np.isfinite(weight).all())
     tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, max(nr, target - target % nr)), zero_fill)
     threads = _threads(spec, spec.n * spec.groups * len(tiles))
-    scratch = np.empty((threads, nr * depth + _panel.MR * nr), dtype=x.dtype)
+    group = max(1, PANEL_GROUP_BYTES // (_panel.BLOCK_NBYTES * depth))
+    scratch = np.empty((threads, group * nr * depth + _panel.MR * nr), dtype=x.dtype)
     tap_scratch = np.empty((threads, 4 * spec.kh * spec.kw), dtype=np.intp)
     wp, bp = pack_panel_weights(weight, bias, spec)
     _panel.forward(x, wp, bp, out, tiles, zero_fill, scratch, tap_scratch,
-                   PANEL_IN_PLACE_BYTES, spec, threads)
+                   PANEL_IN_PLACE_BYTES, group, spec, threads)
 
 
 def transposed_spec(spec):

@@ -68,14 +68,16 @@ def _make_out(case):
 # depthwise task boundaries; no minimum of work per thread, so "2 threads" really splits
 # tiny cases; and one GEMM product per tap (the many-channel forward) on the lab's
 # few-channel layers; panel blocks that always, or never, read the image in place; panel
-# tiles always, or never, cut at the column taps' range ends (else zeros in the padding).
+# tiles always, or never, cut at the column taps' range ends (else zeros in the padding);
+# panels packed one at a time, or a whole tile at once.
 # A setting dilconv no longer has is skipped (environment() lists the ones found).
 KNOBS = {"tile_pixels": ("MIN_TILE_PIXELS", "MAX_TILE_PIXELS", "FLAT_SPAN_ELEMENTS",
                         "DEPTHWISE_TASK_PIXELS"),
          "min_macs_per_thread": ("MIN_MACS_PER_THREAD",),
          "kw_group_below_channels": ("KW_GROUP_BELOW_CHANNELS",),
          "panel_in_place_bytes": ("PANEL_IN_PLACE_BYTES",),
-         "panel_zero_fill_max": ("PANEL_ZERO_FILL_MAX",)}
+         "panel_zero_fill_max": ("PANEL_ZERO_FILL_MAX",),
+         "panel_group_bytes": ("PANEL_GROUP_BYTES",)}
 
 
 def available_knobs() -> list:

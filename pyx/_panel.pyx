@@ -98,13 +98,13 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
                         Geom g, Py_ssize_t task,
                         floating* pack, floating* block,                 # SCRATCH
                         Py_ssize_t* taps, Py_ssize_t* offsets, bint zero_fill,
-                        Py_ssize_t in_place_bytes) noexcept nogil:
+                        Py_ssize_t in_place_bytes, Py_ssize_t group) noexcept nogil:
     cdef Py_ssize_t n_tiles = tiles.shape[0], t = task % n_tiles
     cdef Py_ssize_t n = task // (g.groups * n_tiles), grp = (task // n_tiles) % g.groups
     cdef Py_ssize_t r0 = tiles[t, 0], r1 = tiles[t, 1], c0 = tiles[t, 2], c1 = tiles[t, 3]
     cdef Py_ssize_t tw = c1 - c0, pixels = (r1 - r0) * tw, nr = block_pixels(pack)
     cdef Py_ssize_t ci0 = grp * g.Cg
-    cdef Py_ssize_t n_taps = 0, kh, kw, kh0 = 0, kw0 = 0, ti, rr, depth, p, valid
+    cdef Py_ssize_t n_taps = 0, kh, kw, kh0 = 0, kw0 = 0, ti, rr, depth, p, p0
     cdef Py_ssize_t panels, direct_w = 0
     cdef Py_ssize_t* packed_off
     cdef Py_ssize_t* image_off
@@ -158,62 +158,88 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
         if direct_w == tw:
             return
 
-    # The rest of the tile, columns [c0 + direct_w, c1), panel by panel: each is packed
-    # just before its blocks read it, so it is still in cache.
+    # The rest of the tile, columns [c0 + direct_w, c1), a group of panels at a time:
+    # each group is packed just before its blocks read it, so it is still in cache.
     c0 = c0 + direct_w
     tw = c1 - c0
     pixels = (r1 - r0) * tw
     panels = (pixels + nr - 1) // nr
     terms.b_off = packed_off
     terms.b_step = nr
-    for p in range(panels):
-        valid = min(nr, pixels - p * nr)
-        _pack_panel(&x[n, ci0, 0, 0], g, taps, n_taps, r0, c0, tw, p * nr, valid, pack)
-        _blocks(wp, bp, out, g, n, grp, r0, c0, pack, &terms, valid, p * nr, tw, block)
+    p0 = 0
+    while p0 < panels:
+        _pack_panels(&x[n, ci0, 0, 0], g, taps, n_taps, r0, c0, tw, p0 * nr,
+                     min(group * nr, pixels - p0 * nr), depth, pack)
+        for p in range(p0, min(p0 + group, panels)):
+            _blocks(wp, bp, out, g, n, grp, r0, c0, pack + (p - p0) * depth * nr, &terms,
+                    min(nr, pixels - p * nr), p * nr, tw, block)
+        p0 = p0 + group
 
 
-cdef void _pack_panel(const floating* img, Geom g, const Py_ssize_t* taps, Py_ssize_t n_taps,
-                      Py_ssize_t r0, Py_ssize_t c0, Py_ssize_t tw, Py_ssize_t q0,
-                      Py_ssize_t valid, floating* pack) noexcept nogil:
-    """pack[k][0:NR] = the input pixels that sum index k (tap taps[k // Cg], channel
-    k % Cg of the group whose first channel is img) reads for tile pixels q0 ..
-    q0+valid-1, zero where the tap is in the padding and past `valid`."""
+cdef void _pack_panels(const floating* img, Geom g, const Py_ssize_t* taps,
+                       Py_ssize_t n_taps, Py_ssize_t r0, Py_ssize_t c0, Py_ssize_t tw,
+                       Py_ssize_t q0, Py_ssize_t count, Py_ssize_t depth,
+                       floating* pack) noexcept nogil:
+    """Tile pixels q0 .. q0+count-1 of every sum index k (tap taps[k // Cg], channel
+    k % Cg of the group whose first channel is img) into pack[panel][k][lane], with
+    panel, lane = divmod(q - q0, NR): zero where the tap is in the padding, and in the
+    last panel's lanes past `count`. Each index copies a whole run of a row at once: one
+    at a time per index, channel planes a power of two apart evict each other from
+    cache."""
     cdef Py_ssize_t nr = block_pixels(pack), plane = g.H * g.W
-    cdef Py_ssize_t ti, ci, kh, kw, lane, q, rr, c, run, lo, hi, src_off
-    cdef floating* dst
+    cdef Py_ssize_t ti, ci, kh, kw, q, rr, c, run, lo, hi, row_off
+    cdef Py_ssize_t last = (count - 1) // nr * depth * nr, valid = count - (count - 1) // nr * nr
     for ti in range(n_taps):
         kh = taps[ti] // g.kW
         kw = taps[ti] % g.kW
-        # The panel's pixels in runs along tile rows.
-        lane = 0
-        q = q0
-        while lane < valid:
-            rr = q // tw
-            c = c0 + q % tw
-            run = min(tw - q % tw, valid - lane)
-            # Columns [lo, hi) of the run read the image.
+        # The pixels in runs along tile rows; columns [lo, hi) of a run read the image.
+        q = 0
+        rr = q0 // tw
+        c = c0 + q0 % tw
+        while q < count:
+            run = min((c0 + tw) - c, count - q)
             lo = min(max(g.ow_lo[kw], c), c + run)
             hi = max(min(g.ow_hi[kw], c + run), lo)
-            src_off = (((r0 + rr) * g.sh + kh * g.dh - g.pt) * g.W
-                       + lo * g.sw + kw * g.dw - g.pl)
+            row_off = ((r0 + rr) * g.sh + kh * g.dh - g.pt) * g.W + lo * g.sw + kw * g.dw - g.pl
             for ci in range(g.Cg):
-                dst = pack + (ti * g.Cg + ci) * nr + lane
                 if lo > c:
-                    memset(dst, 0, (lo - c) * sizeof(floating))
-                if hi - lo == nr and g.sw == 1:
-                    if floating is float:
-                        dilconv_copy_block_f(img + ci * plane + src_off, dst)
-                    else:
-                        dilconv_copy_block_d(img + ci * plane + src_off, dst)
-                elif hi > lo:
-                    gather(hi - lo, img + ci * plane + src_off, g.sw, dst + lo - c)
+                    put(NULL, 0, lo - c, q, ti * g.Cg + ci, depth, pack)
+                put(img + ci * plane + row_off, g.sw, hi - lo, q + lo - c, ti * g.Cg + ci,
+                    depth, pack)
                 if hi < c + run:
-                    memset(dst + hi - c, 0, (c + run - hi) * sizeof(floating))
-            lane = lane + run
+                    put(NULL, 0, c + run - hi, q + hi - c, ti * g.Cg + ci, depth, pack)
             q = q + run
+            rr = rr + 1
+            c = c0
         if valid < nr:
             for ci in range(g.Cg):
-                memset(pack + (ti * g.Cg + ci) * nr + valid, 0, (nr - valid) * sizeof(floating))
+                memset(pack + last + (ti * g.Cg + ci) * nr + valid, 0,
+                       (nr - valid) * sizeof(floating))
+
+
+cdef inline void put(const floating* src, Py_ssize_t step, Py_ssize_t count, Py_ssize_t q,
+                     Py_ssize_t k, Py_ssize_t depth, floating* pack) noexcept nogil:
+    """Pixels q .. q+count-1 of sum index k into their panels (pack[panel][k][lane] with
+    panel, lane = divmod(q, NR)) from src[0], src[step], ... (zeros if src is NULL)."""
+    cdef Py_ssize_t nr = block_pixels(pack)
+    cdef Py_ssize_t lane = q % nr, run, j = 0
+    cdef floating* dst = pack + (q // nr) * depth * nr + k * nr
+    while j < count:
+        run = min(nr - lane, count - j)
+        if src == NULL:
+            memset(dst + lane, 0, run * sizeof(floating))
+        elif run == nr and step == 1:
+            if floating is float:
+                dilconv_copy_block_f(src + j, dst)
+            else:
+                dilconv_copy_block_d(src + j, dst)
+        else:
+            gather(run, src + j * step, step, dst + lane)
+        j = j + run
+        lane = lane + run
+        if lane == nr:
+            lane = 0
+            dst = dst + depth * nr
 
 
 cdef void _blocks(const floating[:, :, :, :, ::1] wp, const floating[:, :, ::1] bp,
@@ -278,13 +304,14 @@ def pack_weights(const floating[:, :, :, :] w, const floating[:] bias,
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
             const floating[:, :, ::1] bp, floating[:, :, :, ::1] out,
             const Py_ssize_t[:, ::1] tiles, bint zero_fill, floating[:, ::1] scratch,
-            Py_ssize_t[:, ::1] tap_scratch, Py_ssize_t in_place_bytes, spec, int n_threads):
+            Py_ssize_t[:, ::1] tap_scratch, Py_ssize_t in_place_bytes, Py_ssize_t group,
+            spec, int n_threads):
     """conv2d into `out`. `wp` is the weight packed as (groups, ceil(O/g / MR), kH*kW,
     C/g, MR), `bp` the bias as (groups, blocks, MR), both zero past O/g; `tiles` are
     aligned with the tap ranges (of the rows only with `zero_fill`, where column taps
     read zeros in the padding: finite weights only); `scratch` is (threads, panels * NR
-    * kH*kW * C/g + MR*NR) (one packed panel and one block); `tap_scratch` is (threads,
-    4 * kH*kW). Unit-stride blocks whose reads take at most `in_place_bytes`
+    * kH*kW * C/g * group + MR*NR) (`group` packed panels and one block); `tap_scratch` is
+    (threads, 4 * kH*kW). Unit-stride blocks whose reads take at most `in_place_bytes`
     read the image in place."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
@@ -297,7 +324,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
             _forward_tile(x, wp, bp, out, tiles, g, task, &scratch[tid, 0],
                           &scratch[tid, block_offset],
                           &tap_scratch[tid, 0], &tap_scratch[tid, g.kH * g.kW],
-                          zero_fill, in_place_bytes)
+                          zero_fill, in_place_bytes, group)
 
 
 cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)
