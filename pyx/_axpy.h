@@ -15,8 +15,38 @@ static inline void dilconv_axpy_d(ptrdiff_t n, double w, const double *restrict 
     for (ptrdiff_t i = 0; i < n; i++) y[i] += w * x[i];
 }
 
-/* sum a[i] * b[i]: eight partial sums in a fixed order (one vector register), so the loop
-   vectorises and the result does not depend on anything but n and the data. */
+/* sum a[i] * b[i] in a fixed order, so the result depends on nothing but n and the data:
+   with vector extensions, four vector accumulators (one would wait on its own
+   multiply-adds) and a fixed tree; otherwise eight partial sums, which compilers
+   vectorise into one register. */
+#if defined(__GNUC__) || defined(__clang__)
+#if defined(__AVX__)
+#define DILCONV_DOT_VEC 32
+#else
+#define DILCONV_DOT_VEC 16
+#endif
+#define DILCONV_DOT(NAME, T)                                                   \
+typedef T NAME##_v __attribute__((vector_size(DILCONV_DOT_VEC)));              \
+typedef T NAME##_vu __attribute__((vector_size(DILCONV_DOT_VEC),               \
+                                   aligned(sizeof(T)), may_alias));            \
+static inline T NAME(ptrdiff_t n, const T *restrict a, const T *restrict b) {  \
+    enum { L = DILCONV_DOT_VEC / sizeof(T) };                                  \
+    NAME##_v acc[4] = {{0}, {0}, {0}, {0}};                                    \
+    ptrdiff_t i = 0;                                                           \
+    for (; i + 4 * L <= n; i += 4 * L)                                         \
+        for (int v = 0; v < 4; v++)                                            \
+            acc[v] += *(const NAME##_vu *)(a + i + v * L)                      \
+                      * *(const NAME##_vu *)(b + i + v * L);                   \
+    for (; i + L <= n; i += L)                                                 \
+        acc[0] += *(const NAME##_vu *)(a + i) * *(const NAME##_vu *)(b + i);   \
+    T tail = 0;                                                                \
+    for (; i < n; i++) tail += a[i] * b[i];                                    \
+    acc[0] = (acc[0] + acc[1]) + (acc[2] + acc[3]);                            \
+    T sum = 0;                                                                 \
+    for (int l = 0; l < L; l++) sum += acc[0][l];                              \
+    return sum + tail;                                                         \
+}
+#else
 #define DILCONV_DOT(NAME, T)                                                   \
 static inline T NAME(ptrdiff_t n, const T *restrict a, const T *restrict b) {  \
     T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                      \
@@ -28,6 +58,7 @@ static inline T NAME(ptrdiff_t n, const T *restrict a, const T *restrict b) {  \
     return (((part[0] + part[1]) + (part[2] + part[3]))                        \
             + ((part[4] + part[5]) + (part[6] + part[7]))) + tail;             \
 }
+#endif
 DILCONV_DOT(dilconv_dot_f, float)
 DILCONV_DOT(dilconv_dot_d, double)
 
