@@ -23,6 +23,7 @@ to reach every path); a forced "flat" or "depthwise" where it does not apply run
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -120,14 +121,17 @@ def _range_edges(lo: np.ndarray, hi: np.ndarray, size: int) -> list:
     return sorted(inner | {0, size})
 
 
+@functools.lru_cache(maxsize=256)
 def aligned_tiles(spec, target: int, zero_fill: bool = False) -> np.ndarray:
     """Tiles (r0, r1, c0, c1) of about `target` pixels, none crossing a tap range end (of
-    the row taps only, with `zero_fill`: column taps then read zeros in the padding)."""
+    the row taps only, with `zero_fill`: column taps then read zeros in the padding).
+    Remembered per geometry (layers call with the same one again and again): read-only."""
     rows = _range_edges(spec.oh_lo, spec.oh_hi, spec.ho)
     cols = [0, spec.wo] if zero_fill else _range_edges(spec.ow_lo, spec.ow_hi, spec.wo)
-    tiles = [tile for a, b in zip(rows, rows[1:]) for c, d in zip(cols, cols[1:])
-             for tile in _rect_tiles(a, b, c, d, target)]
-    return np.array(tiles, dtype=np.intp)
+    tiles = np.array([tile for a, b in zip(rows, rows[1:]) for c, d in zip(cols, cols[1:])
+                      for tile in _rect_tiles(a, b, c, d, target)], dtype=np.intp)
+    tiles.flags.writeable = False
+    return tiles
 
 
 # Waking a second OpenMP thread costs microseconds (milliseconds on a busy machine): each
@@ -308,6 +312,7 @@ def pack_panel_weights(weight, bias, spec):
     return wp, bp
 
 
+@functools.lru_cache(maxsize=256)
 def zero_filled_columns(spec) -> float:
     """Multiply-adds on zeros per useful one when tiles span whole output rows: a column
     tap partly in the padding then reads zeros there."""
