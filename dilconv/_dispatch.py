@@ -64,8 +64,8 @@ def force_path(path):
 
 
 def choose_path(spec, op: str = "forward") -> str:
-    """Kernel family for `op` ('forward', or 'backward' for the input and weight
-    gradients) on this geometry."""
+    """Kernel family for `op` on this geometry: 'forward', 'grad_input', or 'backward'
+    (the weight gradient)."""
     fits_blas = _fits_blas(spec)
     forced = _forced or os.environ.get("DILCONV_PATH") or None
     if forced is not None:
@@ -80,8 +80,15 @@ def choose_path(spec, op: str = "forward") -> str:
         if cg * og >= 32:
             return "panel"
         return "flat" if spec.stride == (1, 1) else "direct"
+    # At unit stride the input gradient is a forward convolution over the output
+    # channels: enough of them make it a panel forward, however few input channels.
+    if op == "grad_input" and spec.stride == (1, 1) and og >= PANEL_GRAD_INPUT_MIN_CHANNELS:
+        return "panel"
     # Gradient blocks run over input channels: with only a few, direct loops win.
     return "panel" if cg >= 16 and og >= 8 else "direct"
+
+
+PANEL_GRAD_INPUT_MIN_CHANNELS = 16
 
 
 def _fits_blas(spec) -> bool:
@@ -294,8 +301,10 @@ PANEL_PACK_BYTES = 1024 * 1024
 PANEL_MIN_PIXELS = 256
 # Panels are packed in groups of about this many bytes, just before their blocks run.
 PANEL_GROUP_BYTES = 128 * 1024
-# Unit-stride blocks read the image in place when one block reads at most this many bytes.
+# Unit-stride blocks read the image in place when one block reads at most this many bytes,
+# or at any depth when there are at most this many blocks of output channels.
 PANEL_IN_PLACE_BYTES = 4 * 1024
+PANEL_IN_PLACE_MAX_BLOCKS = 2
 # Panel tiles are cut at the column taps' range ends too, unless not cutting them
 # multiplies at most this many zeros per useful multiply-add (border columns).
 PANEL_ZERO_FILL_MAX = 0.1
@@ -331,6 +340,14 @@ def _panel_forward(x, weight, bias, out, spec) -> None:
     # where few zeros are multiplied (with none, the tiles are whole rows anyway).
     zeros = zero_filled_columns(spec)
     zero_fill = 0 < zeros <= PANEL_ZERO_FILL_MAX and bool(np.isfinite(weight).all())
+    # A packed panel serves every block of MR output channels: for one or two blocks it
+    # does not pay, and unit-stride blocks read the image in place at any depth (in
+    # tiles cut at the column taps' range ends).
+    in_place_bytes = PANEL_IN_PLACE_BYTES
+    blocks = -(-(spec.o // spec.groups) // _panel.MR)
+    if spec.stride[1] == 1 and blocks <= PANEL_IN_PLACE_MAX_BLOCKS:
+        in_place_bytes = max(in_place_bytes, depth * _panel.BLOCK_NBYTES)
+        zero_fill = False
     tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, max(nr, target - target % nr)), zero_fill)
     threads = _threads(spec, spec.n * spec.groups * len(tiles))
     group = max(1, PANEL_GROUP_BYTES // (_panel.BLOCK_NBYTES * depth))
@@ -338,7 +355,7 @@ def _panel_forward(x, weight, bias, out, spec) -> None:
     tap_scratch = np.empty((threads, 4 * spec.kh * spec.kw), dtype=np.intp)
     wp, bp = pack_panel_weights(weight, bias, spec)
     _panel.forward(x, wp, bp, out, tiles, zero_fill, scratch, tap_scratch,
-                   PANEL_IN_PLACE_BYTES, group, spec, threads)
+                   in_place_bytes, group, spec, threads)
 
 
 def transposed_spec(spec):
@@ -365,7 +382,7 @@ def transposed_weight(weight, spec):
 
 
 def grad_input(grad_output, weight, grad_x, spec) -> None:
-    path = choose_path(spec, "backward")
+    path = choose_path(spec, "grad_input")
     spec_t = transposed_spec(spec) if path == "panel" else None
     if spec_t is not None:
         # Unit stride: grad_input is the forward convolution of grad_output with the

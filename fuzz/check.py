@@ -75,7 +75,7 @@ KNOBS = {"tile_pixels": ("MIN_TILE_PIXELS", "MAX_TILE_PIXELS", "FLAT_SPAN_ELEMEN
                         "DEPTHWISE_TASK_PIXELS"),
          "min_macs_per_thread": ("MIN_MACS_PER_THREAD",),
          "kw_group_below_channels": ("KW_GROUP_BELOW_CHANNELS",),
-         "panel_in_place_bytes": ("PANEL_IN_PLACE_BYTES",),
+         "panel_in_place_bytes": ("PANEL_IN_PLACE_BYTES", "PANEL_IN_PLACE_MAX_BLOCKS"),
          "panel_zero_fill_max": ("PANEL_ZERO_FILL_MAX",),
          "panel_group_bytes": ("PANEL_GROUP_BYTES",)}
 

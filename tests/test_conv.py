@@ -85,6 +85,13 @@ def test_dispatch_picks_panel_for_many_channels_and_flat_or_direct_for_few():
     assert choose_path(many, "backward") == "panel"
     assert choose_path(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 1, 1, 1, 4)) == "flat"
     assert choose_path(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 2, 1, 1, 4)) == "direct"
+    # Few input channels: the weight gradient loops directly, while the input gradient
+    # (a forward over the many output channels at unit stride) is a panel forward.
+    stem = make_spec((1, 3, 32, 32), (16, 3, 3, 3), 1, 0, 2, 1)
+    assert choose_path(stem, "backward") == "direct"
+    assert choose_path(stem, "grad_input") == "panel"
+    assert choose_path(make_spec((1, 3, 32, 32), (16, 3, 3, 3), 2, 0, 2, 1),
+                       "grad_input") == "direct"
     with force_path("direct"):
         assert choose_path(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "direct"
     with pytest.raises(ValueError, match="path"):
