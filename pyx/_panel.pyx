@@ -183,12 +183,13 @@ cdef void _pack_panels(const floating* img, Geom g, const Py_ssize_t* taps,
     """Tile pixels q0 .. q0+count-1 of every sum index k (tap taps[k // Cg], channel
     k % Cg of the group whose first channel is img) into pack[panel][k][lane], with
     panel, lane = divmod(q - q0, NR): zero where the tap is in the padding, and in the
-    last panel's lanes past `count`. Each index copies a whole run of a row at once: one
-    at a time per index, channel planes a power of two apart evict each other from
-    cache."""
+    last panel's lanes past `count`. Index by index, each copying whole runs of rows:
+    one block of every index in turn would read all channel planes at once, and planes a
+    power of two apart evict each other from cache."""
     cdef Py_ssize_t nr = block_pixels(pack), plane = g.H * g.W
-    cdef Py_ssize_t ti, ci, kh, kw, q, rr, c, run, lo, hi, row_off
-    cdef Py_ssize_t last = (count - 1) // nr * depth * nr, valid = count - (count - 1) // nr * nr
+    cdef Py_ssize_t ti, ci, k, kh, kw, q, rr, c, run, lo, hi, row_off
+    cdef Py_ssize_t panels = (count + nr - 1) // nr, valid = count - (panels - 1) * nr
+    cdef Py_ssize_t last = (panels - 1) * depth * nr
     for ti in range(n_taps):
         kh = taps[ti] // g.kW
         kw = taps[ti] % g.kW
@@ -200,14 +201,17 @@ cdef void _pack_panels(const floating* img, Geom g, const Py_ssize_t* taps,
             run = min((c0 + tw) - c, count - q)
             lo = min(max(g.ow_lo[kw], c), c + run)
             hi = max(min(g.ow_hi[kw], c + run), lo)
-            row_off = ((r0 + rr) * g.sh + kh * g.dh - g.pt) * g.W + lo * g.sw + kw * g.dw - g.pl
+            row_off = (((r0 + rr) * g.sh + kh * g.dh - g.pt) * g.W
+                       + lo * g.sw + kw * g.dw - g.pl)
             for ci in range(g.Cg):
+                k = ti * g.Cg + ci
                 if lo > c:
-                    put(NULL, 0, lo - c, q, ti * g.Cg + ci, depth, pack)
-                put(img + ci * plane + row_off, g.sw, hi - lo, q + lo - c, ti * g.Cg + ci,
-                    depth, pack)
+                    pack_run(NULL, 0, lo - c, q, k, depth, pack)
+                if hi > lo:
+                    pack_run(img + ci * plane + row_off, g.sw, hi - lo, q + lo - c, k, depth,
+                             pack)
                 if hi < c + run:
-                    put(NULL, 0, c + run - hi, q + hi - c, ti * g.Cg + ci, depth, pack)
+                    pack_run(NULL, 0, c + run - hi, q + hi - c, k, depth, pack)
             q = q + run
             rr = rr + 1
             c = c0
@@ -217,8 +221,9 @@ cdef void _pack_panels(const floating* img, Geom g, const Py_ssize_t* taps,
                        (nr - valid) * sizeof(floating))
 
 
-cdef inline void put(const floating* src, Py_ssize_t step, Py_ssize_t count, Py_ssize_t q,
-                     Py_ssize_t k, Py_ssize_t depth, floating* pack) noexcept nogil:
+cdef inline void pack_run(const floating* src, Py_ssize_t step, Py_ssize_t count,
+                          Py_ssize_t q, Py_ssize_t k, Py_ssize_t depth,
+                          floating* pack) noexcept nogil:
     """Pixels q .. q+count-1 of sum index k into their panels (pack[panel][k][lane] with
     panel, lane = divmod(q, NR)) from src[0], src[step], ... (zeros if src is NULL)."""
     cdef Py_ssize_t nr = block_pixels(pack)
