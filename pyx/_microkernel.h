@@ -157,8 +157,43 @@ static inline void NAME(const T *src, T *dst) {                                 
 static inline void NAME(const T *src, T *dst) { memcpy(dst, src, DILCONV_BLOCK_BYTES); }
 #endif
 
+/* One block of pixels from every other value (stride 2): whole-vector shuffles, where a
+   loop over a run of any length pays its tail and set-up on every block. */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define DILCONV_HAS_SHUFFLE 1
+#endif
+#endif
+#if DILCONV_VEC_BYTES == 32
+#define DILCONV_EVEN_F 0, 2, 4, 6, 8, 10, 12, 14
+#define DILCONV_EVEN_D 0, 2, 4, 6
+#else
+#define DILCONV_EVEN_F 0, 2, 4, 6
+#define DILCONV_EVEN_D 0, 2
+#endif
+#if defined(DILCONV_HAS_SHUFFLE)
+#define DILCONV_GATHER2_BLOCK(NAME, T, EVEN)                                              \
+typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC_BYTES), aligned(sizeof(T)),  \
+                                   may_alias));                                          \
+static inline void NAME(const T *src, T *dst) {                                          \
+    enum { L = DILCONV_VEC_BYTES / sizeof(T), NV = DILCONV_BLOCK_BYTES / DILCONV_VEC_BYTES }; \
+    for (int i = 0; i < NV; i++) {                                                       \
+        NAME##_vu lo = *(const NAME##_vu *)(src + 2 * i * L);                            \
+        NAME##_vu hi = *(const NAME##_vu *)(src + 2 * i * L + L);                        \
+        *(NAME##_vu *)(dst + i * L) = __builtin_shufflevector(lo, hi, EVEN);             \
+    }                                                                                    \
+}
+#else
+#define DILCONV_GATHER2_BLOCK(NAME, T, EVEN)                                              \
+static inline void NAME(const T *restrict src, T *restrict dst) {                        \
+    for (int i = 0; i < DILCONV_NR(T); i++) dst[i] = src[2 * i];                          \
+}
+#endif
+
 DILCONV_UKR(dilconv_ukr_f, float)
 DILCONV_UKR(dilconv_ukr_d, double)
 DILCONV_COPY_BLOCK(dilconv_copy_block_f, float)
 DILCONV_COPY_BLOCK(dilconv_copy_block_d, double)
+DILCONV_GATHER2_BLOCK(dilconv_gather2_block_f, float, DILCONV_EVEN_F)
+DILCONV_GATHER2_BLOCK(dilconv_gather2_block_d, double, DILCONV_EVEN_D)
 #endif

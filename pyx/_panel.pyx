@@ -43,6 +43,8 @@ cdef extern from "_microkernel.h":
                               Py_ssize_t n) noexcept nogil
     void dilconv_copy_block_f(const float* src, float* dst) noexcept nogil
     void dilconv_copy_block_d(const double* src, double* dst) noexcept nogil
+    void dilconv_gather2_block_f(const float* src, float* dst) noexcept nogil
+    void dilconv_gather2_block_d(const double* src, double* dst) noexcept nogil
 
 MR = DILCONV_MR
 
@@ -238,6 +240,11 @@ cdef inline void pack_run(const floating* src, Py_ssize_t step, Py_ssize_t count
                 dilconv_copy_block_f(src + j, dst)
             else:
                 dilconv_copy_block_d(src + j, dst)
+        elif run == nr and step == 2:
+            if floating is float:
+                dilconv_gather2_block_f(src + 2 * j, dst)
+            else:
+                dilconv_gather2_block_d(src + 2 * j, dst)
         else:
             gather(run, src + j * step, step, dst + lane)
         j = j + run
