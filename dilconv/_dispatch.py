@@ -411,7 +411,7 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
 # Weight-gradient tiles of the panel path: their packed input stays within this (in L1/L2),
 # and a task's output channels of grad_output (in L2 across the taps) within this many.
 PANEL_GRAD_WEIGHT_PACK_BYTES = 64 * 1024
-PANEL_GRAD_WEIGHT_O_CHUNK = 64
+PANEL_GRAD_WEIGHT_O_CHUNK = 128
 
 
 def _panel_grad_weight(grad_output, x, grad_w, spec) -> None:
