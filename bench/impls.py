@@ -135,7 +135,11 @@ class Dilconv(Impl):
                                                 *args)), None
 
     def info(self, case, op):
-        return {"path": choose_path(case.spec, op)}
+        if op == "forward":
+            return {"path": choose_path(case.spec)}
+        # The input and the weight gradient may take different kernel families.
+        paths = [choose_path(case.spec, "grad_input"), choose_path(case.spec, "backward")]
+        return {"path": paths[0] if paths[0] == paths[1] else "+".join(paths)}
 
 
 class NumpyIm2col(Impl):
