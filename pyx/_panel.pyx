@@ -321,10 +321,10 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
     """conv2d into `out`. `wp` is the weight packed as (groups, ceil(O/g / MR), kH*kW,
     C/g, MR), `bp` the bias as (groups, blocks, MR), both zero past O/g; `tiles` are
     aligned with the tap ranges (of the rows only with `zero_fill`, where column taps
-    read zeros in the padding: finite weights only); `scratch` is (threads, panels * NR
-    * kH*kW * C/g * group + MR*NR) (`group` packed panels and one block); `tap_scratch` is
-    (threads, 4 * kH*kW). Unit-stride blocks whose reads take at most `in_place_bytes`
-    read the image in place."""
+    read zeros in the padding: finite weights only); `group` panels are packed at a time;
+    `scratch` is (threads, group * NR * kH*kW * C/g + MR*NR) (the packed panels and one
+    block); `tap_scratch` is (threads, 4 * kH*kW). Unit-stride blocks whose reads take at
+    most `in_place_bytes` read the image in place."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t task, tid
