@@ -6,10 +6,11 @@ every tap reads the image for all of its pixels or for none: a tile sums exactly
 in the image, with no zero padding and no bounds tests (where border columns are thin and
 the weights finite, the caller may cut along rows only: column taps then read zeros). A
 tile is computed NR pixels at a time: their input pixels, for all of the taps and
-channels, are packed into a per-thread panel (or, at unit stride with few terms, read in
-place), and the micro-kernel (pyx/_microkernel.h) holds MR output channels x NR pixels in
-registers over the whole sum, once per block of MR output channels, while the panel is
-still in cache. Each output is written once. Every output sums its taps and channels
+channels, form a panel, packed per thread a group of panels at a time just before use
+(or, at unit stride with few terms or few output channels, read in place), and the
+micro-kernel (pyx/_microkernel.h) holds MR output channels x NR pixels in registers over
+the whole sum, once per block of MR output channels, while the panel is still in cache.
+Each output is written once. Every output sums its taps and channels
 in one fixed order, so results are bitwise identical for any thread count (and tasks,
 which own their outputs, are handed out dynamically: tiles differ in size). The weight
 gradient runs on the same micro-kernel, with pixels as the terms of its sums.
