@@ -4,6 +4,7 @@
 #ifndef DILCONV_AXPY_H
 #define DILCONV_AXPY_H
 #include <stddef.h>
+#include "_vec.h"
 
 static inline void dilconv_axpy_f(ptrdiff_t n, float w, const float *restrict x,
                                   float *restrict y) {
@@ -20,17 +21,12 @@ static inline void dilconv_axpy_d(ptrdiff_t n, double w, const double *restrict 
    multiply-adds) and a fixed tree; otherwise eight partial sums, which compilers
    vectorise into one register. */
 #if defined(__GNUC__) || defined(__clang__)
-#if defined(__AVX__)
-#define DILCONV_DOT_VEC 32
-#else
-#define DILCONV_DOT_VEC 16
-#endif
 #define DILCONV_DOT(NAME, T)                                                   \
-typedef T NAME##_v __attribute__((vector_size(DILCONV_DOT_VEC)));              \
-typedef T NAME##_vu __attribute__((vector_size(DILCONV_DOT_VEC),               \
+typedef T NAME##_v __attribute__((vector_size(DILCONV_VEC_BYTES)));              \
+typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC_BYTES),               \
                                    aligned(sizeof(T)), may_alias));            \
 static inline T NAME(ptrdiff_t n, const T *restrict a, const T *restrict b) {  \
-    enum { L = DILCONV_DOT_VEC / sizeof(T) };                                  \
+    enum { L = DILCONV_VEC_BYTES / sizeof(T) };                                  \
     NAME##_v acc[4] = {{0}, {0}, {0}, {0}};                                    \
     ptrdiff_t i = 0;                                                           \
     for (; i + 4 * L <= n; i += 4 * L)                                         \

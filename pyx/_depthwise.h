@@ -13,14 +13,7 @@
 #ifndef DILCONV_DEPTHWISE_H
 #define DILCONV_DEPTHWISE_H
 #include <stddef.h>
-
-/* Vector bytes: 32 where AVX is enabled; else 16 (SSE, NEON), since wider vectors than
-   the target has are emulated slowly. */
-#if defined(__AVX__)
-#define DILCONV_DW_VEC 32
-#else
-#define DILCONV_DW_VEC 16
-#endif
+#include "_vec.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 /* GCC/Clang vector types: gcc left plain loops over a block scalar or vectorised them
@@ -95,16 +88,16 @@ static inline void NAME(const T *restrict x, ptrdiff_t x_next, ptrdiff_t x_row, 
    recomputes some outputs (same sums, stored again). Runs shorter than a vector take half
    vectors the same way, or single outputs. */
 #define DILCONV_DW_ROWS(NAME, T, R)                                                 \
-DILCONV_DW_BLOCK(NAME##_v4, T, DILCONV_DW_VEC, R, 4)                                              \
-DILCONV_DW_BLOCK(NAME##_v3, T, DILCONV_DW_VEC, R, 3)                                              \
-DILCONV_DW_BLOCK(NAME##_v2, T, DILCONV_DW_VEC, R, 2)                                              \
-DILCONV_DW_BLOCK(NAME##_v1, T, DILCONV_DW_VEC, R, 1)                                              \
-DILCONV_DW_BLOCK(NAME##_half, T, DILCONV_DW_VEC / 2, R, 1)                                            \
+DILCONV_DW_BLOCK(NAME##_v4, T, DILCONV_VEC_BYTES, R, 4)                                              \
+DILCONV_DW_BLOCK(NAME##_v3, T, DILCONV_VEC_BYTES, R, 3)                                              \
+DILCONV_DW_BLOCK(NAME##_v2, T, DILCONV_VEC_BYTES, R, 2)                                              \
+DILCONV_DW_BLOCK(NAME##_v1, T, DILCONV_VEC_BYTES, R, 1)                                              \
+DILCONV_DW_BLOCK(NAME##_half, T, DILCONV_VEC_BYTES / 2, R, 1)                                            \
 DILCONV_DW_ONE(NAME##_one, T, R)                                                      \
 static inline void NAME(ptrdiff_t n, const T *x, ptrdiff_t x_next, ptrdiff_t x_row,   \
                         ptrdiff_t nh, ptrdiff_t dw, ptrdiff_t sw, const T *w,         \
                         ptrdiff_t w_row, ptrdiff_t nk, T b, T *y, ptrdiff_t y_next) { \
-    const ptrdiff_t lanes = DILCONV_DW_VEC / sizeof(T), half = lanes / 2;                         \
+    const ptrdiff_t lanes = DILCONV_VEC_BYTES / sizeof(T), half = lanes / 2;                         \
     ptrdiff_t j = 0;                                                                  \
     if (sw == 1 && n >= lanes) {                                                      \
         for (; j + 4 * lanes <= n; j += 4 * lanes)                                    \

@@ -17,15 +17,11 @@
 #ifndef DILCONV_MICROKERNEL_H
 #define DILCONV_MICROKERNEL_H
 #include <stddef.h>
+#include "_vec.h"
 
-#if defined(__AVX__)
-#define DILCONV_VEC_BYTES 32
-#define DILCONV_MR 6
-#elif defined(__aarch64__)
-#define DILCONV_VEC_BYTES 16
+#if defined(__AVX__) || defined(__aarch64__)
 #define DILCONV_MR 6
 #else
-#define DILCONV_VEC_BYTES 16
 #define DILCONV_MR 3
 #endif
 #define DILCONV_BLOCK_BYTES 64
@@ -41,10 +37,10 @@ typedef struct {
 } dilconv_terms;
 
 #if defined(__GNUC__) || defined(__clang__)
-/* One body, inlined with constant `packed` and `full`: gcc keeps the accumulators in
-   registers only while the code around them is this plain. Packed A (the forward's
-   weights) is MR values per term, zero past the block's rows, with an MR-value bias:
-   rows past m are then summed like the others. Otherwise rows past m repeat row m-1. */
+/* One body, inlined with a constant `packed`: gcc keeps the accumulators in registers
+   only while the code around them is this plain. Packed A (the forward's weights) is MR
+   values per term, zero past the block's rows, with an MR-value bias: rows past m are
+   then summed like the others. Otherwise rows past m repeat row m-1. */
 #define DILCONV_UKR(NAME, T)                                                              \
 typedef T NAME##_v __attribute__((vector_size(DILCONV_VEC_BYTES)));                       \
 typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC_BYTES), aligned(sizeof(T)),  \
