@@ -334,20 +334,20 @@ def _panel_forward(x, weight, bias, out, spec) -> None:
     nr = _panel.BLOCK_NBYTES // x.dtype.itemsize
     depth = spec.kh * spec.kw * (spec.c // spec.groups)
     target = max(PANEL_MIN_PIXELS, PANEL_PACK_BYTES // x.dtype.itemsize // depth)
-    # Tiles not cut at the column taps' range ends (whole rows, when the rows are short)
-    # store each block straight into the output and pack whole blocks; border columns
-    # then multiply zeros, so only finite weights go that way (0 * inf = nan), and only
-    # where few zeros are multiplied (with none, the tiles are whole rows anyway).
-    zeros = zero_filled_columns(spec)
-    zero_fill = 0 < zeros <= PANEL_ZERO_FILL_MAX and bool(np.isfinite(weight).all())
     # A packed panel serves every block of MR output channels: for one or two blocks it
     # does not pay, and unit-stride blocks read the image in place at any depth (in
     # tiles cut at the column taps' range ends).
     in_place_bytes = PANEL_IN_PLACE_BYTES
     blocks = -(-(spec.o // spec.groups) // _panel.MR)
-    if spec.stride[1] == 1 and blocks <= PANEL_IN_PLACE_MAX_BLOCKS:
+    few_blocks = spec.stride[1] == 1 and blocks <= PANEL_IN_PLACE_MAX_BLOCKS
+    if few_blocks:
         in_place_bytes = max(in_place_bytes, depth * _panel.BLOCK_NBYTES)
-        zero_fill = False
+    # Tiles not cut at the column taps' range ends (whole rows, when the rows are short)
+    # store each block straight into the output and pack whole blocks; border columns
+    # then multiply zeros, so only finite weights go that way (0 * inf = nan), and only
+    # where few zeros are multiplied (with none, the tiles are whole rows anyway).
+    zero_fill = (not few_blocks and 0 < zero_filled_columns(spec) <= PANEL_ZERO_FILL_MAX
+                 and bool(np.isfinite(weight).all()))
     tiles = aligned_tiles(spec, min(MAX_TILE_PIXELS, max(nr, target - target % nr)), zero_fill)
     threads = _threads(spec, spec.n * spec.groups * len(tiles))
     group = max(1, PANEL_GROUP_BYTES // (_panel.BLOCK_NBYTES * depth))
