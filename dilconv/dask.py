@@ -1,6 +1,7 @@
 """dilconv on dask arrays: batches and images larger than memory, on one machine or a cluster.
 
-Optional: needs ``pip install "dilconv[dask]"`` and is never imported by ``import dilconv``.
+Optional (``python -m pip install -e ".[dask]"`` in a clone of the repository: dask,
+distributed and zarr) and never imported by ``import dilconv``.
 
 ``conv2d`` and ``conv2d_backward`` take a ``dask.array.Array`` (N, C, H, W) chunked along the
 batch and/or the spatial axes, and return lazy dask arrays; nothing runs until you call
