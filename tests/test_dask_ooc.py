@@ -93,6 +93,24 @@ def test_memmap_array_reads_and_writes(tmp_path, rng):
     assert dask.base.tokenize(again) == dask.base.tokenize(y)
 
 
+def test_memmap_array_writes_aligned_rows_directly(tmp_path, monkeypatch):
+    """Page-aligned rows (as from the tasks' output buffers) bypass the page cache where
+    the file system allows O_DIRECT; the file is the same either way."""
+    calls = []
+    write = dd._write
+    monkeypatch.setattr(dd, "_write", lambda path, fds, direct, data, at: (
+        calls.append(direct), write(path, fds, direct, data, at)))
+    y = dd.MemmapArray.create_npy(tmp_path / "y.npy", (1, 2, 8, 1024), np.float32)
+    assert y.offset == 4096
+    value = dd._scratch("test", (1, 2, 4, 1024), np.float32)
+    value[...] = np.arange(value.size, dtype=np.float32).reshape(value.shape)
+    y[:, :, 4:8, :] = value
+    assert calls == [bool(dd.DIRECT)] * 2
+    want = np.zeros(y.shape, np.float32)
+    want[:, :, 4:8] = value
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
+
+
 # --- writing blocks straight into the target ----------------------------------------
 
 def _zarr(path, shape, chunks, compressors=None):
