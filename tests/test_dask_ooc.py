@@ -100,9 +100,9 @@ def test_memmap_array_writes_aligned_rows_directly(tmp_path, monkeypatch):
     write = dd._write
     monkeypatch.setattr(dd, "_write", lambda path, fds, direct, data, at: (
         calls.append(direct), write(path, fds, direct, data, at)))
-    y = dd.MemmapArray.create_npy(tmp_path / "y.npy", (1, 2, 8, 1024), np.float32)
+    y = dd.MemmapArray.create_npy(tmp_path / "y.npy", (1, 2, 8, 4096), np.float32)
     assert y.offset == 4096
-    value = dd._scratch("test", (1, 2, 4, 1024), np.float32)
+    value = dd._scratch("test", (1, 2, 4, 4096), np.float32)     # 64 KiB rows
     value[...] = np.arange(value.size, dtype=np.float32).reshape(value.shape)
     y[:, :, 4:8, :] = value
     assert calls == [bool(dd.DIRECT)] * 2
