@@ -8,8 +8,8 @@ compare the CPU it costs with the in-memory call.
 
 The layer is C -> C channels, 3x3, dilation 2, padding 'same', float32 with bias. With
 --chain it is a context module instead: 7 layers of 3x3 convolutions with dilations
-1, 1, 2, 4, 8, 16, 1, 'same', C -> 16 -> ... -> 16 -> C channels, ReLU between layers, in one
-dask graph (only the input and the output are on disk).
+1, 1, 2, 4, 8, 16, 1, 'same', C -> 16 -> ... -> 16 -> C channels, in one dask graph (only
+the input and the output are on disk).
 
 Steps:
 1. write a random input in the format asked for, in a temporary directory: a ``.npy`` file
@@ -49,6 +49,10 @@ KERNEL, DILATION = 3, 2
 CHAIN_DILATIONS = (1, 1, 2, 4, 8, 16, 1)
 CHAIN_HIDDEN = 16
 COMPRESSORS = ("none", "zstd", "blosc")
+# glibc: keep freed blocks for reuse instead of returning them to the OS (and mapping them
+# afresh, a page fault per page, for the next block). dask.distributed's nanny sets
+# MALLOC_TRIM_THRESHOLD_=65536 for its workers, the opposite; --malloc default keeps that.
+MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(32 * MB), "MALLOC_TRIM_THRESHOLD_": str(512 * MB)}
 
 
 # --- the layers --------------------------------------------------------------------------
@@ -77,15 +81,17 @@ def reach(cfg) -> int:
     return sum(d * (KERNEL - 1) // 2 for _, _, d in layers(cfg))
 
 
-def apply(conv, relu, x, cfg, last_out=None):
-    """The run's layers on x with `conv` (dilconv.conv2d or dilconv.dask.conv2d)."""
+def apply(conv, x, cfg, last_out=None):
+    """The run's layers on x with `conv` (dilconv.conv2d or dilconv.dask.conv2d).
+
+    No activation between the layers: in dask an elementwise step makes a second array of
+    every band, which the scheduler holds as long as the convolution's, doubling memory.
+    """
     stack = layers(cfg)
     for i, (w, b, d) in enumerate(stack):
         last = i == len(stack) - 1
         kwargs = {"out": last_out} if last and last_out is not None else {}
         x = conv(x, w, b, dilation=d, padding="same", **kwargs)
-        if not last:
-            x = relu(x)
     return x
 
 
@@ -93,7 +99,7 @@ def in_memory(x, cfg, absolute=False):
     """The in-memory result, or (absolute) the chain of |w| * |x| + |b| for the bound."""
     import dilconv
     if not absolute:
-        return apply(dilconv.conv2d, lambda v: np.maximum(v, 0, out=v), x, cfg)
+        return apply(dilconv.conv2d, x, cfg)
     x = np.abs(x).astype(np.float64)
     for w, b, d in layers(cfg):
         x = dilconv.conv2d(x, np.abs(w).astype(np.float64), np.abs(b).astype(np.float64),
@@ -122,17 +128,23 @@ def create_target(cfg, path, shape):
     if cfg["format"] == "memmap":
         return dilconv.dask.MemmapArray.create_npy(path, shape, np.float32)
     import zarr
+    if cfg.get("store") == "direct":
+        path = dilconv.dask.DirectStore(path)
     compressors = {"none": None,
                    "zstd": zarr.codecs.ZstdCodec(level=1),
                    "blosc": zarr.codecs.BloscCodec(cname="lz4", clevel=5,
                                                    shuffle="bitshuffle")}[cfg["compressor"]]
     zc = cfg["zarr_chunk"]
+    # write_empty_chunks: dense data; zarr's check for chunks equal to the fill value
+    # (a byte-string comparison of every chunk) cost 15% of a copy's CPU.
     return zarr.create_array(path, shape=shape, dtype="float32", overwrite=True,
-                             chunks=(1, shape[1], zc, zc), compressors=compressors)
+                             chunks=(1, shape[1], zc, zc), compressors=compressors,
+                             config={"write_empty_chunks": True})
 
 
 def write_input(cfg, path, shape):
-    target = create_target(cfg, path, shape)
+    # Through the page cache, so the runs read it from memory.
+    target = create_target(dict(cfg, store="local"), path, shape)
     rng = np.random.default_rng(0)
     rows = cfg["zarr_chunk"]
     for r in range(0, shape[2], rows):
@@ -149,7 +161,7 @@ def dask_input(cfg, tasks):
     shape = (1, widest) + tuple(source.shape[2:])
     storage = None if cfg["format"] == "memmap" else source.chunks
     chunks = dilconv.dask.block_chunks(shape, np.float32, cfg["budget_mb"] * MB, tasks=tasks,
-                                       halo=2 * reach(cfg), storage_chunks=storage)
+                                       layers=len(layers(cfg)), storage_chunks=storage)
     chunks = (1, cfg["channels"]) + chunks[2:]
     if cfg["format"] == "memmap":
         return dilconv.dask.from_npy(cfg["input"], chunks=chunks)
@@ -159,9 +171,19 @@ def dask_input(cfg, tasks):
 # --- runs, each in its own process ---------------------------------------------------
 
 def usage():
-    """(CPU seconds, peak RSS MiB) of this process so far (Linux reports KiB)."""
+    """(CPU seconds, peak RSS MiB) of this process so far.
+
+    Peak RSS from /proc's VmHWM, which starts afresh at exec: getrusage's ru_maxrss keeps
+    the parent's peak at fork on Linux, so a child would report at least that.
+    """
     u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime + u.ru_stime, u.ru_maxrss / 1024
+    peak = u.ru_maxrss / 1024                      # KiB on Linux
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        pass
+    return u.ru_utime + u.ru_stime, peak
 
 
 def run_memory(cfg):
@@ -190,7 +212,7 @@ def _graph(cfg, tasks):
     target = create_target(cfg, cfg["output"], x.shape)
     if cfg["kind"] == "copy":
         return da.store(x, target, lock=False, compute=False), x.chunksize
-    return apply(dilconv.dask.conv2d, lambda v: da.maximum(v, 0), x, cfg, target), x.chunksize
+    return apply(dilconv.dask.conv2d, x, cfg, target), x.chunksize
 
 
 def _imports(cfg):
@@ -216,6 +238,9 @@ def run_threads(cfg):
 def run_distributed(cfg):
     import dask
     from distributed import Client, LocalCluster
+    if cfg["malloc"] == "tuned":
+        environ = dask.config.get("distributed.nanny.pre-spawn-environ")
+        dask.config.set({"distributed.nanny.pre-spawn-environ": dict(environ, **MALLOC_TUNED)})
     with LocalCluster(n_workers=cfg["workers"], threads_per_worker=1, processes=True,
                       host="127.0.0.1", dashboard_address=None) as cluster, \
             Client(cluster) as client:
@@ -243,8 +268,9 @@ RUNS = {"memory": run_memory, "threads": run_threads, "distributed": run_distrib
 def in_child(kind, cfg):
     """Run one measurement in a fresh interpreter; its peak RSS is its own."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, **(MALLOC_TUNED if cfg["malloc"] == "tuned" else {}))
     out = subprocess.run([sys.executable, "-m", "bench.dask_ooc", "--child", kind,
-                          json.dumps(cfg)], cwd=root, capture_output=True, text=True)
+                          json.dumps(cfg)], cwd=root, capture_output=True, text=True, env=env)
     if out.returncode:
         sys.exit(f"{kind} run failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -301,7 +327,8 @@ def _remove(path):
 
 def measure(cfg, args, memory):
     """Every out-of-core run of one storage format; prints a line each, returns rows."""
-    label = cfg["format"] + ("" if cfg["format"] == "memmap" else f" {cfg['compressor']}")
+    label = cfg["format"] + ("" if cfg["format"] == "memmap" else
+                             f" {cfg['compressor']} {cfg['store']}")
     suffix = ".npy" if cfg["format"] == "memmap" else ".zarr"
     cfg = dict(cfg, input=os.path.join(cfg["dir"], "input" + suffix),
                output=os.path.join(cfg["dir"], "output" + suffix))
@@ -345,6 +372,13 @@ def main(argv=None):
                         help="zarr compressor(s) (--format zarr)")
     parser.add_argument("--zarr-chunk", type=int, default=512,
                         help="zarr chunks of (1, C, n, n) pixels")
+    parser.add_argument("--zarr-store", nargs="+", choices=("local", "direct"),
+                        default=["local"],
+                        help="output store: zarr's LocalStore, or dilconv.dask.DirectStore "
+                             "(chunks written past the page cache)")
+    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                        help="tuned: glibc keeps freed blocks for reuse (MALLOC_* variables "
+                             "for every process of a run); default: as glibc and dask set it")
     parser.add_argument("--size", type=int, default=16384, help="image height = width")
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--chain", action="store_true",
@@ -376,7 +410,8 @@ def main(argv=None):
         size = fit_to_disk(args.size, args.channels, directory)
         cfg = dict(size=size, channels=args.channels, chain=args.chain, budget_mb=args.budget_mb,
                    fit_size=min(args.fit_size or (2048 if args.chain else 4096), size), threads=args.threads,
-                   zarr_chunk=args.zarr_chunk, dir=directory, kind="conv")
+                   zarr_chunk=args.zarr_chunk, dir=directory, kind="conv",
+                   malloc=args.malloc)
         nbytes = args.channels * size * size * 4
         what = (f"context module {args.channels}->{CHAIN_HIDDEN}->{args.channels} channels, "
                 f"3x3, dilations {CHAIN_DILATIONS}" if args.chain else
@@ -391,7 +426,9 @@ def main(argv=None):
         results = []
         for fmt in args.format:
             for comp in (args.compressor if fmt == "zarr" else ["none"]):
-                results += measure(dict(cfg, format=fmt, compressor=comp), args, reference)
+                for store in (args.zarr_store if fmt == "zarr" else ["-"]):
+                    results += measure(dict(cfg, format=fmt, compressor=comp, store=store),
+                                       args, reference)
         report(memory, results, args)
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -394,7 +394,7 @@ def test_distributed_matches_threads_bitwise(case, client, rng):
 
 @pytest.mark.parametrize("target", ["zarr", "memmap"])
 def test_chain_from_zarr_into_storage_on_two_workers(target, client, rng, tmp_path):
-    """Two layers (ReLU between) in one graph, every block written by the workers."""
+    """Two layers (a ReLU between) in one graph, every block written by the workers."""
     zarr = pytest.importorskip("zarr")
     x = rng.standard_normal((1, 3, 40, 44)).astype(np.float32)
     layers = [(rng.standard_normal((5, 3, 3, 3)).astype(np.float32),

@@ -180,21 +180,21 @@ def test_zarr_round_trip(tmp_path, rng):
 
 # --- block sizes ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape, budget, tasks, halo, storage", [
-    ((1, 4, 16384, 16384), 1024 ** 3, 2, 4, None),
-    ((1, 16, 16384, 16384), 1024 ** 3, 2, 64, None),
-    ((1, 4, 16384, 16384), 1024 ** 3, 2, 4, (1, 4, 512, 512)),
+@pytest.mark.parametrize("shape, budget, tasks, layers, storage", [
+    ((1, 4, 16384, 16384), 1024 ** 3, 2, 1, None),
+    ((1, 16, 16384, 16384), 1024 ** 3, 2, 7, None),
+    ((1, 4, 16384, 16384), 1024 ** 3, 2, 1, (1, 4, 512, 512)),
     ((1, 3, 1000, 700), 64 * 1024 ** 2, 4, 2, (1, 3, 100, 70)),
-    ((1, 8, 50, 30), 1024 ** 3, 1, 0, None),
+    ((1, 8, 50, 30), 1024 ** 3, 1, 1, None),
 ])
-def test_block_chunks_fit_the_budget(shape, budget, tasks, halo, storage):
-    n, c, rows, cols = dd.block_chunks(shape, np.float32, budget, tasks=tasks, halo=halo,
+def test_block_chunks_fit_the_budget(shape, budget, tasks, layers, storage):
+    n, c, rows, cols = dd.block_chunks(shape, np.float32, budget, tasks=tasks, layers=layers,
                                        storage_chunks=storage)
     assert (n, c) == (1, shape[1]) and 1 <= rows <= shape[2] and 1 <= cols <= shape[3]
     block = c * rows * cols * 4
-    assert block <= max(budget // (tasks * dd.BLOCKS_PER_TASK), dd.MAX_BLOCK_BYTES)
-    assert block <= dd.MAX_BLOCK_BYTES or (rows, cols) == shape[2:]
+    alive = tasks * dd.BLOCKS_PER_TASK + (layers - 1) * dd.BLOCKS_PER_LAYER
+    assert block <= min(budget // 2 // alive, dd.MAX_BLOCK_BYTES) or (rows, cols) == shape[2:]
     if storage is not None:
         assert rows % storage[2] == 0 and (cols % storage[3] == 0 or cols == shape[3])
-    if cols < shape[3]:        # tiles only where bands would be thinner than 8 halos
-        assert shape[1] * 8 * halo * shape[3] * 4 > block or storage is not None
+    if cols < shape[3]:        # tiles only where not one band of stored rows fits
+        assert storage is not None and shape[1] * storage[2] * shape[3] * 4 > block
