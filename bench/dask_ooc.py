@@ -52,7 +52,7 @@ COMPRESSORS = ("none", "zstd", "blosc")
 # glibc: keep freed blocks for reuse instead of returning them to the OS (and mapping them
 # afresh, a page fault per page, for the next block). dask.distributed's nanny sets
 # MALLOC_TRIM_THRESHOLD_=65536 for its workers, the opposite; --malloc default keeps that.
-MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(32 * MB), "MALLOC_TRIM_THRESHOLD_": str(512 * MB)}
+MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(32 * MB), "MALLOC_TRIM_THRESHOLD_": str(64 * MB)}
 
 
 # --- the layers --------------------------------------------------------------------------

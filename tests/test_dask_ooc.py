@@ -167,6 +167,20 @@ def test_conv2d_out_rejects(tmp_path, rng):
         dd.conv2d(xd, w, b, **args, out=misaligned)
 
 
+@pytest.mark.parametrize("compressed", [False, True])
+def test_direct_store_is_an_ordinary_zarr_store(tmp_path, rng, compressed):
+    """Chunks written past the page cache (whole 4096-byte blocks direct, the tail of a
+    compressed chunk ordinarily) read back with zarr's own store."""
+    x, w, b, args, expected, bound = _layer(rng)
+    store = dd.DirectStore(str(tmp_path / "y.zarr"))
+    out = zarr.create_array(store, shape=expected.shape, chunks=(1, 4, 32, 32),
+                            dtype="float32",
+                            compressors=zarr.codecs.ZstdCodec(level=1) if compressed else None)
+    dd.conv2d(da.from_array(x, chunks=(1, 3, 32, 32)), w, b, **args, out=out).compute()
+    assert not list(tmp_path.rglob("*.partial"))
+    _within(zarr.open_array(str(tmp_path / "y.zarr"), mode="r")[...], expected, bound)
+
+
 def test_zarr_round_trip(tmp_path, rng):
     """README's example: a zarr store in, a zarr store out."""
     x, w, b, args, expected, bound = _layer(rng)
