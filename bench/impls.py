@@ -14,7 +14,7 @@ import numpy as np
 
 import dilconv
 from dilconv import reference, tolerance
-from dilconv._dispatch import choose_path
+from dilconv._dispatch import select
 
 from . import im2col
 
@@ -136,9 +136,9 @@ class Dilconv(Impl):
 
     def info(self, case, op):
         if op == "forward":
-            return {"path": choose_path(case.spec)}
+            return {"path": select(case.spec, "forward", case.weight)}
         # The input and the weight gradient may take different kernel families.
-        paths = [choose_path(case.spec, "grad_input"), choose_path(case.spec, "backward")]
+        paths = [select(case.spec, "grad_input"), select(case.spec, "grad_weight")]
         return {"path": paths[0] if paths[0] == paths[1] else "+".join(paths)}
 
 

@@ -111,7 +111,7 @@ def environment() -> dict:
             "cpu_count": os.cpu_count(), "omp_threads": get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "padding_modes_supported": supported_modes(),
-            "dispatch_knobs": check.available_knobs()}
+            "tuning_knobs": check.available_knobs()}
 
 
 def supported_modes() -> list:

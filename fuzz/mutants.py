@@ -224,7 +224,7 @@ class DirectDropsLastColumn(Mutant):
 
     def forward(self, call, mode):
         y = real_forward(call, mode)
-        if _dispatch.choose_path(call.spec) == "direct" and y.shape[-1] > 1:
+        if _dispatch.select(call.spec, "forward", call.weight) == "direct" and y.shape[-1] > 1:
             y[..., -1] = 0
         return y
 
@@ -234,7 +234,7 @@ class FlatDropsFirstRow(Mutant):
 
     def forward(self, call, mode):
         y = real_forward(call, mode)
-        if _dispatch.choose_path(call.spec) == "flat" and call.spec.stride == (1, 1):
+        if _dispatch.select(call.spec, "forward", call.weight) == "flat":
             y[..., 0, :] = 0
         return y
 
@@ -245,7 +245,7 @@ class DepthwiseDropsSecondRows(Mutant):
     def forward(self, call, mode):
         y = real_forward(call, mode)
         spec = call.spec
-        if _dispatch.choose_path(spec) == "depthwise" and spec.c == spec.groups:
+        if _dispatch.select(spec, "forward", call.weight) == "depthwise":
             y[..., 1::2, -1] = 0
         return y
 
@@ -254,7 +254,7 @@ class GemmIgnoresBias(Mutant):
     description = "gemm path only: bias ignored (forward)"
 
     def forward(self, call, mode):
-        if _dispatch.choose_path(call.spec) == "gemm":
+        if _dispatch.select(call.spec, "forward", call.weight) == "gemm":
             return real_forward(call, mode, bias=None)
         return real_forward(call, mode)
 
@@ -263,7 +263,8 @@ class PanelSkipsLastTap(Mutant):
     description = "panel path only: the last kernel tap left out (forward)"
 
     def forward(self, call, mode):
-        if _dispatch.choose_path(call.spec) == "panel" and call.weight.shape[-1] > 1:
+        if (_dispatch.select(call.spec, "forward", call.weight) == "panel"
+                and call.weight.shape[-1] > 1):
             weight = call.weight.copy()
             weight[..., -1, -1] = 0
             return real_forward(call, mode, weight=weight)

@@ -62,16 +62,18 @@ def test_fold_is_the_adjoint_of_numpy_pad(mode, rng):
     np.testing.assert_allclose(np.vdot(padded, g), np.vdot(x, folded), rtol=1e-12)
 
 
-def test_dispatch_knobs_split_small_planes_and_are_restored():
-    from dilconv import _dispatch
-    assert set(check.available_knobs()) == {n for names in check.KNOBS.values() for n in names}
-    before = len(_dispatch.plane_tiles(10, 9, 4)), _dispatch.MIN_MACS_PER_THREAD
-    with check.dispatch_knobs({"tile_pixels": 7, "min_macs_per_thread": 1}):
-        tiles = _dispatch.plane_tiles(10, 9, 4)
+def test_case_knobs_split_small_planes_and_are_restored():
+    from dilconv import _gemm, _tuning
+    assert set(check.available_knobs()) <= set(_tuning.KNOBS)
+    before = len(_gemm.plane_tiles(10, 9, 4, _tuning.current())), _tuning.current()
+    with check.case_tuning({"tile_pixels": 7, "min_macs_per_thread": 1, "path": "gemm"}):
+        knobs = _tuning.current()
+        tiles = _gemm.plane_tiles(10, 9, 4, knobs)
         covered = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in tiles)
         assert len(tiles) > before[0] and covered == 90
-        assert _dispatch.FLAT_SPAN_ELEMENTS == 7 and _dispatch.MIN_MACS_PER_THREAD == 1
-    assert (len(_dispatch.plane_tiles(10, 9, 4)), _dispatch.MIN_MACS_PER_THREAD) == before
+        assert (knobs.flat_span_elements, knobs.depthwise_task_pixels, knobs.path,
+                knobs.min_macs_per_thread) == (7, 7, "gemm", 1)
+    assert (len(_gemm.plane_tiles(10, 9, 4, _tuning.current())), _tuning.current()) == before
 
 
 def test_every_invalid_call_raises_a_named_error():

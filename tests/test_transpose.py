@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 import dilconv
-from dilconv._dispatch import PATHS, force_path
+from dilconv._dispatch import PATHS
+from dilconv._tuning import tuning
 from dilconv._validate import padding_amounts
 
 from _helpers import assert_rejects
@@ -42,7 +43,7 @@ def test_matches_oracle(case, bias, dtype, path, rng):
     b = rng.standard_normal(og * groups).astype(dtype) if bias else None
     args = (stride, padding, op, groups, dilation)
     oracle_args = _normalise(case) + (groups,)
-    with force_path(path):
+    with tuning(path=path):
         y = dilconv.conv_transpose2d(x, wt, b, *args)
         assert y.dtype == dtype
         assert_within(y, *transpose_forward(x, wt, b, *oracle_args), dtype, what="forward")

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 with atheris.instrument_imports(include=["dilconv"]):
     import dilconv
     from dilconv import _dispatch, reference, tolerance
+    from dilconv._tuning import tuning
     from dilconv._validate import make_spec
 
 ALLOWED = (ValueError, TypeError, NotImplementedError)
@@ -333,7 +334,7 @@ def TestOneInput(data: bytes):
     path = d.pick([None, None] + list(_dispatch.PATHS))
     STATS["calls"] += 1
     try:
-        with _dispatch.force_path(path):
+        with tuning(path=path):
             if which <= 1:
                 fuzz_conv2d(d, backward=False)
             elif which <= 3:
