@@ -199,15 +199,13 @@ def forward(const floating[:, :, :, ::1] x, weight,
     cdef floating[:, ::1] scratch = np.empty(
         (n_threads, (kw_group * g.Cg + g.Og) * tile_pixels),
         dtype=np.float32 if floating is float else np.float64)
-    cdef Py_ssize_t task, tid
-    cdef floating* pack
+    cdef Py_ssize_t task, tid, tmp = kw_group * g.Cg * tile_pixels
     with blas_single_threaded():
         with nogil, parallel(num_threads=n_threads):
             tid = threadid()
-            pack = &scratch[tid, 0]
             for task in prange(n_tasks, schedule='static'):
-                _forward_tile(x, wt, bias, out, tiles, kw_group, g,
-                              task, pack, pack + kw_group * g.Cg * tile_pixels)
+                _forward_tile(x, wt, bias, out, tiles, kw_group, g, task, &scratch[tid, 0],
+                              &scratch[tid, tmp])
 
 
 cdef inline Py_ssize_t floor_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -287,15 +285,13 @@ def grad_input(const floating[:, :, :, ::1] gy, weight,
     cdef floating[:, ::1] scratch = np.empty(
         (n_threads, (g.Cg + g.Og) * tile_pixels),
         dtype=np.float32 if floating is float else np.float64)
-    cdef Py_ssize_t task, tid
-    cdef floating* pack
+    cdef Py_ssize_t task, tid, tmp = g.Og * tile_pixels
     with blas_single_threaded():
         with nogil, parallel(num_threads=n_threads):
             tid = threadid()
-            pack = &scratch[tid, 0]
             for task in prange(n_tasks, schedule='static'):
-                _grad_input_tile(gy, wt, gx, tiles, g, task,
-                                 pack, pack + g.Og * tile_pixels)
+                _grad_input_tile(gy, wt, gx, tiles, g, task, &scratch[tid, 0],
+                                 &scratch[tid, tmp])
 
 
 cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)
@@ -356,11 +352,9 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
         (n_threads, acc_offset + o_block * g.Cg),
         dtype=np.float32 if floating is float else np.float64)
     cdef Py_ssize_t task, tid
-    cdef floating* pack
     with blas_single_threaded():
         with nogil, parallel(num_threads=n_threads):
             tid = threadid()
-            pack = &scratch[tid, 0]
             for task in prange(n_tasks, schedule='static'):
-                _grad_weight_block(gy, x, gw, tiles, o_block, g,
-                                   task, pack, pack + acc_offset)
+                _grad_weight_block(gy, x, gw, tiles, o_block, g, task, &scratch[tid, 0],
+                                   &scratch[tid, acc_offset])

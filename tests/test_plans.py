@@ -89,19 +89,21 @@ def test_select_falls_back_where_the_forced_family_does_not_apply():
         select(few, "backward")
 
 
-def test_tuning_is_typed_and_rejects_unknown_knobs():
-    with pytest.raises(TypeError, match="max_tile_pixel.*known ones: path"):
-        with tuning(max_tile_pixel=7):
+@pytest.mark.parametrize("knobs, error, match", [
+    ({"max_tile_pixel": 7}, TypeError, "max_tile_pixel.*known ones: path"),
+    ({"max_tile_pixels": "7"}, TypeError, "max_tile_pixels must be an int"),
+    ({"panel_zero_fill_max": None}, TypeError, "panel_zero_fill_max must be a number"),
+    ({"min_macs_per_thread": 0}, ValueError, "min_macs_per_thread must be >= 1"),
+    ({"path": "fast"}, ValueError, "path must be one of"),
+])
+def test_tuning_rejects_unknown_knobs_and_bad_values(knobs, error, match):
+    with pytest.raises(error, match=match):
+        with tuning(**knobs):
             pass
-    with pytest.raises(TypeError, match="max_tile_pixels must be an int"):
-        with tuning(max_tile_pixels="7"):
-            pass
-    with pytest.raises(ValueError, match="min_macs_per_thread must be >= 1"):
-        with tuning(min_macs_per_thread=0):
-            pass
-    with pytest.raises(ValueError, match="path must be one of"):
-        with tuning(path="fast"):
-            pass
+    assert current() == Tuning()
+
+
+def test_tuning_nests_and_is_immutable():
     assert current() == Tuning() and set(KNOBS) == set(Tuning.__dataclass_fields__)
     with tuning(max_tile_pixels=7) as knobs:
         with tuning(path="gemm"):
