@@ -15,7 +15,7 @@ from dilconv._validate import make_spec
 
 from _helpers import backward_bounds, forward_bound
 
-# Entry points of the kernel modules, by the family they belong to.
+# Entry points of the kernel modules dispatch calls, by the family they belong to.
 ENTRIES = {"_forward": ("direct", ("forward",)),
            "_backward": ("direct", ("grad_input", "grad_weight", "grad_bias")),
            "_flat": ("flat", ("forward",)),
@@ -41,7 +41,7 @@ def ran(monkeypatch):
     calls = []
     for module, (family, names) in ENTRIES.items():
         for name in names:
-            monkeypatch.setattr(getattr(dilconv, module), name,
+            monkeypatch.setattr(getattr(_dispatch, module), name,
                                 lambda *a, family=family: calls.append(family))
     return calls
 
