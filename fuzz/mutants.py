@@ -24,7 +24,6 @@ class Mutant:
 
     description = ""
     expect_kind = None          # the failure kind that counts as a kill (None: any)
-    needs_modes = ()            # padding modes the bug lives in (skipped if unsupported)
 
     def conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                padding_mode="zeros", out=None):
@@ -380,7 +379,6 @@ class SegfaultOnWideDilation(Mutant):
 
 class ReflectAsReplicate(Mutant):
     description = "padding_mode='reflect' pads by replicating the edge"
-    needs_modes = ("reflect", "replicate")
 
     def forward(self, call, mode):
         return real_forward(call, "replicate" if mode == "reflect" else mode)
