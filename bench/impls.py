@@ -106,7 +106,9 @@ class Impl:
         """Why this case is skipped (None: run it)."""
         return None
 
-    def runner(self, case: Case, op: str) -> tuple:
+    def runner(self, case: Case, op: str, threads: int = 1) -> tuple:
+        """(call, before) for `op` on `case`; `threads` is the count the run is at (most
+        implementations follow the thread scope instead)."""
         raise NotImplementedError
 
     def outputs(self, result) -> tuple:
@@ -115,6 +117,13 @@ class Impl:
     def info(self, case: Case, op: str) -> dict:
         """Extra facts recorded with each measurement."""
         return {}
+
+    def measured(self, case: Case, op: str, threads: int) -> dict:
+        """Facts known once the measurement is done (a "warning" entry becomes a note)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the implementation holds (child processes)."""
 
 
 class Dilconv(Impl):
@@ -125,7 +134,7 @@ class Dilconv(Impl):
                          "and bias, from scratch (no saved forward state)"}
     measures_memory = True
 
-    def runner(self, case, op):
+    def runner(self, case, op, threads=1):
         args = case.layer.args()
         if op == "forward":
             return (lambda: dilconv.conv2d(case.x, case.weight, case.bias, *args)), None
@@ -147,7 +156,7 @@ class NumpyIm2col(Impl):
              "backward": "bench.im2col.conv2d_backward: im2col again, two matmuls, col2im"}
     measures_memory = True
 
-    def runner(self, case, op):
+    def runner(self, case, op, threads=1):
         args = case.norm_args
         if op == "forward":
             return (lambda: im2col.conv2d(case.x, case.weight, case.bias, *args)), None
@@ -183,7 +192,7 @@ class ScipyOracle(Impl):
             return f"would take ~{estimate:.3g} s per call (limit {self.limit_s:g} s)"
         return None
 
-    def runner(self, case, op):
+    def runner(self, case, op, threads=1):
         args = case.norm_args
         if op == "forward":
             return (lambda: reference.conv2d_reference(case.x, case.weight, case.bias,
@@ -211,7 +220,7 @@ class Torch(Impl):
         self.torch = torch
         return None
 
-    def runner(self, case, op):
+    def runner(self, case, op, threads=1):
         torch = self.torch
         conv = torch.nn.functional.conv2d
         args = case.layer.args()
@@ -234,5 +243,3 @@ class Torch(Impl):
     def outputs(self, result):
         return tuple(t.detach().numpy() for t in _as_tuple(result))
 
-
-PEERS = {"torch": Torch, "numpy": NumpyIm2col, "scipy": ScipyOracle}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from dilconv._validate import make_spec
 
 OPS = ("forward", "backward")
@@ -105,3 +107,27 @@ def flops(spec, op: str) -> tuple:
         return nominal, effective
     bias = spec.n * spec.o * spec.ho * spec.wo
     return 2 * nominal + bias, 2 * effective + bias
+
+
+def min_bytes(spec, op: str, dtype: str) -> int:
+    """Bytes one call must at least move: each array it reads and writes, once.
+
+    Forward reads x, weight and bias and writes y; backward reads grad_output, x and weight
+    and writes the three gradients.
+    """
+    s = spec
+    x = s.n * s.c * s.h * s.w
+    w = s.o * (s.c // s.groups) * s.kh * s.kw
+    y = s.n * s.o * s.ho * s.wo
+    elements = x + w + s.o + y if op == "forward" else y + x + w + x + w + s.o
+    return elements * np.dtype(dtype).itemsize
+
+
+def memory_bound(spec, fma_peak: dict, copy_bandwidth: dict) -> bool:
+    """True when the forward cannot reach the 1-thread multiply-add peak even at the copy
+    bandwidth: fewer flops per byte moved than the machine's balance (float32, or the
+    dtype measured)."""
+    dtype = "float32" if "float32" in fma_peak else next(iter(fma_peak))
+    threads = min(copy_bandwidth, key=int)
+    intensity = flops(spec, "forward")[1] / min_bytes(spec, "forward", dtype)
+    return intensity < fma_peak[dtype][threads] / copy_bandwidth[threads]
