@@ -43,8 +43,8 @@ def run(pool, seed=0, budget=300, control_cases=200, names=None, stream=None) ->
     print(f"control: real dilconv, {control['cases_run']} cases, "
           f"{control['disagreements']} disagreements ({'ok' if control_ok else 'FAILED'})",
           file=stream)
-    print(f"killed {killed}/{len(rows)} mutants in {time.monotonic() - start:.1f} s, seed {seed}, budget {budget} cases/mutant",
-          file=stream)
+    print(f"killed {killed}/{len(rows)} mutants in {time.monotonic() - start:.1f} s, seed "
+          f"{seed}, budget {budget} cases/mutant", file=stream)
     if not control_ok:
         for f in control["failures"][:5]:
             print(f"  control case {f['case_id']} {f['op']} {f['kind']}: {f['message'][:200]}",

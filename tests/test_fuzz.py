@@ -3,7 +3,6 @@ replay, and the self-test (every mutant must be caught)."""
 import io
 import json
 
-import numpy as np
 import pytest
 
 import dilconv
