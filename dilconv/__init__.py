@@ -34,3 +34,11 @@ __version__ = "0.1.0"
 __all__ = ["conv2d", "conv2d_backward", "Conv2dGrads", "output_shape", "conv1d",
            "conv1d_backward", "conv_transpose2d", "conv_transpose2d_backward",
            "Conv2d", "Conv1d", "ConvTranspose2d", "get_num_threads", "set_num_threads"]
+
+
+def __getattr__(name):
+    # dilconv.testing on first use, as numpy.testing (it is not needed to compute).
+    if name == "testing":
+        import importlib
+        return importlib.import_module(".testing", __name__)
+    raise AttributeError(f"module 'dilconv' has no attribute {name!r}")

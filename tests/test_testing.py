@@ -112,3 +112,13 @@ def test_readme_example_runs_as_a_doctest():
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_reachable_from_the_package_like_numpy_testing():
+    import subprocess
+    import sys
+    code = ("import sys, dilconv; assert 'dilconv.testing' not in sys.modules; "
+            "print(dilconv.testing.assert_conv_close.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "dilconv.testing", out.stderr
