@@ -110,6 +110,7 @@ def list_everything() -> str:
         ["layer", "input", "weight", "args", "what"],
         [[layer.name, "x".join(map(str, layer.input)), "x".join(map(str, layer.weight)),
           layer.describe(), layer.what] for layer in layers_mod.LAYERS.values()], left=5)
+    layers += f"\n{layers_mod.NOTATION}"
     peers = []
     for name, cls in PEERS.items():
         reason = cls().missing()

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 import dilconv
-from dilconv import reference, tolerance
+from dilconv import reference, testing, tolerance
 from dilconv._dispatch import select
 
 from . import im2col
@@ -67,13 +67,11 @@ class Case:
             if op == "forward":
                 scale = dilconv.conv2d(f64(self.x), f64(self.weight), None, *args)
                 scales = (scale + f64(self.bias)[None, :, None, None],)
-                terms = (tolerance.forward_terms(spec, True),)
             else:
                 scales = dilconv.conv2d_backward(f64(self.grad_output), f64(self.x),
                                                  f64(self.weight), *args)
-                terms = (tolerance.grad_input_terms(spec), tolerance.grad_weight_terms(spec),
-                         tolerance.grad_weight_terms(spec))
-            self._bounds[op] = tuple(2 * tolerance.error_bound(a, k, self.dtype)
+            terms = testing.terms(spec, backward=op != "forward", bias=True)
+            self._bounds[op] = tuple(testing.Expected(None, a, k).bound(self.dtype, sides=2)
                                      for a, k in zip(scales, terms))
         return self._bounds[op]
 

@@ -1,4 +1,5 @@
-"""The benchmark layers (DESIGN.md, "Benchmark layer suite") and named suites of them."""
+"""The benchmark layers (the table in README.md, "Benchmarks", and `python -m bench --list`)
+and named suites of them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class Layer:
         return self.stride, self.padding, self.dilation, self.groups
 
     def describe(self) -> str:
-        """Short argument summary in the DESIGN table's notation, e.g. 'g128 p4 d4'."""
+        """Short argument summary as the layer table writes it, e.g. 'g128 p4 d4'."""
         parts = []
         for prefix, value, default in (("s", self.stride, 1), ("p", self.padding, 0),
                                        ("d", self.dilation, 1), ("g", self.groups, 1)):
@@ -47,7 +48,8 @@ class Layer:
 
 
 LAYERS = {layer.name: layer for layer in [
-    Layer("seed_toy", (1, 1, 4, 4), (1, 1, 2, 2), dilation=2, what="the seed's 4x4 example"),
+    Layer("seed_toy", (1, 1, 4, 4), (1, 1, 2, 2), dilation=2,
+          what="the 4x4 example of the API tour"),
     Layer("seed_3to16", (1, 3, 256, 256), (16, 3, 3, 3), dilation=2,
           what="RGB stem, few input channels"),
     Layer("aspp_r6", (1, 256, 33, 33), (256, 256, 3, 3), padding=6, dilation=6,
@@ -64,6 +66,9 @@ LAYERS = {layer.name: layer for layer in [
           what="strided and dilated"),
 ]}
 
+NOTATION = ("input N x C x H x W, weight O x C/groups x kH x kW; args: s stride, p padding "
+            "(each side), d dilation, g groups (defaults 1, 0, 1, 1 left out)")
+
 DEFAULT_THREADS = (1, 2)
 
 
@@ -76,8 +81,8 @@ class Suite:
 
 
 SUITES = {
-    "default": Suite(tuple(LAYERS), what="the DESIGN layer suite, float32"),
-    "all": Suite(tuple(LAYERS), DTYPES, what="the DESIGN layer suite, float32 and float64"),
+    "default": Suite(tuple(LAYERS), what="every layer below, float32"),
+    "all": Suite(tuple(LAYERS), DTYPES, what="every layer below, float32 and float64"),
     "tiny": Suite(("seed_toy",), what="seed_toy only: a smoke test in seconds"),
 }
 

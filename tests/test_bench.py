@@ -204,11 +204,31 @@ def test_cli_without_torch_or_matplotlib_says_so(tmp_path):
     assert "numpy ms" in stdout and "torch ms" not in stdout
 
 
+def test_readme_describes_the_layer_suite():
+    """README's layer table is the suite that runs (users have no other description)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in layers.LAYERS:
+            rows[cells[0]] = cells[1:]
+    assert set(rows) == set(layers.LAYERS)
+    for name, layer in layers.LAYERS.items():
+        assert rows[name] == ["x".join(map(str, layer.input)),
+                              "x".join(map(str, layer.weight)), layer.describe(),
+                              layer.what], name
+    assert "DESIGN" not in readme
+
+
 def test_cli_list_and_bad_arguments(capsys):
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
     for name in list(layers.LAYERS) + list(layers.SUITES) + list(PEERS):
         assert name in out
+    # The layer suite is described right there, not by a document users do not have.
+    assert "DESIGN" not in out and "p padding" in out
+    for layer in layers.LAYERS.values():
+        assert layer.what in out and "x".join(map(str, layer.weight)) in out
     for bad in (["--layers", "nope"], ["--ops", "sideways"], ["--threads", "0"],
                 ["--dtype", "float16"], ["--peers", "tensorflow"], ["--min-time", "-1"]):
         with pytest.raises(SystemExit) as exc:

@@ -194,6 +194,21 @@ def test_gemm_tiles_cover_large_planes_once(rng):
             check_backward(rng.standard_normal(y.shape), x, wt, *args)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gemm_forward_and_weight_gradient_are_the_forced_reference(stride, dtype, rng):
+    # Never chosen on their own (panel is), kept as the BLAS reference and fallback: on a
+    # channel-heavy layer, forced, they agree with the oracle like every other path.
+    x, wt, b = random_case(rng, 2, 32, 11, 13, 32, 3, 3, 1, dtype)
+    args = (stride, 2, 2, 1)
+    spec = make_spec(x.shape, wt.shape, *args)
+    assert "gemm" not in (select(spec, "forward", wt), select(spec, "grad_weight"))
+    with tuning(path="gemm"):
+        assert (select(spec, "forward", wt), select(spec, "grad_weight")) == ("gemm", "gemm")
+        y = check_forward(x, wt, b, *args)
+        check_backward(rng.standard_normal(y.shape).astype(dtype), x, wt, *args)
+
+
 @pytest.mark.parametrize("case", GRID[:6])
 def test_unbatched_matches_batched(case, rng):
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
