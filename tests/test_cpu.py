@@ -40,12 +40,15 @@ def _timed(f):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_probe_is_at_least_a_matmul(dtype):
     # A matmul cannot beat the arithmetic peak of the same core: a probe slower than
-    # numpy's one-thread matmul is broken (spilled accumulators, too few of them). Both
-    # are best-of-N, interleaved; the margin absorbs the noise of a shared machine.
+    # numpy's one-thread matmul is broken (spilled accumulators, too few of them: about
+    # half the matmul's speed). Both are best of interleaved rounds; the margin absorbs
+    # the noise of a shared machine.
+    matmul = peak = 0.0
     with threadpool_limits(1):
-        matmul = max(_matmul_gflops(dtype) for _ in range(2))
-    peak = max(_cpu.fma_peak(dtype, 1, seconds=0.05) for _ in range(2))
-    assert peak >= 0.9 * matmul, (peak, matmul)
+        for _ in range(4):
+            matmul = max(matmul, _matmul_gflops(dtype))
+            peak = max(peak, _cpu.fma_peak(dtype, 1, seconds=0.05))
+    assert peak >= 0.8 * matmul, (peak, matmul)
 
 
 def test_wider_vectors_are_not_slower():
