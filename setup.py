@@ -21,7 +21,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_MODULES = ["_openmp_helpers", "_forward", "_backward", "_gemm", "_flat", "_panel",
+KERNEL_MODULES = ["_openmp_helpers", "_cpu", "_forward", "_backward", "_gemm", "_flat", "_panel",
                   "_depthwise"]
 # Per-module flags. _depthwise: no fused multiply-adds, so that every block size rounds the
 # same way (gcc fused the sums of some blocks and not of others), and an output's bits do
