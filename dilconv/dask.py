@@ -549,7 +549,8 @@ def _check_store_target(out, chunks, dtype, batched):
     if np.dtype(getattr(out, "dtype", dtype)) != dtype:
         raise TypeError(f"out must have dtype {np.dtype(dtype).name}, got "
                         f"{np.dtype(out.dtype).name}")
-    stored = getattr(out, "chunks", None)
+    # A sharded zarr array is written a shard at a time.
+    stored = getattr(out, "shards", None) or getattr(out, "chunks", None)
     if stored is None or isinstance(out, np.ndarray):
         return
     for axis, (step, sizes) in enumerate(zip(tuple(stored), chunks)):
