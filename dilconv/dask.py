@@ -960,7 +960,7 @@ def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
     rows: a band's halo comes from the bands above and below, so the scheduler holds a few
     bands per layer however tall the image, and less the thinner they are (a 2-D grid of
     tiles makes it hold about two rows of tiles per layer). Tiles only where not even one
-    band fits. Along H and W they are multiples of `storage_chunks` (a zarr array's
+    band fits, as few rows high as the storage allows. Along H and W they are multiples of `storage_chunks` (a zarr array's
     chunks), so every stored chunk is read and written by one task. `tasks` defaults to
     the CPU count; size `shape` by the widest array in the graph (a chain's hidden layers).
 
@@ -971,7 +971,7 @@ def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
     (1, 16, 10, 16384)
     >>> dilconv.dask.block_chunks((1, 4, 16384, 16384), "float32", tasks=2,
     ...                           storage_chunks=(1, 4, 512, 512))
-    (1, 4, 1024, 1024)
+    (1, 4, 512, 2048)
     """
     n, c, h, w = (int(s) for s in shape)
     item = np.dtype(dtype).itemsize
@@ -982,9 +982,8 @@ def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
     rows = pixels // max(1, w)
     if rows >= step_h or w <= step_w:
         rows, cols = max(step_h, rows - rows % step_h), w
-    else:
-        side = int(math.sqrt(pixels))
-        rows = max(step_h, side - side % step_h)
+    else:                       # as few rows as the storage allows: the memory held grows
+        rows = step_h           # with the rows of a row of tiles
         cols = min(w, max(step_w, pixels // rows - pixels // rows % step_w))
     return (1, c, min(rows, max(1, h)), cols)
 
