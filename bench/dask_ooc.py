@@ -408,8 +408,9 @@ def main(argv=None):
     directory = tempfile.mkdtemp(prefix="dilconv-ooc-", dir=args.dir)
     try:
         size = fit_to_disk(args.size, args.channels, directory)
-        cfg = dict(size=size, channels=args.channels, chain=args.chain, budget_mb=args.budget_mb,
-                   fit_size=min(args.fit_size or (2048 if args.chain else 4096), size), threads=args.threads,
+        fit = min(args.fit_size or (2048 if args.chain else 4096), size)
+        cfg = dict(size=size, channels=args.channels, chain=args.chain,
+                   budget_mb=args.budget_mb, fit_size=fit, threads=args.threads,
                    zarr_chunk=args.zarr_chunk, dir=directory, kind="conv",
                    malloc=args.malloc)
         nbytes = args.channels * size * size * 4

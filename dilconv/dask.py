@@ -960,9 +960,10 @@ def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
     rows: a band's halo comes from the bands above and below, so the scheduler holds a few
     bands per layer however tall the image, and less the thinner they are (a 2-D grid of
     tiles makes it hold about two rows of tiles per layer). Tiles only where not even one
-    band fits, as few rows high as the storage allows. Along H and W they are multiples of `storage_chunks` (a zarr array's
-    chunks), so every stored chunk is read and written by one task. `tasks` defaults to
-    the CPU count; size `shape` by the widest array in the graph (a chain's hidden layers).
+    band fits, as few rows high as the storage allows. Along H and W they are multiples of
+    `storage_chunks` (a zarr array's chunks), so every stored chunk is read and written by
+    one task. `tasks` defaults to the CPU count; size `shape` by the widest array in the
+    graph (a chain's hidden layers).
 
     >>> import dilconv.dask
     >>> dilconv.dask.block_chunks((1, 4, 16384, 16384), "float32", tasks=2)
