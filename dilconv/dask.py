@@ -940,8 +940,10 @@ def _from_memmap(source: MemmapArray, chunks) -> da.Array:
 # Blocks alive per task at once: the input block, its window, the output block, and the
 # neighbours kept for their halos or read ahead by the scheduler.
 BLOCKS_PER_TASK = 6
-# Blocks the scheduler holds for each further layer of a chain (measured: about six bands,
-# the ones the next layer's windows read and those read ahead).
+# Blocks the scheduler holds for each further layer of a chain: the bands the next layer's
+# windows read and those read ahead. Measured on the 7-layer context module: about six per
+# layer for 2048 rows, but more for taller images (about 12 for 8192, 19 for 16384 rows):
+# dask's ordering does not keep one wavefront through all layers.
 BLOCKS_PER_LAYER = 6
 # glibc maps allocations above 32 MiB (its largest threshold) anew every time, so every
 # such block (and a reader's decoded chunks) would pay a page fault per page: stay well
@@ -957,9 +959,9 @@ def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
     Blocks of at most ``budget / 2 / (tasks * BLOCKS_PER_TASK + (layers - 1) *
     BLOCKS_PER_LAYER)`` bytes (half the budget is left to the interpreters, libraries and
     transfers) and MAX_BLOCK_BYTES, all channels together, in bands of full
-    rows: a band's halo comes from the bands above and below, so the scheduler holds a few
-    bands per layer however tall the image, and less the thinner they are (a 2-D grid of
-    tiles makes it hold about two rows of tiles per layer). Tiles only where not even one
+    rows: a band's halo comes from the bands above and below, so the scheduler holds bands
+    (a few per layer; more on tall images) rather than rows of tiles (a 2-D grid makes it
+    hold about two rows of tiles per layer), and less memory the thinner they are. Tiles only where not even one
     band fits, as few rows high as the storage allows. Along H and W they are multiples of
     `storage_chunks` (a zarr array's chunks), so every stored chunk is read and written by
     one task. `tasks` defaults to the CPU count; size `shape` by the widest array in the
