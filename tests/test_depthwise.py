@@ -125,6 +125,23 @@ def test_bitwise_identical_across_thread_counts(dtype, rng):
     assert all(r == results[0] for r in results[1:])
 
 
+@pytest.mark.parametrize("mult", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradients_bitwise_identical_across_thread_counts(dtype, mult, rng):
+    x, wt, _ = random_case(rng, 3, 8, 37, 61, 8 * mult, 3, 3, 8, dtype)
+    gy = rng.standard_normal((3, 8 * mult, 37, 61)).astype(dtype)
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            dilconv.set_num_threads(threads)
+            with tuning(min_macs_per_thread=1):
+                grads = dilconv.conv2d_backward(gy, x, wt, 1, 4, 4, 8)
+            results.append(b"".join(g.tobytes() for g in grads))
+    finally:
+        dilconv.set_num_threads(None)
+    assert all(r == results[0] for r in results[1:])
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_nonfinite_weight_in_the_padding_is_not_multiplied(value):
     # Hand-computed: the top-left tap only meets padding for the first output row and
