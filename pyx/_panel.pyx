@@ -411,24 +411,27 @@ cdef struct Footprint:
                                     # (0 x 0: packed tap by tap, which is fewer pixels)
 
 
+cdef inline void _taps_at(const Py_ssize_t* lo, const Py_ssize_t* hi, Py_ssize_t taps,
+                          Py_ssize_t at, Py_ssize_t* first, Py_ssize_t* stop) noexcept nogil:
+    # The taps [first, stop) of one axis whose in-image range holds output `at`: an
+    # output's in-image taps are contiguous.
+    cdef Py_ssize_t t = 0
+    while t < taps and not (lo[t] <= at < hi[t]):
+        t += 1
+    first[0] = t
+    while t < taps and lo[t] <= at < hi[t]:
+        t += 1
+    stop[0] = t
+
+
 cdef inline Footprint _footprint(Geom g, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
                                  Py_ssize_t c1) noexcept nogil:
-    # In an aligned tile the taps in the image are a range of rows x a range of columns
-    # (an output's in-image taps are contiguous), whose input rows and columns are in the
-    # image from the first tap's first to the last tap's last.
+    # In an aligned tile the taps in the image are a range of rows x a range of columns,
+    # whose input rows and columns are in the image from the first tap's first to the
+    # last tap's last.
     cdef Footprint f
-    f.kh0 = 0
-    while f.kh0 < g.kH and not (g.oh_lo[f.kh0] <= r0 < g.oh_hi[f.kh0]):
-        f.kh0 += 1
-    f.kh1 = f.kh0
-    while f.kh1 < g.kH and g.oh_lo[f.kh1] <= r0 < g.oh_hi[f.kh1]:
-        f.kh1 += 1
-    f.kw0 = 0
-    while f.kw0 < g.kW and not (g.ow_lo[f.kw0] <= c0 < g.ow_hi[f.kw0]):
-        f.kw0 += 1
-    f.kw1 = f.kw0
-    while f.kw1 < g.kW and g.ow_lo[f.kw1] <= c0 < g.ow_hi[f.kw1]:
-        f.kw1 += 1
+    _taps_at(g.oh_lo, g.oh_hi, g.kH, r0, &f.kh0, &f.kh1)
+    _taps_at(g.ow_lo, g.ow_hi, g.kW, c0, &f.kw0, &f.kw1)
     f.fh = f.fw = 0
     if f.kh1 > f.kh0 and f.kw1 > f.kw0:
         f.fh = (r1 - r0 - 1) * g.sh + (f.kh1 - f.kh0 - 1) * g.dh + 1
