@@ -57,7 +57,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from . import _api, _openmp_helpers, _padding, _validate
 
-__all__ = ["conv2d", "conv2d_backward", "from_npy", "from_raw", "MemmapArray",
+__all__ = ["conv2d", "conv2d_chain", "conv2d_backward", "from_npy", "from_raw", "MemmapArray",
            "block_chunks"]
 
 # padding_mode -> numpy/dask pad mode, as the in-memory API pads.
@@ -244,27 +244,34 @@ class _Store(NamedTuple):
     dtype: np.dtype
 
 
-def _store_block(blocks, slices, weight, bias, conv: _Conv, store: _Store):
-    """Compute one output block straight into `out`: in place when that region of a numpy
-    array is C-contiguous, else into this thread's output buffer, then one assignment
-    (which is all a zarr array or a file needs)."""
+def _store_buffer(store: _Store):
+    """(buffer, in place) for one output block: the region of `out` itself when it is a
+    C-contiguous numpy region, else this thread's output buffer (see `_store_put`)."""
     target, region = store.target, store.region
-    y = None
     if isinstance(target, np.ndarray):
         view = target[region]
         if view.flags.c_contiguous and view.flags.aligned and view.dtype == store.dtype:
-            y = view.reshape(store.shape)
-    direct = y is not None
-    if y is None:
-        y = _scratch("output", store.shape, store.dtype)
+            return view.reshape(store.shape), True
+    return _scratch("output", store.shape, store.dtype), False
+
+
+def _store_put(store: _Store, y, in_place) -> None:
+    """One assignment (which is all a zarr array or a file needs) unless written in place."""
+    if not in_place:
+        store.target[store.region] = y.reshape(_region_shape(store.region,
+                                                             store.target.shape))
+
+
+def _store_block(blocks, slices, weight, bias, conv: _Conv, store: _Store):
+    """Compute one output block straight into `out`."""
+    y, in_place = _store_buffer(store)
     if blocks is None:
         _bias_block(store.shape, store.dtype, bias, y)
     else:
         with limited_threads(conv.threads):
             _api.conv2d(_assemble(blocks, slices), weight, bias, conv.stride, conv.padding,
                         conv.dilation, conv.groups, out=y)
-    if not direct:
-        target[region] = y.reshape(_region_shape(region, target.shape))
+    _store_put(store, y, in_place)
     return None
 
 
@@ -560,6 +567,179 @@ def _check_store_target(out, chunks, dtype, batched):
                              f"{tuple(len(c) for c in chunks)} along axis {axis} (block "
                              f"edges {cuts.tolist()}): rechunk the input to multiples of "
                              f"out's chunks, or use da.store(y, out, lock=True)")
+
+
+# --- a chain of convolutions, fused per output block -------------------------------------
+
+ACTIVATIONS = {"relu": lambda y: np.maximum(y, 0, out=y)}
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One step of a fused block: the layer's output shape and its call's arguments."""
+
+    index: int           # which layer (its weight and bias keys)
+    shape: tuple         # (N, O, rows, cols) this block computes of the layer's output
+    dtype: np.dtype
+    conv: Optional[_Conv]    # None: its window reads only padding (the bias everywhere)
+
+
+def _chain_block(blocks, slices, params, steps, activation, store=None):
+    """All layers of a chain on one block: each layer computes the part of its output the
+    later layers read (the chain's halo is recomputed, not exchanged), in this thread's
+    buffers, so a task holds one block's activations and nothing waits between layers."""
+    x = None if blocks is None else _assemble(blocks, slices)
+    for i, step in enumerate(steps):
+        dtype = step.dtype
+        weight, bias = params[step.index]
+        last = i == len(steps) - 1
+        if not last:
+            y = _scratch(f"chain-{i % 2}", step.shape, dtype)
+        elif store is not None:
+            y, in_place = _store_buffer(store)
+        else:
+            y = np.empty(step.shape, dtype)
+        if step.conv is None:
+            _bias_block(step.shape, dtype, bias, y)
+        else:
+            with limited_threads(step.conv.threads):
+                _api.conv2d(x, weight, bias, step.conv.stride, step.conv.padding,
+                            step.conv.dilation, step.conv.groups, out=y)
+        if not last and activation is not None:
+            y = activation(y)
+        x = y
+    if store is None:
+        return x
+    _store_put(store, x, in_place)
+    return None
+
+
+def _check_layers(layers):
+    """[(weight, bias, dilation, padding)] from `layers`' (weight, bias[, dilation[,
+    padding]]) items."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__len__") or not layers:
+        raise ValueError(f"layers must be a non-empty sequence of (weight, bias[, dilation[, "
+                         f"padding]]) tuples, got {layers!r:.80}")
+    out = []
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, (tuple, list)) or not 2 <= len(layer) <= 4:
+            raise ValueError(f"layers[{i}] must be a (weight, bias[, dilation[, padding]]) "
+                             f"tuple, got {type(layer).__name__} {layer!r:.80}")
+        weight, bias, dilation, padding = tuple(layer) + (1, "same")[len(layer) - 2:]
+        out.append((weight, bias, dilation, padding))
+    return out
+
+
+def conv2d_chain(input, layers, *, activation=None, threads_per_task=1, out=None):
+    """A chain of stride-1 `dilconv.conv2d` layers (zero padding) of a dask array, fused:
+    one task per output block runs every layer on the window the block reads through the
+    whole chain, so memory is bounded by the blocks, not by the image's height.
+
+    A graph of one `conv2d` per layer instead makes the scheduler hold bands of every layer
+    at once (more the taller the image). Here each layer recomputes the rows and columns its
+    block's neighbours also compute (the chain's halo: the sum of ``dilation * (k - 1) //
+    2`` over the layers on each side), which costs little when the blocks are large against
+    the halo: tiles of, say, 512 x 512 pixels for a halo of 33, rather than thin bands.
+
+    Parameters
+    ----------
+    input : dask.array.Array, (N, C, H, W) or (C, H, W)
+        As in `conv2d`; its chunks are the output blocks ('same' padding).
+    layers : sequence of (weight, bias[, dilation[, padding]])
+        Applied in order; `bias` may be None, `dilation` defaults to 1 and `padding` to
+        'same' (any zero padding of `dilconv.conv2d`).
+    activation : None, 'relu' or callable
+        Applied between layers (not after the last), elementwise: a callable gets a numpy
+        array it may overwrite and returns the result (e.g. ``lambda y: np.tanh(y, out=y)``).
+    threads_per_task, out
+        As in `conv2d` (out: the last layer's output).
+
+    Returns
+    -------
+    As `conv2d`: a lazy dask array, or with `out` a `dask.delayed.Delayed`.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da, dilconv, dilconv.dask
+    >>> x = da.random.default_rng(0).random((1, 2, 64, 64), chunks=(1, 2, 32, 32))
+    >>> layers = [(np.ones((3, 2, 3, 3)) / 18, None, 1), (np.ones((2, 3, 3, 3)) / 27,
+    ...           np.zeros(2), 4)]
+    >>> y = dilconv.dask.conv2d_chain(x, layers, activation="relu")
+    >>> ref = x.compute()
+    >>> for i, (w, b, d) in enumerate(layers):
+    ...     ref = dilconv.conv2d(ref, w, b, dilation=d, padding="same")
+    ...     ref = np.maximum(ref, 0) if i == 0 else ref
+    >>> y.chunks, bool(np.allclose(y.compute(), ref))
+    (((1,), (2,), (32, 32), (32, 32)), True)
+    """
+    if activation is not None and not callable(activation):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be None, a callable or one of "
+                             f"{sorted(ACTIVATIONS)}, got {activation!r}")
+        activation = ACTIVATIONS[activation]
+    preps, x = [], input
+    for i, (weight, bias, dilation, padding) in enumerate(_check_layers(layers)):
+        try:
+            p = _prepare(x, weight, bias, 1, padding, dilation, 1, "zeros", threads_per_task)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"layers[{i}]: {e}") from None
+        preps.append(p)
+        # A stand-in of the layer's output for checking the next layer (nothing computes).
+        spec = p.spec
+        shape = spec.output_shape if p.batched else spec.output_shape[1:]
+        x = da.zeros(shape, dtype=p.dtype, chunks=-1)
+    first, last = preps[0], preps[-1]
+    src = first.x
+    axes = [_axes(p.spec) for p in preps]
+    out_h, out_w = src.chunks[2], src.chunks[3]
+    for ax_h, ax_w in axes:
+        out_h, out_w = ax_h.output_chunks(out_h), ax_w.output_chunks(out_w)
+    chunks = (src.chunks[0], (last.spec.o,), out_h, out_w)
+    if out is not None:
+        _check_store_target(out, chunks, last.dtype, last.batched)
+    token = tokenize(src.name, [(p.weight, p.bias, _spec_token(p.spec)) for p in preps],
+                     activation, first.threads, None if out is None else id(out))
+    name, strips = "dilconv-chain-" + token, "dilconv-chain-halo-" + token
+    dsk = {}
+    params = []
+    for i, p in enumerate(preps):
+        layer, wkey, bkey = _constants(f"{token}-{i}", p.weight, p.bias)
+        dsk.update(layer)
+        params.append([wkey, bkey])
+    for bn, (n0, n1) in enumerate(_ranges(src.chunks[0])):
+        for bi, (a, b) in enumerate(_ranges(out_h)):
+            for bj, (c, d) in enumerate(_ranges(out_w)):
+                steps, rows, cols = [], (a, b), (c, d)
+                for i in reversed(range(len(preps))):     # from the output back
+                    ax_h, ax_w = axes[i]
+                    r0, r1, pad_h = ax_h.window(*rows)
+                    c0, c1, pad_w = ax_w.window(*cols)
+                    shape = (n1 - n0, preps[i].spec.o, rows[1] - rows[0], cols[1] - cols[0])
+                    if r1 <= r0 or c1 <= c0:       # reads only padding: the bias
+                        steps.append(_Layer(i, shape, preps[i].dtype, None))
+                        break
+                    steps.append(_Layer(i, shape, preps[i].dtype,
+                                        _Conv((1, 1), (pad_h, pad_w), preps[i].spec.dilation,
+                                              1, first.threads)))
+                    rows, cols = (r0, r1), (c0, c1)
+                keys = slices = None
+                if steps[-1].conv is not None:
+                    keys, slices = _window(dsk, src, bn, rows, cols, strips, (bn, bi, bj))
+                key = (name, bn, 0, bi, bj)
+                task = (_chain_block, keys, slices, params, tuple(steps[::-1]), activation)
+                if out is not None:
+                    region = (slice(n0, n1),) if last.batched else ()
+                    region += (slice(None), slice(a, b), slice(c, d))
+                    task += (_Store(out, region, steps[0].shape, last.dtype),)
+                dsk[key] = task
+    if out is not None:
+        final = "dilconv-chain-stored-" + token
+        dsk[final] = (_stored, [k for k in dsk if isinstance(k, tuple) and k[0] == name],
+                      out)
+        graph = HighLevelGraph.from_collections(final, dsk, dependencies=[src])
+        return Delayed(final, graph)
+    y = _array(name, dsk, [src], chunks, last.dtype)
+    return y if last.batched else y[0]
 
 
 def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1,

@@ -374,9 +374,11 @@ def test_distributed_matches_threads_bitwise(case, client, rng):
                    forward_bound(x, w, b, spec), "forward")
 
 
-@pytest.mark.parametrize("target", ["zarr", "memmap"])
-def test_chain_from_zarr_into_storage_on_two_workers(target, client, rng, tmp_path):
-    """Two layers (a ReLU between) in one graph, every block written by the workers."""
+@pytest.mark.parametrize("target, fused", [("zarr", False), ("memmap", False),
+                                           ("zarr", True), ("memmap", True)])
+def test_chain_from_zarr_into_storage_on_two_workers(target, fused, client, rng, tmp_path):
+    """Two layers (a ReLU between) in one graph, every block written by the workers: one
+    conv2d per layer, or conv2d_chain (both layers in each task)."""
     zarr = pytest.importorskip("zarr")
     x = rng.standard_normal((1, 3, 40, 44)).astype(np.float32)
     layers = [(rng.standard_normal((5, 3, 3, 3)).astype(np.float32),
@@ -392,7 +394,9 @@ def test_chain_from_zarr_into_storage_on_two_workers(target, client, rng, tmp_pa
     else:
         out = dd.MemmapArray.create_npy(tmp_path / "y.npy", x.shape, np.float32)
     y = da.from_zarr(source)
-    for i, (w, b, d) in enumerate(layers):
+    if fused:
+        y = dd.conv2d_chain(y, layers, activation="relu", out=out)
+    for i, (w, b, d) in enumerate([] if fused else layers):
         last = i == len(layers) - 1
         y = dd.conv2d(y, w, b, dilation=d, padding="same", **({"out": out} if last else {}))
         if not last:

@@ -212,3 +212,101 @@ def test_block_chunks_fit_the_budget(shape, budget, tasks, layers, storage):
         assert rows % storage[2] == 0 and (cols % storage[3] == 0 or cols == shape[3])
     if cols < shape[3]:        # tiles only where not one band of stored rows fits
         assert storage is not None and shape[1] * storage[2] * shape[3] * 4 > block
+
+
+# --- a chain fused per block -------------------------------------------------------------
+
+def _chain(rng, channels=(3, 5, 4, 2), dilations=(1, 4, 2), bias=(True, False, True),
+           padding=("same",) * 3):
+    layers = []
+    for cin, cout, d, b, p in zip(channels, channels[1:], dilations, bias, padding):
+        w = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
+        layers.append((w, rng.standard_normal(cout).astype(np.float32) if b else None, d, p))
+    return layers
+
+
+def _chain_expected(x, layers, relu):
+    """The in-memory chain, and its error bound: the terms of all layers over the chain of
+    absolute values (a ReLU does not increase an error)."""
+    y, total = x, np.abs(x).astype(np.float64)
+    for i, (w, b, d, p) in enumerate(layers):
+        y = dilconv.conv2d(y, w, b, dilation=d, padding=p)
+        if relu and i < len(layers) - 1:
+            y = np.maximum(y, 0)
+        total = dilconv.conv2d(total, np.abs(w).astype(np.float64),
+                               None if b is None else np.abs(b).astype(np.float64),
+                               dilation=d, padding=p)
+    terms = sum(w.shape[1] * 9 + 1 for w, *_ in layers)
+    return y, tolerance.error_bound(total, terms, np.float32)
+
+
+@pytest.mark.parametrize("chunks, relu, padding", [
+    ((1, 3, 8, 16), True, ("same",) * 3),         # blocks smaller than the chain's halo (7)
+    ((2, 3, (20, 17), 45), False, ("same",) * 3),  # uneven bands of full rows
+    ((1, 3, 13, 9), True, (0, "same", ((3, 1), (0, 2)))),   # shrinking and uneven padding
+    ((1, 3, 37, 45), True, ("same",) * 3),        # one block
+])
+def test_conv2d_chain_matches_the_in_memory_chain(rng, chunks, relu, padding):
+    x = rng.standard_normal((2, 3, 37, 45)).astype(np.float32)
+    layers = _chain(rng, padding=padding)
+    expected, bound = _chain_expected(x, layers, relu)
+    y = dd.conv2d_chain(da.from_array(x, chunks=chunks), layers,
+                        activation="relu" if relu else None)
+    assert y.shape == expected.shape
+    _within(y.compute(scheduler="threads"), expected, bound)
+    # Bitwise the same for any thread count.
+    np.testing.assert_array_equal(y.compute(scheduler="threads", num_workers=3),
+                                  y.compute(scheduler="sync"))
+
+
+def test_conv2d_chain_one_task_per_block(rng):
+    """Memory bounded by the blocks: no layer's output is a dask array, each output block
+    is one task reading only input blocks (or their halo strips)."""
+    x = rng.standard_normal((1, 3, 64, 48)).astype(np.float32)
+    xd = da.from_array(x, chunks=(1, 3, 16, 48))
+    y = dd.conv2d_chain(xd, _chain(rng))
+    graph = dict(y.__dask_graph__())
+    blocks = [k for k in graph if isinstance(k, tuple) and k[0] == y.name]
+    assert len(blocks) == 4 and y.chunks == xd.chunks[:1] + ((2,),) + xd.chunks[2:]
+    computed = [k for k in graph if isinstance(k, tuple) and k[0] not in
+                (y.name, xd.name) and "halo" not in k[0]]
+    assert not computed, computed
+
+
+def test_conv2d_chain_unbatched_into_storage(tmp_path, rng):
+    x = rng.standard_normal((3, 40, 44)).astype(np.float32)
+    layers = [(w, b, d) for w, b, d, _ in _chain(rng)]
+    expected, bound = _chain_expected(x[None], [lay + ("same",) for lay in layers], True)
+    for out in (np.full(expected.shape[1:], np.nan, np.float32),
+                _zarr(tmp_path / "y.zarr", expected.shape[1:], (2, 8, 44)),
+                dd.MemmapArray.create_npy(tmp_path / "y.npy", expected.shape[1:], np.float32)):
+        job = dd.conv2d_chain(da.from_array(x, chunks=(3, 8, 44)), layers, activation="relu",
+                              out=out)
+        assert job.compute(scheduler="threads") is out
+        _within(out[...], expected[0], bound[0])
+
+
+def test_conv2d_chain_callable_activation(rng):
+    x = rng.standard_normal((1, 3, 20, 20)).astype(np.float32)
+    layers = _chain(rng, dilations=(1, 1, 1))
+    y = dd.conv2d_chain(da.from_array(x, chunks=(1, 3, 7, 7)), layers,
+                        activation=lambda v: np.tanh(v, out=v))
+    expected = x
+    for i, (w, b, d, p) in enumerate(layers):
+        expected = dilconv.conv2d(expected, w, b, dilation=d, padding=p)
+        expected = np.tanh(expected) if i < 2 else expected
+    np.testing.assert_allclose(y.compute(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_chain_rejects(rng):
+    xd = da.zeros((1, 3, 16, 16), chunks=(1, 3, 8, 8), dtype=np.float32)
+    layers = _chain(rng)
+    with pytest.raises(ValueError, match="layers must be a non-empty sequence"):
+        dd.conv2d_chain(xd, [])
+    with pytest.raises(ValueError, match=r"layers\[1\] must be a \(weight, bias"):
+        dd.conv2d_chain(xd, [layers[0], np.ones((4, 5, 3, 3))])
+    # The second layer expects the first's 5 channels.
+    with pytest.raises(ValueError, match=r"layers\[1\]: .*channel"):
+        dd.conv2d_chain(xd, [layers[0], layers[0]])
+    with pytest.raises(ValueError, match="activation must be None, a callable or one of"):
+        dd.conv2d_chain(xd, layers, activation="gelu")
