@@ -8,8 +8,9 @@ compare the CPU it costs with the in-memory call.
 
 The layer is C -> C channels, 3x3, dilation 2, padding 'same', float32 with bias. With
 --chain it is a context module instead: 7 layers of 3x3 convolutions with dilations
-1, 1, 2, 4, 8, 16, 1, 'same', C -> 16 -> ... -> 16 -> C channels, in one dask graph (only
-the input and the output are on disk).
+1, 1, 2, 4, 8, 16, 1, 'same', C -> 16 -> ... -> 16 -> C channels, fused by
+`dilconv.dask.conv2d_chain` (each task runs all layers on its tile's window, widened by the
+chain's reach of 33 pixels; only the input and the output are on disk).
 
 Steps:
 1. write a random input in the format asked for, in a temporary directory: a ``.npy`` file
@@ -82,11 +83,8 @@ def reach(cfg) -> int:
 
 
 def apply(conv, x, cfg, last_out=None):
-    """The run's layers on x with `conv` (dilconv.conv2d or dilconv.dask.conv2d).
-
-    No activation between the layers: in dask an elementwise step makes a second array of
-    every band, which the scheduler holds as long as the convolution's, doubling memory.
-    """
+    """The run's layers on x with `conv` (dilconv.conv2d or dilconv.dask.conv2d), no
+    activation between them."""
     stack = layers(cfg)
     for i, (w, b, d) in enumerate(stack):
         last = i == len(stack) - 1
@@ -160,8 +158,10 @@ def dask_input(cfg, tasks):
     widest = max([cfg["channels"]] + [w.shape[0] for w, _, _ in layers(cfg)])
     shape = (1, widest) + tuple(source.shape[2:])
     storage = None if cfg["format"] == "memmap" else source.chunks
+    # A chain is fused (conv2d_chain): tiles whose windows widened by its reach fit.
     chunks = dilconv.dask.block_chunks(shape, np.float32, cfg["budget_mb"] * MB, tasks=tasks,
-                                       layers=len(layers(cfg)), storage_chunks=storage)
+                                       storage_chunks=storage,
+                                       halo=reach(cfg) if cfg.get("chain") else 0)
     chunks = (1, cfg["channels"]) + chunks[2:]
     if cfg["format"] == "memmap":
         return dilconv.dask.from_npy(cfg["input"], chunks=chunks)
@@ -212,6 +212,8 @@ def _graph(cfg, tasks):
     target = create_target(cfg, cfg["output"], x.shape)
     if cfg["kind"] == "copy":
         return da.store(x, target, lock=False, compute=False), x.chunksize
+    if cfg.get("chain"):        # fused: each task runs all layers on its block's window
+        return dilconv.dask.conv2d_chain(x, layers(cfg), out=target), x.chunksize
     return apply(dilconv.dask.conv2d, x, cfg, target), x.chunksize
 
 
@@ -285,10 +287,10 @@ def check_tiles(cfg, tile=96):
     x, y = open_source(cfg, cfg["input"]), open_source(cfg, cfg["output"])
     size, r = cfg["size"], reach(cfg)
     tile = min(tile, size)
-    block = cfg.get("block_rows", size)
-    seam = max(0, min(size - tile, block - tile // 2))
+    seam_h, seam_w = (max(0, min(size - tile, block - tile // 2))
+                      for block in cfg.get("block", (size, size)))
     worst = 0.0
-    for top, left in ((0, 0), (size - tile, size - tile), (seam, seam),
+    for top, left in ((0, 0), (size - tile, size - tile), (seam_h, seam_w),
                       ((size - tile) // 2, 0)):
         r0, r1 = max(0, top - r), min(size, top + tile + r)
         c0, c1 = max(0, left - r), min(size, left + tile + r)
@@ -349,7 +351,7 @@ def measure(cfg, args, memory):
             res["label"], res["pixels"] = run_cfg["label"], cfg["size"] ** 2
             res["reference"] = memory
             if run_cfg.get("kind") != "copy":
-                res["worst"] = check_tiles(dict(run_cfg, block_rows=res["block"][2]))
+                res["worst"] = check_tiles(dict(run_cfg, block=res["block"][2:]))
             _remove(cfg["output"])
             detail = ", ".join(f"{k} {peak:.0f}" + (f" (idle {idle:.0f})" if idle else "")
                                for k, (peak, idle) in res["processes"].items())

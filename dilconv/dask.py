@@ -1132,7 +1132,7 @@ MAX_BLOCK_BYTES = 16 * 1024 ** 2
 
 
 def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
-                 storage_chunks=None) -> tuple:
+                 storage_chunks=None, halo=0) -> tuple:
     """Chunks for an (N, C, H, W) array so that a graph of `layers` convolutions run by
     `tasks` concurrent tasks stays in `memory_budget`.
 
@@ -1147,6 +1147,12 @@ def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
     one task. `tasks` defaults to the CPU count; size `shape` by the widest array in the
     graph (a chain's hidden layers).
 
+    ``halo > 0``: blocks for `conv2d_chain`, whose tasks each hold the window of their
+    block widened by `halo` on every side (the chain's reach), for every layer: tiles at
+    least ``HALO_ROWS * halo`` rows high (so the recomputed halo is a small part), as wide
+    as the window's budget (``budget / 2 / (tasks * BLOCKS_PER_TASK)``) allows; a row of
+    such tiles is what the scheduler holds of the input.
+
     >>> import dilconv.dask
     >>> dilconv.dask.block_chunks((1, 4, 16384, 16384), "float32", tasks=2)
     (1, 4, 64, 16384)
@@ -1155,10 +1161,14 @@ def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
     >>> dilconv.dask.block_chunks((1, 4, 16384, 16384), "float32", tasks=2,
     ...                           storage_chunks=(1, 4, 512, 512))
     (1, 4, 512, 2048)
+    >>> dilconv.dask.block_chunks((1, 16, 16384, 16384), "float32", tasks=2, halo=33)
+    (1, 16, 264, 2052)
     """
     n, c, h, w = (int(s) for s in shape)
     item = np.dtype(dtype).itemsize
     tasks = tasks or os.cpu_count() or 1
+    if halo > 0:
+        return _fused_chunks(c, h, w, item, memory_budget, tasks, storage_chunks, int(halo))
     alive = tasks * BLOCKS_PER_TASK + max(0, layers - 1) * BLOCKS_PER_LAYER
     pixels = max(1, min(MAX_BLOCK_BYTES, memory_budget // 2 // alive) // (max(1, c) * item))
     step_h, step_w = (1, 1) if storage_chunks is None else tuple(storage_chunks)[2:4]
@@ -1169,6 +1179,20 @@ def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
         rows = step_h           # with the rows of a row of tiles
         cols = min(w, max(step_w, pixels // rows - pixels // rows % step_w))
     return (1, c, min(rows, max(1, h)), cols)
+
+
+# A fused chain's tiles are at least this many halos high: the layers then recompute at
+# most about 2 / HALO_ROWS more rows than they output.
+HALO_ROWS = 8
+
+
+def _fused_chunks(c, h, w, item, budget, tasks, storage_chunks, halo) -> tuple:
+    window = max(1, budget // 2 // (tasks * BLOCKS_PER_TASK) // (max(1, c) * item))
+    step_h, step_w = (1, 1) if storage_chunks is None else tuple(storage_chunks)[2:4]
+    rows = min(h, -(-HALO_ROWS * halo // step_h) * step_h)
+    cols = max(1, window // (rows + 2 * halo) - 2 * halo)
+    cols = w if cols >= w else max(step_w, cols - cols % step_w)
+    return (1, c, max(1, rows), min(w, cols))
 
 
 # --- a zarr store that writes chunks past the page cache --------------------------------

@@ -310,3 +310,20 @@ def test_conv2d_chain_rejects(rng):
         dd.conv2d_chain(xd, [layers[0], layers[0]])
     with pytest.raises(ValueError, match="activation must be None, a callable or one of"):
         dd.conv2d_chain(xd, layers, activation="gelu")
+
+
+@pytest.mark.parametrize("shape, storage, halo", [
+    ((1, 16, 16384, 16384), None, 33), ((1, 16, 16384, 16384), (1, 4, 512, 512), 33),
+    ((1, 8, 300, 200), (1, 8, 64, 64), 5), ((1, 2, 20, 30), None, 40)])
+def test_block_chunks_for_a_fused_chain(shape, storage, halo):
+    budget, tasks = 1024 ** 3, 2
+    n, c, rows, cols = dd.block_chunks(shape, np.float32, budget, tasks=tasks,
+                                       storage_chunks=storage, halo=halo)
+    assert (n, c) == (1, shape[1]) and 1 <= rows <= shape[2] and 1 <= cols <= shape[3]
+    assert rows >= min(shape[2], dd.HALO_ROWS * halo)
+    window = c * 4 * (rows + 2 * halo) * (cols + 2 * halo)
+    assert window <= budget // 2 // (tasks * dd.BLOCKS_PER_TASK) or cols == (
+        1 if storage is None else min(shape[3], storage[3]))
+    if storage is not None:
+        assert rows % storage[2] == 0 or rows == shape[2]
+        assert cols % storage[3] == 0 or cols == shape[3]
