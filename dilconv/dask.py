@@ -1208,8 +1208,10 @@ def _put_direct(path, data: memoryview) -> None:
     fds = {}
     try:
         if head:
-            aligned = _scratch("direct-write", (head,), np.uint8)
-            aligned[...] = np.frombuffer(data[:head], np.uint8)
+            aligned = np.frombuffer(data[:head], np.uint8)
+            if aligned.ctypes.data % DIRECT_ALIGN:      # O_DIRECT needs an aligned buffer
+                aligned = _scratch("direct-write", (head,), np.uint8)
+                aligned[...] = np.frombuffer(data[:head], np.uint8)
             fds["buffered"] = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             _write(partial, fds, True, memoryview(aligned), 0)
         else:
@@ -1259,3 +1261,171 @@ if _LocalStore is not None:
                                     memoryview(value.as_buffer_like()))
 
     __all__.append("DirectStore")
+
+
+# --- uncompressed zarr arrays, read and written chunk file by chunk file ------------------
+
+class RawZarrArray:
+    """An uncompressed zarr v3 array in a local directory, read and written chunk file by
+    chunk file: each chunk is read into a buffer of the reading thread and copied into the
+    block, and written from such a buffer with O_DIRECT, past zarr's codec pipeline.
+
+    For such an array (no compressor, no filters, no sharding, little-endian bytes, C order)
+    a chunk file is the chunk's raw bytes, so zarr's per-chunk work (event loop, buffer
+    allocation, decoding) is all overhead: it cost about as much CPU as the convolution. Any
+    other array is a ValueError naming what differs (use `dask.array.from_zarr` and a zarr
+    array as `out`). Small and picklable, like `MemmapArray`; a dask array reading it comes
+    from `dilconv.dask.from_zarr`, and as `conv2d`'s `out` it takes blocks from any
+    scheduler (blocks must tile its chunks; a partly written chunk is read, updated and
+    written whole).
+
+    >>> import numpy as np, tempfile, zarr, dilconv.dask
+    >>> path = tempfile.mkdtemp() + "/y.zarr"
+    >>> _ = zarr.create_array(path, shape=(3, 5), chunks=(2, 4), dtype="f4", compressors=None)
+    >>> y = dilconv.dask.RawZarrArray.open(path)
+    >>> y[1:3] = np.arange(10).reshape(2, 5)
+    >>> zarr.open_array(path, mode="r")[...]
+    array([[0., 0., 0., 0., 0.],
+           [0., 1., 2., 3., 4.],
+           [5., 6., 7., 8., 9.]], dtype=float32)
+    """
+
+    def __init__(self, root, shape, chunks, dtype, fill_value, separator="/"):
+        self.root, self.shape, self.chunks = os.fspath(root), tuple(shape), tuple(chunks)
+        self.dtype, self.fill_value = np.dtype(dtype), fill_value
+        self.separator, self.ndim = separator, len(self.shape)
+
+    @classmethod
+    def open(cls, array) -> "RawZarrArray":
+        """`array`: a zarr array or the path of one (only its metadata is read)."""
+        import zarr
+        from zarr.storage import LocalStore
+        z = zarr.open_array(os.fspath(array), mode="r") if isinstance(
+            array, (str, os.PathLike)) else array
+        meta, store = z.metadata, z.store_path.store
+        codecs = getattr(meta, "codecs", ())
+        encoding = getattr(meta, "chunk_key_encoding", None)
+        dtype = np.dtype(z.dtype)
+        checks = [
+            (meta.zarr_format == 3, f"zarr format {meta.zarr_format}, not 3"),
+            (isinstance(store, LocalStore), f"a {type(store).__name__}, not a local directory"),
+            (len(codecs) == 1 and type(codecs[0]).__name__ == "BytesCodec"
+             and getattr(codecs[0].endian, "value", "little") == "little",
+             f"codecs {codecs} (compressed, filtered or sharded)"),
+            (dtype.byteorder in "=|<" and (dtype.isnative or dtype.itemsize == 1)
+             and dtype.kind in "biuf", f"dtype {dtype}"),
+            (z.order == "C", f"order {z.order}"),
+            (getattr(encoding, "name", None) == "default", f"chunk keys {encoding}"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"RawZarrArray needs an uncompressed zarr v3 array in a local "
+                                 f"directory, got {what}")
+        root = os.path.join(store.root, z.store_path.path)
+        return cls(root, z.shape, z.chunks, dtype, meta.fill_value, encoding.separator)
+
+    def _path(self, index) -> str:
+        return os.path.join(self.root, "c", *(str(i) for i in index)) if self.separator == "/" \
+            else os.path.join(self.root, self.separator.join(("c",) + tuple(map(str, index))))
+
+    def _pieces(self, index):
+        """The region's shape (integer axes kept, of length 1), the shape of `index`'s
+        result, and (region, chunk index, slices in the chunk) per chunk it overlaps."""
+        if not isinstance(index, tuple):
+            index = (index,)
+        index = index + (slice(None),) * (self.ndim - len(index))
+        bounds, kept = [], []
+        for i, size in zip(index, self.shape):
+            if isinstance(i, numbers.Integral) and -size <= i < size:
+                bounds.append((i % size, i % size + 1))
+                continue
+            if not isinstance(i, slice) or i.indices(size)[2] != 1:
+                raise IndexError(f"RawZarrArray takes integers and slices of step 1 "
+                                 f"within its shape {self.shape}, got {index}")
+            start, stop, _ = i.indices(size)
+            bounds.append((start, max(start, stop)))
+            kept.append(max(start, stop) - start)
+        shape = tuple(b - a for a, b in bounds)
+        ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(bounds, self.chunks)]
+        pieces = []
+        for chunk in np.ndindex(*(len(r) for r in ranges)):
+            chunk = tuple(r[i] for r, i in zip(ranges, chunk))
+            lo = [max(a, j * c) for (a, _), j, c in zip(bounds, chunk, self.chunks)]
+            hi = [min(b, (j + 1) * c) for (_, b), j, c in zip(bounds, chunk, self.chunks)]
+            region = tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, bounds))
+            inner = tuple(slice(l - j * c, h - j * c)
+                          for l, h, j, c in zip(lo, hi, chunk, self.chunks))
+            pieces.append((region, chunk, inner))
+        return shape, tuple(kept), pieces
+
+    def _read_chunk(self, chunk) -> np.ndarray:
+        buf = _scratch("zarr-chunk", self.chunks, self.dtype)
+        try:
+            with open(self._path(chunk), "rb", buffering=0) as f:
+                view, done = memoryview(buf.reshape(-1).view(np.uint8)), 0
+                while done < buf.nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise ValueError(f"chunk {chunk} of {self.root} is shorter than "
+                                         f"{buf.nbytes} bytes: not an uncompressed chunk")
+                    done += n
+        except FileNotFoundError:                  # never written: the fill value
+            buf[...] = self.fill_value
+        return buf
+
+    def __getitem__(self, index):
+        shape, result, pieces = self._pieces(index)
+        out = np.empty(shape, self.dtype)
+        for region, chunk, inner in pieces:
+            np.copyto(out[region], self._read_chunk(chunk)[inner])
+        return out.reshape(result)
+
+    def __setitem__(self, index, value):
+        shape, result, pieces = self._pieces(index)
+        value = np.broadcast_to(np.asarray(value, dtype=self.dtype), result).reshape(shape)
+        for region, chunk, inner in pieces:
+            whole = all(s.stop - s.start == min(c, n - j * c) for s, c, n, j in
+                        zip(inner, self.chunks, self.shape, chunk))
+            if whole:
+                buf = _scratch("zarr-chunk", self.chunks, self.dtype)
+                if any(s.stop < c for s, c in zip(inner, self.chunks)):
+                    buf[...] = self.fill_value     # an edge chunk is stored whole
+            else:
+                buf = self._read_chunk(chunk)
+            np.copyto(buf[inner], value[region])
+            _put_direct(self._path(chunk), memoryview(buf.reshape(-1).view(np.uint8)))
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[...], dtype=dtype)
+
+    def __dask_tokenize__(self):
+        meta = os.path.join(self.root, "zarr.json")
+        stat = os.stat(meta)
+        return (type(self).__name__, os.path.realpath(self.root), stat.st_mtime_ns,
+                self.shape, self.chunks, self.dtype.str)
+
+    def __repr__(self):
+        return (f"RawZarrArray({self.root!r}, shape={self.shape}, chunks={self.chunks}, "
+                f"dtype={self.dtype.name})")
+
+
+def from_zarr(array, chunks=None) -> da.Array:
+    """An uncompressed zarr v3 array (a zarr array or its path) as a dask array read chunk
+    file by chunk file (`RawZarrArray`); any other zarr array through
+    `dask.array.from_zarr`. `chunks`: as in `from_npy` (None: `block_chunks` of a 1 GiB
+    budget, multiples of the stored chunks, for 4-D arrays; else the stored chunks)."""
+    import zarr
+    z = zarr.open_array(os.fspath(array), mode="r") if isinstance(
+        array, (str, os.PathLike)) else array
+    if chunks is None:
+        chunks = (block_chunks(z.shape, z.dtype, storage_chunks=z.chunks) if z.ndim == 4
+                  else z.chunks)
+    try:
+        source = RawZarrArray.open(z)
+    except ValueError:
+        return da.from_zarr(z, chunks=chunks)
+    return da.from_array(source, chunks=chunks, lock=False, asarray=False,
+                         meta=np.empty((0,) * source.ndim, source.dtype))
+
+
+__all__ += ["RawZarrArray", "from_zarr"]

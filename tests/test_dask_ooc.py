@@ -327,3 +327,58 @@ def test_block_chunks_for_a_fused_chain(shape, storage, halo):
     if storage is not None:
         assert rows % storage[2] == 0 or rows == shape[2]
         assert cols % storage[3] == 0 or cols == shape[3]
+
+
+# --- uncompressed zarr read and written chunk file by chunk file --------------------------
+
+def test_raw_zarr_array_reads_and_writes_like_zarr(tmp_path, rng):
+    shape, chunks = (2, 3, 21, 19), (1, 3, 8, 5)
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=shape, chunks=chunks,
+                          dtype="float32", compressors=None, fill_value=-2.5)
+    data = rng.standard_normal(shape).astype(np.float32)
+    z[:, :, :16] = data[:, :, :16]                    # rows 16: never written
+    raw = dd.RawZarrArray.open(str(tmp_path / "a.zarr"))
+    assert (raw.shape, raw.chunks, raw.dtype) == (shape, chunks, np.float32)
+    for index in [(slice(None),), (1, slice(None), slice(3, 20), slice(2, 17)),
+                  (slice(0, 2), slice(None), slice(15, 21), slice(0, 19))]:
+        np.testing.assert_array_equal(raw[index], z[index])
+    # Whole chunks, edge chunks and a partial chunk, written and read back by zarr.
+    raw[:, :, 8:21, 10:19] = data[:, :, 8:21, 10:19]
+    raw[0, :, 1:3, 1:2] = 7.0
+    expected = np.where(np.arange(21)[:, None] < 16, data, -2.5).astype(np.float32)
+    expected[:, :, 8:21, 10:19] = data[:, :, 8:21, 10:19]
+    expected[0, :, 1:3, 1:2] = 7.0
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[...],
+                                  expected)
+    assert not list(tmp_path.rglob("*.partial"))
+    with pytest.raises(IndexError, match="slices of step 1"):
+        raw[:, :, ::2]
+    with pytest.raises(IndexError, match="slices of step 1"):
+        raw[2]
+
+
+def test_raw_zarr_array_rejects_what_is_not_raw(tmp_path):
+    z = _zarr(tmp_path / "c.zarr", (1, 2, 8, 8), (1, 2, 4, 4), zarr.codecs.ZstdCodec(level=1))
+    with pytest.raises(ValueError, match="uncompressed zarr v3 array.*codecs"):
+        dd.RawZarrArray.open(z)
+    assert "from-zarr" in dd.from_zarr(z).name           # dask's own reader instead
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_zarr_in_zarr_out_chunk_files(tmp_path, rng, chain):
+    """conv2d / conv2d_chain from RawZarrArray blocks into a RawZarrArray."""
+    x = rng.standard_normal((1, 3, 40, 36)).astype(np.float32)
+    source = _zarr(tmp_path / "x.zarr", x.shape, (1, 3, 8, 12))
+    source[...] = x
+    xd = dd.from_zarr(str(tmp_path / "x.zarr"), chunks=(1, 3, 16, 36))
+    assert "from-zarr" not in xd.name and xd.chunks[2] == (16, 16, 8)
+    layers = [(w, b, d, "same") for w, b, d, _ in _chain(rng, channels=(3, 5, 3))]
+    expected, bound = _chain_expected(x, layers if chain else layers[:1], False)
+    out = dd.RawZarrArray.open(_zarr(tmp_path / "y.zarr", expected.shape,
+                                     (1, expected.shape[1], 8, 12)))
+    if chain:
+        dd.conv2d_chain(xd, layers, out=out).compute(scheduler="threads")
+    else:
+        w, b, d, p = layers[0]
+        dd.conv2d(xd, w, b, dilation=d, padding=p, out=out).compute(scheduler="threads")
+    _within(zarr.open_array(str(tmp_path / "y.zarr"), mode="r")[...], expected, bound)
