@@ -128,6 +128,9 @@ def create_target(cfg, path, shape):
     import zarr
     if cfg.get("store") == "direct":
         path = dilconv.dask.DirectStore(path)
+    if cfg.get("store") == "raw" and cfg["compressor"] != "none":
+        sys.exit("--zarr-store raw reads and writes uncompressed chunks only: use "
+                 "--compressor none")
     compressors = {"none": None,
                    "zstd": zarr.codecs.ZstdCodec(level=1),
                    "blosc": zarr.codecs.BloscCodec(cname="lz4", clevel=5,
@@ -135,9 +138,10 @@ def create_target(cfg, path, shape):
     zc = cfg["zarr_chunk"]
     # write_empty_chunks: dense data; zarr's check for chunks equal to the fill value
     # (a byte-string comparison of every chunk) cost 15% of a copy's CPU.
-    return zarr.create_array(path, shape=shape, dtype="float32", overwrite=True,
-                             chunks=(1, shape[1], zc, zc), compressors=compressors,
-                             config={"write_empty_chunks": True})
+    z = zarr.create_array(path, shape=shape, dtype="float32", overwrite=True,
+                          chunks=(1, shape[1], zc, zc), compressors=compressors,
+                          config={"write_empty_chunks": True})
+    return dilconv.dask.RawZarrArray.open(z) if cfg.get("store") == "raw" else z
 
 
 def write_input(cfg, path, shape):
@@ -165,6 +169,8 @@ def dask_input(cfg, tasks):
     chunks = (1, cfg["channels"]) + chunks[2:]
     if cfg["format"] == "memmap":
         return dilconv.dask.from_npy(cfg["input"], chunks=chunks)
+    if cfg["store"] == "raw":
+        return dilconv.dask.from_zarr(source, chunks=chunks)
     return da.from_zarr(source, chunks=chunks)
 
 
@@ -374,10 +380,12 @@ def main(argv=None):
                         help="zarr compressor(s) (--format zarr)")
     parser.add_argument("--zarr-chunk", type=int, default=512,
                         help="zarr chunks of (1, C, n, n) pixels")
-    parser.add_argument("--zarr-store", nargs="+", choices=("local", "direct"),
+    parser.add_argument("--zarr-store", nargs="+", choices=("local", "direct", "raw"),
                         default=["local"],
                         help="output store: zarr's LocalStore, or dilconv.dask.DirectStore "
-                             "(chunks written past the page cache)")
+                             "(chunks written past the page cache); raw: input and output "
+                             "read and written chunk file by chunk file "
+                             "(dilconv.dask.from_zarr, RawZarrArray; --compressor none)")
     parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                         help="tuned: glibc keeps freed blocks for reuse (MALLOC_* variables "
                              "for every process of a run); default: as glibc and dask set it")

@@ -200,10 +200,50 @@ def _scratch(slot: str, shape: tuple, dtype) -> np.ndarray:
 PAGE = 4096
 
 
+@dataclass(frozen=True)
+class _Direct:
+    """A window read by its task straight from the array on disk (`_direct_source`)."""
+
+    source: object
+    region: tuple
+
+
+def _direct_source(x: da.Array):
+    """The `MemmapArray` or `RawZarrArray` whose blocks `x` is, when `x` is exactly such an
+    array wrapped by `from_array` (`from_npy`, `from_raw`, `from_zarr`): tasks then read
+    their windows from it themselves, into their window buffer, instead of gathering
+    dask blocks (one copy fewer, and no block allocated or held by the scheduler)."""
+    graph = x.__dask_graph__()
+    layers = getattr(graph, "layers", {})
+    if not x.name.startswith("array-") or set(layers) != {x.name, "original-" + x.name}:
+        return None
+    source = dict(layers["original-" + x.name]).get("original-" + x.name)
+    if isinstance(source, (MemmapArray, RawZarrArray)) and source.shape == x.shape \
+            and source.dtype == x.dtype and getattr(source, "order", "C") == "C":
+        return source
+    return None
+
+
+def _read_window(direct: _Direct):
+    """A view of the file when it is C-contiguous (the kernels read the page cache), else
+    the window read into this thread's window buffer."""
+    source = direct.source
+    if isinstance(source, MemmapArray):
+        view = source[direct.region]
+        if view.flags.c_contiguous:
+            return view
+        window = _scratch("window", view.shape, view.dtype)
+        np.copyto(window, view)
+        return window
+    return source.read_into(direct.region, "window")
+
+
 def _assemble(blocks, slices: _Slices):
     """The input window from its pieces: the piece itself when it is the whole window and
     C-contiguous (the kernels read it in place), else one copy into this thread's window
     buffer (valid until the thread's next window)."""
+    if isinstance(blocks, _Direct):
+        return _read_window(blocks)
     grid = [[b[:, :, sh, sw] for b, (sh, sw) in zip(brow, srow)]
             for brow, srow in zip(blocks, slices.grid)]
     if len(grid) == 1 and len(grid[0]) == 1 and grid[0][0].flags.c_contiguous:
@@ -320,12 +360,17 @@ def _add_partials(parts):
 
 # --- graph building -------------------------------------------------------------------
 
-def _window(dsk, src, bn, rows, cols, strip_name, where):
-    """Keys and slices assembling src[block bn, :, r0:r1, c0:c1] from src's chunks.
+def _window(dsk, src, bn, rows, cols, strip_name, where, direct=None):
+    """Keys and slices assembling src[block bn, :, r0:r1, c0:c1] from src's chunks (or, with
+    `direct`, src's source on disk: a `_Direct` read by the task itself, no keys).
 
     A piece that is less than half of its block is cut out by its own task, so only the
     halo travels; larger pieces are sliced inside the consuming task.
     """
+    if direct is not None:
+        n = np.cumsum((0,) + src.chunks[0]).tolist()
+        return _Direct(direct, (slice(n[bn], n[bn + 1]), slice(None), slice(*rows),
+                                slice(*cols))), None
     hb = np.cumsum((0,) + src.chunks[2]).tolist()
     wb = np.cumsum((0,) + src.chunks[3]).tolist()
     keys, grid = [], []
@@ -510,6 +555,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
                      None if out is None else id(out))
     name, strips = "dilconv-conv2d-" + token, "dilconv-conv2d-halo-" + token
     dsk, wkey, bkey = _constants(token, p.weight, p.bias)
+    direct = _direct_source(x)
+    inputs = [] if direct is not None else [x]     # tasks read the file themselves
     for bn, (n0, n1) in enumerate(_ranges(x.chunks[0])):
         for bi, (a, b) in enumerate(_ranges(out_h)):
             r0, r1, pad_h = ax_h.window(a, b)
@@ -522,7 +569,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
                 keys = slices = None              # None: the block reads only padding
                 if r1 > r0 and c1 > c0:
                     keys, slices = _window(dsk, x, bn, (r0, r1), (c0, c1), strips,
-                                           (bn, bi, bj))
+                                           (bn, bi, bj), direct)
                 if out is not None:
                     region = (slice(n0, n1),) if p.batched else ()
                     region += (slice(None), slice(a, b), slice(c, d))
@@ -536,9 +583,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
         final = "dilconv-conv2d-stored-" + token
         dsk[final] = (_stored, [k for k in dsk if isinstance(k, tuple) and k[0] == name],
                       out)
-        graph = HighLevelGraph.from_collections(final, dsk, dependencies=[x])
+        graph = HighLevelGraph.from_collections(final, dsk, dependencies=inputs)
         return Delayed(final, graph)
-    y = _array(name, dsk, [x], chunks, p.dtype)
+    y = _array(name, dsk, inputs, chunks, p.dtype)
     return y if p.batched else y[0]
 
 
@@ -701,6 +748,8 @@ def conv2d_chain(input, layers, *, activation=None, threads_per_task=1, out=None
                      activation, first.threads, None if out is None else id(out))
     name, strips = "dilconv-chain-" + token, "dilconv-chain-halo-" + token
     dsk = {}
+    direct = _direct_source(src)
+    inputs = [] if direct is not None else [src]   # tasks read the file themselves
     params = []
     for i, p in enumerate(preps):
         layer, wkey, bkey = _constants(f"{token}-{i}", p.weight, p.bias)
@@ -724,7 +773,8 @@ def conv2d_chain(input, layers, *, activation=None, threads_per_task=1, out=None
                     rows, cols = (r0, r1), (c0, c1)
                 keys = slices = None
                 if steps[-1].conv is not None:
-                    keys, slices = _window(dsk, src, bn, rows, cols, strips, (bn, bi, bj))
+                    keys, slices = _window(dsk, src, bn, rows, cols, strips, (bn, bi, bj),
+                                           direct)
                 key = (name, bn, 0, bi, bj)
                 task = (_chain_block, keys, slices, params, tuple(steps[::-1]), activation)
                 if out is not None:
@@ -736,9 +786,9 @@ def conv2d_chain(input, layers, *, activation=None, threads_per_task=1, out=None
         final = "dilconv-chain-stored-" + token
         dsk[final] = (_stored, [k for k in dsk if isinstance(k, tuple) and k[0] == name],
                       out)
-        graph = HighLevelGraph.from_collections(final, dsk, dependencies=[src])
+        graph = HighLevelGraph.from_collections(final, dsk, dependencies=inputs)
         return Delayed(final, graph)
-    y = _array(name, dsk, [src], chunks, last.dtype)
+    y = _array(name, dsk, inputs, chunks, last.dtype)
     return y if last.batched else y[0]
 
 
@@ -1374,8 +1424,13 @@ class RawZarrArray:
         return buf
 
     def __getitem__(self, index):
+        return self.read_into(index)
+
+    def read_into(self, index, slot=None):
+        """``self[index]``, in a new array or (slot) in this thread's buffer of that name."""
         shape, result, pieces = self._pieces(index)
-        out = np.empty(shape, self.dtype)
+        out = np.empty(shape, self.dtype) if slot is None else _scratch(slot, shape,
+                                                                         self.dtype)
         for region, chunk, inner in pieces:
             np.copyto(out[region], self._read_chunk(chunk)[inner])
         return out.reshape(result)
