@@ -382,3 +382,24 @@ def test_zarr_in_zarr_out_chunk_files(tmp_path, rng, chain):
         w, b, d, p = layers[0]
         dd.conv2d(xd, w, b, dilation=d, padding=p, out=out).compute(scheduler="threads")
     _within(zarr.open_array(str(tmp_path / "y.zarr"), mode="r")[...], expected, bound)
+
+
+@pytest.mark.parametrize("chunks", [(1, 3, 16, 36), (1, 3, 12, 20), (2, 3, 40, 36)])
+@pytest.mark.parametrize("source", ["npy", "zarr"])
+def test_windows_read_from_the_source_by_the_tasks(tmp_path, rng, source, chunks):
+    """On a from_npy / from_zarr array each task reads its window from the file (a view
+    where the window is contiguous rows, else a copy): no input block is a task."""
+    x = rng.standard_normal((2, 3, 40, 36)).astype(np.float32)
+    if source == "npy":
+        np.save(tmp_path / "x.npy", x)
+        xd = dd.from_npy(tmp_path / "x.npy", chunks=chunks)
+    else:
+        _zarr(tmp_path / "x.zarr", x.shape, (1, 3, 4, 4))[...] = x
+        xd = dd.from_zarr(str(tmp_path / "x.zarr"), chunks=chunks)
+    w, b, d, p = _chain(rng, channels=(3, 4))[0]
+    layers = _chain(rng)
+    y = dd.conv2d(xd, w, b, dilation=d, padding=p)
+    fused = dd.conv2d_chain(xd, layers)
+    for result, stack in ((y, [(w, b, d, p)]), (fused, layers)):
+        assert xd.name not in dict(result.__dask_graph__().layers)
+        _within(result.compute(scheduler="threads"), *_chain_expected(x, stack, False))
