@@ -579,14 +579,19 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
                     dsk[key] = (_bias_block, shape, p.dtype, bkey)
                 else:
                     dsk[key] = (_forward_block, keys, slices, wkey, bkey, conv)
+    return _result(name, dsk, inputs, chunks, p.dtype, p.batched, out)
+
+
+def _result(name, dsk, inputs, chunks, dtype, batched, out):
+    """The lazy output array of blocks `name`, or with `out` the Delayed that stores them."""
     if out is not None:
-        final = "dilconv-conv2d-stored-" + token
+        final = name.replace("dilconv-", "dilconv-stored-", 1)
         dsk[final] = (_stored, [k for k in dsk if isinstance(k, tuple) and k[0] == name],
                       out)
         graph = HighLevelGraph.from_collections(final, dsk, dependencies=inputs)
         return Delayed(final, graph)
-    y = _array(name, dsk, inputs, chunks, p.dtype)
-    return y if p.batched else y[0]
+    y = _array(name, dsk, inputs, chunks, dtype)
+    return y if batched else y[0]
 
 
 def _check_store_target(out, chunks, dtype, batched):
@@ -782,14 +787,7 @@ def conv2d_chain(input, layers, *, activation=None, threads_per_task=1, out=None
                     region += (slice(None), slice(a, b), slice(c, d))
                     task += (_Store(out, region, steps[0].shape, last.dtype),)
                 dsk[key] = task
-    if out is not None:
-        final = "dilconv-chain-stored-" + token
-        dsk[final] = (_stored, [k for k in dsk if isinstance(k, tuple) and k[0] == name],
-                      out)
-        graph = HighLevelGraph.from_collections(final, dsk, dependencies=inputs)
-        return Delayed(final, graph)
-    y = _array(name, dsk, inputs, chunks, last.dtype)
-    return y if last.batched else y[0]
+    return _result(name, dsk, inputs, chunks, last.dtype, last.batched, out)
 
 
 def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1,
