@@ -4,6 +4,7 @@ Dilation d spaces a kernel's taps d pixels apart, so a k x k kernel sees a (k-1)
 at k*k cost. Semantics follow torch.nn.functional.conv2d (cross-correlation, NCHW, OIHW).
 """
 from ._api import Conv2dGrads, conv2d, conv2d_backward, output_shape
+from ._config import show_config
 from ._conv1d import conv1d, conv1d_backward
 from ._threads import get_num_threads, set_num_threads
 from ._transpose import conv_transpose2d, conv_transpose2d_backward
@@ -13,4 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = ["conv2d", "conv2d_backward", "Conv2dGrads", "output_shape", "conv1d",
            "conv1d_backward", "conv_transpose2d", "conv_transpose2d_backward",
-           "Conv2d", "Conv1d", "ConvTranspose2d", "get_num_threads", "set_num_threads"]
+           "Conv2d", "Conv1d", "ConvTranspose2d", "get_num_threads", "set_num_threads",
+           "show_config"]

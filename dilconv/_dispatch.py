@@ -30,7 +30,7 @@ import threading
 
 import numpy as np
 
-from . import _backward, _depthwise, _flat, _forward, _gemm, _panel
+from ._tiers import _backward, _depthwise, _flat, _forward, _gemm, _panel
 from ._geometry import ConvSpec
 from ._threads import threads_for
 

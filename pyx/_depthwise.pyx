@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Forward of depthwise convolutions: one input channel per group (C/groups == 1), any
 channel multiplier O/groups, stride and dilation.
 

@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Packed panels and a register-blocked micro-kernel (layers with many channels).
 
 The output plane is cut into tiles aligned with the taps' in-bounds ranges, so in a tile
