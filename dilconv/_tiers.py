@@ -24,7 +24,7 @@ import types
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from . import _cpu
-from ._tier_table import PACKAGE, TIERS
+from ._tier_table import PACKAGE, TEST_ONLY, TIERS
 
 KERNEL_MODULES = ("_forward", "_backward", "_gemm", "_flat", "_panel", "_depthwise")
 ENV = "DILCONV_ISA"
@@ -65,13 +65,16 @@ def check(tier: object, name: str = "tier") -> str:
     return tier
 
 
+# The tier to run when none is asked for.
+BEST: str = [t for t in SUPPORTED if t not in TEST_ONLY][-1]
+
+
 def _choose() -> Tuple[str, str]:
     value = os.environ.get(ENV, "").strip()
-    best = SUPPORTED[-1]
     if not value:
-        return best, f"the highest tier this CPU supports; {ENV} is not set"
+        return BEST, f"the highest tier this CPU supports; {ENV} is not set"
     tier = check(value, ENV)
-    return tier, f"{ENV}={value}" + ("" if tier == best else f"; the CPU supports {best}")
+    return tier, f"{ENV}={value}" + ("" if tier == BEST else f"; the CPU supports {BEST}")
 
 
 DEFAULT, REASON = _choose()

@@ -88,16 +88,16 @@ static inline void NAME(const T *restrict x, ptrdiff_t x_next, ptrdiff_t x_row, 
    recomputes some outputs (same sums, stored again). Runs shorter than a vector take half
    vectors the same way, or single outputs. */
 #define DILCONV_DW_ROWS(NAME, T, R)                                                 \
-DILCONV_DW_BLOCK(NAME##_v4, T, DILCONV_VEC_BYTES, R, 4)                                              \
-DILCONV_DW_BLOCK(NAME##_v3, T, DILCONV_VEC_BYTES, R, 3)                                              \
-DILCONV_DW_BLOCK(NAME##_v2, T, DILCONV_VEC_BYTES, R, 2)                                              \
-DILCONV_DW_BLOCK(NAME##_v1, T, DILCONV_VEC_BYTES, R, 1)                                              \
-DILCONV_DW_BLOCK(NAME##_half, T, DILCONV_VEC_BYTES / 2, R, 1)                                            \
+DILCONV_DW_BLOCK(NAME##_v4, T, DILCONV_VEC256_BYTES, R, 4)                                           \
+DILCONV_DW_BLOCK(NAME##_v3, T, DILCONV_VEC256_BYTES, R, 3)                                           \
+DILCONV_DW_BLOCK(NAME##_v2, T, DILCONV_VEC256_BYTES, R, 2)                                           \
+DILCONV_DW_BLOCK(NAME##_v1, T, DILCONV_VEC256_BYTES, R, 1)                                           \
+DILCONV_DW_BLOCK(NAME##_half, T, DILCONV_VEC256_BYTES / 2, R, 1)                                         \
 DILCONV_DW_ONE(NAME##_one, T, R)                                                      \
 static inline void NAME(ptrdiff_t n, const T *x, ptrdiff_t x_next, ptrdiff_t x_row,   \
                         ptrdiff_t nh, ptrdiff_t dw, ptrdiff_t sw, const T *w,         \
                         ptrdiff_t w_row, ptrdiff_t nk, T b, T *y, ptrdiff_t y_next) { \
-    const ptrdiff_t lanes = DILCONV_VEC_BYTES / sizeof(T), half = lanes / 2;                         \
+    const ptrdiff_t lanes = DILCONV_VEC256_BYTES / sizeof(T), half = lanes / 2;                      \
     ptrdiff_t j = 0;                                                                  \
     if (sw == 1 && n >= lanes) {                                                      \
         for (; j + 4 * lanes <= n; j += 4 * lanes)                                    \

@@ -22,7 +22,7 @@ from _common cimport Geom, make_geom
 
 
 cdef extern from "_microkernel.h":
-    enum: DILCONV_MR, DILCONV_BLOCK_BYTES
+    enum: DILCONV_MR, DILCONV_MR_GW, DILCONV_BLOCK_BYTES
     ctypedef struct Terms "dilconv_terms":
         # The sum of one output block: see pyx/_microkernel.h.
         Py_ssize_t n_seg, seg_len
@@ -404,8 +404,8 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
                     while o < o_stop:
                         ukr(&terms, &gy[n, o, 0, 0], pack, NULL, 1,
                             &gwt[kh * g.kW + kw, o, cb * nr], gwt.shape[2],
-                            min(<Py_ssize_t> DILCONV_MR, o_stop - o), lanes)
-                        o = o + DILCONV_MR
+                            min(<Py_ssize_t> DILCONV_MR_GW, o_stop - o), lanes)
+                        o = o + DILCONV_MR_GW
 
 
 def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,

@@ -115,7 +115,7 @@ def test_best_supported_tier_is_the_default_unless_forced():
     if os.environ.get(_tiers.ENV, "").strip():
         assert _tiers.DEFAULT == os.environ[_tiers.ENV].strip()
     else:
-        assert _tiers.DEFAULT == _tiers.SUPPORTED[-1]
+        assert _tiers.DEFAULT == _tiers.BEST
     # What the CPU reports decides: a tier is supported exactly when none of its
     # features is missing.
     for tier in _tiers.BUILT:
@@ -124,6 +124,17 @@ def test_best_supported_tier_is_the_default_unless_forced():
             _tiers.FEATURES.get("avx512dq") and _tiers.FEATURES.get("avx512vl") and \
             "v4" in _tiers.BUILT:
         assert "v4" in _tiers.SUPPORTED
+
+
+@pytest.mark.skipif("v4_on_v3" not in _tiers.SUPPORTED, reason="no AVX2 tiers here")
+def test_v4_sizes_on_v3_are_v4s():
+    # The test tier exists to run v4's blocking everywhere: it must have v4's sizes.
+    k = _tiers.kernels("v4_on_v3")._panel
+    assert k.MR != _tiers.kernels("v3")._panel.MR
+    if "v4" in _tiers.SUPPORTED:
+        v4 = _tiers.kernels("v4")._panel
+        assert (k.MR, k.BLOCK_NBYTES) == (v4.MR, v4.BLOCK_NBYTES)
+    assert _tiers.BEST != "v4_on_v3"
 
 
 def test_proxies_refuse_assignment():
@@ -141,7 +152,7 @@ def test_dilconv_isa_values(value, words):
     r = subprocess.run([sys.executable, "-c", "from dilconv import _tiers; print(_tiers.DEFAULT)"],
                        env=env, capture_output=True, text=True)
     if words is None:
-        assert r.returncode == 0 and r.stdout.strip() == _tiers.SUPPORTED[-1], r.stderr
+        assert r.returncode == 0 and r.stdout.strip() == _tiers.BEST, r.stderr
         return
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
@@ -187,8 +198,8 @@ def test_show_config():
         assert "CPU tier: baseline (set by dilconv._tiers.use()" in out.getvalue()
 
 
-# Registers a tier must not use: SSE2 code has no ymm/zmm, AVX2 code no zmm.
-FORBIDDEN_REGISTERS = {"baseline": ("ymm", "zmm"), "v3": ("zmm",)}
+# Registers a tier must not use: SSE2 code has no ymm/zmm, AVX2 code (v4's sizes too) no zmm.
+FORBIDDEN_REGISTERS = {"baseline": ("ymm", "zmm"), "v3": ("zmm",), "v4_on_v3": ("zmm",)}
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
@@ -207,8 +218,8 @@ def test_tier_objects_hold_only_their_registers(tier):
             hits = [line for line in asm.splitlines() if f"%{reg}" in line]
             assert not hits, f"{module.__name__} uses {reg}: {hits[:3]}"
         uses_ymm.append("%ymm" in asm)
-    # The v3 build is AVX2 code (the check above cannot pass on a build without it).
-    assert tier != "v3" or any(uses_ymm)
+    # The AVX2 builds are AVX2 code (the check above cannot pass on a build without it).
+    assert tier == "baseline" or any(uses_ymm)
 
 
 QEMU_SCRIPT = """
@@ -237,12 +248,15 @@ print(_tiers.current(), worst)
 
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
                     reason="qemu-x86_64 not installed (apt-get install qemu-user)")
-@pytest.mark.parametrize("cpu, tier", [("Haswell", "v3"), ("Nehalem", "baseline")])
-def test_runs_on_cpus_without_avx512_or_avx(cpu, tier):
-    if "v3" not in _tiers.BUILT:
-        pytest.skip("not an x86-64 build with tiers")
+@pytest.mark.parametrize("cpu, forced, tier", [("Haswell", "", "v3"),
+                                               ("Haswell", "v4_on_v3", "v4_on_v3"),
+                                               ("Nehalem", "", "baseline")])
+def test_runs_on_cpus_without_avx512_or_avx(cpu, forced, tier):
+    if tier not in _tiers.BUILT:
+        pytest.skip(f"no {tier} in this build")
+    env = dict(os.environ, **{_tiers.ENV: forced})
     r = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", QEMU_SCRIPT],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=env)
     # A signal (SIGILL: an instruction the CPU lacks) gives a negative return code.
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     chosen, worst = r.stdout.split()

@@ -11,17 +11,9 @@ set -euo pipefail
 
 root=$(cd "${1:-$(dirname "$0")/..}" && pwd)
 shift || true
-work=$(mktemp -d "${TMPDIR:-/tmp}/dilconv-debug.XXXXXX")
 status=1
-cleanup() {
-    if [[ $status -eq 0 && -z "${KEEP:-}" ]]; then rm -rf "$work"; else echo "kept $work"; fi
-}
-trap cleanup EXIT
-
-echo "== copy $root -> $work"
 . "$(dirname "$0")/_copy_repo.sh"
-copy_repo "$root" "$work"
-cd "$work"
+start_work_copy "$root" dilconv-debug
 
 echo "== build with DILCONV_DEBUG=1 (log: $work/build.log)"
 if ! DILCONV_DEBUG=1 python setup.py build_ext --inplace -j 2 >"$work/build.log" 2>&1; then

@@ -16,19 +16,11 @@
 set -euo pipefail
 
 root=$(cd "${1:-$(dirname "$0")/..}" && pwd)
-work=$(mktemp -d "${TMPDIR:-/tmp}/dilconv-san.XXXXXX")
+status=0
+. "$(dirname "$0")/_copy_repo.sh"
+start_work_copy "$root" dilconv-san
 logs="$work/logs"
 mkdir -p "$logs"
-status=0
-cleanup() {
-    if [[ $status -eq 0 && -z "${KEEP:-}" ]]; then rm -rf "$work"; else echo "kept $work"; fi
-}
-trap cleanup EXIT
-
-echo "== copy $root -> $work"
-. "$(dirname "$0")/_copy_repo.sh"
-copy_repo "$root" "$work"
-cd "$work"
 
 echo "== build with DILCONV_SANITIZE=1 (log: $logs/build.log)"
 if ! DILCONV_SANITIZE=1 python setup.py build_ext --inplace -j 2 >"$logs/build.log" 2>&1; then
