@@ -6,7 +6,8 @@ import json
 import sys
 
 from . import layers as layers_mod
-from .impls import PEERS, ScipyOracle
+from .impls import ScipyOracle
+from .peers import PEERS
 from .plot import matplotlib_missing
 from .report import render, text_table
 from .run import Settings, run
@@ -58,8 +59,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Time dilconv's conv2d forward and backward against PyTorch, a numpy "
-                    "im2col+matmul peer and the scipy oracle on real layers.")
+        description="Time dilconv's conv2d forward and backward against PyTorch (oneDNN), "
+                    "ONNX Runtime (MLAS), JAX (XLA), a numpy im2col+matmul peer and the "
+                    "scipy oracle on real layers, with the CPU's own multiply-add peak "
+                    "and copy bandwidth as yardsticks.")
     p.add_argument("--suite", default="default", choices=sorted(layers_mod.SUITES),
                    help="named set of layers, dtypes and threads (see --list); "
                         "default: %(default)s")
@@ -78,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
                         "%(default)s); fast calls are repeated more, up to "
                         f"{Settings.max_repeat} times")
     p.add_argument("--peers", type=_csv(str, list(PEERS) + ["none"]), default=list(PEERS),
-                   help="peers to compare with: torch,numpy,scipy (default all) or none")
+                   help="peers to compare with: " + ",".join(PEERS) + " (default all; "
+                        "each one not installed is skipped with a note) or none")
     p.add_argument("--scipy-limit", type=_non_negative, default=1.0,
                    help="skip the scipy oracle where one call would take longer than this "
                         "many seconds by its cost model (default %(default)s)")
@@ -106,6 +110,7 @@ def list_everything() -> str:
         ["layer", "input", "weight", "args", "what"],
         [[layer.name, "x".join(map(str, layer.input)), "x".join(map(str, layer.weight)),
           layer.describe(), layer.what] for layer in layers_mod.LAYERS.values()], left=5)
+    layers += f"\n{layers_mod.NOTATION}"
     peers = []
     for name, cls in PEERS.items():
         reason = cls().missing()

@@ -13,8 +13,8 @@ from typing import Optional
 import numpy as np
 
 import dilconv
-from dilconv import reference, tolerance
-from dilconv._dispatch import choose_path
+from dilconv import reference, testing, tolerance
+from dilconv._dispatch import select
 
 from . import im2col
 
@@ -67,13 +67,11 @@ class Case:
             if op == "forward":
                 scale = dilconv.conv2d(f64(self.x), f64(self.weight), None, *args)
                 scales = (scale + f64(self.bias)[None, :, None, None],)
-                terms = (tolerance.forward_terms(spec, True),)
             else:
                 scales = dilconv.conv2d_backward(f64(self.grad_output), f64(self.x),
                                                  f64(self.weight), *args)
-                terms = (tolerance.grad_input_terms(spec), tolerance.grad_weight_terms(spec),
-                         tolerance.grad_weight_terms(spec))
-            self._bounds[op] = tuple(2 * tolerance.error_bound(a, k, self.dtype)
+            terms = testing.terms(spec, backward=op != "forward", bias=True)
+            self._bounds[op] = tuple(testing.Expected(None, a, k).bound(self.dtype, sides=2)
                                      for a, k in zip(scales, terms))
         return self._bounds[op]
 
@@ -108,7 +106,9 @@ class Impl:
         """Why this case is skipped (None: run it)."""
         return None
 
-    def runner(self, case: Case, op: str) -> tuple:
+    def runner(self, case: Case, op: str, threads: int = 1) -> tuple:
+        """(call, before) for `op` on `case`; `threads` is the count the run is at (most
+        implementations follow the thread scope instead)."""
         raise NotImplementedError
 
     def outputs(self, result) -> tuple:
@@ -117,6 +117,13 @@ class Impl:
     def info(self, case: Case, op: str) -> dict:
         """Extra facts recorded with each measurement."""
         return {}
+
+    def measured(self, case: Case, op: str, threads: int) -> dict:
+        """Facts known once the measurement is done (a "warning" entry becomes a note)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the implementation holds (child processes)."""
 
 
 class Dilconv(Impl):
@@ -127,7 +134,7 @@ class Dilconv(Impl):
                          "and bias, from scratch (no saved forward state)"}
     measures_memory = True
 
-    def runner(self, case, op):
+    def runner(self, case, op, threads=1):
         args = case.layer.args()
         if op == "forward":
             return (lambda: dilconv.conv2d(case.x, case.weight, case.bias, *args)), None
@@ -136,9 +143,9 @@ class Dilconv(Impl):
 
     def info(self, case, op):
         if op == "forward":
-            return {"path": choose_path(case.spec)}
+            return {"path": select(case.spec, "forward", case.weight)}
         # The input and the weight gradient may take different kernel families.
-        paths = [choose_path(case.spec, "grad_input"), choose_path(case.spec, "backward")]
+        paths = [select(case.spec, "grad_input"), select(case.spec, "grad_weight")]
         return {"path": paths[0] if paths[0] == paths[1] else "+".join(paths)}
 
 
@@ -149,7 +156,7 @@ class NumpyIm2col(Impl):
              "backward": "bench.im2col.conv2d_backward: im2col again, two matmuls, col2im"}
     measures_memory = True
 
-    def runner(self, case, op):
+    def runner(self, case, op, threads=1):
         args = case.norm_args
         if op == "forward":
             return (lambda: im2col.conv2d(case.x, case.weight, case.bias, *args)), None
@@ -185,7 +192,7 @@ class ScipyOracle(Impl):
             return f"would take ~{estimate:.3g} s per call (limit {self.limit_s:g} s)"
         return None
 
-    def runner(self, case, op):
+    def runner(self, case, op, threads=1):
         args = case.norm_args
         if op == "forward":
             return (lambda: reference.conv2d_reference(case.x, case.weight, case.bias,
@@ -213,7 +220,7 @@ class Torch(Impl):
         self.torch = torch
         return None
 
-    def runner(self, case, op):
+    def runner(self, case, op, threads=1):
         torch = self.torch
         conv = torch.nn.functional.conv2d
         args = case.layer.args()
@@ -236,5 +243,3 @@ class Torch(Impl):
     def outputs(self, result):
         return tuple(t.detach().numpy() for t in _as_tuple(result))
 
-
-PEERS = {"torch": Torch, "numpy": NumpyIm2col, "scipy": ScipyOracle}

@@ -1,8 +1,11 @@
-"""The benchmark layers (DESIGN.md, "Benchmark layer suite") and named suites of them."""
+"""The benchmark layers (the table in README.md, "Benchmarks", and `python -m bench --list`)
+and named suites of them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 from dilconv._validate import make_spec
 
@@ -33,7 +36,7 @@ class Layer:
         return self.stride, self.padding, self.dilation, self.groups
 
     def describe(self) -> str:
-        """Short argument summary in the DESIGN table's notation, e.g. 'g128 p4 d4'."""
+        """Short argument summary as the layer table writes it, e.g. 'g128 p4 d4'."""
         parts = []
         for prefix, value, default in (("s", self.stride, 1), ("p", self.padding, 0),
                                        ("d", self.dilation, 1), ("g", self.groups, 1)):
@@ -45,7 +48,8 @@ class Layer:
 
 
 LAYERS = {layer.name: layer for layer in [
-    Layer("seed_toy", (1, 1, 4, 4), (1, 1, 2, 2), dilation=2, what="the seed's 4x4 example"),
+    Layer("seed_toy", (1, 1, 4, 4), (1, 1, 2, 2), dilation=2,
+          what="the 4x4 example of the API tour"),
     Layer("seed_3to16", (1, 3, 256, 256), (16, 3, 3, 3), dilation=2,
           what="RGB stem, few input channels"),
     Layer("aspp_r6", (1, 256, 33, 33), (256, 256, 3, 3), padding=6, dilation=6,
@@ -62,6 +66,9 @@ LAYERS = {layer.name: layer for layer in [
           what="strided and dilated"),
 ]}
 
+NOTATION = ("input N x C x H x W, weight O x C/groups x kH x kW; args: s stride, p padding "
+            "(each side), d dilation, g groups (defaults 1, 0, 1, 1 left out)")
+
 DEFAULT_THREADS = (1, 2)
 
 
@@ -74,8 +81,8 @@ class Suite:
 
 
 SUITES = {
-    "default": Suite(tuple(LAYERS), what="the DESIGN layer suite, float32"),
-    "all": Suite(tuple(LAYERS), DTYPES, what="the DESIGN layer suite, float32 and float64"),
+    "default": Suite(tuple(LAYERS), what="every layer below, float32"),
+    "all": Suite(tuple(LAYERS), DTYPES, what="every layer below, float32 and float64"),
     "tiny": Suite(("seed_toy",), what="seed_toy only: a smoke test in seconds"),
 }
 
@@ -100,3 +107,27 @@ def flops(spec, op: str) -> tuple:
         return nominal, effective
     bias = spec.n * spec.o * spec.ho * spec.wo
     return 2 * nominal + bias, 2 * effective + bias
+
+
+def min_bytes(spec, op: str, dtype: str) -> int:
+    """Bytes one call must at least move: each array it reads and writes, once.
+
+    Forward reads x, weight and bias and writes y; backward reads grad_output, x and weight
+    and writes the three gradients.
+    """
+    s = spec
+    x = s.n * s.c * s.h * s.w
+    w = s.o * (s.c // s.groups) * s.kh * s.kw
+    y = s.n * s.o * s.ho * s.wo
+    elements = x + w + s.o + y if op == "forward" else y + x + w + x + w + s.o
+    return elements * np.dtype(dtype).itemsize
+
+
+def memory_bound(spec, fma_peak: dict, copy_bandwidth: dict) -> bool:
+    """True when the forward cannot reach the 1-thread multiply-add peak even at the copy
+    bandwidth: fewer flops per byte moved than the machine's balance (float32, or the
+    dtype measured)."""
+    dtype = "float32" if "float32" in fma_peak else next(iter(fma_peak))
+    threads = min(copy_bandwidth, key=int)
+    intensity = flops(spec, "forward")[1] / min_bytes(spec, "forward", dtype)
+    return intensity < fma_peak[dtype][threads] / copy_bandwidth[threads]

@@ -108,8 +108,12 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "versions": {name: _version(name) for name in
-                     ("dilconv", "numpy", "scipy", "torch", "threadpoolctl", "matplotlib")},
+                     ("dilconv", "numpy", "scipy", "torch", "onnxruntime", "jax",
+                      "threadpoolctl", "matplotlib")},
         "dilconv_build": dilconv_build(),
         "threadpools": _threadpools(),
         "torch": _torch_info(),
+        # They force OpenBLAS (numpy's and scipy's BLAS) onto an older kernel.
+        "openblas_env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                         if k in os.environ},
     }

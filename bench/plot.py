@@ -5,8 +5,9 @@ import math
 
 import numpy as np
 
-COLORS = {"torch": "#1f77b4", "numpy": "#ff7f0e", "scipy": "#2ca02c"}
-OTHER_COLORS = ["#9467bd", "#8c564b", "#e377c2"]
+COLORS = {"torch": "#1f77b4", "ort": "#d62728", "jax": "#9467bd", "numpy": "#ff7f0e",
+          "scipy": "#2ca02c"}
+OTHER_COLORS = ["#8c564b", "#e377c2", "#7f7f7f"]
 
 
 def matplotlib_missing():

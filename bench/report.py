@@ -1,8 +1,11 @@
 """Render a report (see bench.run) as text tables."""
 from __future__ import annotations
 
+import math
+
 SHORT = {"float32": "f32", "float64": "f64", "forward": "fwd", "backward": "bwd"}
-KEY_ISA = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve")
+KEY_ISA = ("sse2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+           "avx512_bf16", "amx_tile", "asimd", "sve")
 
 
 def text_table(headers: list, rows: list, left: int = 1) -> str:
@@ -51,10 +54,24 @@ def machine_summary(report: dict) -> str:
                      + ", ".join(f"{v:.2f}" for v in load) + f" on {cores} cores" + busy)
     if build["env"]:
         lines.append("environment: " + " ".join(f"{k}={v}" for k, v in build["env"].items()))
-    peaks = "; ".join(
-        f"{dtype} " + ", ".join(f"{n} thr {v:.1f}" for n, v in by_threads.items())
-        for dtype, by_threads in report["gemm_peak_gflops"].items())
-    lines.append(f"GEMM peak (numpy matmul, GFLOP/s, best of the start and the end): {peaks}")
+    for key, value in sorted(m.get("openblas_env", {}).items()):
+        lines.append(f"WARNING: {key}={value} is set: it forces numpy's OpenBLAS onto an "
+                     f"older kernel, so the numpy matmul figure below understates the machine "
+                     f"(unset it in the benchmark command)")
+
+    def per_threads(by_threads, fmt="{:.1f}"):
+        return ", ".join(f"{n} thr {fmt.format(v)}" for n, v in by_threads.items())
+    widths = report["fma_peak_by_width_gflops"]
+    for dtype, by_width in widths.items():
+        lines.append(f"FMA peak {dtype} (GFLOP/s, the CPU's own multiply-add loop): "
+                     + "; ".join(f"{w}-bit {per_threads(v)}" for w, v in by_width.items()))
+    lines.append("copy bandwidth (GB/s read + written): "
+                 + per_threads(report["copy_bandwidth_gbs"]))
+    peaks = "; ".join(f"{dtype} {per_threads(by_threads)}"
+                      for dtype, by_threads in report["gemm_peak_gflops"].items())
+    lines.append(f"numpy matmul (OpenBLAS, GFLOP/s), for comparison only: {peaks}")
+    lines.append(f"%peak: of the {report['fma_peak_width_bits']}-bit FMA peak at the same "
+                 f"dtype and threads; best of the start and the end of the run")
     return "\n".join(lines)
 
 
@@ -81,9 +98,11 @@ def results_table(report: dict) -> str:
         key = (row["layer"], row["op"], row["dtype"], row["threads"])
         groups.setdefault(key, {})[row["impl"]] = row
     headers = ["layer", "op", "dtype", "thr", "path", "dilconv ms", "iqr", "GF/s", "%peak",
-               "MiB"]
+               "%bw", "MiB"]
     for peer in peers:
         headers += [f"{peer} ms", "%peak", f"vs {peer}"]
+    headers.append("vs best")
+    memory_bound = report.get("memory_bound", {})
     rows = []
     for (layer, op, dtype, threads), by_impl in groups.items():
         ours = by_impl["dilconv"]
@@ -92,12 +111,34 @@ def results_table(report: dict) -> str:
                 threads, ours.get("path", "-"), _ms(ours),
                 f"{100 * ours['iqr_s'] / ours['median_s']:.0f}%" if ok else "-",
                 _num(ours.get("gflops_effective")), _num(ours.get("pct_peak"), "{:.0f}"),
+                _num(ours.get("pct_copy_bw") if memory_bound.get(layer) else None,
+                     "{:.0f}"),
                 _num(ours.get("extra_mib"), "{:.2g}")]
         for peer in peers:
             row = by_impl.get(peer)
             line += [_ms(row), _num(row and row.get("pct_peak"), "{:.0f}"), _ratio(row)]
+        best = ours.get("vs_best")
+        line.append("-" if best is None else f"{best:.2f}x {ours['best_peer']}")
         rows.append(line)
     return text_table(headers, rows, left=5)
+
+
+def summary_table(report: dict) -> str:
+    """Per (op, dtype, threads): geometric mean and minimum over layers of `vs best`."""
+    groups = {}
+    for row in report["results"]:
+        if row["impl"] == "dilconv" and row.get("vs_best"):
+            key = (row["op"], row["dtype"], row["threads"])
+            groups.setdefault(key, []).append((row["vs_best"], row["layer"],
+                                               row["best_peer"]))
+    rows = []
+    for (op, dtype, threads), values in groups.items():
+        geomean = math.exp(sum(math.log(v) for v, _, _ in values) / len(values))
+        worst = min(values)
+        rows.append([SHORT[op], SHORT.get(dtype, dtype), threads, len(values),
+                     f"{geomean:.2f}x", f"{worst[0]:.2f}x", f"{worst[1]} (vs {worst[2]})"])
+    return text_table(["op", "dtype", "thr", "layers", "geomean vs best", "min vs best",
+                       "where"], rows, left=3)
 
 
 def long_table(report: dict) -> str:
@@ -130,10 +171,13 @@ def scaling_table(report: dict) -> str:
 
 LEGEND = ("ms: median time of one call; iqr: interquartile range / median; GF/s: effective "
           "GFLOP/s (taps that read the image, 2 per multiply-add; backward = grad input + "
-          "grad weight + grad bias); %peak: of the GEMM peak at the same dtype and threads; "
-          "MiB: peak extra numpy memory of one dilconv call beyond its outputs; "
-          "vs <peer>: peer time / dilconv time (> 1: dilconv is faster; with --long, "
-          "ratio is that for each peer and torch's time / dilconv's on dilconv's line). "
+          "grad weight + grad bias); %peak: of the CPU's FMA peak (widest vectors) at the "
+          "same dtype and threads; %bw (memory-bound layers only): bytes every call must "
+          "move (each input read and each output written once) per second, as % of the "
+          "copy bandwidth; MiB: peak extra numpy memory of one dilconv call beyond its "
+          "outputs; vs <peer>: peer time / dilconv time (> 1: dilconv is faster; with "
+          "--long, ratio is that for each peer and torch's time / dilconv's on dilconv's "
+          "line); vs best: the fastest peer timed's time / dilconv's, and which peer. "
           "fwd = forward, bwd = backward.")
 
 
@@ -143,6 +187,9 @@ def render(report: dict, long: bool = False) -> str:
     if report["thread_scaling"]:
         parts += ["", "thread scaling (time at fewer threads / time at more):",
                   scaling_table(report)]
+    if any(row.get("vs_best") for row in report["results"]):
+        parts += ["", "summary (vs best: the fastest peer's time / dilconv's, per layer):",
+                  summary_table(report)]
     parts += ["", LEGEND]
     if report["notes"]:
         parts += ["", "notes:"] + [f"- {note}" for note in report["notes"]]

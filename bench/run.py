@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from threadpoolctl import threadpool_limits
 
 import dilconv
+from dilconv import _cpu
 
 from . import layers as layers_mod
 from .impls import Case, Dilconv, check
@@ -23,7 +24,7 @@ from .machine import load_average, machine_info
 from .timing import (MAX_REPEAT, extra_memory, gemm_peak, repeats_for, summarize,
                      time_interleaved)
 
-SCHEMA = 1
+SCHEMA = 2
 # A first call longer than this is its own warm-up and timing estimate.
 SLOW_CALL_S = 1.0
 
@@ -117,7 +118,7 @@ def measure_group(case, op: str, threads: int, impls: list, settings: Settings) 
             row.update(status="skipped", note=reason)
             continue
         try:
-            call, before = impl.runner(case, op)
+            call, before = impl.runner(case, op, threads)
             result, estimate = _warm_up(call, before)
             outputs = impl.outputs(result)
             if isinstance(impl, Dilconv):
@@ -141,6 +142,7 @@ def measure_group(case, op: str, threads: int, impls: list, settings: Settings) 
         if impl.name not in runners:
             continue
         row.update(summarize(times[impl.name]))
+        row.update(impl.measured(case, op, threads))
         median = row["median_s"]
         row["gflops_nominal"] = nominal / median / 1e9
         row["gflops_effective"] = effective / median / 1e9
@@ -151,7 +153,8 @@ def measure_group(case, op: str, threads: int, impls: list, settings: Settings) 
 
 
 def _add_ratios(rows: dict) -> None:
-    """ratio = peer time / dilconv time (> 1: dilconv is faster)."""
+    """ratio = peer time / dilconv time (> 1: dilconv is faster); on dilconv's row, the
+    ratio to torch and to the fastest peer timed (`vs_best`, with its name)."""
     ours = rows.get("dilconv", {}).get("median_s")
     for name, row in rows.items():
         if name != "dilconv":
@@ -159,6 +162,10 @@ def _add_ratios(rows: dict) -> None:
             row["ratio"] = peer / ours if ours and peer else None
     if "dilconv" in rows:
         rows["dilconv"]["ratio_to_torch"] = rows.get("torch", {}).get("ratio")
+        timed = [(row["ratio"], name) for name, row in rows.items()
+                 if name != "dilconv" and row.get("ratio")]
+        best = min(timed, default=(None, None))
+        rows["dilconv"]["vs_best"], rows["dilconv"]["best_peer"] = best
 
 
 def thread_scaling(results: list) -> list:
@@ -185,6 +192,25 @@ def thread_scaling(results: list) -> list:
 def _gemm_peaks(dtypes: list, thread_counts: list, size: int) -> dict:
     return {dtype: {str(n): gemm_peak(dtype, n, size) for n in thread_counts}
             for dtype in dtypes}
+
+
+def _fma_peaks(dtypes: list, thread_counts: list) -> dict:
+    """{dtype: {width: {threads: GFLOP/s}}} of the CPU's own multiply-add probe."""
+    return {dtype: {str(w): {str(n): _cpu.fma_peak(dtype, n, w) for n in thread_counts}
+                    for w in _cpu.vector_widths()}
+            for dtype in dtypes}
+
+
+def _bandwidths(thread_counts: list) -> dict:
+    return {str(n): _cpu.copy_bandwidth(n) for n in thread_counts}
+
+
+def _best(runs: list):
+    """Elementwise maximum of nested dicts of numbers (peaks: a busy moment only lowers
+    a measurement)."""
+    if isinstance(runs[0], dict):
+        return {k: _best([r[k] for r in runs]) for k in runs[0]}
+    return max(runs)
 
 
 def layer_record(layer) -> dict:
@@ -221,33 +247,54 @@ def run(layers: list, ops: list, dtypes: list, thread_counts: list, peers: list,
     if usable and max(thread_counts) > usable:
         notes.append(f"{max(thread_counts)} threads requested but only {usable} cores "
                      f"usable: those timings are oversubscribed")
-    peak_runs = {"start": _gemm_peaks(dtypes, thread_counts, settings.peak_size)}
+    # Yardsticks, measured at the start and again at the end: a busy moment must not
+    # lower a peak.
+    def yardsticks():
+        return {"matmul": _gemm_peaks(dtypes, thread_counts, settings.peak_size),
+                "fma": _fma_peaks(dtypes, thread_counts),
+                "copy": _bandwidths(thread_counts)}
+    yard_runs = {"start": yardsticks()}
     bar = Progress(len(layers) * len(dtypes) * len(thread_counts) * len(ops), progress)
     results = []
-    for layer in layers:
-        for dtype in dtypes:
-            case = Case.make(layer, dtype)
-            for n in thread_counts:
-                with thread_scope(n, torch):
-                    used = {"dilconv": dilconv.get_num_threads()}
-                    if torch is not None:
-                        used["torch"] = torch.get_num_threads()
-                    for op in ops:
-                        bar.step(f"{layer.name} {op} {dtype} {n} thread(s)")
-                        rows = measure_group(case, op, n, active, settings)
-                        for row in rows:
-                            row["threads_used"] = used.get(row["impl"], n)
-                        results.extend(rows)
+    try:
+        for layer in layers:
+            for dtype in dtypes:
+                case = Case.make(layer, dtype)
+                for n in thread_counts:
+                    with thread_scope(n, torch):
+                        used = {"dilconv": dilconv.get_num_threads()}
+                        if torch is not None:
+                            used["torch"] = torch.get_num_threads()
+                        for op in ops:
+                            bar.step(f"{layer.name} {op} {dtype} {n} thread(s)")
+                            rows = measure_group(case, op, n, active, settings)
+                            for row in rows:
+                                row["threads_used"] = used.get(row["impl"], n)
+                            results.extend(rows)
+    finally:
+        for impl in active:
+            impl.close()
     bar.finish()
     info["load_average_end"] = load_average()
-    # Measured again at the end: a busy moment at the start must not lower the peak.
-    peak_runs["end"] = _gemm_peaks(dtypes, thread_counts, settings.peak_size)
-    peaks = {dtype: {n: max(run[dtype][n] for run in peak_runs.values()) for n in by_threads}
-             for dtype, by_threads in peak_runs["start"].items()}
+    yard_runs["end"] = yardsticks()
+    yard = _best(list(yard_runs.values()))
+    widest = str(max(_cpu.vector_widths()))
+    fma = {dtype: by_width[widest] for dtype, by_width in yard["fma"].items()}
+    specs = {layer.name: layer.spec() for layer in layers}
     for row in results:
         if "gflops_effective" in row:
-            row["pct_peak"] = 100.0 * row["gflops_effective"] / peaks[row["dtype"]][
-                str(row["threads"])]
+            threads, spec = str(row["threads"]), specs[row["layer"]]
+            row["pct_peak"] = 100.0 * row["gflops_effective"] / fma[row["dtype"]][threads]
+            row["pct_matmul"] = 100.0 * row["gflops_effective"] / yard["matmul"][
+                row["dtype"]][threads]
+            moved = layers_mod.min_bytes(spec, row["op"], row["dtype"])
+            row["gbytes_per_s"] = moved / row["median_s"] / 1e9
+            row["pct_copy_bw"] = 100.0 * row["gbytes_per_s"] / yard["copy"][threads]
+        if row.get("warning"):
+            notes.append(f"{row['impl']} on {row['layer']} {row['op']} {row['dtype']} "
+                         f"{row['threads']} thread(s): {row['warning']}")
+    memory_bound = {name: layers_mod.memory_bound(spec, fma, yard["copy"])
+                    for name, spec in specs.items()}
     for row in results:
         if row["status"] != "ok":
             # Skip reasons repeat for every dtype and thread count: say each once.
@@ -264,8 +311,15 @@ def run(layers: list, ops: list, dtypes: list, thread_counts: list, peers: list,
         "settings": {**asdict(settings), "ops": ops, "dtypes": dtypes,
                      "threads": thread_counts},
         "machine": info,
-        "gemm_peak_gflops": peaks,
-        "gemm_peak_runs": peak_runs,
+        # %peak divides by the CPU's own multiply-add peak at its widest vectors;
+        # numpy's matmul (OpenBLAS, as it was told to run) is reported beside it.
+        "fma_peak_gflops": fma,
+        "fma_peak_width_bits": int(widest),
+        "fma_peak_by_width_gflops": yard["fma"],
+        "copy_bandwidth_gbs": yard["copy"],
+        "gemm_peak_gflops": yard["matmul"],
+        "yardstick_runs": yard_runs,
+        "memory_bound": memory_bound,
         "implementations": impl_info,
         "peers": peer_info,
         "layers": [layer_record(layer) for layer in layers],

@@ -14,12 +14,13 @@ def config() -> Dict[str, Any]:
     return {
         "tier": _tiers.current(),
         "tier_reason": (_tiers.REASON if _tiers.current() == _tiers.DEFAULT
-                        else "set by dilconv._tiers.use() in this thread"),
+                        else "set in this thread by the tuning tier knob"),
         "tiers_built": list(_tiers.BUILT),
         "tiers_supported": list(_tiers.SUPPORTED),
         "tiers_unsupported": {t: _tiers.missing_features(t) for t in _tiers.BUILT
                               if t not in _tiers.SUPPORTED},
         "cpu_features": sorted(f for f, on in _tiers.FEATURES.items() if on),
+        "panel_block": (_tiers._panel.MR, _tiers._panel.BLOCK_NBYTES),
         "openmp": bool(_openmp_helpers.OPENMP_ENABLED),
         "threads": _threads.get_num_threads(),
         "threads_set": _threads._requested,
@@ -49,6 +50,8 @@ def show_config(file: Optional[TextIO] = None) -> None:
         f"{', '.join(c['tiers_supported'])}"
         + "".join(f"; {t} needs {', '.join(m)}" for t, m in c["tiers_unsupported"].items()),
         f"CPU features: {' '.join(c['cpu_features']) or 'none detected'}",
+        f"panel micro-kernel block: {c['panel_block'][0]} output channels x "
+        f"{c['panel_block'][1]} bytes of pixels",
         f"OpenMP: {'on' if c['openmp'] else 'off (serial kernels)'}",
         f"threads: {c['threads']} ("
         + ("following OpenMP" if c["threads_set"] is None

@@ -56,10 +56,10 @@ def conv1d(input: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None
     >>> dilconv.conv1d(x, w, dilation=2, causal=True)
     array([[[ 0., -1., -2., -2., -2., -2.]]])
     """
-    x, w, _, stride2, pads, dilation2 = _validate.conv1d_args(
-        input, weight, None, stride, padding, dilation, causal)
+    x, w, b, _, stride2, pads, dilation2 = _validate.conv1d_args(
+        input, weight, bias, None, stride, padding, dilation, causal)
     out2 = None if out is None else _view_out(out)
-    y = conv2d(x, w, bias, stride2, pads, dilation2, groups, padding_mode=padding_mode,
+    y = conv2d(x, w, b, stride2, pads, dilation2, groups, padding_mode=padding_mode,
                out=out2)
     return out if out is not None else y[..., 0, :]
 
@@ -99,8 +99,8 @@ def conv1d_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike,
     >>> g.input, g.weight
     (array([[[ 0.,  0.,  0.,  0., -1., -1.]]]), array([[[ 6., 15.]]]))
     """
-    x, w, gy, stride2, pads, dilation2 = _validate.conv1d_args(
-        input, weight, grad_output, stride, padding, dilation, causal)
+    x, w, _, gy, stride2, pads, dilation2 = _validate.conv1d_args(
+        input, weight, None, grad_output, stride, padding, dilation, causal)
     grads = conv2d_backward(gy, x, w, stride2, pads, dilation2, groups,
                             padding_mode=padding_mode, needs=needs)
     def squeeze(g):

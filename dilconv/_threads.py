@@ -9,11 +9,16 @@ the child of a process that already ran one waits forever for threads that do no
 Kernels give the same bits for any thread count, so in such a child dilconv runs them on
 one thread (get_num_threads() says 1). Use the 'spawn' or 'forkserver' start methods for
 parallel workers.
+
+BLAS (the gemm kernels) runs inside our parallel regions: `blas_single_threaded()` keeps it
+to one thread there.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
+import threading
 from typing import Optional
 
 from . import _openmp_helpers
@@ -26,6 +31,10 @@ _requested: Optional[int] = None
 _openmp_before: Optional[int] = None
 _parallel_used = False      # a kernel ran on more than one thread in this process
 _forked_serial = False      # this is a fork() child of such a process: one thread only
+_blas_lock = threading.Lock()
+_blas_users = 0             # calls inside blas_single_threaded()
+_blas_limiter = None
+_blas_controller = None
 
 
 def set_num_threads(n: Optional[int]) -> None:
@@ -81,10 +90,67 @@ def threads_for(tasks: int) -> int:
     return n
 
 
+def kernel_threads(spec, tasks: int, tuning) -> int:
+    """Threads for a kernel with `tasks` parallel tasks on this geometry: at least
+    `tuning.min_macs_per_thread` multiply-adds each."""
+    macs = spec.n * spec.o * (spec.c // spec.groups) * spec.effective_taps
+    return min(threads_for(tasks), max(1, macs // tuning.min_macs_per_thread))
+
+
+@contextlib.contextmanager
+def blas_single_threaded():
+    """BLAS runs inside our parallel regions: keep it to one thread there.
+
+    The limit is process-wide, so concurrent calls share one: the first caller sets it and
+    the last one restores the original count (otherwise one thread could restore it while
+    another is still inside BLAS, or leave it at 1 for good).
+    """
+    global _blas_controller, _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            if _blas_controller is None:
+                from threadpoolctl import ThreadpoolController
+                _blas_controller = ThreadpoolController()
+            _release_openblas_control()
+            _blas_limiter = _blas_controller.limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _release_openblas_control()
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+                _release_openblas_control()
+
+
+def _release_openblas_control() -> None:
+    """Let this thread set OpenBLAS's count.
+
+    threadpoolctl (3.6+) lets only one "controlling" thread change a process-wide
+    OpenBLAS pool and silently ignores the others; the last caller, who restores the
+    count, may not be the first, who set it. We hold _blas_lock here.
+    """
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:
+        return
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+
+
 def _after_fork_in_child() -> None:
-    global _forked_serial
+    global _forked_serial, _blas_lock, _blas_users, _blas_limiter
     if _parallel_used:
         _forked_serial = True
+    # Another thread may have held the BLAS lock or limit at fork(): start afresh.
+    _blas_lock = threading.Lock()
+    if _blas_users and _blas_limiter is not None:
+        _blas_limiter.restore_original_limits()
+    _blas_users, _blas_limiter = 0, None
 
 
 if hasattr(os, "register_at_fork"):

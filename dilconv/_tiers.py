@@ -9,21 +9,21 @@ alone may hold instructions the CPU cannot run.
 
 Code that runs kernels imports them from here (`from ._tiers import _panel`): these are
 proxies that look every attribute up in the tier in use, which is the import-time choice
-or, for the calling thread or task only, the one `use(tier)` sets (tests run the public API
-on each tier that way). A kernel plan built from a module's constants (MR, BLOCK_NBYTES)
-and the call it feeds thus come from the same tier.
+or, for the calling thread or task only, the tuning's `tier` knob (`use(tier)`, or
+`dilconv._tuning.tuning(tier=...)`; tests run the public API on each tier that way). The
+kernels compute their plans from their own constants (MR, the block size), so a plan and
+the code that runs it always come from the same tier.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import importlib.util
 import os
 import types
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from . import _cpu
+from . import _cpu, _tuning
 from ._tier_table import PACKAGE, TEST_ONLY, TIERS
 
 KERNEL_MODULES = ("_forward", "_backward", "_gemm", "_flat", "_panel", "_depthwise")
@@ -78,14 +78,12 @@ def _choose() -> Tuple[str, str]:
 
 
 DEFAULT, REASON = _choose()
-_current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
-    "dilconv_tier", default=None)
 _loaded: Dict[str, types.SimpleNamespace] = {}
 
 
 def current() -> str:
-    """The tier the calling thread's kernels run on."""
-    tier = _current.get()
+    """The tier the calling thread's kernels run on (the tuning's, else DEFAULT)."""
+    tier = _tuning.current().tier
     return DEFAULT if tier is None else tier
 
 
@@ -110,7 +108,8 @@ def kernels(tier: Optional[str] = None) -> types.SimpleNamespace:
 @contextlib.contextmanager
 def use(tier: Optional[str]) -> Iterator[str]:
     """Run the enclosed calls of this thread (or asyncio task) on `tier` (None: the
-    import-time choice). Other threads keep their own tier.
+    import-time choice): `dilconv._tuning.tuning(tier=...)`, so other threads keep their
+    own tier.
 
     >>> import numpy as np, dilconv
     >>> from dilconv import _tiers
@@ -118,13 +117,10 @@ def use(tier: Optional[str]) -> Iterator[str]:
     ...     dilconv.conv2d(np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2))).tolist()
     [[[[4.0, 4.0], [4.0, 4.0]]]]
     """
-    if tier is not None:
-        kernels(check(tier))
-    token = _current.set(tier)
-    try:
+    with _tuning.tuning(tier=tier):
+        if tier is not None:
+            kernels(tier)
         yield current()
-    finally:
-        _current.reset(token)
 
 
 class _Kernel:
@@ -138,9 +134,13 @@ class _Kernel:
     def __getattr__(self, attr: str):
         return getattr(getattr(kernels(), self._name), attr)
 
+    # Setting (tests' monkeypatch) changes the module of the tier in use: undo it on the
+    # same tier.
     def __setattr__(self, attr: str, value) -> None:
-        raise AttributeError(f"set {attr} on a tier's module (dilconv._tiers.kernels(tier)."
-                             f"{self._name}), not on the proxy of the tier in use")
+        setattr(getattr(kernels(), self._name), attr, value)
+
+    def __delattr__(self, attr: str) -> None:
+        delattr(getattr(kernels(), self._name), attr)
 
     def __repr__(self) -> str:
         return f"<kernel module {self._name} of the tier in use>"

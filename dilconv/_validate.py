@@ -72,10 +72,51 @@ def common_float_dtype(named: dict) -> np.dtype:
     return np.dtype(np.float32) if sizes == {4} else np.dtype(np.float64)
 
 
-def _declared(value, arr: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    """`arr` if `value` carried its own dtype (an array); lists and Python numbers are None:
-    they take the float dtype of the other arrays."""
-    return arr if hasattr(value, "dtype") else None
+def is_lazy(value) -> bool:
+    """A dask array (or another lazy collection): shape and dtype known, values not yet."""
+    return hasattr(value, "__dask_graph__") and hasattr(value, "dtype")
+
+
+def intake(named: dict, *, lazy: tuple = (), optional: tuple = ("bias",)) -> tuple:
+    """Convert the array arguments of one call and choose the call's float dtype.
+
+    Every entry point (conv2d, conv1d, conv_transpose2d, their backward functions, the
+    layers, dilconv.dask) converts its arrays here and nowhere else. `named` maps argument
+    names to what the caller passed; None is an absent argument for names in `optional`.
+    Values that carry a dtype (ndarrays, numpy scalars, tensors, dask arrays) decide the
+    dtype: float32 or float64 (both together is a TypeError naming them). Lists, Python
+    numbers, ints, bools and float16 follow them, float64 if nothing decides.
+
+    Returns ({name: ndarray of that dtype, or None}, dtype), copying only to change the
+    dtype (the memory layout is `kernel_array`'s business, after the shape checks). Names in
+    `lazy` (dilconv.dask's input and grad_output) may be dask arrays, returned as they are
+    (only their dtype is checked); there, a dask array under any other name is a TypeError.
+    Elsewhere a dask array is computed like any object with ``__array__``.
+    """
+    arrays, declared = {}, {}
+    for name, value in named.items():
+        if value is None and name in optional:
+            arrays[name] = None
+            continue
+        if lazy and is_lazy(value):
+            if name not in lazy:
+                raise TypeError(f"{name} must be an in-memory array (numpy or array_like), "
+                                f"got a {type(value).__name__}; dilconv.dask takes only the "
+                                f"input and grad_output as dask arrays: pass "
+                                f"{name}.compute()")
+            declared[name] = as_array(name, np.empty(0, dtype=value.dtype))
+            arrays[name] = value
+            continue
+        arr = as_array(name, value)
+        arrays[name] = arr
+        # Lists and Python numbers carry no dtype of their own: they follow the others.
+        if hasattr(value, "dtype"):
+            declared[name] = arr
+    dtype = common_float_dtype(declared)
+    for name, arr in arrays.items():
+        if isinstance(arr, np.ndarray) and arr.dtype != dtype:
+            arrays[name] = arr.astype(dtype)
+    return arrays, dtype
 
 
 def _as_int(name: str, value, *, where: str = "") -> int:
@@ -179,17 +220,44 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _check_groups(groups, c: int, o: int, weight_c: int) -> int:
+def _layout_hint(input_shape: tuple, weight_shape: tuple, groups: int) -> str:
+    """How to fix channels-last arrays (TensorFlow's NHWC input, HWIO weight) when the
+    shapes fit that reading; else ''."""
+    c, wc = input_shape[-3], weight_shape[1]
+    if input_shape[-2] == weight_shape[2] == 1:
+        return ""           # conv1d's (N, C, 1, L) views: the 2-D advice would mislead
+    # The weight read as OIHW fits a channels-last input: only the input is transposed.
+    nhwc = input_shape[-1] == wc * groups
+    # A square kernel in the last two axes but not the first two: OIHW after all.
+    oihw = weight_shape[2] == weight_shape[3] and weight_shape[0] != weight_shape[1]
+    both = not nhwc and not oihw and input_shape[-1] == weight_shape[2] * groups
+    hwio = not nhwc and not oihw and weight_shape[2] * groups == c
+    hints = []
+    if nhwc or both:
+        order = "(0, 3, 1, 2)" if len(input_shape) == 4 else "(2, 0, 1)"
+        hints.append(f"if the input is channels-last (NHWC, as in TensorFlow), pass "
+                     f"input.transpose{order}: dilconv takes NCHW")
+    if hwio or both:
+        hints.append("if the weight is TensorFlow's HWIO (kH, kW, in, out), pass "
+                     "weight.transpose(3, 2, 0, 1): dilconv takes OIHW")
+    return "; " + "; ".join(hints) if hints else ""
+
+
+def _check_groups(groups, input_shape: tuple, weight_shape: tuple) -> int:
+    c, (o, weight_c) = input_shape[-3], weight_shape[:2]
     groups = positive_int("groups", groups)
     if c % groups:
-        raise ValueError(f"groups={groups} must divide the input channels, got C={c}")
+        raise ValueError(f"groups={groups} must divide the input channels, got C={c}"
+                         f"{_layout_hint(input_shape, weight_shape, groups)}")
     if o % groups:
         raise ValueError(f"groups={groups} must divide the output channels, got "
                          f"weight.shape[0]={o}")
     if weight_c * groups != c:
         raise ValueError(f"weight.shape[1] * groups must equal the input channels: weight "
                          f"has {weight_c} in-channels per group x groups={groups} = "
-                         f"{weight_c * groups}, input has C={c}")
+                         f"{weight_c * groups}, input has C={c} (input shape {input_shape}, "
+                         f"weight shape {weight_shape})"
+                         f"{_layout_hint(input_shape, weight_shape, groups)}")
     return groups
 
 
@@ -246,7 +314,7 @@ def _make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilatio
     if min(o, wc, kh, kw) < 1:
         raise ValueError(f"weight dimensions must all be >= 1, got weight shape "
                          f"{weight_shape}")
-    groups = _check_groups(groups, c, o, wc)
+    groups = _check_groups(groups, input_shape, weight_shape)
     for axis, size, k, d, (lo, hi) in (("height", h, kh, dilation[0], pads[0]),
                                         ("width", w, kw, dilation[1], pads[1])):
         dilated = d * (k - 1) + 1
@@ -274,14 +342,10 @@ def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mo
               extra: Optional[dict] = None) -> tuple:
     """Validate a conv2d-style call. Returns (ConvCall, extra arrays converted likewise)."""
     check_padding_mode(padding_mode)
-    x = as_array("input", input)
-    w = as_array("weight", weight)
-    b = None if bias is None else as_array("bias", bias)
-    extra_arrays = {name: as_array(name, v) for name, v in (extra or {}).items()}
-    dtype = common_float_dtype({
-        "input": _declared(input, x), "weight": _declared(weight, w),
-        "bias": _declared(bias, b),
-        **{name: _declared(extra[name], arr) for name, arr in extra_arrays.items()}})
+    extra = extra or {}
+    arrays, dtype = intake({"input": input, "weight": weight, "bias": bias, **extra})
+    x, w, b = arrays["input"], arrays["weight"], arrays["bias"]
+    extra_arrays = {name: arrays[name] for name in extra}
     spec = make_spec(x.shape, w.shape, stride, padding, dilation, groups)
     check_mode_padding(spec.padding, padding_mode, x.shape)
     if b is not None and b.shape != (spec.o,):
@@ -361,14 +425,20 @@ class TransposeCall(NamedTuple):
     input_hw: tuple          # (H, W) of the transposed input
 
 
+def check_transpose_padding(padding, what: str = "conv_transpose2d") -> None:
+    """Transposed convolutions take amounts only: 'same' and 'valid' have no meaning there."""
+    if isinstance(padding, str):
+        raise ValueError(f"{what} padding must be an int, a pair or "
+                         f"((top, bottom), (left, right)), got the string {padding!r}")
+
+
 def transpose_call(input, weight, bias, stride, padding, output_padding, groups, dilation,
                    extra: Optional[dict] = None) -> tuple:
     """Validate a conv_transpose2d call. Returns (TransposeCall, extra arrays converted)."""
-    x = as_array("input", input)
-    w = as_array("weight", weight)
-    b = None if bias is None else as_array("bias", bias)
-    extra_arrays = {name: as_array(name, v) for name, v in (extra or {}).items()}
-    dtype = common_float_dtype({"input": x, "weight": w, "bias": b, **extra_arrays})
+    extra = extra or {}
+    arrays, dtype = intake({"input": input, "weight": weight, "bias": bias, **extra})
+    x, w, b = arrays["input"], arrays["weight"], arrays["bias"]
+    extra_arrays = {name: arrays[name] for name in extra}
     _check_rank(x.shape, w.shape)
     n, c_in, h, wd = x.shape if x.ndim == 4 else (1,) + x.shape
     if n < 0 or min(c_in, h, wd) < 1 or min(w.shape) < 1:
@@ -385,9 +455,7 @@ def transpose_call(input, weight, bias, stride, padding, output_padding, groups,
     stride = int_pair("stride", stride, 1)
     dilation = int_pair("dilation", dilation, 1)
     output_padding = int_pair("output_padding", output_padding, 0)
-    if isinstance(padding, str):
-        raise ValueError(f"conv_transpose2d padding must be an int, a pair or "
-                         f"((top, bottom), (left, right)), got the string {padding!r}")
+    check_transpose_padding(padding)
     pads = padding_amounts(padding, w.shape[2:], stride, dilation)
     out_hw = []
     for axis, size, k, s, d, op, (lo, hi) in zip(
@@ -434,13 +502,18 @@ def _int_1d(name: str, value, minimum: int) -> int:
     return int_pair(name, value, minimum)[0]
 
 
-def conv1d_args(input, weight, grad_output, stride, padding, dilation, causal) -> tuple:
+def conv1d_args(input, weight, bias, grad_output, stride, padding, dilation,
+                causal) -> tuple:
     """Turn a conv1d call into the conv2d call on (N, C, 1, L) views; no data is copied.
 
-    Returns (input, weight, grad_output (or None), stride, padding, dilation) for conv2d.
+    Returns (input, weight, bias, grad_output, stride, padding, dilation) for conv2d; bias
+    and grad_output are None when not given.
     """
-    x = as_array("input", input)
-    w = as_array("weight", weight)
+    named = {"input": input, "weight": weight, "bias": bias}
+    if grad_output is not None:
+        named["grad_output"] = grad_output
+    arrays, _ = intake(named)
+    x, w, b = arrays["input"], arrays["weight"], arrays["bias"]
     if x.ndim not in (2, 3):
         raise ValueError(f"conv1d input must be 3-D (N, C, L) or 2-D (C, L), got shape "
                          f"{x.shape}")
@@ -449,7 +522,7 @@ def conv1d_args(input, weight, grad_output, stride, padding, dilation, causal) -
                          f"got shape {w.shape}")
     gy = None
     if grad_output is not None:
-        gy = as_array("grad_output", grad_output)
+        gy = arrays["grad_output"]
         if gy.ndim != x.ndim:
             raise ValueError(f"grad_output must have the rank of input ({x.ndim}-D), got "
                              f"shape {gy.shape}")
@@ -476,4 +549,4 @@ def conv1d_args(input, weight, grad_output, stride, padding, dilation, causal) -
             raise ValueError(f"causal=True sets the padding to ((k-1)*dilation, 0); it "
                              f"cannot be combined with padding={padding!r}")
         pads = ((0, 0), (dilation * (w.shape[-1] - 1), 0))
-    return x[..., None, :], w[:, :, None, :], gy, (1, stride), pads, (1, dilation)
+    return x[..., None, :], w[:, :, None, :], b, gy, (1, stride), pads, (1, dilation)

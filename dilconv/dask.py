@@ -268,14 +268,11 @@ class _Prepared(NamedTuple):
     extra: dict              # extra operands, validated like the input (numpy ones converted)
 
 
-def _dtype_probe(name, value):
-    """`value` as an array for the dtype checks; a dask array gets a zero-size stand-in."""
-    if isinstance(value, da.Array):
-        if any(np.isnan(c) for axis in value.chunks for c in axis):
-            raise ValueError(f"{name} has unknown chunk sizes {value.chunks}; call "
-                             f"{name}.compute_chunk_sizes() first")
-        return _validate.as_array(name, np.empty(0, dtype=value.dtype))
-    return _validate.as_array(name, value)
+def _check_known_chunks(name, value):
+    if isinstance(value, da.Array) and any(np.isnan(c) for axis in value.chunks
+                                           for c in axis):
+        raise ValueError(f"{name} has unknown chunk sizes {value.chunks}; call "
+                         f"{name}.compute_chunk_sizes() first")
 
 
 def _shape(value, probe) -> tuple:
@@ -315,12 +312,14 @@ def _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mod
              threads_per_task, extra=None) -> _Prepared:
     """Validate as the in-memory call does, on shapes and dtypes only (nothing computes)."""
     mode = _validate.check_padding_mode(padding_mode)
-    named = {"input": input, "weight": weight, "bias": bias, **(extra or {})}
-    probes = {name: _dtype_probe(name, value) for name, value in named.items()
-              if value is not None or name != "bias"}
-    dtype = _validate.common_float_dtype(probes)
+    extra = extra or {}
+    lazy = {"input": input, **extra}
+    for name, value in lazy.items():
+        _check_known_chunks(name, value)
+    probes, dtype = _validate.intake({"input": input, "weight": weight, "bias": bias,
+                                      **extra}, lazy=tuple(lazy))
     shape = _shape(input, probes["input"])
-    w = np.ascontiguousarray(probes["weight"], dtype=dtype)
+    w = np.ascontiguousarray(probes["weight"])
     spec = _validate.make_spec(shape, w.shape, stride, padding, dilation, groups)
     _validate.check_mode_padding(spec.padding, mode, shape)
     b = None
@@ -328,7 +327,7 @@ def _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mod
         if probes["bias"].shape != (spec.o,):
             raise ValueError(f"bias must have shape ({spec.o},) to match weight.shape[0], "
                              f"got shape {probes['bias'].shape}")
-        b = np.ascontiguousarray(probes["bias"], dtype=dtype)
+        b = np.ascontiguousarray(probes["bias"])
     threads = _check_threads(threads_per_task)
     batched = len(shape) == 4
     # numpy input: automatic chunks, channels together.
@@ -339,7 +338,7 @@ def _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mod
         # As in memory: pad by the mode, then convolve with zero padding 0.
         mode_pads, x = spec.padding, _pad_spatial(x, spec.padding, mode)
         spec = _validate.make_spec(x.shape, w.shape, stride, 0, dilation, groups)
-    probes = {name: (value, probes[name]) for name, value in (extra or {}).items()}
+    probes = {name: (value, probes[name]) for name, value in extra.items()}
     return _Prepared(x, w, b, spec, batched, dtype, mode, mode_pads, input_chunks, threads,
                      probes)
 

@@ -97,16 +97,13 @@ class _ConvNd:
         return _validate.int_pair(name, value, minimum)
 
     def _padding(self, padding):
+        if self._transposed:
+            _validate.check_transpose_padding(padding, type(self).__name__)
         if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid', got "
-                                 f"{padding!r}")
-            if padding == "same" and self.stride != (1,) * self._ndim:
-                raise ValueError(f"padding='same' is not supported for strided "
-                                 f"convolutions (stride={self.stride})")
-            if self._transposed:
-                raise ValueError(f"{type(self).__name__} takes no string padding, got "
-                                 f"{padding!r}")
+            # The functional's own rules ('same' needs stride 1), on the 2-D geometry.
+            ones = (1,) * (2 - self._ndim)
+            _validate.padding_amounts(padding, ones + self.kernel_size, ones + self.stride,
+                                      ones + self.dilation)
             return padding
         if self._ndim == 1:
             if _validate._is_sequence(padding) and len(padding) == 2:
@@ -126,7 +123,9 @@ class _ConvNd:
 
     def forward(self, input: ArrayLike) -> np.ndarray:
         """The layer's output for `input`; remembers `input` for :meth:`backward`."""
-        self._input = np.asarray(input)
+        # Converted as the functional would (lists take the layer's dtype), and kept so.
+        arrays, _ = _validate.intake({"input": input, "weight": self.weight})
+        self._input = arrays["input"]
         return self._forward(self._input, self.weight, self.bias)
 
     __call__ = forward

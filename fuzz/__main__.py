@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import sys
@@ -31,6 +32,21 @@ def _shard(text):
     return (k, m)
 
 
+class UsageError(Exception):
+    """A bad command line or input file: printed as one line, exit code 2."""
+
+
+def _impl(name, where="--impl") -> str:
+    """`name` if it is an implementation (checked before any work), else a UsageError."""
+    if name not in impls.names():
+        raise UsageError(f"{where}: unknown implementation {name!r}; choose {impls.REAL}, "
+                         f"{impls.TORCH} or a self-test mutant (listed by python -m fuzz "
+                         f"self-test --help)")
+    if name == impls.TORCH and importlib.util.find_spec("torch") is None:
+        raise UsageError(f"{where}: {impls.TORCH} needs PyTorch (pip install torch==2.13.0)")
+    return name
+
+
 def _positive(kind):
     def parse(text):
         value = kind(text)
@@ -51,39 +67,49 @@ def parser() -> argparse.ArgumentParser:
     budget.add_argument("--time-budget", type=_positive(float), metavar="SECONDS",
                         help="run until this many seconds have passed")
     r.add_argument("--seed", type=int, help="campaign seed (default: random, printed)")
-    r.add_argument("--jobs", type=_positive(int), default=1, help="worker processes")
+    r.add_argument("--jobs", type=_positive(int), default=1,
+                   help="worker processes running the cases (default 1)")
     r.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/M",
                    help="run only cases i with i %% M == K-1 (deterministic split)")
-    r.add_argument("--dtype", type=_csv(cases.DTYPES), default=cases.DTYPES)
+    r.add_argument("--dtype", type=_csv(cases.DTYPES), default=cases.DTYPES,
+                   help=f"dtypes to draw, from {','.join(cases.DTYPES)} (default both)")
     r.add_argument("--ops", type=_csv(cases.OPS), default=cases.OPS,
                    help=f"checks to run, from {','.join(cases.OPS)}")
     r.add_argument("--modes", type=_csv(cases.PADDING_MODES), default=cases.PADDING_MODES,
-                   help="padding modes to draw (unsupported ones are skipped and counted)")
+                   help=f"padding modes to draw, from {','.join(cases.PADDING_MODES)}")
     r.add_argument("--max-size", type=_positive(int), default=48,
                    help="largest image height/width (default 48)")
     r.add_argument("--report", metavar="FILE", help="write the JSON report here")
     r.add_argument("--corpus", default="fuzz-corpus", metavar="DIR",
                    help="where shrunk repro files go (default fuzz-corpus)")
-    r.add_argument("--impl", default=impls.REAL, help="implementation (a mutant's name "
-                   "runs the campaign against it)")
+    r.add_argument("--impl", default=impls.REAL,
+                   help="implementation: dilconv (default), torch, or a self-test mutant's "
+                        "name to run the campaign against it")
     r.add_argument("--timeout", type=_positive(float), default=300.0,
                    help="seconds before a case counts as hung")
     r.add_argument("--max-shrinks", type=int, default=3,
                    help="distinct failures to shrink into repro files")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
 
     rp = sub.add_parser("replay", help="re-run a repro file, print error vs bound")
-    rp.add_argument("file")
-    rp.add_argument("--impl", help="implementation (default: the one in the file)")
+    rp.add_argument("file", help="a repro file written by a campaign (fuzz-corpus/*.json)")
+    rp.add_argument("--impl",
+                    help="implementation (default: the one in the file; dilconv replays a "
+                         "mutant's repro on the real library)")
     rp.add_argument("--in-process", action="store_true",
                     help="run here instead of in a worker process (for a debugger)")
 
     st = sub.add_parser("self-test", help="prove the lab catches deliberately wrong kernels")
-    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--seed", type=int, default=0,
+                    help="seed of the case stream every mutant runs (default 0)")
     st.add_argument("--budget", type=_positive(int), default=300,
-                    help="cases per mutant before it counts as surviving")
-    st.add_argument("--jobs", type=_positive(int), default=2)
-    st.add_argument("--mutants", type=_csv(tuple(selftest.MUTANTS)), default=None)
+                    help="cases per mutant before it counts as surviving (default 300)")
+    st.add_argument("--jobs", type=_positive(int), default=2,
+                    help="worker processes (default 2)")
+    st.add_argument("--mutants", type=_csv(tuple(selftest.MUTANTS)), default=None,
+                    metavar="NAME,...",
+                    help="only these mutants (default all): "
+                         f"{', '.join(selftest.MUTANTS)}")
     return p
 
 
@@ -92,10 +118,10 @@ def cmd_run(args) -> int:
     n = args.cases if args.cases is not None or args.time_budget is not None else 500
     gen = cases.GenConfig(dtypes=args.dtype, ops=args.ops, max_size=args.max_size,
                           modes=args.modes)
+    _impl(args.impl)
     plan = campaign.Plan(seed=seed, n_cases=n, time_budget=args.time_budget, shard=args.shard,
                          gen=gen, impl=args.impl, max_shrinks=args.max_shrinks,
                          corpus=args.corpus)
-    impls.get(args.impl)                         # unknown names fail before any work
     what = f"{n} cases" if n is not None else f"{args.time_budget:g} s"
     print(f"fuzz: seed {seed}, {what}, shard {args.shard[0]}/{args.shard[1]}, "
           f"{args.jobs} job(s), impl {args.impl}  (replay the run with --seed {seed})",
@@ -135,13 +161,24 @@ def describe(case) -> str:
     return "\n".join(lines)
 
 
+def _read_repro(path) -> dict:
+    try:
+        with open(path) as f:
+            body = json.load(f)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(body, dict) or body.get("format") != campaign.REPRO_FORMAT \
+            or not isinstance(body.get("case"), dict):
+        raise UsageError(f"{path} is not a {campaign.REPRO_FORMAT} file")
+    return body
+
+
 def cmd_replay(args) -> int:
-    with open(args.file) as f:
-        body = json.load(f)
-    if body.get("format") != campaign.REPRO_FORMAT:
-        print(f"{args.file}: not a {campaign.REPRO_FORMAT} file", file=sys.stderr)
-        return 2
-    case, impl = body["case"], args.impl or body["impl"]
+    body = _read_repro(args.file)
+    impl = _impl(args.impl) if args.impl else _impl(body.get("impl"), f"{args.file}: impl")
+    case = body["case"]
     print(f"replaying {args.file} on {impl}")
     print(describe(case))
     if args.in_process:
@@ -160,8 +197,6 @@ def cmd_replay(args) -> int:
     for op, ratio in result.get("ratios", {}).items():
         if op not in result.get("details", {}):
             print(f"  {op:<12} ratio {ratio:.3g}  {'ok' if ratio <= 1 else 'FAIL'}")
-    if result["status"] == "skipped":
-        print(f"  skipped: {result['skip_reason']}")
     for f in result["failures"]:
         print(f"  FAILURE {f['op']} {f['kind']}: {f['message']}")
     print("still fails" if result["failures"] else "passes")
@@ -175,7 +210,12 @@ def cmd_self_test(args) -> int:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    return {"run": cmd_run, "replay": cmd_replay, "self-test": cmd_self_test}[args.command](args)
+    command = {"run": cmd_run, "replay": cmd_replay, "self-test": cmd_self_test}[args.command]
+    try:
+        return command(args)
+    except UsageError as exc:
+        print(f"python -m fuzz {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ import numpy as np
 
 from dilconv._dispatch import PATHS
 
-# One place to extend when dilconv gains a padding mode: the generator draws from this list,
-# the oracle pads with NUMPY_PAD_MODE and convolves with zero padding.
+# The generator draws padding modes from this list; the oracle (dilconv.testing) pads with
+# numpy.pad and convolves with zero padding.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 MODE_WEIGHTS = (0.76, 0.08, 0.08, 0.08)
-NUMPY_PAD_MODE = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 PADDING_FORMS = ("int", "pair", "asym", "same", "valid")
 LAYOUTS = ("c", "fortran", "strided", "negstride", "readonly", "bigendian")
 VALUE_KINDS = ("normal", "uniform", "int", "scaled", "sparse")

@@ -8,15 +8,13 @@ An invalid case must raise ValueError or TypeError naming the bad argument.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import traceback
 
 import numpy as np
 
 import dilconv
-from dilconv import _dispatch
-from dilconv._dispatch import force_path
+from dilconv._tuning import tuning
 
 from . import cases, oracle
 
@@ -28,8 +26,8 @@ def failure(op, kind, message, **details) -> dict:
 
 
 def run_case(case, impl) -> dict:
-    """Outcome of `case` on `impl`: status pass / fail / skipped, the ops checked, worst
-    ratio per op, failures."""
+    """Outcome of `case` on `impl`: status pass / fail, the ops checked, worst ratio per op,
+    failures."""
     start = time.process_time()
     try:
         # Garbage results may overflow the error ratios: inf and NaN fail the checks anyway.
@@ -45,10 +43,9 @@ def run_case(case, impl) -> dict:
     return result
 
 
-def _result(failures, checked=(), ratios=None, skipped=None) -> dict:
-    status = "skipped" if skipped else ("fail" if failures else "pass")
-    return {"status": status, "failures": failures, "checked": list(checked),
-            "ratios": ratios or {}, "skip_reason": skipped}
+def _result(failures, checked=(), ratios=None) -> dict:
+    return {"status": "fail" if failures else "pass", "failures": failures,
+            "checked": list(checked), "ratios": ratios or {}}
 
 
 def _grad_op(needs):
@@ -63,43 +60,34 @@ def _make_out(case):
     return out if case["out"] == "c" else cases.present(out, "strided")
 
 
-# dilconv._dispatch settings a case may override: tile sizes far below the defaults (which
-# exceed every image the lab draws), so small images cross GEMM tile, flat band and
-# depthwise task boundaries; no minimum of work per thread, so "2 threads" really splits
-# tiny cases; and one GEMM product per tap (the many-channel forward) on the lab's
-# few-channel layers; panel blocks that always, or never, read the image in place; panel
-# tiles always, or never, cut at the column taps' range ends (else zeros in the padding);
-# panels packed one at a time, or a whole tile at once.
-# A setting dilconv no longer has is skipped (environment() lists the ones found).
-KNOBS = {"tile_pixels": ("MIN_TILE_PIXELS", "MAX_TILE_PIXELS", "FLAT_SPAN_ELEMENTS",
-                        "DEPTHWISE_TASK_PIXELS"),
-         "min_macs_per_thread": ("MIN_MACS_PER_THREAD",),
-         "kw_group_below_channels": ("KW_GROUP_BELOW_CHANNELS",),
-         "panel_in_place_bytes": ("PANEL_IN_PLACE_BYTES", "PANEL_IN_PLACE_MAX_BLOCKS"),
-         "panel_zero_fill_max": ("PANEL_ZERO_FILL_MAX",),
-         "panel_group_bytes": ("PANEL_GROUP_BYTES",)}
+# The dilconv tuning knobs (dilconv._tuning) a case may set, by case field: tile sizes far
+# below the defaults (which exceed every image the lab draws), so small images cross GEMM
+# tile, flat band and depthwise task boundaries; no minimum of work per thread, so "2
+# threads" really splits tiny cases; and one GEMM product per tap (the many-channel
+# forward) on the lab's few-channel layers; panel blocks that always, or never, read the
+# image in place; panel tiles always, or never, cut at the column taps' range ends (else
+# zeros in the padding); panels packed one at a time, or a whole tile at once. A knob
+# dilconv no longer has is an error (the tuning rejects unknown names).
+KNOBS = {"path": ("path",),
+         "tile_pixels": ("min_tile_pixels", "max_tile_pixels", "flat_span_elements",
+                         "depthwise_task_pixels"),
+         "min_macs_per_thread": ("min_macs_per_thread",),
+         "kw_group_below_channels": ("kw_group_below_channels",),
+         "panel_in_place_bytes": ("panel_in_place_bytes", "panel_in_place_max_blocks"),
+         "panel_zero_fill_max": ("panel_zero_fill_max",),
+         "panel_group_bytes": ("panel_group_bytes",)}
 
 
 def available_knobs() -> list:
-    return [name for names in KNOBS.values() for name in names if hasattr(_dispatch, name)]
+    """The tuning knobs the lab sets (every one exists: see KNOBS)."""
+    return [name for names in KNOBS.values() for name in names]
 
 
-@contextlib.contextmanager
-def dispatch_knobs(case):
-    """Apply the case's overrides of dilconv._dispatch settings; restore them after."""
-    saved = {}
-    try:
-        for key, names in KNOBS.items():
-            if case.get(key) is None:
-                continue
-            for name in names:
-                if hasattr(_dispatch, name):
-                    saved[name] = getattr(_dispatch, name)
-                    setattr(_dispatch, name, case[key])
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(_dispatch, name, value)
+def case_tuning(case):
+    """A tuning context with the case's knobs (fields left at None keep the defaults)."""
+    knobs = {name: case[key] for key, names in KNOBS.items()
+             if case.get(key) is not None for name in names}
+    return tuning(**knobs)
 
 
 API_BACKWARD = {"conv2d": "conv2d_backward", "conv1d": "conv1d_backward",
@@ -117,7 +105,7 @@ def _call(case, impl, arrays, threads, got) -> dict:
     dilconv.set_num_threads(threads)
     got["stage"] = "forward"
     try:
-        with force_path(case["path"]), dispatch_knobs(case):
+        with case_tuning(case):
             got["forward"] = getattr(impl, api)(call["input"], call["weight"], call["bias"],
                                                 **kwargs, **extra)
             got["stage"] = "backward"
@@ -166,10 +154,6 @@ def _run_valid(case, impl) -> dict:
     got = {}
     try:
         _call(case, impl, arrays, case["threads"], got)
-    except NotImplementedError as exc:
-        if case["padding_mode"] != "zeros":
-            return _result([], skipped=f"padding_mode {case['padding_mode']!r}: {exc}")
-        raise
     except Exception as exc:
         op = "forward" if got["stage"] == "forward" else _grad_op(case["needs"])
         return _result([failure(op, "raised", f"valid case raised {type(exc).__name__}: "
@@ -262,18 +246,13 @@ def _run_invalid(case, impl) -> dict:
     kwargs = call["kwargs"]
     dilconv.set_num_threads(case["threads"])
     try:
-        with force_path(case["path"]):
+        with tuning(path=case["path"]):
             if call["fn"] == "conv2d":
                 impl.conv2d(call["input"], call["weight"], call["bias"], **kwargs,
                             out=call["out"])
             else:
                 impl.conv2d_backward(call["grad_output"], call["input"], call["weight"],
                                      **kwargs)
-    except NotImplementedError as exc:
-        if kwargs.get("padding_mode") != "zeros":
-            return _result([], skipped=f"padding_mode {kwargs.get('padding_mode')!r}: {exc}")
-        return _result([failure("invalid", "wrong_exception", f"NotImplementedError: {exc}")],
-                       ["invalid"])
     except (ValueError, TypeError) as exc:
         if expect.word not in str(exc):
             return _result([failure("invalid", "message", f"{case['invalid']}: "

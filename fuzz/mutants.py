@@ -11,9 +11,8 @@ import ctypes
 import numpy as np
 
 import dilconv
-from dilconv import _dispatch, _threads, _validate
+from dilconv import _dispatch, _threads, _validate, testing
 
-from . import cases
 
 ALL_GRADS = ("input", "weight", "bias")
 
@@ -24,7 +23,6 @@ class Mutant:
 
     description = ""
     expect_kind = None          # the failure kind that counts as a kill (None: any)
-    needs_modes = ()            # padding modes the bug lives in (skipped if unsupported)
 
     def conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                padding_mode="zeros", out=None):
@@ -65,8 +63,7 @@ def taps_forward(call, mode, tap_step=None, out_step=None, group_of=None):
     """A numpy tap loop (the mutants' own forward), with optional bugs: taps `tap_step`
     apart, outputs `out_step` apart, output channel o reading input group group_of(o)."""
     spec = call.spec
-    pad_mode = cases.NUMPY_PAD_MODE.get(mode, "constant")
-    xp = np.pad(call.x.astype(np.float64), ((0, 0), (0, 0)) + spec.padding, mode=pad_mode)
+    xp = testing.pad(call.x.astype(np.float64), spec.padding, mode)
     sh, sw = out_step or spec.stride
     dh, dw = tap_step or spec.dilation
     og, cg = spec.o // spec.groups, spec.c // spec.groups
@@ -224,7 +221,7 @@ class DirectDropsLastColumn(Mutant):
 
     def forward(self, call, mode):
         y = real_forward(call, mode)
-        if _dispatch.choose_path(call.spec) == "direct" and y.shape[-1] > 1:
+        if _dispatch.select(call.spec, "forward", call.weight) == "direct" and y.shape[-1] > 1:
             y[..., -1] = 0
         return y
 
@@ -234,7 +231,7 @@ class FlatDropsFirstRow(Mutant):
 
     def forward(self, call, mode):
         y = real_forward(call, mode)
-        if _dispatch.choose_path(call.spec) == "flat" and call.spec.stride == (1, 1):
+        if _dispatch.select(call.spec, "forward", call.weight) == "flat":
             y[..., 0, :] = 0
         return y
 
@@ -245,7 +242,7 @@ class DepthwiseDropsSecondRows(Mutant):
     def forward(self, call, mode):
         y = real_forward(call, mode)
         spec = call.spec
-        if _dispatch.choose_path(spec) == "depthwise" and spec.c == spec.groups:
+        if _dispatch.select(spec, "forward", call.weight) == "depthwise":
             y[..., 1::2, -1] = 0
         return y
 
@@ -254,7 +251,7 @@ class GemmIgnoresBias(Mutant):
     description = "gemm path only: bias ignored (forward)"
 
     def forward(self, call, mode):
-        if _dispatch.choose_path(call.spec) == "gemm":
+        if _dispatch.select(call.spec, "forward", call.weight) == "gemm":
             return real_forward(call, mode, bias=None)
         return real_forward(call, mode)
 
@@ -263,7 +260,8 @@ class PanelSkipsLastTap(Mutant):
     description = "panel path only: the last kernel tap left out (forward)"
 
     def forward(self, call, mode):
-        if _dispatch.choose_path(call.spec) == "panel" and call.weight.shape[-1] > 1:
+        if (_dispatch.select(call.spec, "forward", call.weight) == "panel"
+                and call.weight.shape[-1] > 1):
             weight = call.weight.copy()
             weight[..., -1, -1] = 0
             return real_forward(call, mode, weight=weight)
@@ -380,7 +378,6 @@ class SegfaultOnWideDilation(Mutant):
 
 class ReflectAsReplicate(Mutant):
     description = "padding_mode='reflect' pads by replicating the edge"
-    needs_modes = ("reflect", "replicate")
 
     def forward(self, call, mode):
         return real_forward(call, "replicate" if mode == "reflect" else mode)

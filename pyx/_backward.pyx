@@ -9,6 +9,8 @@ from cython cimport floating
 
 from _common cimport Geom, make_geom, axpy, dot, total
 
+from dilconv._threads import kernel_threads
+
 
 cdef void _grad_input_plane(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, Wo)
                             const floating[:, :, :, ::1] w,   # IN  (O, C/groups, kH, kW)
@@ -83,26 +85,29 @@ cdef void _grad_bias_entry(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, W
 
 
 def grad_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w,
-               floating[:, :, :, ::1] gx, spec, int n_threads):
+               floating[:, :, :, ::1] gx, spec, tuning):
     """Write the input gradient into `gx` (C-contiguous, shapes validated)."""
     cdef Geom g = make_geom(spec)
+    cdef int n_threads = kernel_threads(spec, g.N * g.C, tuning)
     cdef Py_ssize_t task
     for task in prange(g.N * g.C, nogil=True, schedule='static', num_threads=n_threads):
         _grad_input_plane(gy, w, gx, g, task)
 
 
 def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
-                floating[:, :, :, ::1] gw, spec, int n_threads):
+                floating[:, :, :, ::1] gw, spec, tuning):
     """Write the weight gradient into `gw` (C-contiguous, shapes validated)."""
     cdef Geom g = make_geom(spec)
+    cdef int n_threads = kernel_threads(spec, g.O * g.Cg, tuning)
     cdef Py_ssize_t task
     for task in prange(g.O * g.Cg, nogil=True, schedule='static', num_threads=n_threads):
         _grad_weight_slice(gy, x, gw, g, task)
 
 
-def grad_bias(const floating[:, :, :, ::1] gy, floating[::1] gb, spec, int n_threads):
+def grad_bias(const floating[:, :, :, ::1] gy, floating[::1] gb, spec, tuning):
     """Write the bias gradient (sum over images and pixels) into `gb`."""
     cdef Geom g = make_geom(spec)
+    cdef int n_threads = kernel_threads(spec, g.O, tuning)
     cdef Py_ssize_t o
     for o in prange(g.O, nogil=True, schedule='static', num_threads=n_threads):
         _grad_bias_entry(gy, gb, g, o)

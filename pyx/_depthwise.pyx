@@ -3,14 +3,18 @@ channel multiplier O/groups, stride and dilation.
 
 Memory-bound, so each output is computed once, in registers, and stored once: per output
 row, the columns are cut into runs over which the same kernel columns are in the image
-(`dilconv._dispatch.tap_runs`), and each run sums its in-image taps block by block
-(`_depthwise.h`). Taps in
-the padding are skipped, never multiplied, so non-finite weights need no special care.
+(`tap_runs`), and each run sums its in-image taps block by block (`_depthwise.h`). Taps
+in the padding are skipped, never multiplied, so non-finite weights need no special care.
 """
 from cython.parallel cimport prange
 from cython cimport floating
 
 from _common cimport Geom, make_geom
+from _plan cimport range_edges
+
+import numpy as np
+
+from dilconv._threads import kernel_threads
 
 cdef extern from "_depthwise.h":
     enum: DILCONV_DW_ROW_BLOCK
@@ -22,6 +26,25 @@ cdef extern from "_depthwise.h":
                           Py_ssize_t x_row, Py_ssize_t nh, Py_ssize_t dw, Py_ssize_t sw,
                           const double* w, Py_ssize_t w_row, Py_ssize_t nk, double b,
                           double* y, Py_ssize_t y_next) noexcept nogil
+
+
+def applies(spec):
+    """True where this kernel runs: one input channel per group."""
+    return spec.c == spec.groups
+
+
+def tap_runs(lo, hi, Py_ssize_t size):
+    """Rows (start, end, t0, t1): the outputs [0, size) of one axis cut at the range edges,
+    with the taps [t0, t1) that read the image for a whole run (none when t0 == t1; the
+    input index grows with the tap, so they are a contiguous range)."""
+    edges = range_edges(lo, hi, size)
+    lo, hi = lo.tolist(), hi.tolist()
+    runs = []
+    for start, end in zip(edges, edges[1:]):
+        inside = [t for t in range(len(lo)) if lo[t] <= start < hi[t]]
+        runs.append((start, end, inside[0], inside[len(inside) - 1] + 1) if inside
+                    else (start, end, 0, 0))
+    return np.array(runs, dtype=np.intp).reshape(-1, 4)
 
 
 cdef inline void _run(Py_ssize_t rows, Py_ssize_t n, const floating* x, Py_ssize_t x_next,
@@ -74,16 +97,19 @@ cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
-            const floating[::1] bias, floating[:, :, :, ::1] out, spec,
-            const Py_ssize_t[:, ::1] rows, const Py_ssize_t[:, ::1] cols,
-            Py_ssize_t band_rows, int n_threads):
-    """Depthwise conv2d + bias into `out` (C/groups == 1). `rows`, `cols`: runs (start, end,
-    t0, t1) of output rows / columns over which kernel rows / columns [t0, t1) read the
-    image. Tasks are bands of `band_rows` output rows of one (image, output channel) plane;
-    every output is computed by one task in a fixed order, so any thread count gives the
-    same bits."""
+            const floating[::1] bias, floating[:, :, :, ::1] out, spec, tuning):
+    """Depthwise conv2d + bias into `out` (C/groups == 1). Tasks are bands of about
+    `tuning.depthwise_task_pixels` output pixels (whole rows) of one (image, output
+    channel) plane; every output is computed by one task in a fixed order, so any thread
+    count gives the same bits."""
     cdef Geom g = make_geom(spec)
-    cdef Py_ssize_t task
+    cdef Py_ssize_t band_rows = max(1, min(g.Ho, tuning.depthwise_task_pixels // g.Wo))
     cdef Py_ssize_t n_tasks = g.N * g.O * ((g.Ho + band_rows - 1) // band_rows)
+    cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
+    # Runs (start, end, t0, t1) of output rows / columns over which kernel rows / columns
+    # [t0, t1) read the image.
+    cdef const Py_ssize_t[:, ::1] rows = tap_runs(spec.oh_lo, spec.oh_hi, g.Ho)
+    cdef const Py_ssize_t[:, ::1] cols = tap_runs(spec.ow_lo, spec.ow_hi, g.Wo)
+    cdef Py_ssize_t task
     for task in prange(n_tasks, nogil=True, schedule='static', num_threads=n_threads):
         _band(x, w, bias, out, g, rows, cols, band_rows, task)

@@ -5,30 +5,77 @@ rows, zero-padded, into a per-thread buffer with rows of width Wp = Wo + (kW-1)*
 input pixel of tap (kh, kw) for flat output position i is buffer[i + kh*dH*Wp + kw*dW]: one
 long, contiguous, vectorised loop per tap covers the whole band. The Wp - Wo extra columns
 of each accumulated row are dropped when the band is written out. Padding taps meet zeros
-(so the caller uses this only for finite weights, where 0*w = 0 exactly).
+(so this kernel runs only for finite weights, where 0*w = 0 exactly: see `applies`), and
+only where those bands do not outweigh the output (huge padding or dilation would make
+them, and the time spent on them, scale with the padded size instead).
 """
 from cython.parallel cimport prange, parallel, threadid
 from cython cimport floating
 
 from _common cimport Geom, make_geom, axpy
 
+import math
+
+import numpy as np
+
+from dilconv._threads import kernel_threads
+
+# Output channels of a block share the packed input bands.
+FLAT_MAX_O_BLOCK = 16
+# Packed band elements (per input channel) at most this many per output pixel, plus this
+# many: beyond, zero padding would dominate memory and time.
+FLAT_MAX_PADDED_PER_OUTPUT = 4
+FLAT_PADDED_SLACK = 1 << 18
+
+
+cdef struct Plan:
+    Py_ssize_t rows         # output rows per band
+    Py_ssize_t o_block      # output channels per task (dividing O/groups)
+    Py_ssize_t wp           # band row width, Wo + (kW-1)*dW
+    Py_ssize_t band         # band elements per input channel, (kW-1)*dW slack included
+    Py_ssize_t n_tasks
+
+
+def plan(spec, tuning):
+    """(rows, o_block, wp, band, n_tasks) of this geometry, or None where this kernel does
+    not apply: stride other than 1, or zero-padded bands that would outweigh the output.
+    In Python integers: the sizes of a rejected geometry may not fit in C's."""
+    if spec.stride != (1, 1):
+        return None
+    og = spec.o // spec.groups
+    halo_h, halo_w = (spec.kh - 1) * spec.dilation[0], (spec.kw - 1) * spec.dilation[1]
+    wp = spec.wo + halo_w
+    rows = max(1, min(spec.ho, tuning.flat_span_elements // wp))
+    bands = -(-spec.ho // rows)
+    band = (rows + halo_h) * wp + halo_w
+    if bands * band > FLAT_MAX_PADDED_PER_OUTPUT * spec.ho * spec.wo + FLAT_PADDED_SLACK:
+        return None
+    o_block = math.gcd(og, FLAT_MAX_O_BLOCK)
+    return rows, o_block, wp, band, spec.n * spec.groups * (og // o_block) * bands
+
+
+def applies(spec, weight, tuning):
+    """True where this kernel runs the forward: see `plan`; and finite weights (padding
+    taps multiply zeros, and 0 * inf is nan); `weight` None: not checked."""
+    return plan(spec, tuning) is not None and (weight is None
+                                                or bool(np.isfinite(weight).all()))
+
 
 cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W)
                 const floating[:, :, :, ::1] w,                # IN  (O, C/groups, kH, kW)
                 const floating[::1] bias,                      # IN  (O,) or empty
                 floating[:, :, :, ::1] out,                    # OUT (N, O, Ho, Wo)
-                Geom g, Py_ssize_t rows, Py_ssize_t o_block, Py_ssize_t task,
+                Geom g, const Plan* p, Py_ssize_t task,
                 floating* band, floating* acc) noexcept nogil:  # SCRATCH (C/g bands, acc)
+    cdef Py_ssize_t rows = p.rows, o_block = p.o_block, wp = p.wp, band_size = p.band
     cdef Py_ssize_t bands = (g.Ho + rows - 1) // rows, blocks = g.Og // o_block
     cdef Py_ssize_t n = task // (g.groups * blocks * bands)
     cdef Py_ssize_t grp = (task // (blocks * bands)) % g.groups
     cdef Py_ssize_t o0 = grp * g.Og + ((task // bands) % blocks) * o_block
     cdef Py_ssize_t r0 = (task % bands) * rows
     cdef Py_ssize_t nr = min(rows, g.Ho - r0)
-    cdef Py_ssize_t wp = g.Wo + (g.kW - 1) * g.dw
     cdef Py_ssize_t in_rows = nr + (g.kH - 1) * g.dh
     cdef Py_ssize_t span = nr * wp
-    cdef Py_ssize_t band_size = (rows + (g.kH - 1) * g.dh) * wp + (g.kW - 1) * g.dw
     cdef Py_ssize_t ci, kh, kw, oi, i, r, j, ih, j_lo, j_hi
     cdef const floating* xrow
     cdef floating* dst
@@ -76,19 +123,21 @@ cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
-            const floating[::1] bias, floating[:, :, :, ::1] out, spec,
-            Py_ssize_t rows, Py_ssize_t o_block, floating[:, ::1] scratch, int n_threads):
-    """Unit-stride conv2d into `out`, in bands of `rows` output rows and blocks of `o_block`
-    (dividing O/groups) output channels. `scratch` is (threads, C/g * band + acc) with
-    band = (rows + (kH-1)*dH) * Wp + (kW-1)*dW and acc = o_block * rows * Wp."""
+            const floating[::1] bias, floating[:, :, :, ::1] out, spec, tuning):
+    """Unit-stride conv2d into `out`, where `applies`, in tasks of one band of output rows
+    and one block of output channels (see `plan`); per thread, the bands of every input
+    channel of the group and one block's accumulators."""
     cdef Geom g = make_geom(spec)
+    cdef Plan p
+    p.rows, p.o_block, p.wp, p.band, p.n_tasks = plan(spec, tuning)
+    cdef int n_threads = kernel_threads(spec, p.n_tasks, tuning)
+    cdef floating[:, ::1] scratch = np.empty(
+        (n_threads, g.Cg * p.band + p.o_block * p.rows * p.wp),
+        dtype=np.float32 if floating is float else np.float64)
     cdef Py_ssize_t task, tid
-    cdef Py_ssize_t wp = g.Wo + (g.kW - 1) * g.dw
-    cdef Py_ssize_t band_size = (rows + (g.kH - 1) * g.dh) * wp + (g.kW - 1) * g.dw
-    cdef Py_ssize_t n_tasks = g.N * g.groups * (g.Og // o_block) * ((g.Ho + rows - 1) // rows)
     cdef floating* band
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         band = &scratch[tid, 0]
-        for task in prange(n_tasks, schedule='static'):
-            _band(x, w, bias, out, g, rows, o_block, task, band, band + g.Cg * band_size)
+        for task in prange(p.n_tasks, schedule='static'):
+            _band(x, w, bias, out, g, &p, task, band, band + g.Cg * p.band)

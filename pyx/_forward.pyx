@@ -9,6 +9,8 @@ from cython cimport floating
 
 from _common cimport Geom, make_geom, axpy
 
+from dilconv._threads import kernel_threads
+
 
 cdef void _forward_plane(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                          const floating[:, :, :, ::1] w,      # IN  (O, C/groups, kH, kW)
@@ -46,10 +48,11 @@ cdef void _forward_plane(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
-            const floating[::1] bias, floating[:, :, :, ::1] out, spec, int n_threads):
+            const floating[::1] bias, floating[:, :, :, ::1] out, spec, tuning):
     """Write conv2d(x, w) + bias into `out` (all arrays C-contiguous, shapes validated)."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t task
+    cdef int n_threads = kernel_threads(spec, g.N * g.O, tuning)
     # Each task owns one (image, output channel) plane: no shared writes, any thread count
     # gives the same bits.
     for task in prange(g.N * g.O, nogil=True, schedule='static', num_threads=n_threads):

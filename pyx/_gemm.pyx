@@ -6,13 +6,42 @@ input pixel is in the image form a sub-rectangle; its input pixels are packed in
 per-thread buffer (C/groups x pixels) and one matrix product with that tap's weights
 (O/groups x C/groups) gives its contribution. Taps in the padding are never multiplied.
 Every output sums its taps in a fixed order, so results are bitwise identical for any thread
-count; BLAS must run single-threaded inside (the caller limits it).
+count; BLAS runs single-threaded inside (each entry point limits it).
 """
 from cython.parallel cimport prange, parallel, threadid
 from cython cimport floating
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 from _common cimport Geom, make_geom
+from _plan cimport ceil_div, largest_tile, rect_tiles
+
+import math
+
+import numpy as np
+
+from dilconv._threads import blas_single_threaded, kernel_threads
+
+# Pixels per tile: a packed tile of a few hundred KiB stays in L2 (between the tuning's
+# min_tile_pixels and max_tile_pixels).
+TILE_ELEMENTS = 256 * 1024
+# BLAS takes 32-bit sizes.
+BLAS_INT_MAX = 2 ** 31 - 1
+
+
+def applies(spec, tuning):
+    """True where BLAS's 32-bit sizes hold this geometry (the forward also passes the
+    output plane size as a leading dimension); larger ones run elsewhere."""
+    return (max(spec.c, spec.o) * tuning.max_tile_pixels <= BLAS_INT_MAX
+            and spec.ho * spec.wo <= BLAS_INT_MAX)
+
+
+def plane_tiles(Py_ssize_t height, Py_ssize_t width, Py_ssize_t channels, tuning):
+    """Fixed rectangles (r0, r1, c0, c1) covering a height x width plane, of about
+    TILE_ELEMENTS / channels pixels. Depends on the geometry only (never on the thread
+    count), so results do not either."""
+    target = max(tuning.min_tile_pixels,
+                 min(tuning.max_tile_pixels, TILE_ELEMENTS // max(1, channels)))
+    return np.array(rect_tiles(0, height, 0, width, target), dtype=np.intp).reshape(-1, 4)
 
 
 cdef inline void gemm(char trans_a, char trans_b, int m, int n, int k,
@@ -147,29 +176,35 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,         # IN  (N, C, H, 
                             orow[j] = orow[j] + src[j]
 
 
-def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt,
-            const floating[::1] bias, floating[:, :, :, ::1] out,
-            const Py_ssize_t[:, ::1] tiles, Py_ssize_t kw_group, floating[:, ::1] scratch,
-            spec, int n_threads):
-    """conv2d into `out`. `wt` is the weight as (kH*kW/kw_group, O, kw_group*C/groups),
-    columns ordered (kw, c); tiles span whole output rows, or one row; `scratch` is
-    (threads, (kw_group*C/groups + O/groups) * max tile pixels)."""
+def forward(const floating[:, :, :, ::1] x, weight,
+            const floating[::1] bias, floating[:, :, :, ::1] out, spec, tuning):
+    """conv2d into `out`, in tiles of whole output rows or of one row."""
     cdef Geom g = make_geom(spec)
-    cdef Py_ssize_t task, tid
-    cdef Py_ssize_t tile_pixels = scratch.shape[1] // (kw_group * g.Cg + g.Og)
+    # Few channels: one product per kernel row (all kW taps, zeros where a tap is in the
+    # padding) has a longer K and runs faster than one per tap.
+    # Those zeros meet the weights, so only finite weights may take that way (0*inf = nan).
+    cdef Py_ssize_t kw_group = 1
+    if g.Cg < tuning.kw_group_below_channels and np.isfinite(weight).all():
+        kw_group = g.kW
+    cdef const Py_ssize_t[:, ::1] tiles = plane_tiles(g.Ho, g.Wo, kw_group * g.Cg, tuning)
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
-    cdef floating* pack
-    with nogil, parallel(num_threads=n_threads):
-        tid = threadid()
-        pack = &scratch[tid, 0]
-        for task in prange(n_tasks, schedule='static'):
-            _forward_tile(x, wt, bias, out, tiles, kw_group, g,
-                          task, pack, pack + kw_group * g.Cg * tile_pixels)
-
-
-cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
-    # b > 0; rounds toward +infinity for either sign of a.
-    return -((-a) // b) if a < 0 else (a + b - 1) // b
+    cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
+    # (O, C/g, kH, kW) -> (kH*kW/kw_group, O, kw_group*C/g): columns (kw, c) per product.
+    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(
+        g.kH, g.kW // kw_group, kw_group, g.O, g.Cg).transpose(0, 1, 3, 2, 4).reshape(
+        g.kH * g.kW // kw_group, g.O, kw_group * g.Cg)
+    cdef const floating[:, :, ::1] wt = np.ascontiguousarray(taps)
+    cdef Py_ssize_t tile_pixels = largest_tile(tiles)
+    cdef floating[:, ::1] scratch = np.empty(
+        (n_threads, (kw_group * g.Cg + g.Og) * tile_pixels),
+        dtype=np.float32 if floating is float else np.float64)
+    cdef Py_ssize_t task, tid, tmp = kw_group * g.Cg * tile_pixels
+    with blas_single_threaded():
+        with nogil, parallel(num_threads=n_threads):
+            tid = threadid()
+            for task in prange(n_tasks, schedule='static'):
+                _forward_tile(x, wt, bias, out, tiles, kw_group, g, task, &scratch[tid, 0],
+                              &scratch[tid, tmp])
 
 
 cdef inline Py_ssize_t floor_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -234,22 +269,28 @@ cdef void _grad_input_tile(const floating[:, :, :, ::1] gy,     # IN  (N, O, Ho,
                             gxrow[j * g.sw] = gxrow[j * g.sw] + src[j]
 
 
-def grad_input(const floating[:, :, :, ::1] gy, const floating[:, :, ::1] wt,
-               floating[:, :, :, ::1] gx, const Py_ssize_t[:, ::1] tiles,
-               floating[:, ::1] scratch, spec, int n_threads):
-    """Input gradient into `gx`; `wt` is the weight as (kH*kW, C, O/groups), tiles cut
-    the input plane, `scratch` is (threads, (O/groups + C/groups) * max tile pixels)."""
+def grad_input(const floating[:, :, :, ::1] gy, weight,
+               floating[:, :, :, ::1] gx, spec, tuning):
+    """Input gradient into `gx`, in tiles of the input plane."""
     cdef Geom g = make_geom(spec)
-    cdef Py_ssize_t task, tid
-    cdef Py_ssize_t tile_pixels = scratch.shape[1] // (g.Cg + g.Og)
+    cdef const Py_ssize_t[:, ::1] tiles = plane_tiles(g.H, g.W, g.Og, tuning)
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
-    cdef floating* pack
-    with nogil, parallel(num_threads=n_threads):
-        tid = threadid()
-        pack = &scratch[tid, 0]
-        for task in prange(n_tasks, schedule='static'):
-            _grad_input_tile(gy, wt, gx, tiles, g, task,
-                             pack, pack + g.Og * tile_pixels)
+    cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
+    # (O, C/g, kH, kW) -> (kH*kW, C, O/g): per tap and group, a (C/g x O/g) matrix.
+    cdef const floating[:, :, ::1] wt = np.ascontiguousarray(
+        weight.reshape(g.groups, g.Og, g.Cg, g.kH, g.kW).transpose(3, 4, 0, 2, 1)
+    ).reshape(g.kH * g.kW, g.C, g.Og)
+    cdef Py_ssize_t tile_pixels = largest_tile(tiles)
+    cdef floating[:, ::1] scratch = np.empty(
+        (n_threads, (g.Cg + g.Og) * tile_pixels),
+        dtype=np.float32 if floating is float else np.float64)
+    cdef Py_ssize_t task, tid, tmp = g.Og * tile_pixels
+    with blas_single_threaded():
+        with nogil, parallel(num_threads=n_threads):
+            tid = threadid()
+            for task in prange(n_tasks, schedule='static'):
+                _grad_input_tile(gy, wt, gx, tiles, g, task, &scratch[tid, 0],
+                                 &scratch[tid, tmp])
 
 
 cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)
@@ -297,18 +338,22 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
 
 
 def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
-                floating[:, :, :, ::1] gw, const Py_ssize_t[:, ::1] tiles,
-                Py_ssize_t o_block, floating[:, ::1] scratch, spec, int n_threads):
-    """Weight gradient into `gw`; tiles cut the output plane; `o_block` divides O/groups;
-    `scratch` is (threads, (C/groups + o_block) * max tile pixels + o_block * C/groups)."""
+                floating[:, :, :, ::1] gw, spec, tuning):
+    """Weight gradient into `gw`; tasks are (block of output channels, tap), blocks
+    dividing O/groups; tiles cut the output plane."""
     cdef Geom g = make_geom(spec)
+    cdef Py_ssize_t o_block = math.gcd(g.Og, 64)
+    cdef const Py_ssize_t[:, ::1] tiles = plane_tiles(g.Ho, g.Wo, g.Cg + o_block, tuning)
+    cdef Py_ssize_t n_tasks = g.kH * g.kW * (g.O // o_block)
+    cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
+    cdef Py_ssize_t acc_offset = (g.Cg + o_block) * largest_tile(tiles)
+    cdef floating[:, ::1] scratch = np.empty(
+        (n_threads, acc_offset + o_block * g.Cg),
+        dtype=np.float32 if floating is float else np.float64)
     cdef Py_ssize_t task, tid
-    cdef Py_ssize_t n_tasks = g.kH * g.kW * ((g.O + o_block - 1) // o_block)
-    cdef Py_ssize_t acc_offset = scratch.shape[1] - o_block * g.Cg
-    cdef floating* pack
-    with nogil, parallel(num_threads=n_threads):
-        tid = threadid()
-        pack = &scratch[tid, 0]
-        for task in prange(n_tasks, schedule='static'):
-            _grad_weight_block(gy, x, gw, tiles, o_block, g,
-                               task, pack, pack + acc_offset)
+    with blas_single_threaded():
+        with nogil, parallel(num_threads=n_threads):
+            tid = threadid()
+            for task in prange(n_tasks, schedule='static'):
+                _grad_weight_block(gy, x, gw, tiles, o_block, g, task, &scratch[tid, 0],
+                                   &scratch[tid, acc_offset])

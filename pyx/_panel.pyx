@@ -3,7 +3,7 @@
 The output plane is cut into tiles aligned with the taps' in-bounds ranges, so in a tile
 every tap reads the image for all of its pixels or for none: a tile sums exactly its taps
 in the image, with no zero padding and no bounds tests (where border columns are thin and
-the weights finite, the caller may cut along rows only: column taps then read zeros). A
+the weights finite, the plan may cut along rows only: column taps then read zeros). A
 tile is computed NR pixels at a time: their input pixels, for all of the taps and
 channels, form a panel, packed per thread a group of panels at a time just before use
 (or, at unit stride with few terms or few output channels, read in place), and the
@@ -19,6 +19,13 @@ from cython cimport floating
 from libc.string cimport memset
 
 from _common cimport Geom, make_geom
+from _plan cimport largest_tile, range_edges, rect_tiles
+
+import functools
+
+import numpy as np
+
+from dilconv._threads import kernel_threads
 
 
 cdef extern from "_microkernel.h":
@@ -46,7 +53,6 @@ cdef extern from "_microkernel.h":
     void dilconv_gather2_block_f(const float* src, float* dst) noexcept nogil
     void dilconv_gather2_block_d(const double* src, double* dst) noexcept nogil
 
-MR = DILCONV_MR
 
 cdef extern from "_axpy.h":
     void dilconv_gather_f(Py_ssize_t n, const float* src, Py_ssize_t step,
@@ -55,8 +61,41 @@ cdef extern from "_axpy.h":
                           double* dst) noexcept nogil
 
 
-# Bytes of pixels per output channel in a micro-kernel block (NR pixels).
-BLOCK_NBYTES = DILCONV_BLOCK_BYTES
+# This tier's micro-kernel block (read by tests and show_config, not by any plan): output
+# channels per block (in the weight gradient) and bytes of pixels per block.
+MR, MR_GRAD_WEIGHT, BLOCK_NBYTES = DILCONV_MR, DILCONV_MR_GW, DILCONV_BLOCK_BYTES
+
+# Forward tiles (tasks): about this many bytes of input terms (pixels x taps x channels),
+# and enough pixels that blocks of NR are mostly full.
+PANEL_PACK_BYTES = 1024 * 1024
+PANEL_MIN_PIXELS = 256
+# Weight-gradient tiles: their packed input stays within this (in L1/L2), and a task's
+# output channels of grad_output (in L2 across the taps) within this many.
+PANEL_GRAD_WEIGHT_PACK_BYTES = 64 * 1024
+PANEL_GRAD_WEIGHT_O_CHUNK = 128
+
+
+@functools.lru_cache(maxsize=256)
+def aligned_tiles(spec, Py_ssize_t target, bint zero_fill=False):
+    """Tiles (r0, r1, c0, c1) of about `target` pixels, none crossing a tap range end (of
+    the row taps only, with `zero_fill`: column taps then read zeros in the padding).
+    Remembered per geometry (layers call with the same one again and again): read-only."""
+    rows = range_edges(spec.oh_lo, spec.oh_hi, spec.ho)
+    cols = [0, spec.wo] if zero_fill else range_edges(spec.ow_lo, spec.ow_hi, spec.wo)
+    tiles = np.array([tile for a, b in zip(rows, rows[1:]) for c, d in zip(cols, cols[1:])
+                      for tile in rect_tiles(a, b, c, d, target)],
+                     dtype=np.intp).reshape(-1, 4)
+    tiles.flags.writeable = False
+    return tiles
+
+
+@functools.lru_cache(maxsize=256)
+def zero_filled_columns(spec):
+    """Multiply-adds on zeros per useful one when tiles span whole output rows: a column
+    tap partly in the padding then reads zeros there."""
+    useful = int((spec.ow_hi - spec.ow_lo).sum())
+    active = int((spec.ow_hi > spec.ow_lo).sum())
+    return (active * spec.wo - useful) / max(useful, 1)
 
 
 cdef inline void ukr(const Terms* terms, const floating* a, const floating* b,
@@ -289,53 +328,83 @@ cdef void _blocks(const floating[:, :, :, :, ::1] wp, const floating[:, :, ::1] 
             rq = rq + 1
 
 
-def pack_weights(const floating[:, :, :, :] w, const floating[:] bias,
-                 floating[:, :, :, :, ::1] wp, floating[:, :, ::1] bp):
+cdef void _pack_weights(const floating[:, :, :, :] w, const floating[:] bias,
+                        floating[:, :, :, :, ::1] wp, floating[:, :, ::1] bp) noexcept nogil:
     """wp[grp, ob, kh*kW + kw, ci, i] = w[grp*O/g + ob*MR + i, ci, kh, kw] and bp likewise
     from `bias` (which may be empty), zero past O/g. `w` may have any strides."""
     cdef Py_ssize_t groups = wp.shape[0], blocks = wp.shape[1], cg = wp.shape[3]
     cdef Py_ssize_t og = w.shape[0] // groups, kh_size = w.shape[2], kw_size = w.shape[3]
     cdef Py_ssize_t grp, ob, ci, kh, kw, i, o, m
-    with nogil:
-        for grp in range(groups):
-            for ob in range(blocks):
-                m = min(<Py_ssize_t> DILCONV_MR, og - ob * DILCONV_MR)
-                for i in range(DILCONV_MR):
-                    o = grp * og + ob * DILCONV_MR + i
-                    bp[grp, ob, i] = bias[o] if i < m and bias.shape[0] else 0
-                for ci in range(cg):
-                    for kh in range(kh_size):
-                        for kw in range(kw_size):
-                            for i in range(m):
-                                wp[grp, ob, kh * kw_size + kw, ci, i] = w[
-                                    grp * og + ob * DILCONV_MR + i, ci, kh, kw]
-                            for i in range(m, DILCONV_MR):
-                                wp[grp, ob, kh * kw_size + kw, ci, i] = 0
+    for grp in range(groups):
+        for ob in range(blocks):
+            m = min(<Py_ssize_t> DILCONV_MR, og - ob * DILCONV_MR)
+            for i in range(DILCONV_MR):
+                o = grp * og + ob * DILCONV_MR + i
+                bp[grp, ob, i] = bias[o] if i < m and bias.shape[0] else 0
+            for ci in range(cg):
+                for kh in range(kh_size):
+                    for kw in range(kw_size):
+                        for i in range(m):
+                            wp[grp, ob, kh * kw_size + kw, ci, i] = w[
+                                grp * og + ob * DILCONV_MR + i, ci, kh, kw]
+                        for i in range(m, DILCONV_MR):
+                            wp[grp, ob, kh * kw_size + kw, ci, i] = 0
 
 
-def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, :, ::1] wp,
-            const floating[:, :, ::1] bp, floating[:, :, :, ::1] out,
-            const Py_ssize_t[:, ::1] tiles, bint zero_fill, floating[:, ::1] scratch,
-            Py_ssize_t[:, ::1] tap_scratch, Py_ssize_t in_place_bytes, Py_ssize_t group,
-            spec, int n_threads):
-    """conv2d into `out`. `wp` is the weight packed as (groups, ceil(O/g / MR), kH*kW,
-    C/g, MR), `bp` the bias as (groups, blocks, MR), both zero past O/g; `tiles` are
-    aligned with the tap ranges (of the rows only with `zero_fill`, where column taps
-    read zeros in the padding: finite weights only); `group` panels are packed at a time;
-    `scratch` is (threads, group * NR * kH*kW * C/g + MR*NR) (the packed panels and one
-    block); `tap_scratch` is (threads, 4 * kH*kW). Unit-stride blocks whose reads take at
-    most `in_place_bytes` read the image in place."""
+def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1] out,
+            spec, tuning):
+    """conv2d into `out`. `weight` (O, C/g, kH, kW) and `bias` ((O,) or empty) may be any
+    strided views (the input gradient passes the transposed, turned kernel).
+
+    The plan: tiles aligned with the tap ranges (of the rows only where few zeros would be
+    multiplied in border columns and the weights are finite: zero-filled tiles), of about
+    PANEL_PACK_BYTES of input terms; per thread, a group of packed panels, one output
+    block, and the tile's taps with their weight, image and panel offsets. The weights
+    are packed as (groups, ceil(O/g / MR), kH*kW, C/g, MR), zero past O/g."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
-    cdef Py_ssize_t task, tid
+    cdef Py_ssize_t taps = g.kH * g.kW, depth = taps * g.Cg
+    cdef Py_ssize_t blocks = (g.Og + DILCONV_MR - 1) // DILCONV_MR
+    cdef Py_ssize_t target = max(PANEL_MIN_PIXELS,
+                                 PANEL_PACK_BYTES // sizeof(floating) // depth)
+    # A packed panel serves every block of MR output channels: for one or two blocks it
+    # does not pay, and unit-stride blocks read the image in place at any depth (in
+    # tiles cut at the column taps' range ends).
+    cdef Py_ssize_t in_place_bytes = tuning.panel_in_place_bytes
+    cdef bint few_blocks = g.sw == 1 and blocks <= tuning.panel_in_place_max_blocks
+    if few_blocks:
+        in_place_bytes = max(in_place_bytes, depth * DILCONV_BLOCK_BYTES)
+    # Tiles not cut at the column taps' range ends (whole rows, when the rows are short)
+    # store each block straight into the output and pack whole blocks; border columns
+    # then multiply zeros, so only finite weights go that way (0 * inf = nan), and only
+    # where few zeros are multiplied (with none, the tiles are whole rows anyway).
+    cdef bint zero_fill = (not few_blocks
+                           and 0 < zero_filled_columns(spec) <= tuning.panel_zero_fill_max
+                           and bool(np.isfinite(weight).all()))
+    cdef const Py_ssize_t[:, ::1] tiles = aligned_tiles(
+        spec, min(tuning.max_tile_pixels, max(nr, target - target % nr)), zero_fill)
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
-    cdef Py_ssize_t block_offset = scratch.shape[1] - DILCONV_MR * nr
+    cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
+    cdef Py_ssize_t group = max(1, tuning.panel_group_bytes // (DILCONV_BLOCK_BYTES * depth))
+    dtype = np.float32 if floating is float else np.float64
+    cdef Py_ssize_t block_offset = group * nr * depth
+    cdef floating[:, ::1] scratch = np.empty((n_threads, block_offset + DILCONV_MR * nr),
+                                             dtype=dtype)
+    cdef Py_ssize_t[:, ::1] tap_scratch = np.empty((n_threads, 4 * taps), dtype=np.intp)
+    cdef floating[:, :, :, :, ::1] wp = np.empty((g.groups, blocks, taps, g.Cg, DILCONV_MR),
+                                                 dtype=dtype)
+    cdef floating[:, :, ::1] bp = np.empty((g.groups, blocks, DILCONV_MR), dtype=dtype)
+    cdef const floating[:, :, :, :] w_view = weight
+    cdef const floating[:] b_view = bias
+    cdef Py_ssize_t task, tid
+    with nogil:
+        _pack_weights(w_view, b_view, wp, bp)
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         for task in prange(n_tasks, schedule='dynamic'):
             _forward_tile(x, wp, bp, out, tiles, g, task, &scratch[tid, 0],
                           &scratch[tid, block_offset],
-                          &tap_scratch[tid, 0], &tap_scratch[tid, g.kH * g.kW],
+                          &tap_scratch[tid, 0], &tap_scratch[tid, taps],
                           zero_fill, in_place_bytes, group)
 
 
@@ -408,21 +477,35 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
                         o = o + DILCONV_MR_GW
 
 
-def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
-                floating[:, :, ::1] gwt, const Py_ssize_t[:, ::1] tiles,
-                Py_ssize_t o_chunk, floating[:, ::1] scratch,
-                Py_ssize_t[:, ::1] offset_scratch, spec, int n_threads):
-    """Weight gradient, summed into `gwt` (kH*kW, O, ceil(C/g / NR) * NR), which holds
-    zeros on entry. `tiles` are aligned with the tap ranges; tasks take `o_chunk` output
-    channels (a multiple of MR); `scratch` is (threads, NR * max tile pixels);
-    `offset_scratch` is (threads, 2 * max tile rows)."""
+def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, gw, spec,
+                tuning):
+    """Weight gradient into `gw`. The plan: tiles aligned with the tap ranges, whose NR
+    channels of packed input take at most PANEL_GRAD_WEIGHT_PACK_BYTES; tasks of NR input
+    channels x o_chunk output channels (a multiple of MR) of one group; the sums go into
+    a (kH*kW, O, ceil(C/g / NR) * NR) array of zeros, then into `gw`."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
+    cdef Py_ssize_t taps = g.kH * g.kW
+    cdef Py_ssize_t target = min(tuning.max_tile_pixels,
+                                 max(1, PANEL_GRAD_WEIGHT_PACK_BYTES // DILCONV_BLOCK_BYTES))
+    cdef const Py_ssize_t[:, ::1] tiles = aligned_tiles(spec, target)
+    cdef Py_ssize_t c_blocks = (g.Cg + nr - 1) // nr
+    cdef Py_ssize_t o_chunk = min(g.Og, PANEL_GRAD_WEIGHT_O_CHUNK)
+    o_chunk = (o_chunk + DILCONV_MR - 1) // DILCONV_MR * DILCONV_MR
+    cdef Py_ssize_t n_tasks = g.groups * c_blocks * ((g.Og + o_chunk - 1) // o_chunk)
+    cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
+    cdef Py_ssize_t t, rows = 0
+    for t in range(tiles.shape[0]):
+        rows = max(rows, tiles[t, 1] - tiles[t, 0])
+    dtype = np.float32 if floating is float else np.float64
+    cdef floating[:, ::1] scratch = np.empty((n_threads, nr * largest_tile(tiles)), dtype=dtype)
+    cdef Py_ssize_t[:, ::1] offset_scratch = np.empty((n_threads, 2 * rows), dtype=np.intp)
+    gwt = np.zeros((taps, g.O, c_blocks * nr), dtype=dtype)
+    cdef floating[:, :, ::1] gwt_view = gwt
     cdef Py_ssize_t task, tid
-    cdef Py_ssize_t n_tasks = (g.groups * ((g.Cg + nr - 1) // nr)
-                               * ((g.Og + o_chunk - 1) // o_chunk))
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         for task in prange(n_tasks, schedule='dynamic'):
-            _grad_weight_block(gy, x, gwt, tiles, o_chunk, g, task, &scratch[tid, 0],
+            _grad_weight_block(gy, x, gwt_view, tiles, o_chunk, g, task, &scratch[tid, 0],
                                &offset_scratch[tid, 0])
+    gw[...] = gwt[:, :, :g.Cg].transpose(1, 2, 0).reshape(gw.shape)

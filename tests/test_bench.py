@@ -20,6 +20,7 @@ from bench import im2col, layers, timing  # noqa: E402
 from bench.cli import main  # noqa: E402
 from bench.impls import Case, Dilconv, Torch, check  # noqa: E402
 from bench.layers import Layer  # noqa: E402
+from bench.peers import PEERS, Jax, OnnxRuntime  # noqa: E402
 
 from test_conv import GRID  # noqa: E402
 
@@ -146,7 +147,7 @@ def _run_cli(args, tmp_path, hide=()):
 def test_cli_tiny_suite_writes_json_and_plot(tmp_path):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
     stdout = _run_cli(TINY + ["--json", str(out_json), "--plot", str(out_png)], tmp_path)
-    assert "seed_toy" in stdout and "GEMM peak" in stdout
+    assert "seed_toy" in stdout and "numpy matmul" in stdout and "FMA peak" in stdout
     report = json.loads(out_json.read_text())
     rows = {(r["impl"], r["op"], r["threads"]): r for r in report["results"]}
     for op in layers.OPS:
@@ -159,6 +160,16 @@ def test_cli_tiny_suite_writes_json_and_plot(tmp_path):
                 assert row["status"] == "ok" and row["check"] <= 1
                 assert row["ratio"] == pytest.approx(row["median_s"] / ours["median_s"])
     assert set(report["gemm_peak_gflops"]["float32"]) == {"1", "2"}
+    assert set(report["fma_peak_gflops"]["float32"]) == {"1", "2"}
+    assert set(report["copy_bandwidth_gbs"]) == {"1", "2"}
+    for threads in (1, 2):
+        ours = rows["dilconv", "forward", threads]
+        peak = report["fma_peak_gflops"]["float32"][str(threads)]
+        assert ours["pct_peak"] == pytest.approx(100 * ours["gflops_effective"] / peak)
+        timed = [rows[p, "forward", threads]["ratio"] for p in report["implementations"]
+                 if p != "dilconv" and rows[p, "forward", threads].get("ratio")]
+        assert ours["vs_best"] == pytest.approx(min(timed))
+    assert "summary (vs best" in stdout
     assert report["machine"]["versions"]["dilconv"]
     assert "openmp" in report["machine"]["dilconv_build"]
     if report["peers"]["torch"]["status"] == "ok":
@@ -193,14 +204,105 @@ def test_cli_without_torch_or_matplotlib_says_so(tmp_path):
     assert "numpy ms" in stdout and "torch ms" not in stdout
 
 
+def test_readme_describes_the_layer_suite():
+    """README's layer table is the suite that runs (users have no other description)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in layers.LAYERS:
+            rows[cells[0]] = cells[1:]
+    assert set(rows) == set(layers.LAYERS)
+    for name, layer in layers.LAYERS.items():
+        assert rows[name] == ["x".join(map(str, layer.input)),
+                              "x".join(map(str, layer.weight)), layer.describe(),
+                              layer.what], name
+    assert "DESIGN" not in readme
+
+
 def test_cli_list_and_bad_arguments(capsys):
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
-    for name in list(layers.LAYERS) + list(layers.SUITES) + ["torch", "numpy", "scipy"]:
+    for name in list(layers.LAYERS) + list(layers.SUITES) + list(PEERS):
         assert name in out
+    # The layer suite is described right there, not by a document users do not have.
+    assert "DESIGN" not in out and "p padding" in out
+    for layer in layers.LAYERS.values():
+        assert layer.what in out and "x".join(map(str, layer.weight)) in out
     for bad in (["--layers", "nope"], ["--ops", "sideways"], ["--threads", "0"],
                 ["--dtype", "float16"], ["--peers", "tensorflow"], ["--min-time", "-1"]):
         with pytest.raises(SystemExit) as exc:
             main(bad)
         assert exc.value.code == 2
         assert bad[1] in capsys.readouterr().err
+
+
+PEER_LAYERS = [Layer("strided_groups", (2, 4, 12, 10), (6, 2, 3, 2), (2, 1), (2, 1), (2, 3), 2),
+               Layer("depthwise", (1, 3, 9, 9), (3, 1, 3, 3), 1, 4, 4, 3),
+               layers.LAYERS["seed_3to16"]]
+
+
+@pytest.mark.parametrize("layer", PEER_LAYERS, ids=lambda layer: layer.name)
+def test_ort_peer_matches(layer):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    ort = OnnxRuntime()
+    assert ort.missing() is None
+    case = Case.make(layer, "float32")
+    ours = Dilconv().outputs(Dilconv().runner(case, "forward")[0]())
+    for threads in (1, 2):
+        call, before = ort.runner(case, "forward", threads)
+        assert before is None
+        assert check(case, "forward", ort.outputs(call()), ours) <= 1
+    assert ort.skip(Case.make(layer, "float64"), "forward")
+    assert ort.skip(case, "backward")
+
+
+def test_ort_peer_check_catches_a_wrong_model():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    layer = PEER_LAYERS[0]
+    case = Case.make(layer, "float32")
+    ours = Dilconv().outputs(Dilconv().runner(case, "forward")[0]())
+    ort = OnnxRuntime()
+    ort.missing()
+    wrong = Case.make(Layer(layer.name, layer.input, layer.weight, layer.stride, layer.padding,
+                            1, layer.groups), "float32")     # dilation dropped
+    got = ort.outputs(ort.runner(wrong, "forward")[0]())
+    assert check(case, "forward", got, ours) > 1
+
+
+def test_jax_peer_matches_on_one_core():
+    pytest.importorskip("jax")
+    jax_impl = Jax()
+    assert jax_impl.missing() is None
+    try:
+        for layer in PEER_LAYERS[:2]:
+            for dtype in ("float32", "float64"):
+                case = Case.make(layer, dtype)
+                for op in layers.OPS:
+                    ours = Dilconv().outputs(Dilconv().runner(case, op)[0]())
+                    call, _ = jax_impl.runner(case, op, 1)
+                    result = call()
+                    assert isinstance(result, timing.Timed) and result.seconds > 0
+                    got = jax_impl.outputs(result)
+                    assert got[0].dtype == np.dtype(dtype)
+                    assert check(case, op, got, ours) <= 1, (layer.name, dtype, op)
+        # The child is pinned to one core: its CPU time cannot exceed its wall time much.
+        case = Case.make(layers.LAYERS["seed_3to16"], "float32")
+        call, _ = jax_impl.runner(case, "forward", 1)
+        for _ in range(20):
+            call()
+        usage = jax_impl.measured(case, "forward", 1)
+        assert usage["cpu_per_wall"] <= 1.25 and "warning" not in usage
+    finally:
+        jax_impl.close()
+    assert not jax_impl.workers
+
+
+def test_cli_without_ort_or_jax_says_so(tmp_path):
+    stdout = _run_cli(TINY + ["--ops", "forward", "--threads", "1", "--peers", "ort,jax,numpy"],
+                      tmp_path, hide=("onnxruntime", "onnx", "jax"))
+    assert "ort skipped: ONNX Runtime is not installed (pip install onnx onnxruntime)" in stdout
+    assert 'jax skipped: JAX is not installed (pip install "jax[cpu]")' in stdout
+    assert "numpy ms" in stdout and "ort ms" not in stdout and "jax ms" not in stdout

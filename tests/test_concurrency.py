@@ -11,7 +11,7 @@ import pytest
 import threadpoolctl
 
 import dilconv
-from dilconv._dispatch import choose_path
+from dilconv._dispatch import select
 from dilconv._validate import make_spec
 
 # Subprocesses import this checkout's dilconv, not an installed one.
@@ -53,8 +53,8 @@ def _blas_threads():
 
 def test_cases_cover_the_kernel_families():
     defaults = dict(stride=1, padding=0, dilation=1, groups=1)
-    paths = {choose_path(make_spec(xs, ws, **{**defaults, **kw}), op)
-             for xs, ws, kw in CASES for op in ("forward", "backward")}
+    paths = {select(make_spec(xs, ws, **{**defaults, **kw}), op)
+             for xs, ws, kw in CASES for op in ("forward", "grad_weight")}
     assert paths == {"direct", "panel", "depthwise"}
 
 

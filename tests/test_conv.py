@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 import dilconv
-from dilconv._dispatch import PATHS, choose_path, force_path
+from dilconv._dispatch import PATHS, select
+from dilconv._threads import kernel_threads
+from dilconv._tuning import Tuning, tuning
 from dilconv._validate import make_spec
 
 from _helpers import check_backward, check_forward, random_case
@@ -73,7 +75,7 @@ GRID = [
 def test_forward_and_backward_match_oracle(case, dtype, bias, path, rng):
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
     x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype, bias)
-    with force_path(path):
+    with tuning(path=path):
         y = check_forward(x, wt, b, stride, padding, dilation, groups)
         gy = rng.standard_normal(y.shape).astype(dtype)
         check_backward(gy, x, wt, stride, padding, dilation, groups)
@@ -81,21 +83,21 @@ def test_forward_and_backward_match_oracle(case, dtype, bias, path, rng):
 
 def test_dispatch_picks_panel_for_many_channels_and_flat_or_direct_for_few():
     many = make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)
-    assert choose_path(many) == "panel"
-    assert choose_path(many, "backward") == "panel"
-    assert choose_path(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 1, 1, 1, 4)) == "flat"
-    assert choose_path(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 2, 1, 1, 4)) == "direct"
+    assert select(many) == "panel"
+    assert select(many, "grad_weight") == "panel"
+    assert select(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 1, 1, 1, 4)) == "flat"
+    assert select(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 2, 1, 1, 4)) == "direct"
     # Few input channels: the weight gradient loops directly, while the input gradient
     # (a forward over the many output channels at unit stride) is a panel forward.
     stem = make_spec((1, 3, 32, 32), (16, 3, 3, 3), 1, 0, 2, 1)
-    assert choose_path(stem, "backward") == "direct"
-    assert choose_path(stem, "grad_input") == "panel"
-    assert choose_path(make_spec((1, 3, 32, 32), (16, 3, 3, 3), 2, 0, 2, 1),
-                       "grad_input") == "direct"
-    with force_path("direct"):
-        assert choose_path(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "direct"
+    assert select(stem, "grad_weight") == "direct"
+    assert select(stem, "grad_input") == "panel"
+    assert select(make_spec((1, 3, 32, 32), (16, 3, 3, 3), 2, 0, 2, 1),
+                  "grad_input") == "direct"
+    with tuning(path="direct"):
+        assert select(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "direct"
     with pytest.raises(ValueError, match="path"):
-        with force_path("fast"):
+        with tuning(path="fast"):
             pass
 
 
@@ -104,7 +106,7 @@ def test_flat_path_keeps_nonfinite_weights_off_the_padding(rng):
     x = rng.standard_normal((1, 1, 5, 5))
     w = np.ones((1, 1, 3, 3))
     w[0, 0, 0, 0] = np.inf
-    with force_path("flat"):
+    with tuning(path="flat"):
         y = dilconv.conv2d(x, w, padding=2, dilation=2)
     assert np.isfinite(y[0, 0, :2, :2]).all()       # the inf tap lands in the padding there
     assert np.isinf(y[0, 0, 2:, 2:]).all()
@@ -112,13 +114,11 @@ def test_flat_path_keeps_nonfinite_weights_off_the_padding(rng):
 
 @pytest.mark.parametrize("row_products", [True, False])
 @pytest.mark.parametrize("case", GRID[:7])
-def test_gemm_forward_per_tap_and_per_kernel_row(case, row_products, monkeypatch, rng):
+def test_gemm_forward_per_tap_and_per_kernel_row(case, row_products, rng):
     # Both ways the GEMM forward groups taps into products, whatever the channel count.
-    monkeypatch.setattr(dilconv._dispatch, "KW_GROUP_BELOW_CHANNELS",
-                        10 ** 9 if row_products else 1)
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
     x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, np.float32)
-    with force_path("gemm"):
+    with tuning(path="gemm", kw_group_below_channels=10 ** 9 if row_products else 1):
         check_forward(x, wt, b, stride, padding, dilation, groups)
 
 
@@ -127,16 +127,15 @@ def test_gemm_forward_per_tap_and_per_kernel_row(case, row_products, monkeypatch
 @pytest.mark.parametrize("tile_pixels", [5, 4096])
 @pytest.mark.parametrize("case", GRID[:7] + GRID[-1:])
 def test_panel_blocks_in_place_packed_and_zero_fill(case, in_place, zero_fill, tile_pixels,
-                                                     monkeypatch, rng):
+                                                     rng):
     # Blocks that read the image in place and packed ones, tiles cut at the column taps'
     # range ends or spanning whole rows (zeros in the padding), small and large tiles.
-    monkeypatch.setattr(dilconv._dispatch, "PANEL_IN_PLACE_BYTES", 1 << 30 if in_place else 0)
-    monkeypatch.setattr(dilconv._dispatch, "PANEL_ZERO_FILL_MAX", 1e9 if zero_fill else -1)
-    monkeypatch.setattr(dilconv._dispatch, "MAX_TILE_PIXELS", tile_pixels)
+    knobs = dict(path="panel", panel_in_place_bytes=1 << 30 if in_place else 0,
+                 panel_zero_fill_max=1e9 if zero_fill else -1.0, max_tile_pixels=tile_pixels)
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
     for dtype in (np.float32, np.float64):
         x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
-        with force_path("panel"):
+        with tuning(**knobs):
             y = check_forward(x, wt, b, stride, padding, dilation, groups)
             check_backward(rng.standard_normal(y.shape).astype(dtype), x, wt, stride,
                            padding, dilation, groups)
@@ -148,7 +147,7 @@ def test_panel_tiles_cover_the_plane_and_align_with_tap_ranges(case):
     spec = make_spec((max(n, 1), c, h, w), (o, c // groups, kh, kw), stride, padding,
                      dilation, groups)
     for zero_fill in (False, True):
-        tiles = dilconv._dispatch.aligned_tiles(spec, 7, zero_fill)
+        tiles = dilconv._tiers._panel.aligned_tiles(spec, 7, zero_fill)
         covered = np.zeros((spec.ho, spec.wo), int)
         for r0, r1, c0, c1 in tiles:
             covered[r0:r1, c0:c1] += 1
@@ -169,9 +168,9 @@ def test_tiny_calls_stay_on_one_thread():
     spec = make_spec((1, 2, 5, 6), (2, 2, 3, 2), 1, 0, 2, 1)
     try:
         dilconv.set_num_threads(2)
-        assert dilconv._dispatch._threads(spec, 4) == 1
+        assert kernel_threads(spec, 4, Tuning()) == 1
         big = make_spec((1, 64, 64, 64), (64, 64, 3, 3), 1, 1, 1, 1)
-        assert dilconv._dispatch._threads(big, 4) == 2
+        assert kernel_threads(big, 4, Tuning()) == 2
     finally:
         dilconv.set_num_threads(None)
 
@@ -179,10 +178,10 @@ def test_tiny_calls_stay_on_one_thread():
 def test_env_var_forces_path(monkeypatch):
     spec = make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)
     monkeypatch.setenv("DILCONV_PATH", "direct")
-    assert choose_path(spec) == "direct"
+    assert select(spec) == "direct"
     monkeypatch.setenv("DILCONV_PATH", "bogus")
     with pytest.raises(ValueError, match="DILCONV_PATH"):
-        choose_path(spec)
+        select(spec)
 
 
 def test_gemm_tiles_cover_large_planes_once(rng):
@@ -190,9 +189,24 @@ def test_gemm_tiles_cover_large_planes_once(rng):
     for shape in ((1, 4, 70, 90), (1, 4, 2, 5000)):
         x, wt, b = random_case(rng, *shape, 8, 3, 3, 1, np.float64)
         args = (1, 2, (1, 2), 1)
-        with force_path("gemm"):
+        with tuning(path="gemm"):
             y = check_forward(x, wt, b, *args)
             check_backward(rng.standard_normal(y.shape), x, wt, *args)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gemm_forward_and_weight_gradient_are_the_forced_reference(stride, dtype, rng):
+    # Never chosen on their own (panel is), kept as the BLAS reference and fallback: on a
+    # channel-heavy layer, forced, they agree with the oracle like every other path.
+    x, wt, b = random_case(rng, 2, 32, 11, 13, 32, 3, 3, 1, dtype)
+    args = (stride, 2, 2, 1)
+    spec = make_spec(x.shape, wt.shape, *args)
+    assert "gemm" not in (select(spec, "forward", wt), select(spec, "grad_weight"))
+    with tuning(path="gemm"):
+        assert (select(spec, "forward", wt), select(spec, "grad_weight")) == ("gemm", "gemm")
+        y = check_forward(x, wt, b, *args)
+        check_backward(rng.standard_normal(y.shape).astype(dtype), x, wt, *args)
 
 
 @pytest.mark.parametrize("case", GRID[:6])
@@ -248,9 +262,7 @@ def test_finite_differences(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bitwise_identical_across_thread_counts(dtype, rng, monkeypatch):
-    # Every thread count really runs, however little work each thread gets.
-    monkeypatch.setattr(dilconv._dispatch, "MIN_MACS_PER_THREAD", 1)
+def test_bitwise_identical_across_thread_counts(dtype, rng):
     # Large enough that the GEMM path cuts the planes into several tiles.
     x, wt, b = random_case(rng, 3, 8, 61, 75, 12, 3, 3, 2, dtype)
     args = (1, 3, 2, 2)
@@ -260,7 +272,8 @@ def test_bitwise_identical_across_thread_counts(dtype, rng, monkeypatch):
         for path, threads in itertools.product(PATHS, (1, 2, 3)):
             dilconv.set_num_threads(threads)
             assert dilconv.get_num_threads() == threads
-            with force_path(path):
+            # Every thread count really runs, however little work each thread gets.
+            with tuning(path=path, min_macs_per_thread=1):
                 results.append((path, (dilconv.conv2d(x, wt, b, *args),)
                                 + tuple(dilconv.conv2d_backward(gy, x, wt, *args))))
     finally:
@@ -399,7 +412,7 @@ def test_property_random_cases_match_oracle(case, path):
     n, c, h, w, o, kh, kw, groups, stride, pads, dilation, dtype, bias, seed = case
     rng = np.random.default_rng(seed)
     x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype, bias)
-    with force_path(path):
+    with tuning(path=path):
         y = check_forward(x, wt, b, stride, pads, dilation, groups)
         gy = rng.standard_normal(y.shape).astype(dtype)
         check_backward(gy, x, wt, stride, pads, dilation, groups)

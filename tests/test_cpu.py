@@ -40,26 +40,33 @@ def _timed(f):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_probe_is_at_least_a_matmul(dtype):
     # A matmul cannot beat the arithmetic peak of the same core: a probe slower than
-    # numpy's one-thread matmul is broken (spilled accumulators, too few of them). Both
-    # are best-of-N, interleaved; the margin absorbs the noise of a shared machine.
+    # numpy's one-thread matmul is broken (spilled accumulators, too few of them: about
+    # half the matmul's speed). Both are best of interleaved rounds; the margin absorbs
+    # the noise of a shared machine.
+    matmul = peak = 0.0
     with threadpool_limits(1):
-        matmul = max(_matmul_gflops(dtype) for _ in range(2))
-    peak = max(_cpu.fma_peak(dtype, 1, seconds=0.05) for _ in range(2))
-    assert peak >= 0.9 * matmul, (peak, matmul)
+        for _ in range(4):
+            matmul = max(matmul, _matmul_gflops(dtype))
+            peak = max(peak, _cpu.fma_peak(dtype, 1, seconds=0.05))
+    assert peak >= 0.8 * matmul, (peak, matmul)
 
 
 def test_wider_vectors_are_not_slower():
     # Doubling the vector width doubles (or, on cores that split wide vectors, keeps) the
     # peak; a width slower than a narrower one means its probe is not doing its work.
-    rates = [_cpu.fma_peak("float32", 1, w, seconds=0.05) for w in _cpu.vector_widths()]
+    runs = [[_cpu.fma_peak("float32", 1, w, seconds=0.03) for w in _cpu.vector_widths()]
+            for _ in range(3)]
+    rates = [max(by_width) for by_width in zip(*runs)]
     for narrow, wide in zip(rates, rates[1:]):
         assert wide >= 0.8 * narrow, rates
 
 
 def test_float64_peak_is_about_half_of_float32():
-    f32 = _cpu.fma_peak("float32", 1, seconds=0.05)
-    f64 = _cpu.fma_peak("float64", 1, seconds=0.05)
-    assert 0.35 <= f64 / f32 <= 0.65, (f32, f64)
+    # Half the lanes per vector. Best of interleaved runs: a busy moment only lowers one.
+    runs = [(_cpu.fma_peak("float32", 1, seconds=0.03),
+             _cpu.fma_peak("float64", 1, seconds=0.03)) for _ in range(4)]
+    f32, f64 = max(r[0] for r in runs), max(r[1] for r in runs)
+    assert 0.35 <= f64 / f32 <= 0.65, runs
 
 
 def test_probe_arguments_are_checked():

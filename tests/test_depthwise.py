@@ -8,10 +8,14 @@ import pytest
 
 import dilconv
 from dilconv import _dispatch, tolerance
-from dilconv._dispatch import choose_path, force_path, tap_runs
+from dilconv._dispatch import select
+from dilconv._tiers import _depthwise
+from dilconv._tuning import tuning
 from dilconv._validate import make_spec
 
 from _helpers import check_forward, forward_bound, random_case
+
+tap_runs = _depthwise.tap_runs
 
 # (n, groups, multiplier, h, w, kh, kw, stride, padding, dilation)
 GRID = [
@@ -37,7 +41,7 @@ def test_matches_oracle(case, dtype, path, rng):
     n, groups, mult, h, w, kh, kw, stride, padding, dilation = case
     x, wt, b = random_case(rng, n, groups, h, w, groups * mult, kh, kw, groups, dtype,
                            bias=rng.random() < 0.7)
-    with force_path(path):
+    with tuning(path=path):
         check_forward(x, wt, b, stride, padding, dilation, groups)
 
 
@@ -47,14 +51,14 @@ def test_every_run_width(dtype, rng):
     # overlapping, half-vector and single-output blocks, one and two rows at a time.
     for width, height in itertools.product(range(1, 71), (1, 2, 5)):
         x, wt, b = random_case(rng, 1, 2, height, width, 2, 3, 3, 2, dtype)
-        with force_path("depthwise"):
+        with tuning(path="depthwise"):
             check_forward(x, wt, b, 1, (1, 2), (1, 2), 2)
 
 
 def test_outputs_without_taps_are_the_bias(rng):
     # Padding of 5 around a 2x3 image with a 1x1 kernel: the border outputs see no pixel.
     x, wt, b = random_case(rng, 2, 3, 2, 3, 3, 1, 1, 3, np.float32)
-    with force_path("depthwise"):
+    with tuning(path="depthwise"):
         y = dilconv.conv2d(x, wt, b, padding=5, groups=3)
     inside = np.zeros(y.shape[2:], bool)
     inside[5:7, 5:8] = True
@@ -65,23 +69,21 @@ def test_outputs_without_taps_are_the_bias(rng):
 
 
 @pytest.mark.parametrize("task_pixels", [1, 7, 50, 1 << 14])
-def test_task_bands_cover_the_plane_once(task_pixels, monkeypatch, rng):
-    monkeypatch.setattr(_dispatch, "DEPTHWISE_TASK_PIXELS", task_pixels)
+def test_task_bands_cover_the_plane_once(task_pixels, rng):
     x, wt, b = random_case(rng, 2, 3, 23, 30, 6, 3, 3, 3, np.float64)
-    with force_path("depthwise"):
+    with tuning(path="depthwise", depthwise_task_pixels=task_pixels):
         check_forward(x, wt, b, 1, 3, (3, 2), 3)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bitwise_identical_across_thread_counts(dtype, rng, monkeypatch):
-    monkeypatch.setattr(_dispatch, "MIN_MACS_PER_THREAD", 1)
+def test_bitwise_identical_across_thread_counts(dtype, rng):
     x, wt, b = random_case(rng, 3, 8, 37, 61, 16, 3, 3, 8, dtype)
     results = []
     try:
         for task_pixels, threads in itertools.product((61 * 5, 1 << 14), (1, 2, 3)):
-            monkeypatch.setattr(_dispatch, "DEPTHWISE_TASK_PIXELS", task_pixels)
             dilconv.set_num_threads(threads)
-            with force_path("depthwise"):
+            with tuning(path="depthwise", depthwise_task_pixels=task_pixels,
+                        min_macs_per_thread=1):
                 results.append(dilconv.conv2d(x, wt, b, 1, 4, 4, 8).tobytes())
     finally:
         dilconv.set_num_threads(None)
@@ -95,7 +97,7 @@ def test_nonfinite_weight_in_the_padding_is_not_multiplied(value):
     w = np.ones((2, 1, 3, 3))
     w[:, 0, 0, 0] = value
     x = np.ones((1, 2, 4, 30))
-    with force_path("depthwise"):
+    with tuning(path="depthwise"):
         y = dilconv.conv2d(x, w, padding=1, groups=2)[0]
     expected_row0 = np.full(30, 6.0)
     expected_row0[[0, -1]] = 4
@@ -117,7 +119,7 @@ def test_tap_runs_split_an_axis_by_taps_in_the_image():
 
 @pytest.mark.parametrize("xs, ws, stride, groups, op, path", [
     ((2, 64, 40, 40), (64, 1, 3, 3), 1, 64, "forward", "depthwise"),
-    ((2, 64, 40, 40), (64, 1, 3, 3), 1, 64, "backward", "direct"),
+    ((2, 64, 40, 40), (64, 1, 3, 3), 1, 64, "grad_weight", "direct"),
     ((1, 8, 40, 40), (32, 1, 3, 3), 1, 8, "forward", "depthwise"),       # multiplier 4
     ((1, 1, 40, 40), (64, 1, 3, 3), 1, 1, "forward", "depthwise"),       # groups 1, C = 1
     ((1, 64, 8, _dispatch.DEPTHWISE_MIN_WIDTH - 1), (64, 1, 3, 3), 1, 64, "forward", "flat"),
@@ -126,14 +128,14 @@ def test_tap_runs_split_an_axis_by_taps_in_the_image():
     ((1, 8, 40, 40), (8, 2, 3, 3), 1, 4, "forward", "flat"),             # two per group
 ])
 def test_dispatch_rule(xs, ws, stride, groups, op, path):
-    assert choose_path(make_spec(xs, ws, stride, 1, 1, groups), op) == path
+    assert select(make_spec(xs, ws, stride, 1, 1, groups), op) == path
 
 
 def test_matches_torch_on_the_benchmark_layer(rng):
     torch = pytest.importorskip("torch")
     x, wt, b = random_case(rng, 1, 128, 64, 64, 128, 3, 3, 128, np.float32)
     spec = make_spec(x.shape, wt.shape, 1, 4, 4, 128)
-    assert choose_path(spec) == "depthwise"
+    assert select(spec) == "depthwise"
     y = check_forward(x, wt, b, 1, 4, 4, 128)
     ty = torch.nn.functional.conv2d(*(torch.from_numpy(a) for a in (x, wt, b)), padding=4,
                                     dilation=4, groups=128).numpy()

@@ -11,7 +11,8 @@ import pytest
 
 import dilconv
 from dilconv import tolerance
-from dilconv._dispatch import PATHS, force_path
+from dilconv._dispatch import PATHS
+from dilconv._tuning import tuning
 from dilconv._validate import make_spec
 
 from _helpers import check_backward, check_forward
@@ -86,7 +87,7 @@ def test_nonfinite_values_propagate_like_the_tap_sum(geometry, path, where, rng)
     x, w, b, gy = (arrays[k].astype(np.float32) for k in ("input", "weight", "bias",
                                                           "grad_output"))
     expected = _direct_sums(*(a.astype(np.float64) for a in (x, w, b, gy)), spec)
-    with force_path(path):
+    with tuning(path=path):
         y = dilconv.conv2d(x, w, b, stride, padding, dilation, groups)
         grads = dilconv.conv2d_backward(gy, x, w, stride, padding, dilation, groups)
     abs_sums = _direct_sums(*(np.abs(np.nan_to_num(a.astype(np.float64), posinf=0,
@@ -125,7 +126,7 @@ def test_nonfinite_inputs_match_torch(path, rng):
     w = _poison(rng, rng.standard_normal(ws), 2).astype(np.float32)
     b = _poison(rng, rng.standard_normal(ws[0]), 1).astype(np.float32)
     finite_w = np.where(np.isfinite(w), w, 0)
-    with force_path(path):
+    with tuning(path=path):
         y = dilconv.conv2d(x, w, b, stride, padding, dilation, groups)
         y_finite_w = dilconv.conv2d(x, finite_w, b, stride, padding, dilation, groups)
     args = (stride, padding, dilation, groups)
@@ -157,7 +158,7 @@ def test_denormals_do_not_slow_kernels_down_catastrophically(path, dtype, tiny, 
     w = rng.uniform(0.5, 1, (32, 32, 3, 3)).astype(dtype)
     gy = rng.uniform(0.5, 1, (2, 32, 60, 60)).astype(dtype)
     ratios = {}
-    with force_path(path):
+    with tuning(path=path):
         for what, fn in (("forward", lambda a: dilconv.conv2d(a, w, dilation=2)),
                          ("backward", lambda a: dilconv.conv2d_backward(gy, a, w,
                                                                         dilation=2))):
@@ -176,7 +177,7 @@ def test_float32_forward_sums_of_1e5_terms(path, rng):
     x = rng.standard_normal((1, 11200, 6, 6)).astype(np.float32)
     w = rng.standard_normal((2, 11200, 3, 3)).astype(np.float32)
     b = rng.standard_normal(2).astype(np.float32)
-    with force_path(path):
+    with tuning(path=path):
         check_forward(x, w, b, padding=1, dilation=2)
 
 
@@ -187,10 +188,10 @@ def test_float32_backward_sums_of_1e5_terms(path, rng):
     x = rng.standard_normal((2, 2, 230, 230)).astype(np.float32)
     w = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
     gy = rng.standard_normal((2, 2, 226, 226)).astype(np.float32)
-    with force_path(path):
+    with tuning(path=path):
         check_backward(gy, x, w, dilation=2)
     x = rng.standard_normal((1, 1, 6, 6)).astype(np.float32)
     w = rng.standard_normal((11250, 1, 3, 3)).astype(np.float32)
     gy = rng.standard_normal((1, 11250, 4, 4)).astype(np.float32)
-    with force_path(path):
+    with tuning(path=path):
         check_backward(gy, x, w, padding=1, dilation=2)

@@ -86,3 +86,22 @@ def test_results_do_not_depend_on_threadpool_limits(rng):
 
 def test_package_is_typed():
     assert os.path.exists(os.path.join(os.path.dirname(dilconv.__file__), "py.typed"))
+
+
+def test_unbuilt_source_tree_says_how_to_fix_it(tmp_path):
+    """`python -m bench` in a checkout after a non-editable `pip install .` imports the
+    unbuilt sources: a clear ImportError, not a circular-import puzzle."""
+    src = tmp_path / "dilconv"
+    src.mkdir()
+    for name in os.listdir(os.path.join(ROOT, "dilconv")):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, "dilconv", name)) as f:
+                (src / name).write_text(f.read())
+    result = subprocess.run([sys.executable, "-c", "import dilconv"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: dilconv's compiled kernels are missing"), last
+    assert "pip install -e ." in last and "outside the source tree" in last
+    assert "circular" not in result.stderr

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import dilconv
-from dilconv import _dispatch, _tiers
+from dilconv import _dispatch, _threads
+from dilconv._tuning import tuning
 from dilconv._validate import make_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(dilconv.__file__)))
@@ -67,7 +68,7 @@ import os, signal, threading, time
 import numpy as np
 import threadpoolctl
 import dilconv
-from dilconv import _dispatch
+from dilconv import _threads
 from dilconv._validate import make_spec
 
 def blas():
@@ -99,7 +100,7 @@ assert waited > duration / 4
 assert np.array_equal(dilconv.conv2d(x, w, padding=2, dilation=2), expected)
 g = dilconv.conv2d_backward(np.ones_like(expected), x, w, padding=2, dilation=2)
 assert all(np.isfinite(a).all() for a in g)
-assert blas() == blas_before and _dispatch._blas_users == 0, (blas(), blas_before)
+assert blas() == blas_before and _threads._blas_users == 0, (blas(), blas_before)
 print(f"interrupted after {waited:.3f} s; call takes {duration:.3f} s")
 """
 
@@ -139,7 +140,7 @@ def test_more_than_2_31_elements(path):
     y = np.empty_like(x)
     # Rows at the start, the middle and the end (flat indices past 2**31 are in the last row).
     rows = [0, BIG // 2, BIG - 512]
-    with _dispatch.force_path(path):
+    with tuning(path=path):
         # 1x1 kernel: y = 2x + 0.5, exactly.
         dilconv.conv2d(x, np.full((1, 1, 1, 1), 2, np.float32), np.array([0.5], np.float32),
                        out=y)
@@ -182,11 +183,10 @@ def test_planes_over_2_31_pixels_stay_off_blas(monkeypatch):
     # (no BLAS) take it; the strided input gradient, which the panel family leaves to
     # BLAS, runs direct. Shapes only: no memory.
     big = make_spec((1, 16, 524289, 8192), (16, 16, 1, 1), (1, 2), 0, 1, 1)
-    assert _dispatch.choose_path(big) == _dispatch.choose_path(big, "backward") == "panel"
+    assert _dispatch.select(big) == _dispatch.select(big, "grad_weight") == "panel"
     ran = []
-    kernels = _tiers.kernels()
-    monkeypatch.setattr(kernels._backward, "grad_input", lambda *a: ran.append("direct"))
-    monkeypatch.setattr(kernels._gemm, "grad_input", lambda *a: ran.append("gemm"))
+    monkeypatch.setattr(_dispatch._backward, "grad_input", lambda *a: ran.append("direct"))
+    monkeypatch.setattr(_dispatch._gemm, "grad_input", lambda *a: ran.append("gemm"))
     _dispatch.grad_input(None, np.zeros((16, 16, 1, 1), np.float32),
                          np.zeros((1, 16, 1, 1), np.float32), big)
     assert ran == ["direct"]
@@ -195,17 +195,16 @@ def test_planes_over_2_31_pixels_stay_off_blas(monkeypatch):
 def test_forced_gemm_falls_back_to_direct_past_blas_sizes():
     # BLAS sizes are 32-bit: a plane of more than 2**31 - 1 output pixels never reaches it.
     spec = make_spec((1, 1, 524289, 4096), (1, 1, 1, 1), 1, 0, 1, 1)
-    with _dispatch.force_path("gemm"):
-        assert _dispatch.choose_path(spec) == "direct"
-        assert _dispatch.choose_path(make_spec((1, 8, 64, 64), (8, 8, 1, 1), 1, 0, 1,
-                                               1)) == "gemm"
+    with tuning(path="gemm"):
+        assert _dispatch.select(spec) == "direct"
+        assert _dispatch.select(make_spec((1, 8, 64, 64), (8, 8, 1, 1), 1, 0, 1, 1)) == "gemm"
 
 
 @pytest.mark.slow
 def test_forced_gemm_on_a_plane_over_2_31_pixels():
     # Whole-row tiles (Wo <= 4096) with Ho*Wo = 2**31 + 4096: about 17 GB of RAM.
     x = np.ones((1, 1, 524289, 4096), np.float32)
-    with _dispatch.force_path("gemm"):
+    with tuning(path="gemm"):
         y = dilconv.conv2d(x, np.full((1, 1, 1, 1), 2, np.float32))
     del x
     assert (y == 2).all()

@@ -14,6 +14,7 @@ import pytest
 import dilconv
 from dilconv import _dispatch, _tiers
 from dilconv._tier_table import TIERS
+from dilconv._tuning import PATHS, tuning
 
 from _helpers import check_backward, check_forward, random_case
 
@@ -32,7 +33,7 @@ GEOMETRIES = {
     "rgb_same": (1, 3, 31, 37, 5, 5, 5, 1, "same", 2, 1),
     "wide_tail": (1, 32, 9, 71, 40, 1, 3, 1, ((0, 0), (3, 2)), 3, 1),
 }
-PATH_CHOICES = (None,) + _dispatch.PATHS
+PATH_CHOICES = (None,) + PATHS
 
 
 def _case(rng, name, dtype):
@@ -45,7 +46,7 @@ def _run_all(x, wt, b, kw, tier, path, threads):
     """Forward and the three gradients on `tier`, `path`, `threads`."""
     dilconv.set_num_threads(threads)
     try:
-        with _tiers.use(tier), _dispatch.force_path(path):
+        with tuning(tier=tier, path=path):
             y = dilconv.conv2d(x, wt, b, **kw)
             gy = np.cos(np.arange(y.size, dtype=x.dtype)).reshape(y.shape)
             grads = dilconv.conv2d_backward(gy, x, wt, **kw)
@@ -78,7 +79,7 @@ def test_every_tier_within_the_oracle_bound(rng, tier, name):
         x, wt, b, kw = _case(rng, name, dtype)
         args = (kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
         for path in PATH_CHOICES:
-            with _tiers.use(tier), _dispatch.force_path(path):
+            with tuning(tier=tier, path=path):
                 y = check_forward(x, wt, b, *args)
                 check_backward(np.ones_like(y), x, wt, *args)
 
@@ -89,6 +90,7 @@ def test_use_runs_that_tiers_modules(tier):
         assert used == tier == _tiers.current()
         assert _dispatch._panel.forward is _tiers.kernels(tier)._panel.forward
         assert _tiers._panel.MR == _tiers.kernels(tier)._panel.MR
+        assert _tiers._panel.MR % _tiers._panel.MR_GRAD_WEIGHT == 0
     assert _tiers.current() == _tiers.DEFAULT
 
 
@@ -133,13 +135,20 @@ def test_v4_sizes_on_v3_are_v4s():
     assert k.MR != _tiers.kernels("v3")._panel.MR
     if "v4" in _tiers.SUPPORTED:
         v4 = _tiers.kernels("v4")._panel
-        assert (k.MR, k.BLOCK_NBYTES) == (v4.MR, v4.BLOCK_NBYTES)
+        assert (k.MR, k.MR_GRAD_WEIGHT, k.BLOCK_NBYTES) == (v4.MR, v4.MR_GRAD_WEIGHT,
+                                                             v4.BLOCK_NBYTES)
     assert _tiers.BEST != "v4_on_v3"
 
 
-def test_proxies_refuse_assignment():
-    with pytest.raises(AttributeError, match="kernels"):
-        _tiers._panel.forward = None
+def test_setting_on_a_proxy_sets_the_tier_in_use(monkeypatch):
+    # Undone on the same tier (a patch through a proxy belongs to the tier it was made on).
+    with _tiers.use("baseline"):
+        monkeypatch.setattr(_tiers._panel, "forward", "patched")
+        assert _tiers.kernels("baseline")._panel.forward == "patched"
+        if _tiers.DEFAULT != "baseline":
+            assert _tiers.kernels(_tiers.DEFAULT)._panel.forward != "patched"
+        monkeypatch.undo()
+    assert _tiers.kernels("baseline")._panel.forward != "patched"
 
 
 @pytest.mark.parametrize("value, words", [
@@ -195,7 +204,7 @@ def test_show_config():
     with _tiers.use("baseline"):
         out = io.StringIO()
         dilconv.show_config(file=out)
-        assert "CPU tier: baseline (set by dilconv._tiers.use()" in out.getvalue()
+        assert "CPU tier: baseline (set in this thread" in out.getvalue()
 
 
 # Registers a tier must not use: SSE2 code has no ymm/zmm, AVX2 code (v4's sizes too) no zmm.

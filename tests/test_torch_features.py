@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 
 import dilconv
-from dilconv._validate import padding_amounts
-
-from _oracles import (assert_within, padded_backward, padded_forward, transpose_backward,
-                      transpose_forward)
+from dilconv.testing import assert_expected, expected
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -55,26 +52,25 @@ def _random_module(rng, kind):
     return kwargs, shape
 
 
-def _bounds(kind, layer, x, gy):
-    """Oracle (abs_sum, terms) for the forward and the three gradients."""
+def _expected(kind, layer, x, gy):
+    """The oracle's forward and three gradients of `layer` (values and bounds)."""
     w, b = layer.weight, layer.bias
-    batched = x.ndim == layer.weight.ndim
-    x4, gy4 = (x, gy) if batched else (x[None], gy[None])
-    if kind == "Conv1d":
-        x4, gy4, w = x4[:, :, None], gy4[:, :, None], w[:, :, None]
     if kind == "ConvTranspose2d":
-        pads = padding_amounts(layer.padding, layer.kernel_size, layer.stride, layer.dilation)
-        args = (layer.stride, pads, layer.output_padding, layer.dilation, layer.groups)
-        fwd, bwd = transpose_forward(x4, w, b, *args), transpose_backward(gy4, x4, w, *args)
-    else:
-        stride, dilation, padding = layer.stride, layer.dilation, layer.padding
-        if kind == "Conv1d":
-            stride, dilation = (1,) + stride, (1,) + dilation
-            padding = padding if isinstance(padding, str) else ((0, 0), padding * 2)
-        pads = padding_amounts(padding, w.shape[2:], stride, dilation)
-        args = (stride, pads, dilation, layer.groups, layer.padding_mode)
-        fwd, bwd = padded_forward(x4, w, b, *args), padded_backward(gy4, x4, w, *args)
-    return [(item[1], item[2]) for item in (fwd, *bwd)]
+        args = (layer.stride, layer.padding, layer.output_padding, layer.groups,
+                layer.dilation)
+        return (expected("conv_transpose2d", x, w, b, *args)
+                + expected("conv_transpose2d_backward", gy, x, w, *args))
+    op = kind.lower()
+    args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    mode = layer.padding_mode
+    return (expected(op, x, w, b, *args, padding_mode=mode)
+            + expected(op + "_backward", gy, x, w, *args, padding_mode=mode))
+
+
+def _assert_matches(ours, theirs, exp, dtype, what=""):
+    """ours within twice the oracle's bound of theirs (both sides round)."""
+    assert_expected(ours, exp._replace(value=np.asarray(theirs, np.float64)), dtype, sides=2,
+                    what=what)
 
 
 def _compare(kind, seed, dtype):
@@ -105,17 +101,16 @@ def _compare(kind, seed, dtype):
         for ours, theirs in ((grad_input, tx.grad), (layer.weight_grad, module.weight.grad)):
             np.testing.assert_array_equal(ours, theirs.numpy())
         return True
-    bounds = _bounds(kind, layer, x, gy)
+    exps = _expected(kind, layer, x, gy)
     got = (y, grad_input, layer.weight_grad, layer.bias_grad)
     want = (ty, tx.grad, module.weight.grad, None if module.bias is None else module.bias.grad)
-    for name, ours, theirs, (abs_sum, terms) in zip(("output", "input", "weight", "bias"),
-                                                    got, want, bounds):
+    for name, ours, theirs, exp in zip(("output", "input", "weight", "bias"), got, want,
+                                       exps):
         if theirs is None:
             assert ours is None
             continue
-        theirs = theirs.detach().numpy()
-        assert_within(ours, theirs, abs_sum.reshape(theirs.shape), terms, dtype, sides=2,
-                      what=f"{kind} {kwargs} {shape}: {name}")
+        _assert_matches(ours, theirs.detach().numpy(), exp, dtype,
+                        what=f"{kind} {kwargs} {shape}: {name}")
     return True
 
 
@@ -166,16 +161,15 @@ def test_asymmetric_padding_modes_match_pytorch(case, dtype, rng):
     tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
     ty = F.conv2d(F.pad(tx, pads[1] + pads[0], mode=mode), tw, None, stride, 0, dilation, 2)
     y = dilconv.conv2d(x, w, None, stride, pads, dilation, 2, padding_mode=mode)
-    spec_args = ((stride,) * 2 if isinstance(stride, int) else stride, pads,
-                 (dilation,) * 2 if isinstance(dilation, int) else dilation, 2, mode)
-    _, abs_y, terms = padded_forward(x, w, None, *spec_args)
-    assert_within(y, ty.detach().numpy(), abs_y, terms, dtype, sides=2)
+    args = (stride, pads, dilation, 2)
+    _assert_matches(y, ty.detach().numpy(),
+                    expected("conv2d", x, w, None, *args, padding_mode=mode)[0], dtype)
     gy = rng.standard_normal(y.shape).astype(dtype)
     ty.backward(torch.from_numpy(gy))
-    grads = dilconv.conv2d_backward(gy, x, w, stride, pads, dilation, 2, padding_mode=mode)
-    for got, want, (_, abs_sum, k) in zip(grads, (tx.grad, tw.grad),
-                                          padded_backward(gy, x, w, *spec_args)):
-        assert_within(got, want.numpy(), abs_sum, k, dtype, sides=2)
+    grads = dilconv.conv2d_backward(gy, x, w, *args, padding_mode=mode)
+    for got, want, exp in zip(grads, (tx.grad, tw.grad),
+                              expected("conv2d_backward", gy, x, w, *args, padding_mode=mode)):
+        _assert_matches(got, want.numpy(), exp, dtype)
 
 
 @pytest.mark.parametrize("k, dilation", [(2, 1), (2, 16), (3, 5)])
@@ -186,10 +180,8 @@ def test_causal_conv1d_matches_left_padded_pytorch(k, dilation, rng):
     want = F.conv1d(F.pad(torch.from_numpy(x), ((k - 1) * dilation, 0)), torch.from_numpy(w),
                     torch.from_numpy(b), dilation=dilation).numpy()
     got = dilconv.conv1d(x, w, b, dilation=dilation, causal=True)
-    pads = ((0, 0), ((k - 1) * dilation, 0))
-    _, abs_sum, terms = padded_forward(x[:, :, None], w[:, :, None], b, (1, 1), pads,
-                                       (1, dilation), 1, "zeros")
-    assert_within(got, want, abs_sum[:, :, 0], terms, np.float64, sides=2)
+    exp, = expected("conv1d", x, w, b, 1, ((k - 1) * dilation, 0), dilation)
+    _assert_matches(got, want, exp, np.float64)
 
 
 @pytest.mark.parametrize("kind, args", [
@@ -224,9 +216,8 @@ def test_same_keyword_arguments_as_pytorch(kind):
     layer.load_state_dict(module.state_dict())
     x = np.random.default_rng(0).standard_normal((2, 4) + (8,) * (kind != "Conv1d") + (9,))
     y = layer(x)
-    abs_sum, terms = _bounds(kind, layer, x, np.zeros_like(y))[0]
-    assert_within(y, module(torch.from_numpy(x)).detach().numpy(), abs_sum.reshape(y.shape),
-                  terms, np.float64, sides=2)
+    _assert_matches(y, module(torch.from_numpy(x)).detach().numpy(),
+                    _expected(kind, layer, x, np.zeros_like(y))[0], np.float64)
 
 
 def test_example_reproduces_pytorch(capsys):

@@ -1,0 +1,179 @@
+"""Kernel selection and plans: `select` names the family that really runs, the tuning
+context is per thread and strict, and no path pays for padding (huge dilations)."""
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import dilconv
+from dilconv import _dispatch, reference, tolerance
+from dilconv._dispatch import PATHS, select
+from dilconv._tuning import KNOBS, Tuning, current, tuning
+from dilconv._validate import make_spec
+
+from _helpers import backward_bounds, forward_bound
+
+# Entry points of the kernel modules dispatch calls, by the family they belong to.
+ENTRIES = {"_forward": ("direct", ("forward",)),
+           "_backward": ("direct", ("grad_input", "grad_weight", "grad_bias")),
+           "_flat": ("flat", ("forward",)),
+           "_depthwise": ("depthwise", ("forward",)),
+           "_panel": ("panel", ("forward", "grad_weight")),
+           "_gemm": ("gemm", ("forward", "grad_input", "grad_weight"))}
+
+# (input shape, weight shape, stride, padding, dilation, groups)
+GEOMETRIES = [
+    ((1, 64, 9, 9), (64, 64, 3, 3), 1, 1, 1, 1),          # many channels
+    ((1, 64, 9, 9), (64, 64, 3, 3), 2, 1, 1, 1),          # strided
+    ((1, 64, 5, 5), (64, 64, 3, 3), 1, 9, 1, 1),          # padding past the kernel
+    ((1, 3, 12, 12), (8, 3, 3, 3), 1, 2, 2, 1),           # few channels
+    ((1, 3, 12, 12), (8, 3, 3, 3), (1, 2), 2, 2, 1),      # few channels, strided
+    ((2, 4, 6, 30), (8, 1, 3, 3), 1, 1, 1, 4),            # depthwise, multiplier 2
+    ((1, 3, 8, 8), (8, 3, 3, 3), 1, 10 ** 4, 10 ** 4, 1), # padding dominates
+]
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """The families whose kernels were called (the kernels themselves do nothing)."""
+    calls = []
+    for module, (family, names) in ENTRIES.items():
+        for name in names:
+            monkeypatch.setattr(getattr(_dispatch, module), name,
+                                lambda *a, family=family: calls.append(family))
+    return calls
+
+
+@pytest.mark.parametrize("forced", (None,) + PATHS)
+@pytest.mark.parametrize("finite", [True, False])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_select_names_the_family_that_runs(geometry, finite, forced, ran):
+    xs, ws, stride, padding, dilation, groups = geometry
+    spec = make_spec(xs, ws, stride, padding, dilation, groups)
+    weight = np.ones(ws, np.float32)
+    if not finite:
+        weight[0, 0, 0, 0] = np.inf
+    x, y = np.zeros(xs, np.float32), np.zeros(spec.output_shape, np.float32)
+    bias = np.zeros(ws[0], np.float32)
+    with tuning(path=forced):
+        expected = [select(spec, "forward", weight), select(spec, "grad_input", weight),
+                    select(spec, "grad_weight", weight), select(spec, "grad_bias")]
+        _dispatch.forward(x, weight, bias, y, spec)
+        _dispatch.grad_input(y, weight, x, spec)
+        _dispatch.grad_weight(y, x, weight, spec)
+        _dispatch.grad_bias(y, bias, spec)
+    assert ran == expected
+    if forced is not None:
+        # The panel family leaves strided input gradients to BLAS.
+        assert set(ran) <= {forced, "direct"} | ({"gemm"} if forced == "panel" else set())
+
+
+def test_select_falls_back_where_the_forced_family_does_not_apply():
+    few = make_spec((1, 3, 12, 12), (8, 3, 3, 3), 1, 2, 2, 1)
+    weight = np.ones((8, 3, 3, 3))
+    with tuning(path="flat"):
+        assert select(few, "forward", weight) == "flat"
+        weight[0, 0, 0, 0] = np.nan                  # padding taps would multiply it
+        assert select(few, "forward", weight) == "direct"
+        assert select(make_spec((1, 3, 12, 12), (8, 3, 3, 3), 2, 2, 2, 1)) == "direct"
+    with tuning(path="depthwise"):
+        assert select(few) == "direct"               # three input channels per group
+    past = make_spec((1, 64, 5, 5), (64, 64, 3, 3), 1, 9, 1, 1)
+    with tuning(path="panel"):
+        # No transposed spec (its padding would be negative): BLAS takes the input gradient.
+        assert select(past, "grad_input") == "gemm"
+        assert select(past, "grad_bias") == "direct"
+    with pytest.raises(ValueError, match="op"):
+        select(few, "backward")
+
+
+@pytest.mark.parametrize("knobs, error, match", [
+    ({"max_tile_pixel": 7}, TypeError, "max_tile_pixel.*known ones: path"),
+    ({"max_tile_pixels": "7"}, TypeError, "max_tile_pixels must be an int"),
+    ({"panel_zero_fill_max": None}, TypeError, "panel_zero_fill_max must be a number"),
+    ({"min_macs_per_thread": 0}, ValueError, "min_macs_per_thread must be >= 1"),
+    ({"path": "fast"}, ValueError, "path must be one of"),
+])
+def test_tuning_rejects_unknown_knobs_and_bad_values(knobs, error, match):
+    with pytest.raises(error, match=match):
+        with tuning(**knobs):
+            pass
+    assert current() == Tuning()
+
+
+def test_tuning_nests_and_is_immutable():
+    assert current() == Tuning() and set(KNOBS) == set(Tuning.__dataclass_fields__)
+    with tuning(max_tile_pixels=7) as knobs:
+        with tuning(path="gemm"):
+            assert current() == Tuning(path="gemm", max_tile_pixels=7)
+        assert current() == knobs
+        with pytest.raises(AttributeError):
+            knobs.path = "flat"
+    assert current() == Tuning()
+
+
+def test_tuning_set_in_one_thread_is_not_seen_in_another():
+    spec = make_spec((1, 64, 9, 9), (64, 64, 3, 3), 1, 1, 1, 1)
+    entered, checked = threading.Event(), threading.Event()
+    seen = {}
+
+    def forcing():
+        with tuning(path="direct", max_tile_pixels=5):
+            seen["forcing"] = select(spec)
+            entered.set()
+            checked.wait(10)
+
+    def other():
+        entered.wait(10)
+        seen["other"] = (select(spec), current())
+        checked.set()
+
+    threads = [threading.Thread(target=forcing), threading.Thread(target=other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"forcing": "direct", "other": ("panel", Tuning())}
+
+
+# Dilations and paddings so large that, of a 3x3 kernel on a 32x32 image, only the centre
+# tap ever reads the image: the result is the 1x1 convolution with the centre weights.
+HUGE = [(10 ** 4, 10 ** 4), (10 ** 5, 10 ** 5), (10 ** 9, "same")]
+
+
+@pytest.mark.parametrize("forced", (None,) + PATHS)
+@pytest.mark.parametrize("dilation, padding", HUGE)
+def test_huge_dilation_costs_no_more_than_the_image(dilation, padding, forced, rng):
+    x = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    gy = rng.standard_normal((1, 8, 32, 32)).astype(np.float32)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with tuning(path=forced):
+            y = dilconv.conv2d(x, w, b, 1, padding, dilation)
+            grads = dilconv.conv2d_backward(gy, x, w, 1, padding, dilation)
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Time and memory of a 32x32 image: it used to take seconds and gigabytes (or raise
+    # MemoryError) with zero-padded bands as wide as the padded image.
+    assert seconds < 5 and peak < 4 * 2 ** 20, (seconds, peak)
+    centre = np.ascontiguousarray(w[:, :, 1:2, 1:2])
+    small = make_spec(x.shape, centre.shape, 1, 0, 1, 1)
+    args = (small.stride, small.padding, small.dilation, small.groups)
+    expected = reference.conv2d_reference(x, centre, b, *args)
+    assert y.shape == expected.shape
+    assert tolerance.worst_ratio(y, expected, forward_bound(x, centre, b, small)) <= 1
+    exp_grads = reference.conv2d_backward_reference(gy, x, centre, *args)
+    bounds = backward_bounds(gy, x, centre, small)
+    assert tolerance.worst_ratio(grads.input, exp_grads[0], bounds[0]) <= 1
+    assert tolerance.worst_ratio(grads.weight[:, :, 1:2, 1:2], exp_grads[1], bounds[1]) <= 1
+    off_centre = grads.weight.copy()
+    off_centre[:, :, 1, 1] = 0
+    assert not off_centre.any()                      # those taps read only padding
+    assert tolerance.worst_ratio(grads.bias, exp_grads[2], bounds[2]) <= 1
