@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build dilconv with DILCONV_DEBUG=1 (bounds checks in the kernels, -O0 -g) in a temporary
-# copy of the repository, check that an out-of-range index in a kernel raises IndexError
-# (tools/debug_check.py), then run the test suite on the bounds-checked kernels, where an
-# IndexError reported from a kernel's inner function fails the run.
+# copy of the repository, check that an out-of-range index in a kernel is caught as an
+# IndexError (tools/debug_check.py), then run the test suite on the bounds-checked kernels,
+# where an IndexError reported from a kernel's inner function fails the run.
 #
 # Usage: tools/debug_build.sh [REPO_ROOT] [PYTEST_ARGS...]
 #        (default: the repository holding this script, and the whole suite)
