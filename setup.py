@@ -207,7 +207,8 @@ def extensions():
                                   **common))
     # Directives changed (a debug build after a release one): regenerate every C file.
     force = _write_if_changed(os.path.join(SOURCE_DIR, "directives.txt"), repr(DIRECTIVES))
-    return cythonize(exts, compiler_directives=DIRECTIVES, include_path=["pyx"], force=force)
+    return cythonize(exts, compiler_directives=DIRECTIVES, include_path=["pyx"], force=force,
+                     nthreads=os.cpu_count() or 1)
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
