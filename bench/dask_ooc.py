@@ -1,29 +1,34 @@
-"""Out-of-core proof for dilconv.dask: convolve a memory-mapped image larger than a memory
-budget, with bounded peak memory, on dask's threaded scheduler and on dask.distributed.
+"""Out of core with dilconv.dask: convolve an image larger than a memory budget from a file
+or zarr store into another, on dask's threaded scheduler and on dask.distributed, and
+compare the CPU it costs with the in-memory call.
 
-    python -m bench.dask_ooc                       # 1x4x16384x16384 float32 (4.3 GB)
-    python -m bench.dask_ooc --size 4096 --fit-size 1024   # quick look
+    python -m bench.dask_ooc --format memmap zarr          # 1x4x16384x16384 float32 (4.3 GB)
+    python -m bench.dask_ooc --format zarr --compressor none zstd --size 4096   # quick look
+    python -m bench.dask_ooc --chain                       # the 7-layer context module
 
-The layer is C -> C channels, 3x3, dilation 2, padding 'same', float32 with bias. Steps:
-1. write a random input file (raw float32, C order) in a temporary directory, in bands;
+The layer is C -> C channels, 3x3, dilation 2, padding 'same', float32 with bias. With
+--chain it is a context module instead: 7 layers of 3x3 convolutions with dilations
+1, 1, 2, 4, 8, 16, 1, 'same', C -> 16 -> ... -> 16 -> C channels, in one dask graph (only
+the input and the output are on disk).
+
+Steps:
+1. write a random input in the format asked for, in a temporary directory: a ``.npy`` file
+   (``--format memmap``) read with `dilconv.dask.from_npy` (views of the page cache, no
+   copy), or a zarr store chunked in tiles of --zarr-chunk pixels as slides and satellite
+   scenes are stored, uncompressed or with a compressor (--compressor);
 2. in a fresh process each (so peak RSS is that run's alone):
-   - the in-memory call `dilconv.conv2d` on a size that fits (--fit-size), all threads;
-   - dilconv.dask on that same in-memory array (threaded scheduler);
-   - out of core, threaded scheduler: a dask array over the memory-mapped file ->
-     dilconv.dask.conv2d -> `da.store` into a memory-mapped output file;
-   - the same on a dask.distributed LocalCluster with 1 and with 2 worker processes
-     (1 thread each); peak RSS is the sum over the workers and the client/scheduler process;
-3. check a few output tiles (corners, chunk seams) against the in-memory call within the
+   - the in-memory call on a size that fits (--fit-size), at 1 thread and all threads;
+   - out of core: `dilconv.dask.conv2d(x, ..., out=target)` writes every output block
+     straight into the output file / store, on the threaded scheduler and on a
+     dask.distributed LocalCluster of 1 and 2 worker processes (1 thread each);
+   - the same reads and writes without the convolution (``copy``: the storage's own cost);
+3. check output tiles (corners, chunk seams) against the in-memory call within the
    derived error bound (dilconv.tolerance).
-Each task runs the kernels on one OpenMP thread (dilconv.dask's default), so dask's
-threads/workers are the only parallelism. Disk space is checked first; the image is scaled
-down (with a message) when the two files would not fit.
-
-The arrays are chunked in bands of full rows (--rows, by default 1/64 of the budget
-per block): a band is one contiguous range of a row-major file, and its halo comes from the
-next band only, so a few blocks are alive at a time. (With a 2-D grid of chunks, the blocks
-waiting for their neighbours' halos make a front about two block-rows deep, and reading a
-narrow tile of a wide memory-mapped file maps whole pages of the neighbouring columns.)
+Blocks come from `dilconv.dask.block_chunks` for the memory budget (multiples of the zarr
+chunks). CPU seconds and peak RSS are summed over all processes of a run (client,
+scheduler, workers). Each task runs the kernels on one OpenMP thread, so dask's
+threads/workers are the only parallelism. Disk space is checked first; the image is
+scaled down (with a message) when input and output would not fit.
 """
 from __future__ import annotations
 
@@ -41,177 +46,231 @@ import numpy as np
 
 MB = 1024 ** 2
 KERNEL, DILATION = 3, 2
-PAD = DILATION * (KERNEL - 1) // 2          # 'same' for an odd kernel
+CHAIN_DILATIONS = (1, 1, 2, 4, 8, 16, 1)
+CHAIN_HIDDEN = 16
+COMPRESSORS = ("none", "zstd", "blosc")
+# glibc: keep freed blocks for reuse instead of returning them to the OS (and mapping them
+# afresh, a page fault per page, for the next block). dask.distributed's nanny sets
+# MALLOC_TRIM_THRESHOLD_=65536 for its workers, the opposite; --malloc default keeps that.
+MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(32 * MB), "MALLOC_TRIM_THRESHOLD_": str(64 * MB)}
 
 
-class MemmapArray:
-    """A raw C-order file seen as an array by dask; small and picklable.
+# --- the layers --------------------------------------------------------------------------
 
-    Every read or write maps the file, copies, and unmaps again, so no process keeps more
-    than the blocks it is working on resident.
+def layers(cfg):
+    """[(weight, bias, dilation)] of the run: one layer, or the context module."""
+    rng = np.random.default_rng(1)
+    c = cfg["channels"]
+    if not cfg.get("chain"):
+        sizes, dilations = [(c, c)], (DILATION,)
+    else:
+        h = CHAIN_HIDDEN
+        sizes = [(c, h)] + [(h, h)] * (len(CHAIN_DILATIONS) - 2) + [(h, c)]
+        dilations = CHAIN_DILATIONS
+    out = []
+    for (cin, cout), d in zip(sizes, dilations):
+        # Variance-preserving weights, so activations neither vanish nor blow up.
+        w = rng.standard_normal((cout, cin, KERNEL, KERNEL)) * np.sqrt(2 / (cin * KERNEL ** 2))
+        out.append((w.astype(np.float32), (0.1 * rng.standard_normal(cout)).astype(np.float32),
+                    d))
+    return out
+
+
+def reach(cfg) -> int:
+    """Rows one output reads on each side of it, through all layers."""
+    return sum(d * (KERNEL - 1) // 2 for _, _, d in layers(cfg))
+
+
+def apply(conv, x, cfg, last_out=None):
+    """The run's layers on x with `conv` (dilconv.conv2d or dilconv.dask.conv2d).
+
+    No activation between the layers: in dask an elementwise step makes a second array of
+    every band, which the scheduler holds as long as the convolution's, doubling memory.
     """
-
-    def __init__(self, path, shape, dtype=np.float32):
-        self.path, self.shape, self.dtype = str(path), tuple(shape), np.dtype(dtype)
-        self.ndim = len(self.shape)
-
-    def _map(self, mode):
-        return np.memmap(self.path, self.dtype, mode, shape=self.shape)
-
-    def __getitem__(self, index):
-        return np.array(self._map("r")[index])
-
-    def __setitem__(self, index, value):
-        self._map("r+")[index] = value
+    stack = layers(cfg)
+    for i, (w, b, d) in enumerate(stack):
+        last = i == len(stack) - 1
+        kwargs = {"out": last_out} if last and last_out is not None else {}
+        x = conv(x, w, b, dilation=d, padding="same", **kwargs)
+    return x
 
 
-def layer(channels, seed=1):
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((channels, channels, KERNEL, KERNEL)) / (3 * channels)).astype(
-        np.float32)
-    return w, rng.standard_normal(channels).astype(np.float32)
+def in_memory(x, cfg, absolute=False):
+    """The in-memory result, or (absolute) the chain of |w| * |x| + |b| for the bound."""
+    import dilconv
+    if not absolute:
+        return apply(dilconv.conv2d, x, cfg)
+    x = np.abs(x).astype(np.float64)
+    for w, b, d in layers(cfg):
+        x = dilconv.conv2d(x, np.abs(w).astype(np.float64), np.abs(b).astype(np.float64),
+                           dilation=d, padding="same")
+    return x
 
 
-def band_rows(cfg, width) -> int:
-    """Rows per chunk: --rows, or a block of about budget/64."""
-    if cfg["rows"]:
-        return cfg["rows"]
-    return max(1, int(cfg["budget_mb"] * MB / 64 / (cfg["channels"] * width * 4)))
+def terms(cfg) -> int:
+    """Sum over the layers of the terms of one output (the chain's error bound adds them)."""
+    return sum(w.shape[1] * KERNEL * KERNEL + 1 for w, _, _ in layers(cfg))
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# --- storage -----------------------------------------------------------------------------
+
+def open_source(cfg, path):
+    """The stored array at `path` (a MemmapArray or a zarr array)."""
+    import dilconv.dask
+    if cfg["format"] == "memmap":
+        return dilconv.dask.MemmapArray.open_npy(path)
+    import zarr
+    return zarr.open_array(path, mode="r")
 
 
-def allocate(path, shape):
-    """A file for a float32 array of `shape`; its blocks are reserved up front where the
-    OS can (writing through a memory map into a sparse file costs a block allocation per
-    page fault)."""
-    nbytes = int(np.prod(shape)) * 4
-    with open(path, "wb") as f:
-        try:
-            os.posix_fallocate(f.fileno(), 0, nbytes)
-        except (AttributeError, OSError):
-            f.truncate(nbytes)
+def create_target(cfg, path, shape):
+    import dilconv.dask
+    if cfg["format"] == "memmap":
+        return dilconv.dask.MemmapArray.create_npy(path, shape, np.float32)
+    import zarr
+    if cfg.get("store") == "direct":
+        path = dilconv.dask.DirectStore(path)
+    compressors = {"none": None,
+                   "zstd": zarr.codecs.ZstdCodec(level=1),
+                   "blosc": zarr.codecs.BloscCodec(cname="lz4", clevel=5,
+                                                   shuffle="bitshuffle")}[cfg["compressor"]]
+    zc = cfg["zarr_chunk"]
+    # write_empty_chunks: dense data; zarr's check for chunks equal to the fill value
+    # (a byte-string comparison of every chunk) cost 15% of a copy's CPU.
+    return zarr.create_array(path, shape=shape, dtype="float32", overwrite=True,
+                             chunks=(1, shape[1], zc, zc), compressors=compressors,
+                             config={"write_empty_chunks": True})
 
 
-def write_input(path, shape, band_rows=256):
+def write_input(cfg, path, shape):
+    # Through the page cache, so the runs read it from memory.
+    target = create_target(dict(cfg, store="local"), path, shape)
     rng = np.random.default_rng(0)
-    mm = MemmapArray(path, shape)
-    allocate(path, shape)
-    for n in range(shape[0]):
-        for r in range(0, shape[2], band_rows):
-            rows = min(band_rows, shape[2] - r)
-            band = rng.random((shape[1], rows, shape[3]), dtype=np.float32) * 2 - 1
-            mm[n, :, r:r + rows] = band
+    rows = cfg["zarr_chunk"]
+    for r in range(0, shape[2], rows):
+        band = rng.random((1, shape[1], min(rows, shape[2] - r), shape[3]), dtype=np.float32)
+        target[:, :, r:r + band.shape[2], :] = band * 2 - 1
 
 
-# --- runs, each in its own process --------------------------------------------------
+def dask_input(cfg, tasks):
+    """The input as a dask array in blocks sized for the budget."""
+    import dask.array as da
+    import dilconv.dask
+    source = open_source(cfg, cfg["input"])
+    widest = max([cfg["channels"]] + [w.shape[0] for w, _, _ in layers(cfg)])
+    shape = (1, widest) + tuple(source.shape[2:])
+    storage = None if cfg["format"] == "memmap" else source.chunks
+    chunks = dilconv.dask.block_chunks(shape, np.float32, cfg["budget_mb"] * MB, tasks=tasks,
+                                       layers=len(layers(cfg)), storage_chunks=storage)
+    chunks = (1, cfg["channels"]) + chunks[2:]
+    if cfg["format"] == "memmap":
+        return dilconv.dask.from_npy(cfg["input"], chunks=chunks)
+    return da.from_zarr(source, chunks=chunks)
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process (all its threads) so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
+# --- runs, each in its own process ---------------------------------------------------
 
-def timed(function, repeat=1):
-    """(wall seconds, CPU seconds) of the fastest of `repeat` calls."""
-    best = None
-    for _ in range(repeat):
-        wall, cpu = time.perf_counter(), cpu_seconds()
-        function()
-        run = (time.perf_counter() - wall, cpu_seconds() - cpu)
-        best = run if best is None or run[0] < best[0] else best
-    return best
+def usage():
+    """(CPU seconds, peak RSS MiB) of this process so far.
+
+    Peak RSS from /proc's VmHWM, which starts afresh at exec: getrusage's ru_maxrss keeps
+    the parent's peak at fork on Linux, so a child would report at least that.
+    """
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    peak = u.ru_maxrss / 1024                      # KiB on Linux
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        pass
+    return u.ru_utime + u.ru_stime, peak
 
 
 def run_memory(cfg):
     import dilconv
-    w, b = layer(cfg["channels"])
     size = cfg["fit_size"]
     x = np.random.default_rng(0).random((1, cfg["channels"], size, size), dtype=np.float32)
     runs = []
     for threads in (None, 1):
         dilconv.set_num_threads(threads)
-        seconds, cpu = timed(lambda: dilconv.conv2d(x, w, b, dilation=DILATION,
-                                                    padding="same"), repeat=3)
-        runs.append({"label": f"in memory {size}^2, {dilconv.get_num_threads()} OpenMP "
-                              f"threads", "seconds": seconds, "cpu": cpu,
-                     "pixels": size * size})
-    dilconv.set_num_threads(None)
+        best = None
+        for _ in range(3):
+            wall, cpu = time.perf_counter(), usage()[0]
+            in_memory(x, cfg)
+            run = (time.perf_counter() - wall, usage()[0] - cpu)
+            best = run if best is None or run[0] < best[0] else best
+        runs.append({"label": f"in memory {size}^2, {dilconv.get_num_threads()} thread(s)",
+                     "seconds": best[0], "cpu": best[1], "pixels": size * size})
     return runs
 
 
-def run_dask_memory(cfg):
+def _graph(cfg, tasks):
+    """The lazy job: the layers from the input into a new target (or a plain copy)."""
     import dask.array as da
     import dilconv.dask
-    w, b = layer(cfg["channels"])
-    size = cfg["fit_size"]
-    x = np.random.default_rng(0).random((1, cfg["channels"], size, size), dtype=np.float32)
-    xd = da.from_array(x, chunks=(1, -1, band_rows(cfg, size), -1))
-    y = dilconv.dask.conv2d(xd, w, b, dilation=DILATION, padding="same")
-    seconds, cpu = timed(lambda: y.compute(scheduler="threads", num_workers=cfg["threads"]),
-                         repeat=3)
-    return [{"label": f"dask threads={cfg['threads']}, in memory {size}^2",
-             "seconds": seconds, "cpu": cpu, "pixels": size * size}]
+    x = dask_input(cfg, tasks)
+    target = create_target(cfg, cfg["output"], x.shape)
+    if cfg["kind"] == "copy":
+        return da.store(x, target, lock=False, compute=False), x.chunksize
+    return apply(dilconv.dask.conv2d, x, cfg, target), x.chunksize
 
 
-def _ooc_graph(cfg):
-    import dask.array as da
-    import dilconv.dask
-    shape = (1, cfg["channels"], cfg["size"], cfg["size"])
-    w, b = layer(cfg["channels"])
-    x = da.from_array(MemmapArray(cfg["input"], shape), lock=False,
-                      chunks=(1, -1, band_rows(cfg, cfg["size"]), -1))
-    y = dilconv.dask.conv2d(x, w, b, dilation=DILATION, padding="same")
-    return y, MemmapArray(cfg["output"], shape)
+def _imports(cfg):
+    """Import what a run uses before the clock starts."""
+    import dask.array  # noqa: F401
+    import dilconv.dask  # noqa: F401
+    if cfg["format"] == "zarr":
+        import zarr  # noqa: F401
 
 
-def run_ooc_threads(cfg):
-    import dask.array as da
-    y, target = _ooc_graph(cfg)
-    idle = peak_rss_mb()
-    seconds, cpu = timed(lambda: da.store(y, target, lock=False, scheduler="threads",
-                                          num_workers=cfg["threads"]))
-    return [{"label": f"out of core, dask threads={cfg['threads']}", "seconds": seconds,
-             "cpu": cpu, "pixels": cfg["size"] ** 2, "peak_rss_mb": peak_rss_mb(),
-             "processes": {"main": (peak_rss_mb(), idle)}}]
+def run_threads(cfg):
+    import dask
+    _imports(cfg)
+    idle_cpu, idle = usage()
+    wall = time.perf_counter()
+    job, block = _graph(cfg, cfg["threads"])
+    dask.compute(job, scheduler="threads", num_workers=cfg["threads"])
+    cpu, peak = usage()
+    return {"seconds": time.perf_counter() - wall, "cpu": cpu - idle_cpu, "peak_rss_mb": peak,
+            "processes": {"main": (peak, idle)}, "block": block}
 
 
-def _usage():
-    return cpu_seconds(), peak_rss_mb()
-
-
-def run_ooc_distributed(cfg):
-    import dask.array as da
+def run_distributed(cfg):
+    import dask
     from distributed import Client, LocalCluster
-    y, target = _ooc_graph(cfg)
+    if cfg["malloc"] == "tuned":
+        environ = dask.config.get("distributed.nanny.pre-spawn-environ")
+        dask.config.set({"distributed.nanny.pre-spawn-environ": dict(environ, **MALLOC_TUNED)})
     with LocalCluster(n_workers=cfg["workers"], threads_per_worker=1, processes=True,
                       host="127.0.0.1", dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        before = client.run(_usage)             # also: workers are up before the clock
-        seconds, cpu = timed(lambda: da.store(y, target, lock=False))
-        after = client.run(_usage)
-    cpu += sum(after[w][0] - before[w][0] for w in after)
-    processes = {"client+scheduler": (peak_rss_mb(), None)}
+        client.run(_imports, cfg)
+        _imports(cfg)
+        before = client.run(usage)              # also: workers are up before the clock
+        idle_cpu, idle = usage()
+        wall = time.perf_counter()
+        job, block = _graph(cfg, cfg["workers"])
+        dask.compute(job)
+        seconds = time.perf_counter() - wall
+        after = client.run(usage)
+        cpu, peak = usage()
+    cpu = cpu - idle_cpu + sum(after[w][0] - before[w][0] for w in after)
+    processes = {"client+scheduler": (peak, idle)}
     processes.update({f"worker {i}": (after[w][1], before[w][1])
                       for i, w in enumerate(sorted(after))})
-    return [{"label": f"out of core, distributed {cfg['workers']} worker(s) x 1 thread",
-             "seconds": seconds, "cpu": cpu, "pixels": cfg["size"] ** 2,
-             "peak_rss_mb": sum(peak for peak, _ in processes.values()),
-             "processes": processes}]
+    return {"seconds": seconds, "cpu": cpu, "block": block,
+            "peak_rss_mb": sum(p for p, _ in processes.values()), "processes": processes}
 
 
-RUNS = {"memory": run_memory, "dask-memory": run_dask_memory, "ooc-threads": run_ooc_threads,
-        "ooc-distributed": run_ooc_distributed}
+RUNS = {"memory": run_memory, "threads": run_threads, "distributed": run_distributed}
 
 
 def in_child(kind, cfg):
     """Run one measurement in a fresh interpreter; its peak RSS is its own."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, **(MALLOC_TUNED if cfg["malloc"] == "tuned" else {}))
     out = subprocess.run([sys.executable, "-m", "bench.dask_ooc", "--child", kind,
-                          json.dumps(cfg)], cwd=root, capture_output=True, text=True)
+                          json.dumps(cfg)], cwd=root, capture_output=True, text=True, env=env)
     if out.returncode:
         sys.exit(f"{kind} run failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -219,35 +278,35 @@ def in_child(kind, cfg):
 
 # --- checks and report --------------------------------------------------------------
 
-def check_tiles(cfg, tile=192):
-    """Output tiles at the corners and across chunk seams vs the in-memory call."""
-    import dilconv
+def check_tiles(cfg, tile=96):
+    """Output tiles at the corners, the middle and across block seams vs the in-memory
+    layers on the window they read (which a tile at the border shares with the image)."""
     from dilconv import tolerance
-    c, size, rows = cfg["channels"], cfg["size"], band_rows(cfg, cfg["size"])
-    shape = (1, c, size, size)
-    x, y = MemmapArray(cfg["input"], shape), MemmapArray(cfg["output"], shape)
-    w, b = layer(c)
-    seam = max(0, min(size - tile, rows - tile // 2))
+    x, y = open_source(cfg, cfg["input"]), open_source(cfg, cfg["output"])
+    size, r = cfg["size"], reach(cfg)
+    tile = min(tile, size)
+    block = cfg.get("block_rows", size)
+    seam = max(0, min(size - tile, block - tile // 2))
     worst = 0.0
-    for r, s in ((0, 0), (size - tile, size - tile), (seam, 0), (seam, size // 2)):
-        lo_r, hi_r = max(0, r - PAD), min(size, r + tile + PAD)
-        lo_s, hi_s = max(0, s - PAD), min(size, s + tile + PAD)
-        pads = ((lo_r - (r - PAD), r + tile + PAD - hi_r),
-                (lo_s - (s - PAD), s + tile + PAD - hi_s))
-        window = x[:, :, lo_r:hi_r, lo_s:hi_s]
-        expected = dilconv.conv2d(window, w, b, dilation=DILATION, padding=pads)
-        abs_sum = dilconv.conv2d(np.abs(window), np.abs(w), np.abs(b), dilation=DILATION,
-                                 padding=pads)
-        bound = tolerance.error_bound(abs_sum, c * KERNEL * KERNEL + 1, np.float32)
-        worst = max(worst, tolerance.worst_ratio(y[:, :, r:r + tile, s:s + tile], expected,
-                                                 bound))
+    for top, left in ((0, 0), (size - tile, size - tile), (seam, seam),
+                      ((size - tile) // 2, 0)):
+        r0, r1 = max(0, top - r), min(size, top + tile + r)
+        c0, c1 = max(0, left - r), min(size, left + tile + r)
+        window = np.asarray(x[:, :, r0:r1, c0:c1])
+        crop = (slice(None), slice(None), slice(top - r0, top - r0 + tile),
+                slice(left - c0, left - c0 + tile))
+        expected = in_memory(window, cfg)[crop]
+        bound = tolerance.error_bound(in_memory(window, cfg, absolute=True)[crop],
+                                      terms(cfg), np.float32)
+        got = np.asarray(y[:, :, top:top + tile, left:left + tile])
+        worst = max(worst, tolerance.worst_ratio(got, expected, bound))
     if worst > 1.0:
         sys.exit(f"output differs from the in-memory call: {worst:.3g} x the error bound")
     return worst
 
 
 def fit_to_disk(size, channels, directory):
-    """Largest size <= `size` (halving) whose input + output files fit on the disk."""
+    """Largest size <= `size` (halving) whose input + output fit on the disk."""
     free = shutil.disk_usage(directory).free
     need = lambda s: 2 * channels * s * s * 4 * 1.05 + 256 * MB      # noqa: E731
     requested = size
@@ -259,84 +318,150 @@ def fit_to_disk(size, channels, directory):
     return size
 
 
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+def measure(cfg, args, memory):
+    """Every out-of-core run of one storage format; prints a line each, returns rows."""
+    label = cfg["format"] + ("" if cfg["format"] == "memmap" else
+                             f" {cfg['compressor']} {cfg['store']}")
+    suffix = ".npy" if cfg["format"] == "memmap" else ".zarr"
+    cfg = dict(cfg, input=os.path.join(cfg["dir"], "input" + suffix),
+               output=os.path.join(cfg["dir"], "output" + suffix))
+    shape = (1, cfg["channels"], cfg["size"], cfg["size"])
+    t0 = time.perf_counter()
+    write_input(cfg, cfg["input"], shape)
+    print(f"{label}: wrote the input in {time.perf_counter() - t0:.1f} s")
+    plans = [("threads", dict(cfg, label=f"{label}, dask threads={cfg['threads']}"))]
+    plans += [("distributed", dict(cfg, workers=n, label=f"{label}, {n} worker(s)"))
+              for n in args.workers]
+    if args.copy:
+        plans.append(("threads", dict(cfg, kind="copy",
+                                      label=f"{label}, copy only, threads={cfg['threads']}")))
+    rows = []
+    try:
+        for kind, run_cfg in plans:
+            res = in_child(kind, run_cfg)
+            res["label"], res["pixels"] = run_cfg["label"], cfg["size"] ** 2
+            res["reference"] = memory
+            if run_cfg.get("kind") != "copy":
+                res["worst"] = check_tiles(dict(run_cfg, block_rows=res["block"][2]))
+            _remove(cfg["output"])
+            detail = ", ".join(f"{k} {peak:.0f}" + (f" (idle {idle:.0f})" if idle else "")
+                               for k, (peak, idle) in res["processes"].items())
+            check = (f"; output tiles within {res['worst']:.2g} x the error bound"
+                     if "worst" in res else "")
+            print(f"  {res['label']}: blocks {tuple(res['block'])}, peak RSS MiB "
+                  f"{detail}{check}")
+            rows.append(res)
+    finally:
+        _remove(cfg["input"])
+        _remove(cfg["output"])
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--format", nargs="+", choices=("memmap", "zarr"), default=["memmap"],
+                        help="storage of input and output (several: one after the other)")
+    parser.add_argument("--compressor", nargs="+", choices=COMPRESSORS, default=["none"],
+                        help="zarr compressor(s) (--format zarr)")
+    parser.add_argument("--zarr-chunk", type=int, default=512,
+                        help="zarr chunks of (1, C, n, n) pixels")
+    parser.add_argument("--zarr-store", nargs="+", choices=("local", "direct"),
+                        default=["local"],
+                        help="output store: zarr's LocalStore, or dilconv.dask.DirectStore "
+                             "(chunks written past the page cache)")
+    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                        help="tuned: glibc keeps freed blocks for reuse (MALLOC_* variables "
+                             "for every process of a run); default: as glibc and dask set it")
     parser.add_argument("--size", type=int, default=16384, help="image height = width")
     parser.add_argument("--channels", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=None,
-                        help="rows per chunk (default: blocks of about budget/64)")
+    parser.add_argument("--chain", action="store_true",
+                        help="the 7-layer context module instead of one layer")
     parser.add_argument("--budget-mb", type=float, default=1024,
                         help="memory budget the out-of-core runs must stay under (sum of "
                              "the processes' peak RSS)")
-    parser.add_argument("--fit-size", type=int, default=4096,
-                        help="image edge for the in-memory comparison")
+    parser.add_argument("--fit-size", type=int, default=None,
+                        help="image edge for the in-memory comparison (default 4096, with "
+                             "--chain 2048)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads of dask's threaded scheduler")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2],
                         help="worker-process counts for dask.distributed")
+    parser.add_argument("--copy", action="store_true",
+                        help="also time reading and writing the data without convolving")
     parser.add_argument("--dir", default=None, help="where the temporary files go")
-    parser.add_argument("--keep", action="store_true", help="keep the files")
+    parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         kind, cfg = args.child
         print(json.dumps(RUNS[kind](json.loads(cfg))))
         return
-
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     directory = tempfile.mkdtemp(prefix="dilconv-ooc-", dir=args.dir)
     try:
         size = fit_to_disk(args.size, args.channels, directory)
-        cfg = dict(size=size, channels=args.channels, rows=args.rows,
-                   budget_mb=args.budget_mb, fit_size=args.fit_size, threads=args.threads,
-                   input=os.path.join(directory, "input.f32"),
-                   output=os.path.join(directory, "output.f32"))
+        fit = min(args.fit_size or (2048 if args.chain else 4096), size)
+        cfg = dict(size=size, channels=args.channels, chain=args.chain,
+                   budget_mb=args.budget_mb, fit_size=fit, threads=args.threads,
+                   zarr_chunk=args.zarr_chunk, dir=directory, kind="conv",
+                   malloc=args.malloc)
         nbytes = args.channels * size * size * 4
-        rows = band_rows(cfg, size)
-        print(f"input 1x{args.channels}x{size}x{size} float32 = {nbytes / 1e9:.2f} GB, "
-              f"chunks of {rows} rows x {size} "
-              f"({args.channels * rows * size * 4 / MB:.0f} MiB), memory budget "
-              f"{args.budget_mb:.0f} MiB; layer {args.channels}->{args.channels} 3x3 "
-              f"dilation {DILATION} padding 'same'")
+        what = (f"context module {args.channels}->{CHAIN_HIDDEN}->{args.channels} channels, "
+                f"3x3, dilations {CHAIN_DILATIONS}" if args.chain else
+                f"layer {args.channels}->{args.channels} 3x3 dilation {DILATION}")
+        print(f"input 1x{args.channels}x{size}x{size} float32 = {nbytes / 1e9:.2f} GB, memory "
+              f"budget {args.budget_mb:.0f} MiB; {what}, padding 'same'; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         if nbytes <= args.budget_mb * MB:
             print("note: the input fits in the budget: this run is not out of core")
-        t0 = time.perf_counter()
-        write_input(cfg["input"], (1, args.channels, size, size))
-        allocate(cfg["output"], (1, args.channels, size, size))
-        print(f"wrote the input in {time.perf_counter() - t0:.1f} s")
-
-        results = in_child("memory", cfg) + in_child("dask-memory", cfg)
-        runs = [("ooc-threads", cfg)]
-        runs += [("ooc-distributed", dict(cfg, workers=n)) for n in args.workers]
-        over = []
-        for kind, run_cfg in runs:
-            res = in_child(kind, run_cfg)[0]
-            worst = check_tiles(cfg)
-            results.append(res)
-            detail = ", ".join(f"{k} {peak:.0f}" + (f" (idle {idle:.0f})" if idle else "")
-                               for k, (peak, idle) in res["processes"].items())
-            print(f"  {res['label']}: peak RSS MiB {detail}; output tiles within "
-                  f"{worst:.2g} x the error bound")
-            if res["peak_rss_mb"] > args.budget_mb:
-                over.append(res["label"])
-
-        print(f"\n{'run':52s} {'seconds':>8s} {'Mpix/s':>7s} {'MB/s in':>8s} "
-              f"{'CPU s':>7s} {'Mpix/CPU s':>10s} {'peak RSS':>9s}")
-        for res in results:
-            mpix = res["pixels"] / 1e6
-            rss = res.get("peak_rss_mb")
-            rss_text = f"{rss:.0f} MiB" if rss is not None else "-"
-            print(f"{res['label']:52s} {res['seconds']:8.2f} {mpix / res['seconds']:7.1f} "
-                  f"{mpix * args.channels * 4 / res['seconds']:8.1f} {res['cpu']:7.1f} "
-                  f"{mpix / res['cpu']:10.1f} {rss_text:>9s}")
-        print(f"(load average during the runs: {os.getloadavg()[0]:.1f} on "
-              f"{os.cpu_count()} cores)")
-        if over:
-            sys.exit(f"peak RSS over the {args.budget_mb:.0f} MiB budget: {', '.join(over)}")
+        memory = in_child("memory", cfg)
+        reference = memory[-1]["pixels"] / memory[-1]["cpu"]
+        results = []
+        for fmt in args.format:
+            for comp in (args.compressor if fmt == "zarr" else ["none"]):
+                for store in (args.zarr_store if fmt == "zarr" else ["-"]):
+                    results += measure(dict(cfg, format=fmt, compressor=comp, store=store),
+                                       args, reference)
+        report(memory, results, args)
     finally:
-        if args.keep:
-            print(f"files kept in {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def report(memory, results, args):
+    reference = memory[-1]["pixels"] / memory[-1]["cpu"]
+    print(f"\n{'run':44s} {'seconds':>8s} {'Mpix/s':>7s} {'CPU s':>7s} {'Mpix/CPU s':>10s} "
+          f"{'vs memory':>9s} {'peak RSS':>9s}")
+    for res in memory + results:
+        mpix = res["pixels"] / 1e6
+        rss = res.get("peak_rss_mb")
+        rss_text = f"{rss:.0f} MiB" if rss is not None else "-"
+        print(f"{res['label']:44s} {res['seconds']:8.2f} {mpix / res['seconds']:7.1f} "
+              f"{res['cpu']:7.1f} {mpix / res['cpu']:10.1f} "
+              f"{res['pixels'] / res['cpu'] / reference:9.0%} {rss_text:>9s}")
+    by_label = {r["label"]: r for r in results}
+    for res in results:
+        if res["label"].endswith(", 2 worker(s)"):
+            one = by_label.get(res["label"].replace("2 worker(s)", "1 worker(s)"))
+            if one:
+                print(f"{res['label']}: {one['seconds'] / res['seconds']:.2f}x one worker "
+                      f"(wall time)")
+    print(f"(vs memory: Mpix per CPU second over the in-memory call's at 1 thread; "
+          f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    over = [r["label"] for r in results if r["peak_rss_mb"] > args.budget_mb]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"memory": memory, "out_of_core": results,
+                       "load_average": os.getloadavg()}, f, indent=1)
+    if over:
+        sys.exit(f"peak RSS over the {args.budget_mb:.0f} MiB budget: {', '.join(over)}")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ Kernel families:
   kernel, and the weight gradient runs on the same micro-kernel;
 - "gemm": per tile and tap, one BLAS matrix product (the strided input gradient of the
   panel family's layers; everything else when forced);
-- "depthwise": forward of layers with one input channel per group (depthwise, any channel
-  multiplier): each output summed in registers and stored once, one pass over input and
-  output; chosen for unit column stride (a strided one runs, on scalars); its backward is
-  "direct".
+- "depthwise": layers with one input channel per group (depthwise, any channel
+  multiplier): forward with each output summed in registers and stored once, one pass over
+  input and output, chosen for unit column stride (a strided one runs, on scalars); input
+  gradient at unit stride and multiplier 1 (the same forward with the turned kernel);
+  weight gradient at unit column stride (each tap's sum over its in-image rectangle in
+  vector partial sums kept across images).
 All are bitwise deterministic for any thread count. Each kernel module plans its own
 tiles, scratch and tasks from the spec and the tuning (dilconv._tuning), and says where it
 applies; `select` returns the family that really runs. `DILCONV_PATH=<one of PATHS>` in
@@ -29,7 +31,7 @@ import os
 
 import numpy as np
 
-from . import _backward, _depthwise, _flat, _forward, _gemm, _panel
+from ._tiers import _backward, _depthwise, _flat, _forward, _gemm, _panel
 from ._geometry import ConvSpec
 from ._tuning import PATHS, current
 
@@ -57,10 +59,14 @@ def select(spec, op: str = "forward", weight=None, tuning=None) -> str:
     elif op == "grad_input":
         if path == "panel" and transposed_spec(spec) is not None:
             return "panel"
+        if path == "depthwise":
+            return "depthwise" if _depthwise_grad_input(spec) else "direct"
         # Strided layers of the panel family (and padding past the dilated kernel) take
         # the BLAS kernel.
         path = "gemm" if path in ("gemm", "panel") else "direct"
     elif op == "grad_weight":
+        if path == "depthwise":
+            return "depthwise" if _depthwise.grad_weight_applies(spec) else "direct"
         path = path if path in ("gemm", "panel") else "direct"
     else:
         return "direct"
@@ -85,8 +91,15 @@ def _preferred(spec, op: str, tuning) -> str:
     # channels: enough of them make it a panel forward, however few input channels.
     if op == "grad_input" and spec.stride == (1, 1) and og >= PANEL_GRAD_INPUT_MIN_CHANNELS:
         return "panel"
+    if cg == 1 and op in ("grad_input", "grad_weight"):
+        return "depthwise"             # select falls back to direct where it does not apply
     # Gradient blocks run over input channels: with only a few, direct loops win.
     return "panel" if cg >= 16 and og >= 8 else "direct"
+
+
+def _depthwise_grad_input(spec) -> bool:
+    """The input gradient is a depthwise forward: multiplier 1, a transposed spec."""
+    return (spec.c == spec.groups == spec.o and transposed_spec(spec) is not None)
 
 
 def transposed_spec(spec):
@@ -136,6 +149,10 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
         # transposed, turned kernel, on the panel kernel.
         _panel.forward(grad_output, transposed_weight(weight, spec),
                        np.empty(0, grad_x.dtype), grad_x, transposed_spec(spec), tuning)
+    elif path == "depthwise":
+        # Multiplier 1: the same forward with the turned kernel (a copy: it reads rows).
+        _depthwise.forward(grad_output, np.ascontiguousarray(transposed_weight(weight, spec)),
+                           np.empty(0, grad_x.dtype), grad_x, transposed_spec(spec), tuning)
     elif path == "gemm":
         _gemm.grad_input(grad_output, weight, grad_x, spec, tuning)
     else:
@@ -147,6 +164,8 @@ def grad_weight(grad_output, x, grad_w, spec) -> None:
     path = select(spec, "grad_weight", None, tuning)
     if path == "panel":
         _panel.grad_weight(grad_output, x, grad_w, spec, tuning)
+    elif path == "depthwise":
+        _depthwise.grad_weight(grad_output, x, grad_w, spec, tuning)
     elif path == "gemm":
         _gemm.grad_weight(grad_output, x, grad_w, spec, tuning)
     else:

@@ -88,16 +88,16 @@ static inline void NAME(const T *restrict x, ptrdiff_t x_next, ptrdiff_t x_row, 
    recomputes some outputs (same sums, stored again). Runs shorter than a vector take half
    vectors the same way, or single outputs. */
 #define DILCONV_DW_ROWS(NAME, T, R)                                                 \
-DILCONV_DW_BLOCK(NAME##_v4, T, DILCONV_VEC_BYTES, R, 4)                                              \
-DILCONV_DW_BLOCK(NAME##_v3, T, DILCONV_VEC_BYTES, R, 3)                                              \
-DILCONV_DW_BLOCK(NAME##_v2, T, DILCONV_VEC_BYTES, R, 2)                                              \
-DILCONV_DW_BLOCK(NAME##_v1, T, DILCONV_VEC_BYTES, R, 1)                                              \
-DILCONV_DW_BLOCK(NAME##_half, T, DILCONV_VEC_BYTES / 2, R, 1)                                            \
+DILCONV_DW_BLOCK(NAME##_v4, T, DILCONV_VEC256_BYTES, R, 4)                                           \
+DILCONV_DW_BLOCK(NAME##_v3, T, DILCONV_VEC256_BYTES, R, 3)                                           \
+DILCONV_DW_BLOCK(NAME##_v2, T, DILCONV_VEC256_BYTES, R, 2)                                           \
+DILCONV_DW_BLOCK(NAME##_v1, T, DILCONV_VEC256_BYTES, R, 1)                                           \
+DILCONV_DW_BLOCK(NAME##_half, T, DILCONV_VEC256_BYTES / 2, R, 1)                                         \
 DILCONV_DW_ONE(NAME##_one, T, R)                                                      \
 static inline void NAME(ptrdiff_t n, const T *x, ptrdiff_t x_next, ptrdiff_t x_row,   \
                         ptrdiff_t nh, ptrdiff_t dw, ptrdiff_t sw, const T *w,         \
                         ptrdiff_t w_row, ptrdiff_t nk, T b, T *y, ptrdiff_t y_next) { \
-    const ptrdiff_t lanes = DILCONV_VEC_BYTES / sizeof(T), half = lanes / 2;                         \
+    const ptrdiff_t lanes = DILCONV_VEC256_BYTES / sizeof(T), half = lanes / 2;                      \
     ptrdiff_t j = 0;                                                                  \
     if (sw == 1 && n >= lanes) {                                                      \
         for (; j + 4 * lanes <= n; j += 4 * lanes)                                    \
@@ -148,4 +148,82 @@ static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *x, ptrdiff_t x_nex
 
 DILCONV_DW_RUN(dilconv_dw_run_f, float)
 DILCONV_DW_RUN(dilconv_dw_run_d, double)
+/* Weight gradient: one tap's sum over a rectangle of `rows` rows x n columns (unit column
+   stride), acc += sum g[r*g_next + j] * x[r*x_next + j]. The sums persist across calls
+   (images) in acc: DILCONV_DW_CHAINS vectors of partial sums, then one scalar for runs
+   shorter than a vector. A row goes in blocks of DILCONV_DW_CHAINS vectors, then one
+   vector per chain, then a last vector ending at the row's end whose lanes already summed
+   are masked to zero after the multiply (padding is never multiplied: every product is of
+   two in-image values). Which chain and lane a term joins depends only on the geometry, so
+   the sums are the same for any thread count. dilconv_dw_total_* reduces acc in a fixed
+   order. */
+enum { DILCONV_DW_CHAINS = 4 };
+#if defined(__GNUC__) || defined(__clang__)
+#define DILCONV_DW_GRAD(NAME, T, IT)                                                 \
+typedef T NAME##_vec __attribute__((vector_size(DILCONV_VEC256_BYTES), may_alias,     \
+                                    aligned(sizeof(T))));                             \
+typedef IT NAME##_ivec __attribute__((vector_size(DILCONV_VEC256_BYTES)));            \
+static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *restrict g,             \
+                        ptrdiff_t g_next, const T *restrict x, ptrdiff_t x_next,      \
+                        T *restrict acc) {                                            \
+    enum { L = DILCONV_VEC256_BYTES / sizeof(T), A = DILCONV_DW_CHAINS };             \
+    NAME##_vec s[A];                                                                  \
+    T t = acc[A * L];                                                                 \
+    for (int a = 0; a < A; a++) s[a] = *(const NAME##_vec *)(acc + a * L);            \
+    const ptrdiff_t blocks = n / (A * L) * (A * L), whole = n / L * L;                \
+    NAME##_ivec keep;                    /* lanes of the last vector not yet summed */\
+    for (int l = 0; l < L; l++) keep[l] = n - L + l >= whole ? (IT)-1 : 0;            \
+    for (ptrdiff_t r = 0; r < rows; r++) {                                            \
+        const T *gr = g + r * g_next, *xr = x + r * x_next;                           \
+        if (n < L) {                                                                  \
+            for (ptrdiff_t j = 0; j < n; j++) t += gr[j] * xr[j];                     \
+            continue;                                                                 \
+        }                                                                             \
+        ptrdiff_t j = 0;                                                              \
+        for (; j < blocks; j += A * L)                                                \
+            for (int a = 0; a < A; a++)                                               \
+                s[a] += *(const NAME##_vec *)(gr + j + a * L)                         \
+                      * *(const NAME##_vec *)(xr + j + a * L);                        \
+        for (int a = 0; j < whole; j += L, a++)                                       \
+            s[a] += *(const NAME##_vec *)(gr + j) * *(const NAME##_vec *)(xr + j);    \
+        if (whole < n) {                                                              \
+            NAME##_vec p = *(const NAME##_vec *)(gr + n - L)                          \
+                         * *(const NAME##_vec *)(xr + n - L);                         \
+            s[A - 1] += (NAME##_vec)((NAME##_ivec)p & keep);                          \
+        }                                                                             \
+    }                                                                                 \
+    for (int a = 0; a < A; a++) *(NAME##_vec *)(acc + a * L) = s[a];                  \
+    acc[A * L] = t;                                                                   \
+}
+#else
+/* Other compilers: the same sums, in the same order, lane by lane. */
+#define DILCONV_DW_GRAD(NAME, T, IT)                                                 \
+static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *restrict g,             \
+                        ptrdiff_t g_next, const T *restrict x, ptrdiff_t x_next,      \
+                        T *restrict acc) {                                            \
+    enum { L = DILCONV_VEC256_BYTES / sizeof(T), A = DILCONV_DW_CHAINS };             \
+    const ptrdiff_t whole = n / L * L;                                                \
+    for (ptrdiff_t r = 0; r < rows; r++)                                              \
+        for (ptrdiff_t j = 0; j < n; j++) {                                           \
+            /* chain and lane of column j, as in the vector version */                \
+            ptrdiff_t slot = n < L ? A * L                                            \
+                : j < n / (A * L) * (A * L) ? j % (A * L)                              \
+                : j < whole ? (j - n / (A * L) * (A * L)) / L * L + j % L              \
+                : (A - 1) * L + (j - (n - L));                                        \
+            acc[slot] += g[r * g_next + j] * x[r * x_next + j];                       \
+        }                                                                             \
+}
+#endif
+#define DILCONV_DW_TOTAL(NAME, T)                                                    \
+static inline T NAME(const T *acc) {                                                  \
+    enum { L = DILCONV_VEC256_BYTES / sizeof(T), A = DILCONV_DW_CHAINS };             \
+    T s = 0;                                                                          \
+    for (int l = 0; l < L; l++)                                                       \
+        s += (acc[l] + acc[L + l]) + (acc[2 * L + l] + acc[3 * L + l]);               \
+    return s + acc[A * L];                                                            \
+}
+DILCONV_DW_GRAD(dilconv_dw_grad_f, float, int)
+DILCONV_DW_GRAD(dilconv_dw_grad_d, double, long long)
+DILCONV_DW_TOTAL(dilconv_dw_total_f, float)
+DILCONV_DW_TOTAL(dilconv_dw_total_d, double)
 #endif

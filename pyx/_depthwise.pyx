@@ -1,13 +1,13 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Forward of depthwise convolutions: one input channel per group (C/groups == 1), any
-channel multiplier O/groups, stride and dilation.
+"""Depthwise convolutions: one input channel per group (C/groups == 1). Forward for any
+channel multiplier O/groups, stride and dilation; weight gradient at unit column stride
+(the input gradient with multiplier 1 is this forward with the turned kernel: dispatch).
 
 Memory-bound, so each output is computed once, in registers, and stored once: per output
 row, the columns are cut into runs over which the same kernel columns are in the image
 (`tap_runs`), and each run sums its in-image taps block by block (`_depthwise.h`). Taps
 in the padding are skipped, never multiplied, so non-finite weights need no special care.
 """
-from cython.parallel cimport prange
+from cython.parallel cimport prange, parallel, threadid
 from cython cimport floating
 
 from _common cimport Geom, make_geom
@@ -19,6 +19,14 @@ from dilconv._threads import kernel_threads
 
 cdef extern from "_depthwise.h":
     enum: DILCONV_DW_ROW_BLOCK
+    enum: DILCONV_DW_CHAINS
+    enum: DILCONV_VEC256_BYTES
+    void dilconv_dw_grad_f(Py_ssize_t rows, Py_ssize_t n, const float* g, Py_ssize_t g_next,
+                           const float* x, Py_ssize_t x_next, float* acc) noexcept nogil
+    void dilconv_dw_grad_d(Py_ssize_t rows, Py_ssize_t n, const double* g, Py_ssize_t g_next,
+                           const double* x, Py_ssize_t x_next, double* acc) noexcept nogil
+    float dilconv_dw_total_f(const float* acc) noexcept nogil
+    double dilconv_dw_total_d(const double* acc) noexcept nogil
     void dilconv_dw_run_f(Py_ssize_t rows, Py_ssize_t n, const float* x, Py_ssize_t x_next,
                           Py_ssize_t x_row, Py_ssize_t nh, Py_ssize_t dw, Py_ssize_t sw,
                           const float* w, Py_ssize_t w_row, Py_ssize_t nk, float b, float* y,
@@ -114,3 +122,65 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     cdef Py_ssize_t task
     for task in prange(n_tasks, nogil=True, schedule='static', num_threads=n_threads):
         _band(x, w, bias, out, g, rows, cols, band_rows, task)
+
+
+def grad_weight_applies(spec):
+    """True where `grad_weight` runs: one input channel per group, unit column stride."""
+    return applies(spec) and spec.stride[1] == 1
+
+
+cdef void _grad_weight_channel(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)
+                               const floating[:, :, :, ::1] x,    # IN  (N, C, H, W)
+                               floating[:, :, :, ::1] gw,         # OUT (O, 1, kH, kW)
+                               Geom g, floating* acc, Py_ssize_t acc_len,
+                               Py_ssize_t o) noexcept nogil:
+    cdef Py_ssize_t c = o // g.Og, taps = g.kH * g.kW
+    cdef Py_ssize_t n, kh, kw, t, i, oh0, ow0, rows, cols
+    for i in range(taps * acc_len):
+        acc[i] = 0
+    # Image by image, every tap over its in-image rectangle: the planes stay in cache
+    # across the taps.
+    for n in range(g.N):
+        for kh in range(g.kH):
+            oh0 = g.oh_lo[kh]
+            rows = g.oh_hi[kh] - oh0
+            for kw in range(g.kW):
+                ow0 = g.ow_lo[kw]
+                cols = g.ow_hi[kw] - ow0
+                if rows <= 0 or cols <= 0:
+                    continue
+                t = kh * g.kW + kw
+                if floating is float:
+                    dilconv_dw_grad_f(rows, cols, &gy[n, o, oh0, ow0], g.Wo,
+                                      &x[n, c, oh0 * g.sh + kh * g.dh - g.pt,
+                                         ow0 + kw * g.dw - g.pl],
+                                      g.sh * g.W, acc + t * acc_len)
+                else:
+                    dilconv_dw_grad_d(rows, cols, &gy[n, o, oh0, ow0], g.Wo,
+                                      &x[n, c, oh0 * g.sh + kh * g.dh - g.pt,
+                                         ow0 + kw * g.dw - g.pl],
+                                      g.sh * g.W, acc + t * acc_len)
+    for t in range(taps):
+        if floating is float:
+            gw[o, 0, t // g.kW, t % g.kW] = dilconv_dw_total_f(acc + t * acc_len)
+        else:
+            gw[o, 0, t // g.kW, t % g.kW] = dilconv_dw_total_d(acc + t * acc_len)
+
+
+def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
+                floating[:, :, :, ::1] gw, spec, tuning):
+    """Weight gradient into `gw` (grad_weight_applies). One task per output channel sums
+    its taps over all images in a fixed order (the partial sums of _depthwise.h), so any
+    thread count gives the same bits. Scratch: the taps' partial sums, per thread."""
+    cdef Geom g = make_geom(spec)
+    cdef int n_threads = kernel_threads(spec, g.O, tuning)
+    cdef Py_ssize_t acc_len = (DILCONV_DW_CHAINS * (DILCONV_VEC256_BYTES // sizeof(floating))
+                               + 1)
+    cdef floating[:, ::1] scratch = np.empty((n_threads, g.kH * g.kW * acc_len),
+                                             np.float32 if floating is float else np.float64)
+    cdef Py_ssize_t o
+    cdef int tid
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        for o in prange(g.O, schedule='static'):
+            _grad_weight_channel(gy, x, gw, g, &scratch[tid, 0], acc_len, o)

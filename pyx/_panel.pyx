@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Packed panels and a register-blocked micro-kernel (layers with many channels).
 
 The output plane is cut into tiles aligned with the taps' in-bounds ranges, so in a tile
@@ -30,7 +29,7 @@ from dilconv._threads import kernel_threads
 
 
 cdef extern from "_microkernel.h":
-    enum: DILCONV_MR, DILCONV_BLOCK_BYTES
+    enum: DILCONV_MR, DILCONV_MR_GW, DILCONV_BLOCK_BYTES
     ctypedef struct Terms "dilconv_terms":
         # The sum of one output block: see pyx/_microkernel.h.
         Py_ssize_t n_seg, seg_len
@@ -61,6 +60,10 @@ cdef extern from "_axpy.h":
     void dilconv_gather_d(Py_ssize_t n, const double* src, Py_ssize_t step,
                           double* dst) noexcept nogil
 
+
+# This tier's micro-kernel block (read by tests and show_config, not by any plan): output
+# channels per block (in the weight gradient) and bytes of pixels per block.
+MR, MR_GRAD_WEIGHT, BLOCK_NBYTES = DILCONV_MR, DILCONV_MR_GW, DILCONV_BLOCK_BYTES
 
 # Forward tiles (tasks): about this many bytes of input terms (pixels x taps x channels),
 # and enough pixels that blocks of NR are mostly full.
@@ -416,6 +419,61 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
                           zero_fill, in_place_bytes, group)
 
 
+cdef struct Footprint:
+    Py_ssize_t kh0, kh1, kw0, kw1   # the tile's taps in the image: [kh0, kh1) x [kw0, kw1)
+    Py_ssize_t fh, fw               # the input they read, packed once for all of them
+                                    # (0 x 0: packed tap by tap, which is fewer pixels)
+
+
+cdef inline void _taps_at(const Py_ssize_t* lo, const Py_ssize_t* hi, Py_ssize_t taps,
+                          Py_ssize_t at, Py_ssize_t* first, Py_ssize_t* stop) noexcept nogil:
+    # The taps [first, stop) of one axis whose in-image range holds output `at`: an
+    # output's in-image taps are contiguous.
+    cdef Py_ssize_t t = 0
+    while t < taps and not (lo[t] <= at < hi[t]):
+        t += 1
+    first[0] = t
+    while t < taps and lo[t] <= at < hi[t]:
+        t += 1
+    stop[0] = t
+
+
+cdef inline Footprint _footprint(Geom g, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
+                                 Py_ssize_t c1) noexcept nogil:
+    # In an aligned tile the taps in the image are a range of rows x a range of columns,
+    # whose input rows and columns are in the image from the first tap's first to the
+    # last tap's last.
+    cdef Footprint f
+    _taps_at(g.oh_lo, g.oh_hi, g.kH, r0, &f.kh0, &f.kh1)
+    _taps_at(g.ow_lo, g.ow_hi, g.kW, c0, &f.kw0, &f.kw1)
+    f.fh = f.fw = 0
+    if f.kh1 > f.kh0 and f.kw1 > f.kw0:
+        f.fh = (r1 - r0 - 1) * g.sh + (f.kh1 - f.kh0 - 1) * g.dh + 1
+        f.fw = (c1 - c0 - 1) * g.sw + (f.kw1 - f.kw0 - 1) * g.dw + 1
+        # Dilations wider than the tile leave holes: tap by tap is then less to pack.
+        if f.fh * f.fw >= (f.kh1 - f.kh0) * (f.kw1 - f.kw0) * (r1 - r0) * (c1 - c0):
+            f.fh = f.fw = 0
+    return f
+
+
+cdef inline void _pack_pixels(const floating* src, Py_ssize_t step, Py_ssize_t count,
+                              Py_ssize_t plane, Py_ssize_t lanes, Py_ssize_t nr,
+                              floating* dst) noexcept nogil:
+    # `count` pixels, `step` apart, of `lanes` channel planes into dst[q * nr + j] (zeros
+    # past lanes), in runs of 64 pixels whose packed blocks (4 KiB in float32) stay in L1
+    # while the channels fill them one lane at a time.
+    cdef Py_ssize_t q0, q1, q, j
+    for q0 in range(0, count, 64):
+        q1 = min(q0 + 64, count)
+        for j in range(nr):
+            if j < lanes:
+                for q in range(q0, q1):
+                    dst[q * nr + j] = src[j * plane + q * step]
+            else:
+                for q in range(q0, q1):
+                    dst[q * nr + j] = 0
+
+
 cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)
                              const floating[:, :, :, ::1] x,    # IN  (N, C, H, W)
                              floating[:, :, ::1] gwt,           # OUT (kH*kW, O, C/g padded)
@@ -425,7 +483,8 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
     # One task: NR input channels x o_chunk output channels of one group, for every tap,
     # summed over images and tiles. Per tile and tap, A is grad_output read in place (a
     # term is a pixel, a segment a tile row: the tile stays in cache across the taps) and
-    # B the tap's input pixels of the NR channels, packed pixel by pixel.
+    # B the tap's input pixels of the NR channels, pixel by pixel: packed once per tile
+    # for all its taps (their footprint), or tap by tap where that is fewer pixels.
     cdef Py_ssize_t nr = block_pixels(pack)
     cdef Py_ssize_t c_blocks = (g.Cg + nr - 1) // nr
     cdef Py_ssize_t o_chunks = (g.Og + o_chunk - 1) // o_chunk
@@ -436,59 +495,54 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
     cdef Py_ssize_t o_stop = grp * g.Og + min(g.Og, (oc + 1) * o_chunk)
     cdef Py_ssize_t ci0 = grp * g.Cg + cb * nr
     cdef Py_ssize_t lanes = min(nr, g.Cg - cb * nr)
-    cdef Py_ssize_t n, t, r0, r1, c0, c1, tw, rr, j, q, q0, q1, o, kh, kw, plane = g.H * g.W
-    cdef const floating* src
-    cdef floating* dst
+    cdef Py_ssize_t n, t, r0, r1, c0, c1, tw, th, rr, o, kh, kw, plane = g.H * g.W
+    cdef Footprint f
     cdef Terms terms
 
     terms.a_step = 1
     terms.a_row = g.Ho * g.Wo
-    terms.b_step = nr
     for n in range(g.N):
         for t in range(tiles.shape[0]):
             r0, r1, c0, c1 = tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3]
             tw = c1 - c0
-            for rr in range(r1 - r0):
+            th = r1 - r0
+            f = _footprint(g, r0, r1, c0, c1)
+            for rr in range(th):
                 offsets[rr] = (r0 + rr) * g.Wo + c0
-                offsets[(r1 - r0) + rr] = rr * tw * nr
-            terms.n_seg = r1 - r0
+            terms.n_seg = th
             terms.seg_len = tw
             terms.a_off = offsets
-            terms.b_off = offsets + (r1 - r0)
-            for kh in range(g.kH):
-                # Aligned tiles: a tap reads the image for all of the tile or for none.
-                if not (g.oh_lo[kh] <= r0 < g.oh_hi[kh]):
-                    continue
-                for kw in range(g.kW):
-                    if not (g.ow_lo[kw] <= c0 < g.ow_hi[kw]):
-                        continue
-                    # In runs of 64 pixels, whose packed blocks (4 KiB in float32) stay
-                    # in L1 while the channels fill them one lane at a time.
-                    for rr in range(r1 - r0):
-                        src = &x[n, ci0, (r0 + rr) * g.sh + kh * g.dh - g.pt,
-                                 c0 * g.sw + kw * g.dw - g.pl]
-                        dst = pack + rr * tw * nr
-                        for q0 in range(0, tw, 64):
-                            q1 = min(q0 + 64, tw)
-                            for j in range(nr):
-                                if j < lanes:
-                                    for q in range(q0, q1):
-                                        dst[q * nr + j] = src[j * plane + q * g.sw]
-                                else:
-                                    for q in range(q0, q1):
-                                        dst[q * nr + j] = 0
+            terms.b_off = offsets + th
+            terms.b_step = g.sw * nr if f.fh else nr
+            for rr in range(f.fh):
+                _pack_pixels(&x[n, ci0, r0 * g.sh + f.kh0 * g.dh - g.pt + rr,
+                                c0 * g.sw + f.kw0 * g.dw - g.pl],
+                             1, f.fw, plane, lanes, nr, pack + rr * f.fw * nr)
+            # Aligned tiles: a tap reads the image for all of the tile or for none.
+            for kh in range(f.kh0, f.kh1):
+                for kw in range(f.kw0, f.kw1):
+                    for rr in range(th):
+                        if f.fh:
+                            offsets[th + rr] = ((rr * g.sh + (kh - f.kh0) * g.dh) * f.fw
+                                                + (kw - f.kw0) * g.dw) * nr
+                        else:
+                            offsets[th + rr] = rr * tw * nr
+                            _pack_pixels(&x[n, ci0, (r0 + rr) * g.sh + kh * g.dh - g.pt,
+                                            c0 * g.sw + kw * g.dw - g.pl],
+                                         g.sw, tw, plane, lanes, nr, pack + rr * tw * nr)
                     o = o_first
                     while o < o_stop:
                         ukr(&terms, &gy[n, o, 0, 0], pack, NULL, 1,
                             &gwt[kh * g.kW + kw, o, cb * nr], gwt.shape[2],
-                            min(<Py_ssize_t> DILCONV_MR, o_stop - o), lanes)
-                        o = o + DILCONV_MR
+                            min(<Py_ssize_t> DILCONV_MR_GW, o_stop - o), lanes)
+                        o = o + DILCONV_MR_GW
 
 
 def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, gw, spec,
                 tuning):
     """Weight gradient into `gw`. The plan: tiles aligned with the tap ranges, whose NR
-    channels of packed input take at most PANEL_GRAD_WEIGHT_PACK_BYTES; tasks of NR input
+    channels of packed input take at most PANEL_GRAD_WEIGHT_PACK_BYTES per tap (scratch:
+    the larger of that and a tile's footprint, per thread); tasks of NR input
     channels x o_chunk output channels (a multiple of MR) of one group; the sums go into
     a (kH*kW, O, ceil(C/g / NR) * NR) array of zeros, then into `gw`."""
     cdef Geom g = make_geom(spec)
@@ -502,11 +556,14 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     o_chunk = (o_chunk + DILCONV_MR - 1) // DILCONV_MR * DILCONV_MR
     cdef Py_ssize_t n_tasks = g.groups * c_blocks * ((g.Og + o_chunk - 1) // o_chunk)
     cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
-    cdef Py_ssize_t t, rows = 0
+    cdef Py_ssize_t t, rows = 0, pack_pixels = largest_tile(tiles)
+    cdef Footprint f
     for t in range(tiles.shape[0]):
         rows = max(rows, tiles[t, 1] - tiles[t, 0])
+        f = _footprint(g, tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3])
+        pack_pixels = max(pack_pixels, f.fh * f.fw)
     dtype = np.float32 if floating is float else np.float64
-    cdef floating[:, ::1] scratch = np.empty((n_threads, nr * largest_tile(tiles)), dtype=dtype)
+    cdef floating[:, ::1] scratch = np.empty((n_threads, nr * pack_pixels), dtype=dtype)
     cdef Py_ssize_t[:, ::1] offset_scratch = np.empty((n_threads, 2 * rows), dtype=np.intp)
     gwt = np.zeros((taps, g.O, c_blocks * nr), dtype=dtype)
     cdef floating[:, :, ::1] gwt_view = gwt

@@ -374,15 +374,58 @@ def test_distributed_matches_threads_bitwise(case, client, rng):
                    forward_bound(x, w, b, spec), "forward")
 
 
+@pytest.mark.parametrize("target", ["zarr", "memmap"])
+def test_chain_from_zarr_into_storage_on_two_workers(target, client, rng, tmp_path):
+    """Two layers (a ReLU between) in one graph, every block written by the workers."""
+    zarr = pytest.importorskip("zarr")
+    x = rng.standard_normal((1, 3, 40, 44)).astype(np.float32)
+    layers = [(rng.standard_normal((5, 3, 3, 3)).astype(np.float32),
+               rng.standard_normal(5).astype(np.float32), 2),
+              (rng.standard_normal((3, 5, 3, 3)).astype(np.float32),
+               rng.standard_normal(3).astype(np.float32), 3)]
+    source = zarr.create_array(str(tmp_path / "x.zarr"), shape=x.shape, dtype="float32",
+                               chunks=(1, 3, 16, 16))
+    source[...] = x
+    if target == "zarr":
+        out = zarr.create_array(str(tmp_path / "y.zarr"), shape=x.shape, dtype="float32",
+                                chunks=(1, 3, 16, 16))
+    else:
+        out = dd.MemmapArray.create_npy(tmp_path / "y.npy", x.shape, np.float32)
+    y = da.from_zarr(source)
+    for i, (w, b, d) in enumerate(layers):
+        last = i == len(layers) - 1
+        y = dd.conv2d(y, w, b, dilation=d, padding="same", **({"out": out} if last else {}))
+        if not last:
+            y = da.maximum(y, 0)
+    client.compute(y, sync=True)
+    # In memory, and the error bound of the chain: the terms of both layers over the
+    # chain of absolute values (ReLU does not increase an error).
+    expected, bound_sum = x, np.abs(x).astype(np.float64)
+    for i, (w, b, d) in enumerate(layers):
+        expected = dilconv.conv2d(expected, w, b, dilation=d, padding="same")
+        if i < len(layers) - 1:
+            expected = np.maximum(expected, 0)
+        bound_sum = dilconv.conv2d(bound_sum, np.abs(w).astype(np.float64),
+                                   np.abs(b).astype(np.float64), dilation=d, padding="same")
+    terms = sum(w.shape[1] * 9 + 1 for w, _, _ in layers)
+    _assert_within(np.asarray(out[...]), expected,
+                   tolerance.error_bound(bound_sum, terms, np.float32), "chain")
+
+
 @pytest.mark.slow
 def test_out_of_core_benchmark_runs(tmp_path):
     pytest.importorskip("distributed")
+    pytest.importorskip("zarr")
     root = pathlib.Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "bench.dask_ooc", "--size", "768",
-                          "--fit-size", "256", "--rows", "100", "--workers", "1", "2",
-                          "--budget-mb", "2048", "--dir", str(tmp_path)],
-                         cwd=root, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    # One line per out-of-core run (threads, 1 and 2 workers), each checked against memory.
-    assert out.stdout.count("x the error bound") == 3, out.stdout
-    assert not list(tmp_path.iterdir())           # temporary files removed
+    for extra in (["--format", "memmap", "zarr", "--compressor", "none", "zstd",
+                   "--zarr-chunk", "128", "--copy"],
+                  ["--chain", "--format", "zarr", "--zarr-chunk", "128", "--workers", "2"]):
+        out = subprocess.run([sys.executable, "-m", "bench.dask_ooc", "--size", "768",
+                              "--fit-size", "256", "--budget-mb", "2048",
+                              "--dir", str(tmp_path)] + extra,
+                             cwd=root, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        # Every out-of-core run (threads, and 1 and 2 workers unless told) checked.
+        convs = 3 * 3 if "--copy" in extra else 2
+        assert out.stdout.count("x the error bound") == convs, out.stdout
+        assert not list(tmp_path.iterdir())       # temporary files removed

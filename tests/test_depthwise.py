@@ -1,5 +1,5 @@
-"""The depthwise forward kernel (one input channel per group) against the oracle: row and
-column runs of every block width, padding wider than the kernel, strides, channel
+"""The depthwise kernels (one input channel per group: forward, input and weight gradients)
+against the oracle: row and column runs of every block width, padding wider than the kernel, strides, channel
 multipliers, task bands, thread counts, non-finite weights, and the dispatch rule."""
 import itertools
 
@@ -8,12 +8,14 @@ import pytest
 
 import dilconv
 from dilconv import _dispatch, tolerance
-from dilconv._depthwise import tap_runs
 from dilconv._dispatch import select
+from dilconv._tiers import _depthwise
 from dilconv._tuning import tuning
 from dilconv._validate import make_spec
 
-from _helpers import check_forward, forward_bound, random_case
+from _helpers import check_backward, check_forward, forward_bound, random_case
+
+tap_runs = _depthwise.tap_runs
 
 # (n, groups, multiplier, h, w, kh, kw, stride, padding, dilation)
 GRID = [
@@ -41,6 +43,43 @@ def test_matches_oracle(case, dtype, path, rng):
                            bias=rng.random() < 0.7)
     with tuning(path=path):
         check_forward(x, wt, b, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("path", ["depthwise", None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", GRID)
+def test_gradients_match_oracle(case, dtype, path, rng):
+    n, groups, mult, h, w, kh, kw, stride, padding, dilation = case
+    x, wt, _ = random_case(rng, n, groups, h, w, groups * mult, kh, kw, groups, dtype)
+    spec = make_spec(x.shape, wt.shape, stride, padding, dilation, groups)
+    gy = rng.standard_normal(spec.output_shape).astype(dtype)
+    with tuning(path=path):
+        check_backward(gy, x, wt, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradients_of_every_run_width(dtype, rng):
+    # Weight-gradient rectangles of 1..70 columns: shorter than a vector, whole blocks of
+    # chains, single vectors and a masked last vector; the input gradient's forward runs.
+    for width, height in itertools.product(range(1, 71), (1, 3)):
+        x, wt, _ = random_case(rng, 2, 2, height, width, 2, 3, 3, 2, dtype)
+        spec = make_spec(x.shape, wt.shape, 1, (1, 2), (1, 2), 2)
+        gy = rng.standard_normal(spec.output_shape).astype(dtype)
+        with tuning(path="depthwise"):
+            assert select(spec, "grad_weight") == select(spec, "grad_input") == "depthwise"
+            check_backward(gy, x, wt, 1, (1, 2), (1, 2), 2)
+
+
+def test_gradients_skip_padding_taps(rng):
+    # Non-finite output gradients and inputs never meet a padding tap: every weight
+    # gradient with a finite in-image sum stays finite.
+    x, wt, _ = random_case(rng, 1, 2, 6, 40, 2, 3, 3, 2, np.float32)
+    spec = make_spec(x.shape, wt.shape, 1, 4, 4, 2)
+    gy = np.ones(spec.output_shape, np.float32)
+    x[0, 0, :, :4] = np.inf                      # read by kernel columns 0 and 1 only
+    g = dilconv.conv2d_backward(gy, x, wt, 1, 4, 4, 2, needs=("weight",)).weight
+    assert np.isinf(g[0, 0, :, :2]).all() and np.isfinite(g[0, 0, :, 2]).all()
+    assert np.isfinite(g[1]).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -88,6 +127,23 @@ def test_bitwise_identical_across_thread_counts(dtype, rng):
     assert all(r == results[0] for r in results[1:])
 
 
+@pytest.mark.parametrize("mult", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradients_bitwise_identical_across_thread_counts(dtype, mult, rng):
+    x, wt, _ = random_case(rng, 3, 8, 37, 61, 8 * mult, 3, 3, 8, dtype)
+    gy = rng.standard_normal((3, 8 * mult, 37, 61)).astype(dtype)
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            dilconv.set_num_threads(threads)
+            with tuning(min_macs_per_thread=1):
+                grads = dilconv.conv2d_backward(gy, x, wt, 1, 4, 4, 8)
+            results.append(b"".join(g.tobytes() for g in grads))
+    finally:
+        dilconv.set_num_threads(None)
+    assert all(r == results[0] for r in results[1:])
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_nonfinite_weight_in_the_padding_is_not_multiplied(value):
     # Hand-computed: the top-left tap only meets padding for the first output row and
@@ -117,7 +173,13 @@ def test_tap_runs_split_an_axis_by_taps_in_the_image():
 
 @pytest.mark.parametrize("xs, ws, stride, groups, op, path", [
     ((2, 64, 40, 40), (64, 1, 3, 3), 1, 64, "forward", "depthwise"),
-    ((2, 64, 40, 40), (64, 1, 3, 3), 1, 64, "grad_weight", "direct"),
+    ((2, 64, 40, 40), (64, 1, 3, 3), 1, 64, "grad_weight", "depthwise"),
+    ((2, 64, 40, 40), (64, 1, 3, 3), 1, 64, "grad_input", "depthwise"),
+    ((2, 64, 40, 40), (64, 1, 3, 3), (2, 1), 64, "grad_weight", "depthwise"),
+    ((2, 64, 40, 40), (64, 1, 3, 3), (2, 1), 64, "grad_input", "direct"),   # strided
+    ((2, 64, 40, 40), (64, 1, 3, 3), (1, 2), 64, "grad_weight", "direct"),  # strided columns
+    ((1, 8, 40, 40), (32, 1, 3, 3), 1, 8, "grad_input", "direct"),       # multiplier 4
+    ((1, 8, 40, 40), (32, 1, 3, 3), 1, 8, "grad_weight", "depthwise"),
     ((1, 8, 40, 40), (32, 1, 3, 3), 1, 8, "forward", "depthwise"),       # multiplier 4
     ((1, 1, 40, 40), (64, 1, 3, 3), 1, 1, "forward", "depthwise"),       # groups 1, C = 1
     ((1, 64, 8, _dispatch.DEPTHWISE_MIN_WIDTH - 1), (64, 1, 3, 3), 1, 64, "forward", "flat"),

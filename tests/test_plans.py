@@ -19,7 +19,7 @@ from _helpers import backward_bounds, forward_bound
 ENTRIES = {"_forward": ("direct", ("forward",)),
            "_backward": ("direct", ("grad_input", "grad_weight", "grad_bias")),
            "_flat": ("flat", ("forward",)),
-           "_depthwise": ("depthwise", ("forward",)),
+           "_depthwise": ("depthwise", ("forward", "grad_weight")),
            "_panel": ("panel", ("forward", "grad_weight")),
            "_gemm": ("gemm", ("forward", "grad_input", "grad_weight"))}
 
