@@ -51,12 +51,16 @@ def _git_commit(directory: str):
 
 def dilconv_build() -> dict:
     import dilconv
-    from dilconv import _openmp_helpers
+    from dilconv import _openmp_helpers, _tiers
     package = os.path.dirname(dilconv.__file__)
     return {
+        "tier": _tiers.current(),
+        "tiers_supported": list(_tiers.SUPPORTED),
         "openmp": bool(_openmp_helpers.OPENMP_ENABLED),
         "openmp_max_threads": _openmp_helpers.max_threads(),
-        "extensions": sorted(f for f in os.listdir(package) if f.endswith((".so", ".pyd"))),
+        "extensions": sorted(os.path.relpath(os.path.join(d, f), package)
+                             for d, _, files in os.walk(package) for f in files
+                             if f.endswith((".so", ".pyd"))),
         "git_commit": _git_commit(package),
         # DILCONV_PATH changes the kernel choice; record every DILCONV_* switch.
         "env": {k: v for k, v in os.environ.items() if k.startswith(("DILCONV_", "OMP_"))},

@@ -43,7 +43,8 @@ def machine_summary(report: dict) -> str:
     build = m["dilconv_build"]
     lines = [f"CPU: {m['cpu']['model']} ({m['cores']['usable']} usable cores; "
              f"{' '.join(isa) or 'no AVX2/AVX-512'})",
-             f"versions: {versions}; dilconv OpenMP {'on' if build['openmp'] else 'OFF'}"]
+             f"versions: {versions}; dilconv OpenMP {'on' if build['openmp'] else 'OFF'}, "
+             f"CPU tier {build.get('tier', '?')}"]
     load = [v for v in (m.get("load_average"), m.get("load_average_end")) if v is not None]
     if load:
         cores = m["cores"]["logical"] or 1

@@ -24,6 +24,7 @@ def _check_built() -> None:
 _check_built()
 
 from ._api import Conv2dGrads, conv2d, conv2d_backward, output_shape
+from ._config import show_config
 from ._conv1d import conv1d, conv1d_backward
 from ._threads import get_num_threads, set_num_threads
 from ._transpose import conv_transpose2d, conv_transpose2d_backward
@@ -33,7 +34,8 @@ __version__ = "0.1.0"
 
 __all__ = ["conv2d", "conv2d_backward", "Conv2dGrads", "output_shape", "conv1d",
            "conv1d_backward", "conv_transpose2d", "conv_transpose2d_backward",
-           "Conv2d", "Conv1d", "ConvTranspose2d", "get_num_threads", "set_num_threads"]
+           "Conv2d", "Conv1d", "ConvTranspose2d", "get_num_threads", "set_num_threads",
+           "show_config"]
 
 
 def __getattr__(name):

@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 
-from . import _backward, _depthwise, _flat, _forward, _gemm, _panel
+from ._tiers import _backward, _depthwise, _flat, _forward, _gemm, _panel
 from ._geometry import ConvSpec
 from ._tuning import PATHS, current
 

@@ -29,6 +29,8 @@ class Tuning:
 
     # Kernel family for every call (None: dispatch chooses; DILCONV_PATH also forces one).
     path: Optional[str] = None
+    # CPU tier whose kernels run (None: the one chosen at import; see dilconv._tiers).
+    tier: Optional[str] = None
     # Pixels per GEMM tile (and bounds of the panel tiles): a packed tile stays in L2.
     min_tile_pixels: int = 64
     max_tile_pixels: int = 4096
@@ -58,6 +60,10 @@ class Tuning:
                 if value is not None and value not in PATHS:
                     raise ValueError(f"tuning path must be one of {PATHS} or None, "
                                      f"got {value!r}")
+            elif f.name == "tier":
+                if value is not None:
+                    from . import _tiers
+                    _tiers.check(value, "tuning tier")
             elif f.type == "float":
                 if isinstance(value, bool) or not isinstance(value, numbers.Real):
                     raise TypeError(f"tuning {f.name} must be a number, got {value!r}")

@@ -22,11 +22,11 @@ static inline void dilconv_axpy_d(ptrdiff_t n, double w, const double *restrict 
    vectorise into one register. */
 #if defined(__GNUC__) || defined(__clang__)
 #define DILCONV_DOT(NAME, T)                                                   \
-typedef T NAME##_v __attribute__((vector_size(DILCONV_VEC_BYTES)));              \
-typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC_BYTES),               \
+typedef T NAME##_v __attribute__((vector_size(DILCONV_VEC256_BYTES)));        \
+typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC256_BYTES),         \
                                    aligned(sizeof(T)), may_alias));            \
 static inline T NAME(ptrdiff_t n, const T *restrict a, const T *restrict b) {  \
-    enum { L = DILCONV_VEC_BYTES / sizeof(T) };                                  \
+    enum { L = DILCONV_VEC256_BYTES / sizeof(T) };                            \
     NAME##_v acc[4] = {{0}, {0}, {0}, {0}};                                    \
     ptrdiff_t i = 0;                                                           \
     for (; i + 4 * L <= n; i += 4 * L)                                         \

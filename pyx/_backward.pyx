@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Gradients of the dilated convolution: input, weight and bias.
 
 Each parallel task owns the outputs it writes (an input-gradient plane, one weight slice, one

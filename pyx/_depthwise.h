@@ -88,16 +88,16 @@ static inline void NAME(const T *restrict x, ptrdiff_t x_next, ptrdiff_t x_row, 
    recomputes some outputs (same sums, stored again). Runs shorter than a vector take half
    vectors the same way, or single outputs. */
 #define DILCONV_DW_ROWS(NAME, T, R)                                                 \
-DILCONV_DW_BLOCK(NAME##_v4, T, DILCONV_VEC_BYTES, R, 4)                                              \
-DILCONV_DW_BLOCK(NAME##_v3, T, DILCONV_VEC_BYTES, R, 3)                                              \
-DILCONV_DW_BLOCK(NAME##_v2, T, DILCONV_VEC_BYTES, R, 2)                                              \
-DILCONV_DW_BLOCK(NAME##_v1, T, DILCONV_VEC_BYTES, R, 1)                                              \
-DILCONV_DW_BLOCK(NAME##_half, T, DILCONV_VEC_BYTES / 2, R, 1)                                            \
+DILCONV_DW_BLOCK(NAME##_v4, T, DILCONV_VEC256_BYTES, R, 4)                                           \
+DILCONV_DW_BLOCK(NAME##_v3, T, DILCONV_VEC256_BYTES, R, 3)                                           \
+DILCONV_DW_BLOCK(NAME##_v2, T, DILCONV_VEC256_BYTES, R, 2)                                           \
+DILCONV_DW_BLOCK(NAME##_v1, T, DILCONV_VEC256_BYTES, R, 1)                                           \
+DILCONV_DW_BLOCK(NAME##_half, T, DILCONV_VEC256_BYTES / 2, R, 1)                                         \
 DILCONV_DW_ONE(NAME##_one, T, R)                                                      \
 static inline void NAME(ptrdiff_t n, const T *x, ptrdiff_t x_next, ptrdiff_t x_row,   \
                         ptrdiff_t nh, ptrdiff_t dw, ptrdiff_t sw, const T *w,         \
                         ptrdiff_t w_row, ptrdiff_t nk, T b, T *y, ptrdiff_t y_next) { \
-    const ptrdiff_t lanes = DILCONV_VEC_BYTES / sizeof(T), half = lanes / 2;                         \
+    const ptrdiff_t lanes = DILCONV_VEC256_BYTES / sizeof(T), half = lanes / 2;                      \
     ptrdiff_t j = 0;                                                                  \
     if (sw == 1 && n >= lanes) {                                                      \
         for (; j + 4 * lanes <= n; j += 4 * lanes)                                    \
@@ -160,13 +160,13 @@ DILCONV_DW_RUN(dilconv_dw_run_d, double)
 enum { DILCONV_DW_CHAINS = 4 };
 #if defined(__GNUC__) || defined(__clang__)
 #define DILCONV_DW_GRAD(NAME, T, IT)                                                 \
-typedef T NAME##_vec __attribute__((vector_size(DILCONV_VEC_BYTES), may_alias,        \
+typedef T NAME##_vec __attribute__((vector_size(DILCONV_VEC256_BYTES), may_alias,     \
                                     aligned(sizeof(T))));                             \
-typedef IT NAME##_ivec __attribute__((vector_size(DILCONV_VEC_BYTES)));               \
+typedef IT NAME##_ivec __attribute__((vector_size(DILCONV_VEC256_BYTES)));            \
 static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *restrict g,             \
                         ptrdiff_t g_next, const T *restrict x, ptrdiff_t x_next,      \
                         T *restrict acc) {                                            \
-    enum { L = DILCONV_VEC_BYTES / sizeof(T), A = DILCONV_DW_CHAINS };                \
+    enum { L = DILCONV_VEC256_BYTES / sizeof(T), A = DILCONV_DW_CHAINS };             \
     NAME##_vec s[A];                                                                  \
     T t = acc[A * L];                                                                 \
     for (int a = 0; a < A; a++) s[a] = *(const NAME##_vec *)(acc + a * L);            \
@@ -201,7 +201,7 @@ static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *restrict g,       
 static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *restrict g,             \
                         ptrdiff_t g_next, const T *restrict x, ptrdiff_t x_next,      \
                         T *restrict acc) {                                            \
-    enum { L = DILCONV_VEC_BYTES / sizeof(T), A = DILCONV_DW_CHAINS };                \
+    enum { L = DILCONV_VEC256_BYTES / sizeof(T), A = DILCONV_DW_CHAINS };             \
     const ptrdiff_t whole = n / L * L;                                                \
     for (ptrdiff_t r = 0; r < rows; r++)                                              \
         for (ptrdiff_t j = 0; j < n; j++) {                                           \
@@ -216,7 +216,7 @@ static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *restrict g,       
 #endif
 #define DILCONV_DW_TOTAL(NAME, T)                                                    \
 static inline T NAME(const T *acc) {                                                  \
-    enum { L = DILCONV_VEC_BYTES / sizeof(T), A = DILCONV_DW_CHAINS };                \
+    enum { L = DILCONV_VEC256_BYTES / sizeof(T), A = DILCONV_DW_CHAINS };             \
     T s = 0;                                                                          \
     for (int l = 0; l < L; l++)                                                       \
         s += (acc[l] + acc[L + l]) + (acc[2 * L + l] + acc[3 * L + l]);               \

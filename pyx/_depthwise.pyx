@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Depthwise convolutions: one input channel per group (C/groups == 1). Forward for any
 channel multiplier O/groups, stride and dilation; weight gradient at unit column stride
 (the input gradient with multiplier 1 is this forward with the turned kernel: dispatch).
@@ -21,7 +20,7 @@ from dilconv._threads import kernel_threads
 cdef extern from "_depthwise.h":
     enum: DILCONV_DW_ROW_BLOCK
     enum: DILCONV_DW_CHAINS
-    enum: DILCONV_VEC_BYTES
+    enum: DILCONV_VEC256_BYTES
     void dilconv_dw_grad_f(Py_ssize_t rows, Py_ssize_t n, const float* g, Py_ssize_t g_next,
                            const float* x, Py_ssize_t x_next, float* acc) noexcept nogil
     void dilconv_dw_grad_d(Py_ssize_t rows, Py_ssize_t n, const double* g, Py_ssize_t g_next,
@@ -175,7 +174,8 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     thread count gives the same bits. Scratch: the taps' partial sums, per thread."""
     cdef Geom g = make_geom(spec)
     cdef int n_threads = kernel_threads(spec, g.O, tuning)
-    cdef Py_ssize_t acc_len = DILCONV_DW_CHAINS * (DILCONV_VEC_BYTES // sizeof(floating)) + 1
+    cdef Py_ssize_t acc_len = (DILCONV_DW_CHAINS * (DILCONV_VEC256_BYTES // sizeof(floating))
+                               + 1)
     cdef floating[:, ::1] scratch = np.empty((n_threads, g.kH * g.kW * acc_len),
                                              np.float32 if floating is float else np.float64)
     cdef Py_ssize_t o

@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Forward for unit-stride convolutions with few channels (depthwise, RGB stems).
 
 Short output rows make per-row loops overhead-bound, so this kernel copies a band of input

@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Forward dilated convolution, direct form.
 
 The Python layer has validated every shape and computed, per kernel tap, the range of output

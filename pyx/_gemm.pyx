@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """GEMM-shaped kernels for channel-heavy layers (kn2row over output tiles).
 
 The output is cut into fixed rectangular tiles (chosen from the geometry alone, never from

@@ -1,4 +1,3 @@
-# cython: language_level=3
 """OpenMP state behind one module, with serial fallbacks (built without -fopenmp)."""
 
 cdef extern from "_omp_compat.h":

@@ -147,7 +147,7 @@ def test_panel_tiles_cover_the_plane_and_align_with_tap_ranges(case):
     spec = make_spec((max(n, 1), c, h, w), (o, c // groups, kh, kw), stride, padding,
                      dilation, groups)
     for zero_fill in (False, True):
-        tiles = dilconv._panel.aligned_tiles(spec, 7, zero_fill)
+        tiles = dilconv._tiers._panel.aligned_tiles(spec, 7, zero_fill)
         covered = np.zeros((spec.ho, spec.wo), int)
         for r0, r1, c0, c1 in tiles:
             covered[r0:r1, c0:c1] += 1

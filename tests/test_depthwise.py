@@ -8,12 +8,14 @@ import pytest
 
 import dilconv
 from dilconv import _dispatch, tolerance
-from dilconv._depthwise import tap_runs
 from dilconv._dispatch import select
+from dilconv._tiers import _depthwise
 from dilconv._tuning import tuning
 from dilconv._validate import make_spec
 
 from _helpers import check_backward, check_forward, forward_bound, random_case
+
+tap_runs = _depthwise.tap_runs
 
 # (n, groups, multiplier, h, w, kh, kw, stride, padding, dilation)
 GRID = [

@@ -51,7 +51,8 @@ def test_generator_covers_the_parameter_space_and_its_geometry_matches_dilconv()
 
 
 def test_case_knobs_split_small_planes_and_are_restored():
-    from dilconv import _gemm, _tuning
+    from dilconv import _tuning
+    from dilconv._tiers import _gemm
     assert set(check.available_knobs()) <= set(_tuning.KNOBS)
     before = len(_gemm.plane_tiles(10, 9, 4, _tuning.current())), _tuning.current()
     with check.case_tuning({"tile_pixels": 7, "min_macs_per_thread": 1, "path": "gemm"}):

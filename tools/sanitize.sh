@@ -16,25 +16,11 @@
 set -euo pipefail
 
 root=$(cd "${1:-$(dirname "$0")/..}" && pwd)
-work=$(mktemp -d "${TMPDIR:-/tmp}/dilconv-san.XXXXXX")
+status=0
+. "$(dirname "$0")/_copy_repo.sh"
+start_work_copy "$root" dilconv-san
 logs="$work/logs"
 mkdir -p "$logs"
-status=0
-cleanup() {
-    if [[ $status -eq 0 && -z "${KEEP:-}" ]]; then rm -rf "$work"; else echo "kept $work"; fi
-}
-trap cleanup EXIT
-
-echo "== copy $root -> $work"
-if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    # Tracked and untracked-but-not-ignored files: no build products, no .git.
-    (cd "$root" && git ls-files -z -co --exclude-standard | tar --null -T - -cf -) |
-        (cd "$work" && tar -xf -)
-else
-    (cd "$root" && tar --exclude=./build --exclude='*.so' --exclude='./pyx/*.c' -cf - .) |
-        (cd "$work" && tar -xf -)
-fi
-cd "$work"
 
 echo "== build with DILCONV_SANITIZE=1 (log: $logs/build.log)"
 if ! DILCONV_SANITIZE=1 python setup.py build_ext --inplace -j 2 >"$logs/build.log" 2>&1; then
@@ -66,7 +52,9 @@ run() {
 }
 
 run check-instrumented python -c "
-import dilconv, dilconv._forward as f
+import dilconv
+from dilconv import _tiers
+f = _tiers.kernels()._forward
 assert dilconv.__file__.startswith('$work'), dilconv.__file__
 assert b'__asan_report' in open(f.__file__, 'rb').read(), 'kernels are not instrumented'
 print('instrumented kernels from', dilconv.__file__)"
