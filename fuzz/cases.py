@@ -373,7 +373,7 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
     else:                                        # practically unreachable; stay valid
         case.update(n=1, groups=1, cg=1, og=1, h=1, w=1, kh=1, kw=1, stride=1, dilation=1,
                     padding=0, padding_form="int", padding_mode="zeros", unbatched=False)
-    isa, cross_tier = _draw_isa(seed, index, cfg)
+    isa, cross_tier, depthwise = _draw_extra(seed, index, cfg)
     case.update(
         id=int(index), seed=int(seed), kind=kind, isa=isa,
         dtype=_choice(rng, tuple(cfg.dtypes)),
@@ -393,6 +393,8 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
         panel_zero_fill_max=None if rng.random() < 0.5 else _choice(rng, (-1.0, 1e9)),
         panel_group_bytes=None if rng.random() < 0.5 else _choice(rng, (1, 1 << 30)),
     )
+    if depthwise and case["cg"] == 1:
+        case["path"] = "depthwise"
     if invalid:
         case["ops"] = ["invalid"]
         name = _choice(rng, tuple(INVALID))
@@ -414,12 +416,16 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
     return case
 
 
-def _draw_isa(seed, index, cfg: GenConfig) -> tuple:
-    """(tier, whether to cross-check the other tiers) of case `index`: from a stream of its
-    own, so the rest of the case is the same on every CPU."""
+def _draw_extra(seed, index, cfg: GenConfig) -> tuple:
+    """(tier, whether to cross-check the other tiers, whether a layer with one input channel
+    per group takes the depthwise family) of case `index`: from a stream of its own, so the
+    rest of the case is the same on every CPU. The depthwise gradients apply only to some
+    of those layers (unit strides, multiplier 1 for the input gradient): a path drawn among
+    all families alone reached the depthwise input gradient in about one case in 100."""
     rng = np.random.default_rng([case_seed(seed, index), 1])
-    isa = _choice(rng, tuple(cfg.isas))
-    return isa, bool(rng.random() < cfg.cross_tier_rate and len(ISAS) > 1)
+    cross = bool(rng.random() < cfg.cross_tier_rate and len(ISAS) > 1)
+    depthwise = bool(rng.random() < 0.25)
+    return _choice(rng, tuple(cfg.isas)), cross, depthwise    # the tier last: CPUs differ
 
 
 # --- arrays -------------------------------------------------------------------------------
