@@ -384,11 +384,11 @@ class DepthwiseGradWeightSkipsLastRow(_DepthwiseGradMutant):
     op = "grad_weight"
 
     def wrong(self, call, grad_output):
-        spec = call.spec
-        gy = np.array(grad_output)
-        gy[..., -1, :] = 0
-        return dilconv.conv2d_backward(gy, call.x, call.weight, spec.stride, spec.padding,
-                                       spec.dilation, spec.groups, needs=("weight",)).weight
+        kept = np.array(grad_output)
+        kept[..., -1, :] = 0
+        s = call.spec
+        return dilconv.conv2d_backward(kept, call.x, call.weight, s.stride, s.padding,
+                                       s.dilation, s.groups, needs=("weight",)).weight
 
 
 class DepthwiseGradInputKernelNotTurned(_DepthwiseGradMutant):
@@ -397,10 +397,10 @@ class DepthwiseGradInputKernelNotTurned(_DepthwiseGradMutant):
     op = "grad_input"
 
     def wrong(self, call, grad_output):
-        spec = call.spec
-        turned = _dispatch.transposed_spec(spec)
-        return dilconv.conv2d(grad_output, call.weight, None, 1, turned.padding, spec.dilation,
-                              spec.groups)
+        # The transposed spec's padding and dilation, the weights as they are.
+        turned = _dispatch.transposed_spec(call.spec)
+        return dilconv.conv2d(grad_output, call.weight, None, padding=turned.padding,
+                              dilation=turned.dilation, groups=turned.groups)
 
 
 class ErrorsSwallowed(Mutant):
