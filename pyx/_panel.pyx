@@ -331,24 +331,35 @@ cdef void _blocks(const floating[:, :, :, :, ::1] wp, const floating[:, :, ::1] 
 cdef void _pack_weights(const floating[:, :, :, :] w, const floating[:] bias,
                         floating[:, :, :, :, ::1] wp, floating[:, :, ::1] bp) noexcept nogil:
     """wp[grp, ob, kh*kW + kw, ci, i] = w[grp*O/g + ob*MR + i, ci, kh, kw] and bp likewise
-    from `bias` (which may be empty), zero past O/g. `w` may have any strides."""
+    from `bias` (which may be empty), zero past O/g. `w` may have any strides (read
+    through them as bytes); wp is written in order, without per-element indexing."""
     cdef Py_ssize_t groups = wp.shape[0], blocks = wp.shape[1], cg = wp.shape[3]
     cdef Py_ssize_t og = w.shape[0] // groups, kh_size = w.shape[2], kw_size = w.shape[3]
+    cdef Py_ssize_t s_o = w.strides[0], s_c = w.strides[1]
     cdef Py_ssize_t grp, ob, ci, kh, kw, i, o, m
+    cdef const char* base
+    cdef const char* src
+    cdef floating* dst
     for grp in range(groups):
         for ob in range(blocks):
             m = min(<Py_ssize_t> DILCONV_MR, og - ob * DILCONV_MR)
+            o = grp * og + ob * DILCONV_MR
             for i in range(DILCONV_MR):
-                o = grp * og + ob * DILCONV_MR + i
-                bp[grp, ob, i] = bias[o] if i < m and bias.shape[0] else 0
-            for ci in range(cg):
-                for kh in range(kh_size):
-                    for kw in range(kw_size):
-                        for i in range(m):
-                            wp[grp, ob, kh * kw_size + kw, ci, i] = w[
-                                grp * og + ob * DILCONV_MR + i, ci, kh, kw]
-                        for i in range(m, DILCONV_MR):
-                            wp[grp, ob, kh * kw_size + kw, ci, i] = 0
+                bp[grp, ob, i] = bias[o + i] if i < m and bias.shape[0] else 0
+            dst = &wp[grp, ob, 0, 0, 0]
+            for kh in range(kh_size):
+                for kw in range(kw_size):
+                    base = <const char*> &w[o, 0, kh, kw]
+                    for ci in range(cg):
+                        src = base + ci * s_c
+                        if m == DILCONV_MR:
+                            # A constant trip count: unrolled.
+                            for i in range(DILCONV_MR):
+                                dst[i] = (<const floating*> (src + i * s_o))[0]
+                        else:
+                            for i in range(DILCONV_MR):
+                                dst[i] = (<const floating*> (src + i * s_o))[0] if i < m else 0
+                        dst = dst + DILCONV_MR
 
 
 def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1] out,
