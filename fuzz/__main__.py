@@ -7,6 +7,8 @@ import json
 import random
 import sys
 
+from dilconv import _tiers
+
 from . import campaign, cases, check, impls, selftest
 from .pool import WorkerPool
 from .progress import Progress
@@ -56,6 +58,16 @@ def _positive(kind):
     return parse
 
 
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fuzz", description=(
         "Fuzz lab: cross-check dilconv's kernels against the correlate2d oracle."))
@@ -77,6 +89,14 @@ def parser() -> argparse.ArgumentParser:
                    help=f"checks to run, from {','.join(cases.OPS)}")
     r.add_argument("--modes", type=_csv(cases.PADDING_MODES), default=cases.PADDING_MODES,
                    help=f"padding modes to draw, from {','.join(cases.PADDING_MODES)}")
+    r.add_argument("--isa", type=_csv(cases.ISAS), default=cases.ISAS,
+                   help=f"CPU tiers to draw a case's tier from, among those this CPU "
+                        f"supports: {','.join(cases.ISAS)} (default all)")
+    r.add_argument("--cross-tiers", type=_fraction, default=cases.GenConfig.cross_tier_rate,
+                   metavar="FRACTION",
+                   help="fraction of the cases also run on every other supported tier "
+                        "(the 'tiers' check: same bits on the FMA tiers, baseline within "
+                        f"the bound; default {cases.GenConfig.cross_tier_rate:g})")
     r.add_argument("--max-size", type=_positive(int), default=48,
                    help="largest image height/width (default 48)")
     r.add_argument("--report", metavar="FILE", help="write the JSON report here")
@@ -117,7 +137,8 @@ def cmd_run(args) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
     n = args.cases if args.cases is not None or args.time_budget is not None else 500
     gen = cases.GenConfig(dtypes=args.dtype, ops=args.ops, max_size=args.max_size,
-                          modes=args.modes)
+                          modes=args.modes, isas=args.isa,
+                          cross_tier_rate=args.cross_tiers)
     _impl(args.impl)
     plan = campaign.Plan(seed=seed, n_cases=n, time_budget=args.time_budget, shard=args.shard,
                          gen=gen, impl=args.impl, max_shrinks=args.max_shrinks,
@@ -149,7 +170,7 @@ def describe(case) -> str:
     lines = [f"case {case['id']} of seed {case['seed']}: {case.get('api', 'conv2d')} "
              f"({case['kind']}, {case['dtype']}, "
              f"values {case['values']}, array seed {case['array_seed']}, path {case['path']}, "
-             f"{case['threads']} thread(s))",
+             f"{case['threads']} thread(s), CPU tier {case.get('isa') or _tiers.DEFAULT})",
              f"  input {x_shape} [{lay['input']}], weight {s['weight']} [{lay['weight']}], "
              f"bias {s['bias'] if case['bias'] else None} [{lay['bias']}], grad_output "
              f"{s['grad_output']} [{lay['grad_output']}], out={case['out']}",
@@ -179,6 +200,9 @@ def cmd_replay(args) -> int:
     body = _read_repro(args.file)
     impl = _impl(args.impl) if args.impl else _impl(body.get("impl"), f"{args.file}: impl")
     case = body["case"]
+    if case.get("isa") is not None and case["isa"] not in cases.ISAS:
+        raise UsageError(f"{args.file}: the case runs on CPU tier {case['isa']!r}, which this "
+                         f"CPU or build does not run (supported: {', '.join(cases.ISAS)})")
     print(f"replaying {args.file} on {impl}")
     print(describe(case))
     if args.in_process:

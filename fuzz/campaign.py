@@ -66,10 +66,11 @@ class Tally:
             c["invalid_by_kind"][case["invalid"]] += 1
         else:
             for key in ("api", "dtype", "padding_mode", "padding_form", "path", "threads",
-                        "edge", "tier", "values", "out", "unbatched"):
+                        "edge", "tier", "isa", "values", "out", "unbatched"):
                 c["by_" + key][str(case[key])] += 1
             c["by_path_tile_pixels"][f"{case['path']}:{case['tile_pixels']}"] += 1
             c["by_threads_min_macs"][f"{case['threads']}:{case['min_macs_per_thread']}"] += 1
+            c["by_isa_path"][f"{case['isa']}:{case['path']}"] += 1
             for name, layout in case["layouts"].items():
                 c["by_layout"][f"{name}:{layout}"] += 1
         for op in result["checked"]:
@@ -94,6 +95,7 @@ class Tally:
 def environment() -> dict:
     import dilconv
     import scipy
+    from dilconv import _tiers
     from dilconv._threads import get_num_threads
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -106,7 +108,9 @@ def environment() -> dict:
             "platform": platform.platform(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "omp_threads": get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "tuning_knobs": check.available_knobs()}
+            "tuning_knobs": check.available_knobs(),
+            "cpu_tiers": {"default": _tiers.DEFAULT, "why": _tiers.REASON,
+                          "supported": list(_tiers.SUPPORTED)}}
 
 
 def run(plan: Plan, pool: WorkerPool, progress: Progress = None) -> dict:
@@ -220,11 +224,14 @@ def report(plan, tally, wall, jobs, repros) -> dict:
 def coverage(plan, tally) -> dict:
     """What the run exercised, per dimension the plan asked for, and what it never did."""
     c = tally.counts
-    wanted = {"ops": (plan.gen.ops, c["by_op"]), "apis": (plan.gen.apis, c["by_api"]),
+    # With one tier there is nothing to cross-check.
+    ops = tuple(op for op in plan.gen.ops if op != "tiers" or len(cases.ISAS) > 1)
+    wanted = {"ops": (ops, c["by_op"]), "apis": (plan.gen.apis, c["by_api"]),
               "dtypes": (plan.gen.dtypes, c["by_dtype"]),
               "padding_forms": (cases.PADDING_FORMS, c["by_padding_form"]),
               "paths": (cases.PATHS, c["by_path"]),
-              "threads": (tuple(map(str, cases.THREADS)), c["by_threads"])}
+              "threads": (tuple(map(str, cases.THREADS)), c["by_threads"]),
+              "isas": (plan.gen.isas, c["by_isa"])}
     result = {name: {k: counts[k] for k in keys} for name, (keys, counts) in wanted.items()}
     result["padding_modes"] = {m: c["by_padding_mode"][m] for m in plan.gen.modes}
     missing = [f"{name}:{k}" for name, counts in result.items() for k, n in counts.items()
@@ -256,7 +263,10 @@ def summary(rep: dict) -> str:
              f"({t['cases_per_s_per_core']} per core, {t['cases_per_cpu_s']} per CPU-second)",
              f"checked by op: {_counted(counts.get('by_op', {}))}",
              f"by api: {_counted(counts.get('by_api', {}))}; by padding mode: "
-             f"{_counted(counts.get('by_padding_mode', {}))}"]
+             f"{_counted(counts.get('by_padding_mode', {}))}",
+             f"by CPU tier: {_counted(counts.get('by_isa', {}))}; cross-checked on every "
+             f"tier ({', '.join(cases.ISAS)}): {counts.get('by_op', {}).get('tiers', 0)} "
+             f"cases"]
     if rep["coverage"]["never_exercised"]:
         lines.append(f"never exercised: {', '.join(rep['coverage']['never_exercised'])}")
     worst = ", ".join(f"{op} {v['ratio']:.3g}" for op, v in rep["worst_ratio_by_op"].items())

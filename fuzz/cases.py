@@ -1,8 +1,10 @@
 """Random cases for the campaign.
 
 A case is a small JSON-able dict: geometry, argument forms, padding mode, dtype, memory
-layouts, thread count, kernel path and a seed for its arrays. Case `i` of a campaign with seed
-`S` depends on (S, i) only, so any case can be rebuilt from its repro file or its index.
+layouts, thread count, kernel path, CPU tier and a seed for its arrays. Case `i` of a
+campaign with seed `S` depends on (S, i) only, so any case can be rebuilt from its repro file
+or its index (its CPU tier is drawn among those the running CPU supports, from a stream of
+its own: the rest of the case is the same on every CPU).
 
 Geometry is normalised here independently of dilconv's validator (`padding_amounts`,
 `out_size`), so the lab also checks how dilconv reads its arguments.
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dilconv import _tiers
 from dilconv._dispatch import PATHS
+from dilconv._tier_table import TIERS
 
 # The generator draws padding modes from this list; the oracle (dilconv.testing) pads with
 # numpy.pad and convolves with zero padding.
@@ -35,12 +39,17 @@ DTYPES = ("float32", "float64")
 APIS = ("conv2d", "conv1d", "conv_transpose2d")
 API_WEIGHTS = (0.7, 0.15, 0.15)
 GRADS = {"grad_input": "input", "grad_weight": "weight", "grad_bias": "bias"}
-VALID_OPS = ("forward", "grad_input", "grad_weight", "grad_bias", "adjoint", "determinism")
+VALID_OPS = ("forward", "grad_input", "grad_weight", "grad_bias", "adjoint", "determinism",
+             "tiers")
 OPS = VALID_OPS + ("invalid",)
 SMALL_SIZE = 12
 # Tile sizes (pixels) forced on some cases: default GEMM tiles and flat bands are larger
 # than any image the lab draws, so without this their boundaries would never be crossed.
 TILE_PIXELS = (3, 7, 16, 50)
+# CPU tiers a case may run on (its "isa"; "tier" is the small/large cost class): those the
+# running CPU supports, the test-only v4_on_v3 included. The FMA tiers must agree bit for bit.
+ISAS = _tiers.SUPPORTED
+FMA_ISAS = tuple(t for t in ISAS if "fma" in TIERS[t][1])
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,10 @@ class GenConfig:
     large_cost: float = 1e6
     modes: tuple = PADDING_MODES
     apis: tuple = APIS
+    isas: tuple = ISAS
+    # Cases that also run on every other tier (the "tiers" op): up to three more runs of
+    # the kernels, so a fraction keeps campaigns about as fast.
+    cross_tier_rate: float = 0.25
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -360,8 +373,9 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
     else:                                        # practically unreachable; stay valid
         case.update(n=1, groups=1, cg=1, og=1, h=1, w=1, kh=1, kw=1, stride=1, dilation=1,
                     padding=0, padding_form="int", padding_mode="zeros", unbatched=False)
+    isa, cross_tier, depthwise = _draw_extra(seed, index, cfg)
     case.update(
-        id=int(index), seed=int(seed), kind=kind,
+        id=int(index), seed=int(seed), kind=kind, isa=isa,
         dtype=_choice(rng, tuple(cfg.dtypes)),
         bias=bool(rng.random() < 0.6),
         path=_choice(rng, PATHS),
@@ -379,6 +393,8 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
         panel_zero_fill_max=None if rng.random() < 0.5 else _choice(rng, (-1.0, 1e9)),
         panel_group_bytes=None if rng.random() < 0.5 else _choice(rng, (1, 1 << 30)),
     )
+    if depthwise and case["cg"] == 1:
+        case["path"] = "depthwise"
     if invalid:
         case["ops"] = ["invalid"]
         name = _choice(rng, tuple(INVALID))
@@ -395,8 +411,21 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
     case["needs"] = [GRADS[op] for op in chosen]
     if not chosen and "adjoint" in valid_ops:       # the identities need two gradients
         case["needs"] = ["input", "weight"]
-    case["ops"] = [op for op in valid_ops if op not in GRADS or op in chosen]
+    case["ops"] = [op for op in valid_ops if (op not in GRADS or op in chosen)
+                   and (op != "tiers" or cross_tier)]
     return case
+
+
+def _draw_extra(seed, index, cfg: GenConfig) -> tuple:
+    """(tier, whether to cross-check the other tiers, whether a layer with one input channel
+    per group takes the depthwise family) of case `index`: from a stream of its own, so the
+    rest of the case is the same on every CPU. The depthwise gradients apply only to some
+    of those layers (unit strides, multiplier 1 for the input gradient): a path drawn among
+    all families alone reached the depthwise input gradient in about one case in 100."""
+    rng = np.random.default_rng([case_seed(seed, index), 1])
+    cross = bool(rng.random() < cfg.cross_tier_rate and len(ISAS) > 1)
+    depthwise = bool(rng.random() < 0.25)
+    return _choice(rng, tuple(cfg.isas)), cross, depthwise    # the tier last: CPUs differ
 
 
 # --- arrays -------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Run one case against an implementation and report every disagreement.
 
 An implementation is anything with dilconv's `conv2d` and `conv2d_backward` (the real module
-or a self-test mutant, see `impls`). A valid case runs on the case's kernel path and thread
-count; its results are compared element by element with the oracle, checked against the
-adjoint identities, and re-run with the other thread count, which must give the same bits.
+or a self-test mutant, see `impls`). A valid case runs on the case's kernel path, thread
+count and CPU tier; its results are compared element by element with the oracle, checked
+against the adjoint identities, re-run with the other thread count, which must give the same
+bits, and (op "tiers") re-run on every other tier the CPU supports: the FMA tiers must give
+the same bits, the baseline results within the oracle's bound.
 An invalid case must raise ValueError or TypeError naming the bad argument.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import traceback
 import numpy as np
 
 import dilconv
+from dilconv import _tiers
 from dilconv._tuning import tuning
 
 from . import cases, oracle
@@ -66,9 +69,11 @@ def _make_out(case):
 # threads" really splits tiny cases; and one GEMM product per tap (the many-channel
 # forward) on the lab's few-channel layers; panel blocks that always, or never, read the
 # image in place; panel tiles always, or never, cut at the column taps' range ends (else
-# zeros in the padding); panels packed one at a time, or a whole tile at once. A knob
-# dilconv no longer has is an error (the tuning rejects unknown names).
+# zeros in the padding); panels packed one at a time, or a whole tile at once; and the CPU
+# tier whose kernels run. A knob dilconv no longer has is an error (the tuning rejects
+# unknown names).
 KNOBS = {"path": ("path",),
+         "isa": ("tier",),
          "tile_pixels": ("min_tile_pixels", "max_tile_pixels", "flat_span_elements",
                          "depthwise_task_pixels"),
          "min_macs_per_thread": ("min_macs_per_thread",),
@@ -159,7 +164,8 @@ def _run_valid(case, impl) -> dict:
         return _result([failure(op, "raised", f"valid case raised {type(exc).__name__}: "
                                               f"{exc}")])
     results, failures = _check_shapes(case, got)
-    ops = [op for op in case["ops"] if op in results or op in ("adjoint", "determinism")]
+    reruns = ("determinism", "tiers")
+    ops = [op for op in case["ops"] if op in results or op in ("adjoint",) + reruns]
     expected = oracle.expected(case, arrays, ops)
     ratios, details = {}, {}
     for op in ("forward",) + tuple(cases.GRADS):
@@ -175,7 +181,11 @@ def _run_valid(case, impl) -> dict:
         ratios["adjoint"] = adjoint
     if "determinism" in ops:
         _determinism(case, impl, arrays, results, failures)
-    checked = [op for op in ops if op in ratios or op == "determinism"]
+    if "tiers" in ops:
+        worst = _cross_tiers(case, impl, arrays, results, expected, failures)
+        if worst is not None:
+            ratios["tiers"] = worst
+    checked = [op for op in ops if op in ratios or op in reruns]
     result = _result(failures, checked, ratios)
     result["details"] = details
     return result
@@ -223,21 +233,62 @@ def _adjoint(arrays, results, expected, dtype, failures):
     return worst
 
 
-def _determinism(case, impl, arrays, results, failures) -> None:
-    """The other thread count must give bitwise the same results."""
-    other = 3 - case["threads"]
+def _rerun(case, impl, arrays, threads, failures, check, what):
+    """The case's results run again (`what`: with another thread count, on another tier),
+    or None, with a failure of `check`, if that raised."""
     try:
-        again, _ = _check_shapes(case, _call(case, impl, arrays, other, {}))
+        return _check_shapes(case, _call(case, impl, arrays, threads, {}))[0]
     except Exception as exc:
-        failures.append(failure("determinism", "raised", f"with {other} threads: "
-                                f"{type(exc).__name__}: {exc}"))
-        return
+        failures.append(failure(check, "raised", f"{what}: {type(exc).__name__}: {exc}"))
+        return None
+
+
+def _same_bits(results, again, failures, check, kind, what, reference) -> None:
+    """Every result of `again` must have the bits of `results`."""
     for op, value in results.items():
         if op not in again or again[op].tobytes() != value.tobytes():
             diff = int(np.sum(again[op] != value)) if op in again else -1
-            failures.append(failure("determinism", "nondeterministic",
-                                    f"{op} with {other} threads differs from {case['threads']} "
-                                    f"thread(s) in {diff} elements"))
+            failures.append(failure(check, kind, f"{op} {what} differs from {reference} in "
+                                                 f"{diff} elements"))
+
+
+def _determinism(case, impl, arrays, results, failures) -> None:
+    """The other thread count must give bitwise the same results."""
+    other = 3 - case["threads"]
+    again = _rerun(case, impl, arrays, other, failures, "determinism",
+                   f"with {other} threads")
+    if again is not None:
+        _same_bits(results, again, failures, "determinism", "nondeterministic",
+                   f"with {other} threads", f"{case['threads']} thread(s)")
+
+
+def _cross_tiers(case, impl, arrays, results, expected, failures):
+    """The case on every other tier the CPU supports: an FMA tier must give the bits of the
+    first FMA tier that ran (the case's own tier if it is one), any other tier results
+    within the oracle's bound. Returns the worst ratio to the bound (None: none compared)."""
+    own = case.get("isa") or _tiers.DEFAULT
+    reference = (own, results) if own in cases.FMA_ISAS else None
+    worst = None
+    for tier in cases.ISAS:
+        if tier == own:
+            continue
+        what = f"on {tier}"
+        again = _rerun(cases.replace(case, isa=tier), impl, arrays, case["threads"],
+                       failures, "tiers", what)
+        if again is None:
+            continue
+        if tier in cases.FMA_ISAS and reference is not None:
+            _same_bits(reference[1], again, failures, "tiers", "bits", what, reference[0])
+            continue
+        for op in (op for op in again if op in expected):
+            info = oracle.compare(again[op], expected[op], case["dtype"])
+            worst = max(info["ratio"], -1.0 if worst is None else worst)
+            if not info["ratio"] <= 1.0:
+                failures.append(failure("tiers", "mismatch", f"{op} {what} off by "
+                                        f"{info['ratio']:.3g} x bound", **info))
+        if tier in cases.FMA_ISAS:
+            reference = (tier, again)
+    return worst
 
 
 def _run_invalid(case, impl) -> dict:
@@ -246,7 +297,7 @@ def _run_invalid(case, impl) -> dict:
     kwargs = call["kwargs"]
     dilconv.set_num_threads(case["threads"])
     try:
-        with tuning(path=case["path"]):
+        with tuning(path=case["path"], tier=case.get("isa")):
             if call["fn"] == "conv2d":
                 impl.conv2d(call["input"], call["weight"], call["bias"], **kwargs,
                             out=call["out"])

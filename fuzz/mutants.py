@@ -11,7 +11,9 @@ import ctypes
 import numpy as np
 
 import dilconv
-from dilconv import _dispatch, _threads, _validate, testing
+from dilconv import _dispatch, _threads, _tiers, _validate, testing
+
+from .cases import FMA_ISAS, ISAS
 
 
 ALL_GRADS = ("input", "weight", "bias")
@@ -23,6 +25,8 @@ class Mutant:
 
     description = ""
     expect_kind = None          # the failure kind that counts as a kill (None: any)
+    # Why this CPU cannot show the bug (the self-test then skips it), or None.
+    unavailable = None
 
     def conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                padding_mode="zeros", out=None):
@@ -268,6 +272,38 @@ class PanelSkipsLastTap(Mutant):
         return real_forward(call, mode)
 
 
+# The tier mutants need two FMA tiers (on x86-64 with AVX2: v3 and v4_on_v3).
+_NO_TWO_FMA_TIERS = None if len(FMA_ISAS) > 1 else (
+    f"this CPU runs fewer than two FMA tiers ({', '.join(ISAS)})")
+
+
+class TierOneUlpOff(Mutant):
+    description = (f"tier {FMA_ISAS[-1] if FMA_ISAS else 'v3'} one ulp off in its largest "
+                   f"output (forward; only the cross-tier check can see it)")
+    expect_kind = "bits"
+    unavailable = _NO_TWO_FMA_TIERS
+
+    def forward(self, call, mode):
+        y = real_forward(call, mode)
+        if _tiers.current() == FMA_ISAS[-1] and y.size:
+            i = int(np.argmax(np.abs(y)))
+            y.flat[i] = np.nextafter(y.flat[i], np.inf)
+        return y
+
+
+class TierSelectorOneTooLow(Mutant):
+    description = "the first FMA tier asked for runs the tier below it (forward)"
+    expect_kind = "bits"
+    unavailable = _NO_TWO_FMA_TIERS or (None if ISAS.index(FMA_ISAS[0]) > 0 else
+                                        "no tier below the FMA tiers")
+
+    def forward(self, call, mode):
+        if _tiers.current() == FMA_ISAS[0]:
+            with _tiers.use(ISAS[ISAS.index(FMA_ISAS[0]) - 1]):
+                return real_forward(call, mode)
+        return real_forward(call, mode)
+
+
 class _GradMutant(Mutant):
     """Changes a gradient after the real backward."""
 
@@ -314,6 +350,57 @@ class EmptyBatchGradWeightGarbage(_GradMutant):
         if grads.weight is None or np.shape(grad_output)[0] != 0 or np.ndim(grad_output) != 4:
             return {}
         return {"weight": np.ones_like(grads.weight)}
+
+
+class _DepthwiseGradMutant(Mutant):
+    """Changes one gradient where `select` runs it on the depthwise kernels (zero padding)."""
+
+    op = None                   # "grad_input" or "grad_weight"
+
+    def conv2d_backward(self, grad_output, input, weight, stride=1, padding=0, dilation=1,
+                        groups=1, *, padding_mode="zeros", needs=ALL_GRADS):
+        grads = super().conv2d_backward(grad_output, input, weight, stride, padding, dilation,
+                                        groups, padding_mode=padding_mode, needs=needs)
+        name = self.op[len("grad_"):]
+        if padding_mode != "zeros" or getattr(grads, name) is None:
+            return grads
+        call, _ = _validate.conv_call(input, weight, None, stride, padding, dilation, groups,
+                                      padding_mode)
+        if not call.spec.n or _dispatch.select(call.spec, self.op, call.weight) != "depthwise":
+            return grads
+        gy = np.asarray(grad_output)
+        wrong = self.wrong(call, gy if call.batched else gy[None])
+        if name == "input" and not call.batched:
+            wrong = wrong[0]
+        return grads._replace(**{name: wrong})
+
+    def wrong(self, call, grad_output):
+        raise NotImplementedError
+
+
+class DepthwiseGradWeightSkipsLastRow(_DepthwiseGradMutant):
+    description = ("depthwise weight gradient only: the last output row of every image left "
+                   "out of its sums")
+    op = "grad_weight"
+
+    def wrong(self, call, grad_output):
+        kept = np.array(grad_output)
+        kept[..., -1, :] = 0
+        s = call.spec
+        return dilconv.conv2d_backward(kept, call.x, call.weight, s.stride, s.padding,
+                                       s.dilation, s.groups, needs=("weight",)).weight
+
+
+class DepthwiseGradInputKernelNotTurned(_DepthwiseGradMutant):
+    description = ("depthwise input gradient only: the forward of grad_output with the kernel "
+                   "not turned by 180 degrees")
+    op = "grad_input"
+
+    def wrong(self, call, grad_output):
+        # The transposed spec's padding and dilation, the weights as they are.
+        turned = _dispatch.transposed_spec(call.spec)
+        return dilconv.conv2d(grad_output, call.weight, None, padding=turned.padding,
+                              dilation=turned.dilation, groups=turned.groups)
 
 
 class ErrorsSwallowed(Mutant):
@@ -392,7 +479,8 @@ MUTANTS = {_name(cls): cls() for cls in (
     BiasDropped, BiasDoubled, Float32PartialTaps, Float64InFloat32, PaddingFilledWithOnes,
     BigEndianMisread, FortranMisread, UnbatchedKeepsBatchAxis, OutIgnored, ThreadDependent,
     DirectDropsLastColumn, FlatDropsFirstRow, GemmIgnoresBias, PanelSkipsLastTap,
-    DepthwiseDropsSecondRows, GradWeightMissingLastRow,
-    GradInputOffByOneRow, GradBiasFirstImageOnly, EmptyBatchGradWeightGarbage,
+    DepthwiseDropsSecondRows, TierOneUlpOff, TierSelectorOneTooLow, GradWeightMissingLastRow,
+    GradInputOffByOneRow, DepthwiseGradWeightSkipsLastRow, DepthwiseGradInputKernelNotTurned,
+    GradBiasFirstImageOnly, EmptyBatchGradWeightGarbage,
     ErrorsSwallowed, WrongExceptionType, VagueErrors, Conv1dKernelReversed,
     TransposeBiasDropped, SegfaultOnWideDilation, ReflectAsReplicate)}

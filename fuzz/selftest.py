@@ -2,7 +2,8 @@
 
 Every mutant runs the same seeded case stream (stopping at its first failure); a mutant
 survives if `budget` cases pass. The real library runs as a control first: a lab that flags
-correct code would make the kills meaningless.
+correct code would make the kills meaningless. A mutant whose bug this CPU cannot show (a
+tier it does not run) is listed as not applicable.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def run(pool, seed=0, budget=300, control_cases=200, names=None, stream=None) ->
     rows = []
     for name in names or MUTANTS:
         mutant = MUTANTS[name]
+        if mutant.unavailable:
+            rows.append((name, "n/a", "0", f"skipped: {mutant.unavailable}",
+                         mutant.description))
+            continue
         plan = campaign.Plan(seed=seed, n_cases=budget, impl=name, stop_on_failure=True,
                              max_shrinks=0)
         rep = campaign.run(plan, pool)
@@ -40,14 +45,16 @@ def run(pool, seed=0, budget=300, control_cases=200, names=None, stream=None) ->
     for name, killed, n, how, desc in rows:
         print(f"{name:<{width}}  {killed:<6}  {n:>5}  {how}  [{desc}]", file=stream)
     killed = sum(r[1] == "yes" for r in rows)
+    tried = sum(r[1] != "n/a" for r in rows)
     print(f"control: real dilconv, {control['cases_run']} cases, "
           f"{control['disagreements']} disagreements ({'ok' if control_ok else 'FAILED'})",
           file=stream)
-    print(f"killed {killed}/{len(rows)} mutants in {time.monotonic() - start:.1f} s, seed "
-          f"{seed}, budget {budget} cases/mutant", file=stream)
+    skipped = f" ({len(rows) - tried} not applicable on this CPU)" if tried < len(rows) else ""
+    print(f"killed {killed}/{tried} mutants{skipped} in {time.monotonic() - start:.1f} s, "
+          f"seed {seed}, budget {budget} cases/mutant", file=stream)
     if not control_ok:
         for f in control["failures"][:5]:
             print(f"  control case {f['case_id']} {f['op']} {f['kind']}: {f['message'][:200]}",
                   file=stream)
-    return 0 if control_ok and killed == len(rows) else 1
+    return 0 if control_ok and killed == tried else 1
 

@@ -6,9 +6,10 @@ import json
 import pytest
 
 import dilconv
+from dilconv import _tiers
 from fuzz import campaign, cases, check, impls, selftest
 from fuzz.__main__ import main
-from fuzz.mutants import MUTANTS
+from fuzz.mutants import MUTANTS, Mutant, real_forward
 from fuzz.pool import WorkerPool
 from fuzz.progress import Progress
 
@@ -50,6 +51,25 @@ def test_generator_covers_the_parameter_space_and_its_geometry_matches_dilconv()
     assert seen["path"] == set(cases.PATHS) and seen["api"] == set(cases.APIS)
 
 
+def test_each_case_draws_a_supported_tier_without_changing_the_rest():
+    cfg = cases.GenConfig()
+    only = cases.GenConfig(isas=cases.ISAS[:1], cross_tier_rate=1.0)
+    drawn, crossed = set(), 0
+    for i in range(400):
+        case, other = cases.generate(2, i, cfg), cases.generate(2, i, only)
+        assert case["isa"] in cases.ISAS and other["isa"] == cases.ISAS[0]
+        drawn.add(case["isa"])
+        crossed += "tiers" in case["ops"]
+        if case["kind"] == "valid" and len(cases.ISAS) > 1:
+            assert "tiers" in other["ops"]
+        strip = ("isa", "ops")
+        assert {k: v for k, v in case.items() if k not in strip} == {
+            k: v for k, v in other.items() if k not in strip}
+    assert drawn == set(cases.ISAS)
+    if len(cases.ISAS) > 1:     # a quarter of the valid cases (nine in ten) by default
+        assert 0.15 < crossed / 400 < 0.3, crossed
+
+
 def test_case_knobs_split_small_planes_and_are_restored():
     from dilconv import _tuning
     from dilconv._tiers import _gemm
@@ -63,6 +83,52 @@ def test_case_knobs_split_small_planes_and_are_restored():
         assert (knobs.flat_span_elements, knobs.depthwise_task_pixels, knobs.path,
                 knobs.min_macs_per_thread) == (7, 7, "gemm", 1)
     assert (len(_gemm.plane_tiles(10, 9, 4, _tuning.current())), _tuning.current()) == before
+    for tier in cases.ISAS:
+        with check.case_tuning({"isa": tier}):
+            assert _tiers.current() == tier
+    assert _tiers.current() == _tiers.DEFAULT
+
+
+def _crossed_case(**changes):
+    """A conv2d case of every valid op, cross-checked on every tier, with `changes`."""
+    cfg = cases.GenConfig(cross_tier_rate=1.0, invalid_rate=0.0)
+    case = next(c for c in (cases.generate(21, i, cfg) for i in range(200))
+                if c["api"] == "conv2d" and c["n"] >= 1 and c["path"] == "direct"
+                and c["kh"] * c["kw"] > 1 and set(c["needs"]) == {"input", "weight", "bias"}
+                and c["padding_mode"] == "zeros" and not c["unbatched"])
+    return cases.replace(case, **changes)
+
+
+class _BaselineOff(Mutant):
+    """Baseline results 1% off: within no bound."""
+
+    def forward(self, call, mode):
+        y = real_forward(call, mode)
+        return y * 1.01 if _tiers.current() == "baseline" else y
+
+
+@pytest.mark.skipif(len(cases.FMA_ISAS) < 2 or "baseline" not in cases.ISAS,
+                    reason="this CPU runs fewer than two FMA tiers")
+def test_cross_tier_check_compares_bits_and_bounds():
+    for isa in cases.ISAS:
+        case = _crossed_case(isa=isa)
+        result = check.run_case(case, dilconv)
+        assert result["status"] == "pass" and "tiers" in result["checked"], result["failures"]
+        # Tier bugs the case's own tier does not show: one ulp on the last FMA tier, the
+        # baseline out of bounds.
+        bits = check.run_case(case, MUTANTS["tier_one_ulp_off"])["failures"]
+        assert bits and {(f["op"], f["kind"]) for f in bits} == {("tiers", "bits")}, bits
+        assert all(cases.FMA_ISAS[-1] in f["message"] for f in bits)
+        off = check.run_case(case, _BaselineOff())["failures"]
+        if isa == "baseline":
+            assert {f["op"] for f in off} >= {"forward", "adjoint"}, off
+        else:
+            assert [(f["op"], f["kind"]) for f in off] == [("tiers", "mismatch")], off
+            assert "forward on baseline" in off[0]["message"]
+    # Without the op, no other tier runs.
+    quiet = _crossed_case(isa=cases.FMA_ISAS[0])
+    quiet["ops"].remove("tiers")
+    assert check.run_case(quiet, MUTANTS["tier_one_ulp_off"])["status"] == "pass"
 
 
 def test_every_invalid_call_raises_a_named_error():
@@ -90,6 +156,9 @@ def test_short_campaign_agrees_with_the_oracle_and_covers_everything(pool):
     assert rep["cases_run"] == 300
     assert rep["coverage"]["never_exercised"] == []
     assert set(rep["counts"]["by_op"]) == set(cases.OPS)
+    assert set(rep["counts"]["by_isa"]) == set(cases.ISAS)
+    assert min(rep["coverage"]["isas"].values()) > 0
+    assert rep["environment"]["cpu_tiers"]["supported"] == list(cases.ISAS)
     assert rep["throughput"]["cases_per_cpu_s"] > 0
     for op, worst in rep["worst_ratio_by_op"].items():
         assert worst["ratio"] <= 1, op
@@ -147,21 +216,51 @@ def test_mismatch_shrinks_to_a_minimal_case(pool, tmp_path):
     assert small["padding"] == 0
 
 
+@pytest.mark.skipif(len(cases.FMA_ISAS) < 2, reason="this CPU runs fewer than two FMA tiers")
+def test_tier_disagreement_shrinks_and_replays_on_its_tier(pool, tmp_path, capsys):
+    plan = campaign.Plan(seed=6, n_cases=60, impl="tier_one_ulp_off", max_shrinks=1,
+                         corpus=str(tmp_path), stop_on_failure=True)
+    rep = campaign.run(plan, pool)
+    (path,) = rep["repros"]
+    repro = json.load(open(path))
+    small, original = repro["case"], repro["original_case"]
+    assert repro["failure"]["op"] == "tiers" and repro["failure"]["kind"] == "bits"
+    assert small["isa"] == original["isa"] and "tiers" in small["ops"]
+    assert (small["n"], small["h"] * small["w"]) <= (original["n"], original["h"] *
+                                                     original["w"])
+    assert main(["replay", path]) == 1
+    out = capsys.readouterr().out
+    assert f"CPU tier {small['isa']}" in out and "FAILURE tiers bits" in out
+    assert main(["replay", path, "--impl", "dilconv"]) == 0
+
+
 def test_self_test_kills_every_mutant(pool):
     out = io.StringIO()
     assert selftest.run(pool, seed=0, stream=out) == 0, out.getvalue()
     text = out.getvalue()
-    assert f"killed {len(MUTANTS)}/{len(MUTANTS)} mutants" in text
+    tried = [name for name, mutant in MUTANTS.items() if not mutant.unavailable]
+    assert f"killed {len(tried)}/{len(tried)} mutants" in text
     assert " NO " not in text
+    rows = {line.split()[0]: line for line in text.splitlines()}
+    for name in ("tier_one_ulp_off", "tier_selector_one_too_low"):
+        if name in tried:             # killed by the cross-tier check
+            assert rows[name].split()[1] == "yes" and "tiers bits" in rows[name]
+    for name, op in (("depthwise_grad_weight_skips_last_row", "grad_weight"),
+                     ("depthwise_grad_input_kernel_not_turned", "grad_input")):
+        assert rows[name].split()[1] == "yes" and f": {op} mismatch" in rows[name], rows[name]
 
 
 def test_cli_run_writes_the_report(tmp_path):
     report = tmp_path / "r.json"
+    isa = cases.ISAS[-1]
     code = main(["run", "--cases", "40", "--seed", "3", "--jobs", "1", "--no-progress",
-                 "--dtype", "float32", "--report", str(report)])
+                 "--dtype", "float32", "--isa", isa, "--cross-tiers", "0",
+                 "--report", str(report)])
     rep = json.loads(report.read_text())
     assert code == 0 and rep["cases_run"] == 40 and rep["seed"] == 3
     assert set(rep["counts"]["by_dtype"]) == {"float32"}
+    assert set(rep["counts"]["by_isa"]) == {isa} and "tiers" not in rep["counts"]["by_op"]
+    assert rep["config"]["isas"] == [isa] and rep["config"]["cross_tier_rate"] == 0
     assert {"throughput", "environment", "coverage", "failures"} <= set(rep)
 
 
@@ -170,6 +269,7 @@ def test_cli_run_prints_readable_summary_lines(capsys):
     out = capsys.readouterr().out
     assert "{" not in out and "}" not in out and "Counter" not in out, out
     assert "checked by op: " in out and out.strip().splitlines()[-1].startswith("fuzz: ")
+    assert "by CPU tier: " in out and "cross-checked on every tier" in out
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -179,6 +279,7 @@ def test_cli_run_prints_readable_summary_lines(capsys):
     (["replay", "NOTJSON"], ["is not JSON"]),
     (["replay", "WRONG"], ["not a dilconv-fuzz-repro/1 file"]),
     (["replay", "BADIMPL"], ["unknown implementation 'nope'"]),
+    (["replay", "BADISA"], ["CPU tier 'v9'", "supported: " + ", ".join(cases.ISAS)]),
 ])
 def test_cli_errors_are_one_line_and_exit_2(argv, words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -186,6 +287,8 @@ def test_cli_errors_are_one_line_and_exit_2(argv, words, tmp_path, monkeypatch, 
     (tmp_path / "WRONG").write_text("{}")
     (tmp_path / "BADIMPL").write_text(json.dumps({"format": campaign.REPRO_FORMAT,
                                                   "impl": "nope", "case": {}}))
+    (tmp_path / "BADISA").write_text(json.dumps({"format": campaign.REPRO_FORMAT,
+                                                 "impl": "dilconv", "case": {"isa": "v9"}}))
     assert main(argv) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
