@@ -63,7 +63,8 @@ def dilconv_build() -> dict:
                              if f.endswith((".so", ".pyd"))),
         "git_commit": _git_commit(package),
         # DILCONV_PATH changes the kernel choice; record every DILCONV_* switch.
-        "env": {k: v for k, v in os.environ.items() if k.startswith(("DILCONV_", "OMP_"))},
+        "env": {k: v for k, v in os.environ.items()
+                if k.startswith(("DILCONV_", "OMP_", "OPENBLAS_THREAD"))},
     }
 
 
