@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+
 import numpy as np
 
 from .impls import Impl, NumpyIm2col, ScipyOracle, Torch
@@ -30,7 +31,6 @@ class OnnxRuntime(Impl):
 
     def __init__(self):
         self.ort = self.onnx = None
-        self.sessions = {}
 
     def missing(self):
         try:
@@ -215,7 +215,6 @@ class Jax(Impl):
             if proc.is_alive():
                 proc.kill()
         self.workers.clear()
-
 
 
 PEERS = {"torch": Torch, "ort": OnnxRuntime, "jax": Jax, "numpy": NumpyIm2col,

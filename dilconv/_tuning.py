@@ -69,10 +69,10 @@ class Tuning:
                     raise TypeError(f"tuning {f.name} must be a number, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"tuning {f.name} must be an int, got {value!r}")
-            elif value < (0 if f.name.startswith("panel_in_place") else 1):
-                raise ValueError(f"tuning {f.name} must be >= "
-                                 f"{0 if f.name.startswith('panel_in_place') else 1}, "
-                                 f"got {value}")
+            else:
+                least = 0 if f.name.startswith("panel_in_place") else 1
+                if value < least:
+                    raise ValueError(f"tuning {f.name} must be >= {least}, got {value}")
 
 
 KNOBS = tuple(f.name for f in dataclasses.fields(Tuning))

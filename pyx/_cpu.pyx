@@ -66,7 +66,8 @@ def fma_peak(dtype, threads=1, width=None, seconds=0.1):
     """The CPU's multiply-add peak in GFLOP/s (2 flops per lane per FMA) for `dtype`
     (float32 or float64) on `threads` threads with `width`-bit vectors (None: the widest the
     CPU has), best of a few runs taking about `seconds` in all. Without FMA (SSE2 only)
-    it counts a multiply and an add."""
+    it counts a multiply and an add. A build without OpenMP measures one thread whatever
+    `threads` says, since its kernels run on one."""
     dt = np.dtype(dtype)
     if dt not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
