@@ -38,7 +38,10 @@ COMMON_MODULES = ["_openmp_helpers", "_cpu"]
 # same way (gcc fused the sums of some blocks and not of others), and an output's bits do
 # not depend on which block computed it.
 # _cpu: optimised in debug builds too, since its probes measure the CPU's peak.
+# _panel: gcc would turn its short copy loops (the runs panels are packed from) into calls
+# to memmove, whose set-up costs more than the copy; used where the compiler takes it.
 MODULE_FLAGS = {"_depthwise": ["-ffp-contract=off"], "_cpu": ["-O3"]}
+OPTIONAL_MODULE_FLAGS = {"_panel": ["-fno-tree-loop-distribute-patterns"]}
 TIER_TABLE = runpy.run_path(os.path.join("dilconv", "_tier_table.py"))
 TIERS, TIER_PACKAGE = TIER_TABLE["TIERS"], TIER_TABLE["PACKAGE"]
 # Generated sources: each tier's copy of the .pyx files, so that each gets its own C file.
@@ -163,6 +166,10 @@ class BuildExt(build_ext):
 
     def build_extensions(self):
         omp = openmp_flags()
+        module_flags = dict(MODULE_FLAGS)
+        for module, flags in OPTIONAL_MODULE_FLAGS.items():
+            if _compiler_accepts(flags + ["-Werror"], "int main(void) { return 0; }\n"):
+                module_flags[module] = module_flags.get(module, []) + flags
         opt = ["-O0", "-g"] if _env_flag("DILCONV_DEBUG") else ["-O3"]
         sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"] \
             if _env_flag("DILCONV_SANITIZE") else []
@@ -170,7 +177,7 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             module = ext.name.rsplit(".", 1)[-1]
             ext.extra_compile_args = (opt + omp + sanitize + list(TIERS[_tier_of(ext.name)][0])
-                                      + MODULE_FLAGS.get(module, []))
+                                      + module_flags.get(module, []))
             ext.extra_link_args = omp + sanitize
             # Flags changed since the last build: the module depends on this file, so it is
             # rebuilt (setuptools only compares mtimes of sources and depends).

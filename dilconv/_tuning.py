@@ -50,8 +50,11 @@ class Tuning:
     # Panel tiles are cut along rows only while at most this many zeros are multiplied per
     # useful multiply-add (border columns).
     panel_zero_fill_max: float = 0.1
-    # Panel forward: panels are packed in groups of about this many bytes.
+    # Panel forward: panels are packed in groups of about this many bytes, and their taps
+    # in chunks of about this many bytes per panel (a panel's chunk stays in L1 while it
+    # is summed into every output block, the chunk's weights in L2).
     panel_group_bytes: int = 128 * 1024
+    panel_chunk_bytes: int = 16 * 1024
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

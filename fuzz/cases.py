@@ -392,6 +392,7 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
         panel_in_place_bytes=None if rng.random() < 0.5 else _choice(rng, (0, 1 << 30)),
         panel_zero_fill_max=None if rng.random() < 0.5 else _choice(rng, (-1.0, 1e9)),
         panel_group_bytes=None if rng.random() < 0.5 else _choice(rng, (1, 1 << 30)),
+        panel_chunk_bytes=None if rng.random() < 0.5 else _choice(rng, (1, 1 << 30)),
     )
     if depthwise and case["cg"] == 1:
         case["path"] = "depthwise"

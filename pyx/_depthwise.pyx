@@ -16,6 +16,7 @@ from _plan cimport range_edges
 import numpy as np
 
 from dilconv._threads import kernel_threads
+from dilconv._scratch import thread_scratch
 
 cdef extern from "_depthwise.h":
     enum: DILCONV_DW_ROW_BLOCK
@@ -176,8 +177,8 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     cdef int n_threads = kernel_threads(spec, g.O, tuning)
     cdef Py_ssize_t acc_len = (DILCONV_DW_CHAINS * (DILCONV_VEC256_BYTES // sizeof(floating))
                                + 1)
-    cdef floating[:, ::1] scratch = np.empty((n_threads, g.kH * g.kW * acc_len),
-                                             np.float32 if floating is float else np.float64)
+    cdef floating[:, ::1] scratch = thread_scratch(
+        n_threads, g.kH * g.kW * acc_len, np.float32 if floating is float else np.float64)
     cdef Py_ssize_t o
     cdef int tid
     with nogil, parallel(num_threads=n_threads):

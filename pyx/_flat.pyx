@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from dilconv._threads import kernel_threads
+from dilconv._scratch import thread_scratch
 
 # Output channels of a block share the packed input bands.
 FLAT_MAX_O_BLOCK = 16
@@ -131,9 +132,9 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     cdef Plan p
     p.rows, p.o_block, p.wp, p.band, p.n_tasks = plan(spec, tuning)
     cdef int n_threads = kernel_threads(spec, p.n_tasks, tuning)
-    cdef floating[:, ::1] scratch = np.empty(
-        (n_threads, g.Cg * p.band + p.o_block * p.rows * p.wp),
-        dtype=np.float32 if floating is float else np.float64)
+    cdef floating[:, ::1] scratch = thread_scratch(
+        n_threads, g.Cg * p.band + p.o_block * p.rows * p.wp,
+        np.float32 if floating is float else np.float64)
     cdef Py_ssize_t task, tid
     cdef floating* band
     with nogil, parallel(num_threads=n_threads):

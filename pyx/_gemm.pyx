@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from dilconv._scratch import thread_scratch
 from dilconv._threads import blas_single_threaded, kernel_threads
 
 # Pixels per tile: a packed tile of a few hundred KiB stays in L2 (between the tuning's
@@ -195,9 +196,9 @@ def forward(const floating[:, :, :, ::1] x, weight,
         g.kH * g.kW // kw_group, g.O, kw_group * g.Cg)
     cdef const floating[:, :, ::1] wt = np.ascontiguousarray(taps)
     cdef Py_ssize_t tile_pixels = largest_tile(tiles)
-    cdef floating[:, ::1] scratch = np.empty(
-        (n_threads, (kw_group * g.Cg + g.Og) * tile_pixels),
-        dtype=np.float32 if floating is float else np.float64)
+    cdef floating[:, ::1] scratch = thread_scratch(
+        n_threads, (kw_group * g.Cg + g.Og) * tile_pixels,
+        np.float32 if floating is float else np.float64)
     cdef Py_ssize_t task, tid, tmp = kw_group * g.Cg * tile_pixels
     with blas_single_threaded():
         with nogil, parallel(num_threads=n_threads):
@@ -281,9 +282,9 @@ def grad_input(const floating[:, :, :, ::1] gy, weight,
         weight.reshape(g.groups, g.Og, g.Cg, g.kH, g.kW).transpose(3, 4, 0, 2, 1)
     ).reshape(g.kH * g.kW, g.C, g.Og)
     cdef Py_ssize_t tile_pixels = largest_tile(tiles)
-    cdef floating[:, ::1] scratch = np.empty(
-        (n_threads, (g.Cg + g.Og) * tile_pixels),
-        dtype=np.float32 if floating is float else np.float64)
+    cdef floating[:, ::1] scratch = thread_scratch(
+        n_threads, (g.Cg + g.Og) * tile_pixels,
+        np.float32 if floating is float else np.float64)
     cdef Py_ssize_t task, tid, tmp = g.Og * tile_pixels
     with blas_single_threaded():
         with nogil, parallel(num_threads=n_threads):
@@ -347,9 +348,9 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     cdef Py_ssize_t n_tasks = g.kH * g.kW * (g.O // o_block)
     cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
     cdef Py_ssize_t acc_offset = (g.Cg + o_block) * largest_tile(tiles)
-    cdef floating[:, ::1] scratch = np.empty(
-        (n_threads, acc_offset + o_block * g.Cg),
-        dtype=np.float32 if floating is float else np.float64)
+    cdef floating[:, ::1] scratch = thread_scratch(
+        n_threads, acc_offset + o_block * g.Cg,
+        np.float32 if floating is float else np.float64)
     cdef Py_ssize_t task, tid
     with blas_single_threaded():
         with nogil, parallel(num_threads=n_threads):

@@ -3,13 +3,15 @@
 
    It is written with GCC/Clang vector extensions because accumulators kept in a C (or
    Cython) array are spilled to the stack by the compiler, which runs ~40x slower. A block
-   is 64 bytes of pixels per output channel: one 64-byte vector with AVX-512 (v4), two
+   is NV vectors of pixels per output channel: two 64-byte vectors with AVX-512 (v4), two
    32-byte ones with AVX (v3), else four 16-byte ones (SSE, NEON; wider vectors than the
    target has are emulated slowly). MR fits the accumulators in the registers (32 zmm,
-   16 ymm or xmm, 32 on aarch64): 16 rows in v4 (8 in the weight gradient), 6 in v3 and
-   on aarch64, 3 on SSE2. The pixels per block (NR) are the same in every tier, so the
-   plans built from them are too; only MR differs, which changes which outputs share a
-   block, not any output's sum.
+   16 ymm or xmm, 32 on aarch64): 8 rows in v4, 6 in v3 and on aarch64, 3 on SSE2. Each
+   term then costs MR broadcasts and NV loads for MR x NV multiply-adds: v4's 8 x 2
+   kept 85-90% of the FMA peak with a panel streaming from L2 on a Xeon with two 512-bit
+   FMA units, where 16 x 1 (17 loads per 16 multiply-adds) fell to 60-70%. The block
+   sizes change which outputs share a block, and the plans built from them, never an
+   output's sum.
 
    The sum runs over n_seg segments of seg_len terms, in that order for every output.
    Term k of segment s multiplies MR values of A, at a + a_off[s] + k*a_step + i*a_row
@@ -17,17 +19,20 @@
    b + b_off[s] + k*b_step. In the forward, a segment is a kernel tap in the image and a
    term an input channel: A is the packed weights, B a packed panel or the image itself.
    In the weight gradient, a segment is a row of pixels and a term one pixel: A is
-   grad_output in place, B packed input. */
+   grad_output in place, B packed input. A sum may be split over calls: one that
+   accumulates starts from the stored partial sums, so the terms are added in the same
+   order and the bits do not change. */
 #ifndef DILCONV_MICROKERNEL_H
 #define DILCONV_MICROKERNEL_H
 #include <stddef.h>
 #include "_vec.h"
 
 /* DILCONV_MR_GW: rows of the weight gradient's blocks, whose A rows are MR planes of
-   grad_output read in place: 16 such streams ran 1.8x slower than 8 in v4. */
+   grad_output read in place (16 such streams ran 1.8x slower than 8 in v4); a divisor
+   of MR. */
 #if defined(DILCONV_V4_SIZES)
-#define DILCONV_MR 16
-#define DILCONV_MR_GW 8
+#define DILCONV_MR 8
+#define DILCONV_BLOCK_BYTES 128
 #elif defined(__AVX__) || defined(__aarch64__)
 #define DILCONV_MR 6
 #else
@@ -39,7 +44,9 @@
 #if DILCONV_MR % DILCONV_MR_GW
 #error "the weight gradient's blocks must tile MR output channels"
 #endif
+#ifndef DILCONV_BLOCK_BYTES
 #define DILCONV_BLOCK_BYTES 64
+#endif
 /* Pixels per block. */
 #define DILCONV_NR(T) (DILCONV_BLOCK_BYTES / (ptrdiff_t)sizeof(T))
 
@@ -119,9 +126,9 @@ static inline void NAME(const dilconv_terms *terms, const T *a, const T *b,     
     NAME##_any(terms, a, b, bias, accumulate, c, ldc, m, n, 0);                          \
 }                                                                                        \
 static inline void NAME##_packed(const dilconv_terms *terms, const T *a, const T *b,     \
-                                 const T *bias, T *c, ptrdiff_t ldc, ptrdiff_t m,        \
-                                 ptrdiff_t n) {                                          \
-    NAME##_any(terms, a, b, bias, 0, c, ldc, m, n, 1);                                   \
+                                 const T *bias, int accumulate, T *c, ptrdiff_t ldc,     \
+                                 ptrdiff_t m, ptrdiff_t n) {                             \
+    NAME##_any(terms, a, b, bias, accumulate, c, ldc, m, n, 1);                          \
 }
 #else
 /* Other compilers: the same sums, in the same order, without vector types. */
@@ -146,9 +153,9 @@ static inline void NAME(const dilconv_terms *terms, const T *a, const T *b,     
         for (ptrdiff_t j = 0; j < n; j++) c[i * ldc + j] = acc[i][j];                    \
 }                                                                                        \
 static inline void NAME##_packed(const dilconv_terms *terms, const T *a, const T *b,     \
-                                 const T *bias, T *c, ptrdiff_t ldc, ptrdiff_t m,        \
-                                 ptrdiff_t n) {                                          \
-    NAME(terms, a, b, bias, 0, c, ldc, m, n);                                            \
+                                 const T *bias, int accumulate, T *c, ptrdiff_t ldc,     \
+                                 ptrdiff_t m, ptrdiff_t n) {                             \
+    NAME(terms, a, b, bias, accumulate, c, ldc, m, n);                                   \
 }
 #endif
 

@@ -19,12 +19,13 @@ from cython cimport floating
 from libc.string cimport memset
 
 from _common cimport Geom, make_geom
-from _plan cimport largest_tile, range_edges, rect_tiles
+from _plan cimport ceil_div, largest_tile, range_edges, rect_tiles
 
 import functools
 
 import numpy as np
 
+from dilconv._scratch import aligned_empty, thread_scratch
 from dilconv._threads import kernel_threads
 
 
@@ -43,11 +44,11 @@ cdef extern from "_microkernel.h":
                        const double* bias, int accumulate, double* c, Py_ssize_t ldc,
                        Py_ssize_t m, Py_ssize_t n) noexcept nogil
     void dilconv_ukr_f_packed(const Terms* terms, const float* a, const float* b,
-                              const float* bias, float* c, Py_ssize_t ldc, Py_ssize_t m,
-                              Py_ssize_t n) noexcept nogil
+                              const float* bias, int accumulate, float* c, Py_ssize_t ldc,
+                              Py_ssize_t m, Py_ssize_t n) noexcept nogil
     void dilconv_ukr_d_packed(const Terms* terms, const double* a, const double* b,
-                              const double* bias, double* c, Py_ssize_t ldc, Py_ssize_t m,
-                              Py_ssize_t n) noexcept nogil
+                              const double* bias, int accumulate, double* c,
+                              Py_ssize_t ldc, Py_ssize_t m, Py_ssize_t n) noexcept nogil
     void dilconv_copy_block_f(const float* src, float* dst) noexcept nogil
     void dilconv_copy_block_d(const double* src, double* dst) noexcept nogil
     void dilconv_gather2_block_f(const float* src, float* dst) noexcept nogil
@@ -108,13 +109,13 @@ cdef inline void ukr(const Terms* terms, const floating* a, const floating* b,
 
 
 cdef inline void ukr_packed(const Terms* terms, const floating* a, const floating* b,
-                            const floating* bias, floating* c, Py_ssize_t ldc,
-                            Py_ssize_t m, Py_ssize_t n) noexcept nogil:
+                            const floating* bias, int accumulate, floating* c,
+                            Py_ssize_t ldc, Py_ssize_t m, Py_ssize_t n) noexcept nogil:
     # The forward's: A is packed weights (MR per term, zero past m) and bias MR values.
     if floating is float:
-        dilconv_ukr_f_packed(terms, a, b, bias, c, ldc, m, n)
+        dilconv_ukr_f_packed(terms, a, b, bias, accumulate, c, ldc, m, n)
     else:
-        dilconv_ukr_d_packed(terms, a, b, bias, c, ldc, m, n)
+        dilconv_ukr_d_packed(terms, a, b, bias, accumulate, c, ldc, m, n)
 
 
 cdef inline Py_ssize_t block_pixels(floating* like) noexcept nogil:
@@ -139,14 +140,15 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
                         Geom g, Py_ssize_t task,
                         floating* pack, floating* block,                 # SCRATCH
                         Py_ssize_t* taps, Py_ssize_t* offsets, bint zero_fill,
-                        Py_ssize_t in_place_bytes, Py_ssize_t group) noexcept nogil:
+                        Py_ssize_t in_place_bytes, Py_ssize_t group,
+                        Py_ssize_t chunk_taps) noexcept nogil:
     cdef Py_ssize_t n_tiles = tiles.shape[0], t = task % n_tiles
     cdef Py_ssize_t n = task // (g.groups * n_tiles), grp = (task // n_tiles) % g.groups
     cdef Py_ssize_t r0 = tiles[t, 0], r1 = tiles[t, 1], c0 = tiles[t, 2], c1 = tiles[t, 3]
     cdef Py_ssize_t tw = c1 - c0, pixels = (r1 - r0) * tw, nr = block_pixels(pack)
     cdef Py_ssize_t ci0 = grp * g.Cg
     cdef Py_ssize_t n_taps = 0, kh, kw, kh0 = 0, kw0 = 0, ti, rr, depth, p, p0
-    cdef Py_ssize_t panels, direct_w = 0
+    cdef Py_ssize_t panels, direct_w = 0, t0, t1, chunk_depth, count
     cdef Py_ssize_t* packed_off
     cdef Py_ssize_t* image_off
     cdef Py_ssize_t* weight_off
@@ -195,12 +197,14 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
             base = &x[n, ci0, (r0 + rr) * g.sh + kh0 * g.dh - g.pt, c0 + kw0 * g.dw - g.pl]
             for p in range(direct_w // nr):
                 _blocks(wp, bp, out, g, n, grp, r0 + rr, c0 + p * nr, base + p * nr,
-                        &terms, nr, 0, 0, block)
+                        &terms, nr, 0, 0, block, False)
         if direct_w == tw:
             return
 
-    # The rest of the tile, columns [c0 + direct_w, c1), a group of panels at a time:
-    # each group is packed just before its blocks read it, so it is still in cache.
+    # The rest of the tile, columns [c0 + direct_w, c1), a group of panels at a time and
+    # their taps a chunk at a time: a chunk of the group's panels is packed just before
+    # its blocks read it, and summed into every output block of the group before the
+    # next chunk, so one panel's chunk stays in L1 and the chunk's weights in L2.
     c0 = c0 + direct_w
     tw = c1 - c0
     pixels = (r1 - r0) * tw
@@ -209,11 +213,21 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
     terms.b_step = nr
     p0 = 0
     while p0 < panels:
-        _pack_panels(&x[n, ci0, 0, 0], g, taps, n_taps, r0, c0, tw, p0 * nr,
-                     min(group * nr, pixels - p0 * nr), depth, pack)
-        for p in range(p0, min(p0 + group, panels)):
-            _blocks(wp, bp, out, g, n, grp, r0, c0, pack + (p - p0) * depth * nr, &terms,
-                    min(nr, pixels - p * nr), p * nr, tw, block)
+        count = min(group * nr, pixels - p0 * nr)
+        t0 = 0
+        while True:
+            t1 = min(n_taps, t0 + chunk_taps)
+            chunk_depth = (t1 - t0) * g.Cg
+            _pack_panels(&x[n, ci0, 0, 0], g, taps + t0, t1 - t0, r0, c0, tw, p0 * nr,
+                         count, chunk_depth, pack)
+            terms.n_seg = t1 - t0
+            terms.a_off = weight_off + t0
+            for p in range(p0, min(p0 + group, panels)):
+                _blocks(wp, bp, out, g, n, grp, r0, c0, pack + (p - p0) * chunk_depth * nr,
+                        &terms, min(nr, pixels - p * nr), p * nr, tw, block, t0 > 0)
+            t0 = t1
+            if t0 >= n_taps:
+                break
         p0 = p0 + group
 
 
@@ -296,36 +310,50 @@ cdef inline void pack_run(const floating* src, Py_ssize_t step, Py_ssize_t count
 cdef void _blocks(const floating[:, :, :, :, ::1] wp, const floating[:, :, ::1] bp,
                   floating[:, :, :, ::1] out, Geom g, Py_ssize_t n, Py_ssize_t grp,
                   Py_ssize_t r0, Py_ssize_t c0, const floating* b, const Terms* terms,
-                  Py_ssize_t valid,
-                  Py_ssize_t q0, Py_ssize_t tw, floating* block) noexcept nogil:
+                  Py_ssize_t valid, Py_ssize_t q0, Py_ssize_t tw, floating* block,
+                  bint accumulate) noexcept nogil:
     """Outputs of `valid` pixels, from pixel q0 of the rectangle at (r0, c0) of width tw
-    (or from (r0, c0) along one row if tw is 0), for every output channel of the group."""
+    (or from (r0, c0) along one row if tw is 0), for every output channel of the group:
+    the sum of `terms` (added to the outputs' partial sums if `accumulate`)."""
     cdef Py_ssize_t nr = block_pixels(block), plane = g.Ho * g.Wo
-    cdef Py_ssize_t o0 = grp * g.Og, ob, m, i, j, l, rq, cq, run
-    cdef floating* dst
+    cdef Py_ssize_t o0 = grp * g.Og, ob, m, rq, cq
     for ob in range(wp.shape[1]):
         m = min(<Py_ssize_t> DILCONV_MR, g.Og - ob * DILCONV_MR)
         if tw == 0 or tw == g.Wo or q0 // tw == (q0 + valid - 1) // tw:
             # The pixels are consecutive in `out`.
             rq = r0 + (q0 // tw if tw else 0)
             cq = c0 + (q0 % tw if tw else 0)
-            ukr_packed(terms, &wp[grp, ob, 0, 0, 0], b, &bp[grp, ob, 0],
+            ukr_packed(terms, &wp[grp, ob, 0, 0, 0], b, &bp[grp, ob, 0], accumulate,
                        &out[n, o0 + ob * DILCONV_MR, rq, cq], plane, m, valid)
             continue
-        ukr_packed(terms, &wp[grp, ob, 0, 0, 0], b, &bp[grp, ob, 0], block, nr, DILCONV_MR, nr)
-        # Copy the block out in runs of consecutive pixels of one tile row.
-        rq = q0 // tw
-        cq = q0 % tw
-        l = 0
-        while l < valid:
-            run = min(tw - cq, valid - l)
-            for i in range(m):
-                dst = &out[n, o0 + ob * DILCONV_MR + i, r0 + rq, c0 + cq]
-                for j in range(run):
-                    dst[j] = block[i * nr + l + j]
-            l = l + run
-            cq = 0
-            rq = rq + 1
+        if accumulate:
+            _block_copy(out, n, o0 + ob * DILCONV_MR, m, r0, c0, q0, tw, valid, block, False)
+        ukr_packed(terms, &wp[grp, ob, 0, 0, 0], b, &bp[grp, ob, 0], accumulate, block, nr,
+                   DILCONV_MR, nr)
+        _block_copy(out, n, o0 + ob * DILCONV_MR, m, r0, c0, q0, tw, valid, block, True)
+
+
+cdef inline void _block_copy(floating[:, :, :, ::1] out, Py_ssize_t n, Py_ssize_t o,
+                             Py_ssize_t m, Py_ssize_t r0, Py_ssize_t c0, Py_ssize_t q0,
+                             Py_ssize_t tw, Py_ssize_t valid, floating* block,
+                             bint to_out) noexcept nogil:
+    # Between a block (m rows of NR) and its `valid` pixels from pixel q0 of the
+    # rectangle at (r0, c0) of width tw in `out`, in runs along the rectangle's rows.
+    cdef Py_ssize_t nr = block_pixels(block), rq = q0 // tw, cq = q0 % tw, l = 0
+    cdef Py_ssize_t run, i, j
+    cdef floating* row
+    while l < valid:
+        run = min(tw - cq, valid - l)
+        for i in range(m):
+            row = &out[n, o + i, r0 + rq, c0 + cq]
+            for j in range(run):
+                if to_out:
+                    row[j] = block[i * nr + l + j]
+                else:
+                    block[i * nr + l + j] = row[j]
+        l = l + run
+        cq = 0
+        rq = rq + 1
 
 
 cdef void _pack_weights(const floating[:, :, :, :] w, const floating[:] bias,
@@ -369,8 +397,9 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
 
     The plan: tiles aligned with the tap ranges (of the rows only where few zeros would be
     multiplied in border columns and the weights are finite: zero-filled tiles), of about
-    PANEL_PACK_BYTES of input terms; per thread, a group of packed panels, one output
-    block, and the tile's taps with their weight, image and panel offsets. The weights
+    PANEL_PACK_BYTES of input terms; per thread, a group of panels packed a chunk of
+    taps at a time, one output block, and the tile's taps with their weight, image and
+    panel offsets. The weights
     are packed as (groups, ceil(O/g / MR), kH*kW, C/g, MR), zero past O/g."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
@@ -396,14 +425,19 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
         spec, min(tuning.max_tile_pixels, max(nr, target - target % nr)), zero_fill)
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
     cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
-    cdef Py_ssize_t group = max(1, tuning.panel_group_bytes // (DILCONV_BLOCK_BYTES * depth))
+    # Taps per chunk: chunks of about equal size, each panel's about panel_chunk_bytes.
+    cdef Py_ssize_t chunks = ceil_div(taps, max(1, tuning.panel_chunk_bytes
+                                                 // (DILCONV_BLOCK_BYTES * g.Cg)))
+    cdef Py_ssize_t chunk_taps = ceil_div(taps, chunks)
+    cdef Py_ssize_t group = max(1, tuning.panel_group_bytes
+                                // (DILCONV_BLOCK_BYTES * chunk_taps * g.Cg))
     dtype = np.float32 if floating is float else np.float64
-    cdef Py_ssize_t block_offset = group * nr * depth
-    cdef floating[:, ::1] scratch = np.empty((n_threads, block_offset + DILCONV_MR * nr),
-                                             dtype=dtype)
+    cdef Py_ssize_t block_offset = group * nr * chunk_taps * g.Cg
+    cdef floating[:, ::1] scratch = thread_scratch(n_threads,
+                                                   block_offset + DILCONV_MR * nr, dtype)
     cdef Py_ssize_t[:, ::1] tap_scratch = np.empty((n_threads, 4 * taps), dtype=np.intp)
-    cdef floating[:, :, :, :, ::1] wp = np.empty((g.groups, blocks, taps, g.Cg, DILCONV_MR),
-                                                 dtype=dtype)
+    cdef floating[:, :, :, :, ::1] wp = aligned_empty(
+        (g.groups, blocks, taps, g.Cg, DILCONV_MR), dtype)
     cdef floating[:, :, ::1] bp = np.empty((g.groups, blocks, DILCONV_MR), dtype=dtype)
     cdef const floating[:, :, :, :] w_view = weight
     cdef const floating[:] b_view = bias
@@ -416,7 +450,7 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
             _forward_tile(x, wp, bp, out, tiles, g, task, &scratch[tid, 0],
                           &scratch[tid, block_offset],
                           &tap_scratch[tid, 0], &tap_scratch[tid, taps],
-                          zero_fill, in_place_bytes, group)
+                          zero_fill, in_place_bytes, group, chunk_taps)
 
 
 cdef struct Footprint:
@@ -563,7 +597,7 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
         f = _footprint(g, tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3])
         pack_pixels = max(pack_pixels, f.fh * f.fw)
     dtype = np.float32 if floating is float else np.float64
-    cdef floating[:, ::1] scratch = np.empty((n_threads, nr * pack_pixels), dtype=dtype)
+    cdef floating[:, ::1] scratch = thread_scratch(n_threads, nr * pack_pixels, dtype)
     cdef Py_ssize_t[:, ::1] offset_scratch = np.empty((n_threads, 2 * rows), dtype=np.intp)
     gwt = np.zeros((taps, g.O, c_blocks * nr), dtype=dtype)
     cdef floating[:, :, ::1] gwt_view = gwt
