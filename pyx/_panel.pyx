@@ -197,7 +197,7 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
             base = &x[n, ci0, (r0 + rr) * g.sh + kh0 * g.dh - g.pt, c0 + kw0 * g.dw - g.pl]
             for p in range(direct_w // nr):
                 _blocks(wp, bp, out, g, n, grp, r0 + rr, c0 + p * nr, base + p * nr,
-                        &terms, nr, 0, 0, block, False)
+                        &terms, nr, 0, 0, block, False, True)
         if direct_w == tw:
             return
 
@@ -224,7 +224,9 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
             terms.a_off = weight_off + t0
             for p in range(p0, min(p0 + group, panels)):
                 _blocks(wp, bp, out, g, n, grp, r0, c0, pack + (p - p0) * chunk_depth * nr,
-                        &terms, min(nr, pixels - p * nr), p * nr, tw, block, t0 > 0)
+                        &terms, min(nr, pixels - p * nr), p * nr, tw,
+                        block + (p - p0) * wp.shape[1] * DILCONV_MR * nr, t0 > 0,
+                        t1 == n_taps)
             t0 = t1
             if t0 >= n_taps:
                 break
@@ -310,13 +312,17 @@ cdef inline void pack_run(const floating* src, Py_ssize_t step, Py_ssize_t count
 cdef void _blocks(const floating[:, :, :, :, ::1] wp, const floating[:, :, ::1] bp,
                   floating[:, :, :, ::1] out, Geom g, Py_ssize_t n, Py_ssize_t grp,
                   Py_ssize_t r0, Py_ssize_t c0, const floating* b, const Terms* terms,
-                  Py_ssize_t valid, Py_ssize_t q0, Py_ssize_t tw, floating* block,
-                  bint accumulate) noexcept nogil:
+                  Py_ssize_t valid, Py_ssize_t q0, Py_ssize_t tw, floating* blocks,
+                  bint accumulate, bint last) noexcept nogil:
     """Outputs of `valid` pixels, from pixel q0 of the rectangle at (r0, c0) of width tw
     (or from (r0, c0) along one row if tw is 0), for every output channel of the group:
-    the sum of `terms` (added to the outputs' partial sums if `accumulate`)."""
-    cdef Py_ssize_t nr = block_pixels(block), plane = g.Ho * g.Wo
-    cdef Py_ssize_t o0 = grp * g.Og, ob, m, rq, cq
+    the sum of `terms`, added to the partial sums if `accumulate`. Pixels that wrap
+    across rows of the rectangle are summed in `blocks` (MR x NR per block of output
+    channels) and copied out with the `last` terms."""
+    cdef Py_ssize_t nr = block_pixels(blocks), plane = g.Ho * g.Wo
+    cdef Py_ssize_t o0 = grp * g.Og, ob, m, i, j, l, rq, cq, run
+    cdef floating* block
+    cdef floating* dst
     for ob in range(wp.shape[1]):
         m = min(<Py_ssize_t> DILCONV_MR, g.Og - ob * DILCONV_MR)
         if tw == 0 or tw == g.Wo or q0 // tw == (q0 + valid - 1) // tw:
@@ -326,34 +332,24 @@ cdef void _blocks(const floating[:, :, :, :, ::1] wp, const floating[:, :, ::1] 
             ukr_packed(terms, &wp[grp, ob, 0, 0, 0], b, &bp[grp, ob, 0], accumulate,
                        &out[n, o0 + ob * DILCONV_MR, rq, cq], plane, m, valid)
             continue
-        if accumulate:
-            _block_copy(out, n, o0 + ob * DILCONV_MR, m, r0, c0, q0, tw, valid, block, False)
+        block = blocks + ob * DILCONV_MR * nr
         ukr_packed(terms, &wp[grp, ob, 0, 0, 0], b, &bp[grp, ob, 0], accumulate, block, nr,
                    DILCONV_MR, nr)
-        _block_copy(out, n, o0 + ob * DILCONV_MR, m, r0, c0, q0, tw, valid, block, True)
-
-
-cdef inline void _block_copy(floating[:, :, :, ::1] out, Py_ssize_t n, Py_ssize_t o,
-                             Py_ssize_t m, Py_ssize_t r0, Py_ssize_t c0, Py_ssize_t q0,
-                             Py_ssize_t tw, Py_ssize_t valid, floating* block,
-                             bint to_out) noexcept nogil:
-    # Between a block (m rows of NR) and its `valid` pixels from pixel q0 of the
-    # rectangle at (r0, c0) of width tw in `out`, in runs along the rectangle's rows.
-    cdef Py_ssize_t nr = block_pixels(block), rq = q0 // tw, cq = q0 % tw, l = 0
-    cdef Py_ssize_t run, i, j
-    cdef floating* row
-    while l < valid:
-        run = min(tw - cq, valid - l)
-        for i in range(m):
-            row = &out[n, o + i, r0 + rq, c0 + cq]
-            for j in range(run):
-                if to_out:
-                    row[j] = block[i * nr + l + j]
-                else:
-                    block[i * nr + l + j] = row[j]
-        l = l + run
-        cq = 0
-        rq = rq + 1
+        if not last:
+            continue
+        # Copy the block out in runs of consecutive pixels of one tile row.
+        rq = q0 // tw
+        cq = q0 % tw
+        l = 0
+        while l < valid:
+            run = min(tw - cq, valid - l)
+            for i in range(m):
+                dst = &out[n, o0 + ob * DILCONV_MR + i, r0 + rq, c0 + cq]
+                for j in range(run):
+                    dst[j] = block[i * nr + l + j]
+            l = l + run
+            cq = 0
+            rq = rq + 1
 
 
 cdef void _pack_weights(const floating[:, :, :, :] w, const floating[:] bias,
@@ -398,9 +394,9 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
     The plan: tiles aligned with the tap ranges (of the rows only where few zeros would be
     multiplied in border columns and the weights are finite: zero-filled tiles), of about
     PANEL_PACK_BYTES of input terms; per thread, a group of panels packed a chunk of
-    taps at a time, one output block, and the tile's taps with their weight, image and
-    panel offsets. The weights
-    are packed as (groups, ceil(O/g / MR), kH*kW, C/g, MR), zero past O/g."""
+    taps at a time, the group's output blocks (for those that wrap across tile rows),
+    and the tile's taps with their weight, image and panel offsets. The weights are
+    packed as (groups, ceil(O/g / MR), kH*kW, C/g, MR), zero past O/g."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t taps = g.kH * g.kW, depth = taps * g.Cg
@@ -434,7 +430,8 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
     dtype = np.float32 if floating is float else np.float64
     cdef Py_ssize_t block_offset = group * nr * chunk_taps * g.Cg
     cdef floating[:, ::1] scratch = thread_scratch(n_threads,
-                                                   block_offset + DILCONV_MR * nr, dtype)
+                                                   block_offset + group * blocks
+                                                   * DILCONV_MR * nr, dtype)
     cdef Py_ssize_t[:, ::1] tap_scratch = np.empty((n_threads, 4 * taps), dtype=np.intp)
     cdef floating[:, :, :, :, ::1] wp = aligned_empty(
         (g.groups, blocks, taps, g.Cg, DILCONV_MR), dtype)
