@@ -29,6 +29,10 @@ from dilconv._scratch import aligned_empty, thread_scratch
 from dilconv._threads import kernel_threads
 
 
+cdef extern from *:
+    void prefetch "__builtin_prefetch"(const void* address) noexcept nogil
+
+
 cdef extern from "_microkernel.h":
     enum: DILCONV_MR, DILCONV_MR_GW, DILCONV_BLOCK_BYTES
     ctypedef struct Terms "dilconv_terms":
@@ -66,14 +70,17 @@ cdef extern from "_axpy.h":
 # channels per block (in the weight gradient) and bytes of pixels per block.
 MR, MR_GRAD_WEIGHT, BLOCK_NBYTES = DILCONV_MR, DILCONV_MR_GW, DILCONV_BLOCK_BYTES
 
-# Forward tiles (tasks): about this many bytes of input terms (pixels x taps x channels),
-# and enough pixels that blocks of NR are mostly full.
+# Forward tiles (tasks): about this many bytes of input terms of one chunk of taps
+# (pixels x taps x channels), and enough pixels that blocks of NR are mostly full.
 PANEL_PACK_BYTES = 1024 * 1024
 PANEL_MIN_PIXELS = 256
 # Weight-gradient tiles: their packed input stays within this (in L1/L2), and a task's
 # output channels of grad_output (in L2 across the taps) within this many.
 PANEL_GRAD_WEIGHT_PACK_BYTES = 64 * 1024
 PANEL_GRAD_WEIGHT_O_CHUNK = 128
+# Packing reads the image this many channel planes ahead of the copy.
+cdef enum:
+    PACK_PREFETCH_CHANNELS = 8
 
 
 @functools.lru_cache(maxsize=256)
@@ -262,6 +269,8 @@ cdef void _pack_panels(const floating* img, Geom g, const Py_ssize_t* taps,
                        + lo * g.sw + kw * g.dw - g.pl)
             for ci in range(g.Cg):
                 k = ti * g.Cg + ci
+                # Reads run ahead of the copies: the image is often out of L2 by now.
+                prefetch(img + (ci + PACK_PREFETCH_CHANNELS) * plane + row_off)
                 if lo > c:
                     pack_run(NULL, 0, lo - c, q, k, depth, pack)
                 if hi > lo:
@@ -401,8 +410,12 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t taps = g.kH * g.kW, depth = taps * g.Cg
     cdef Py_ssize_t blocks = (g.Og + DILCONV_MR - 1) // DILCONV_MR
-    cdef Py_ssize_t target = max(PANEL_MIN_PIXELS,
-                                 PANEL_PACK_BYTES // sizeof(floating) // depth)
+    # Taps per chunk: chunks of about equal size, each panel's about panel_chunk_bytes.
+    cdef Py_ssize_t chunks = ceil_div(taps, max(1, tuning.panel_chunk_bytes
+                                                 // (DILCONV_BLOCK_BYTES * g.Cg)))
+    cdef Py_ssize_t chunk_taps = ceil_div(taps, chunks)
+    cdef Py_ssize_t target = max(PANEL_MIN_PIXELS, PANEL_PACK_BYTES // sizeof(floating)
+                                 // (chunk_taps * g.Cg))
     # A packed panel serves every block of MR output channels: for one or two blocks it
     # does not pay, and unit-stride blocks read the image in place at any depth (in
     # tiles cut at the column taps' range ends).
@@ -421,10 +434,6 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
         spec, min(tuning.max_tile_pixels, max(nr, target - target % nr)), zero_fill)
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]
     cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
-    # Taps per chunk: chunks of about equal size, each panel's about panel_chunk_bytes.
-    cdef Py_ssize_t chunks = ceil_div(taps, max(1, tuning.panel_chunk_bytes
-                                                 // (DILCONV_BLOCK_BYTES * g.Cg)))
-    cdef Py_ssize_t chunk_taps = ceil_div(taps, chunks)
     cdef Py_ssize_t group = max(1, tuning.panel_group_bytes
                                 // (DILCONV_BLOCK_BYTES * chunk_taps * g.Cg))
     dtype = np.float32 if floating is float else np.float64
