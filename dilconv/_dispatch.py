@@ -8,11 +8,12 @@ Kernel families:
   multiplied by zero there; and only where those bands do not outweigh the output);
   its backward is "direct";
 - "panel": layers with many channels: output tiles aligned with the taps' in-bounds
-  ranges, packed into panels, summed by a register-blocked micro-kernel; at unit stride
-  the input gradient is the same forward of grad_output with the transposed, turned
-  kernel, and the weight gradient runs on the same micro-kernel;
-- "gemm": per tile and tap, one BLAS matrix product (the strided input gradient of the
-  panel family's layers; everything else when forced);
+  ranges, packed into panels, summed by a register-blocked micro-kernel; the input
+  gradient is the same forward of grad_output with the transposed, turned kernel (at a
+  stride, one per stride phase of the input, with the taps that reach it), and the
+  weight gradient runs on the same micro-kernel;
+- "gemm": per tile and tap, one BLAS matrix product (the input gradient where padding
+  goes past the dilated kernel; everything else when forced);
 - "depthwise": layers with one input channel per group (depthwise, any channel
   multiplier): forward with each output summed in registers and stored once, one pass over
   input and output, chosen for unit column stride (a strided one runs, on scalars); input
@@ -57,12 +58,12 @@ def select(spec, op: str = "forward", weight=None, tuning=None) -> str:
         if path == "flat" and not _flat.applies(spec, weight, tuning):
             return "direct"
     elif op == "grad_input":
-        if path == "panel" and transposed_spec(spec) is not None:
+        if path == "panel" and (transposed_spec(spec) is not None
+                                or spec.stride != (1, 1)):
             return "panel"
         if path == "depthwise":
             return "depthwise" if _depthwise_grad_input(spec) else "direct"
-        # Strided layers of the panel family (and padding past the dilated kernel) take
-        # the BLAS kernel.
+        # Padding past the dilated kernel at unit stride takes the BLAS kernel.
         path = "gemm" if path in ("gemm", "panel") else "direct"
     elif op == "grad_weight":
         if path == "depthwise":
@@ -117,12 +118,61 @@ def transposed_spec(spec):
                     spec.dilation, pads, spec.groups)
 
 
-def transposed_weight(weight, spec):
+def _axis_phases(size, out_size, k, s, d, pad):
+    """Along one axis of a strided spec: per phase r (inputs r, r+s, ...) the taps that
+    reach it (ascending), and, for the stride-1 correlation of grad_output with those taps
+    turned that gives the phase's input gradient, (crop_lo, crop_hi) of grad_output,
+    its padding (lo, hi) and dilation; None for a phase no tap reaches."""
+    phases = []
+    for r in range(s):
+        n = -(-(size - r) // s)
+        taps = [t for t in range(k) if (t * d - pad - r) % s == 0]
+        if n <= 0 or not taps:
+            phases.append(None)
+            continue
+        # Input r + s*i gets grad_output[i + (r + pad - t*d) / s] * w[t]: the taps turned
+        # are offsets rising by d / gcd(s, d) from the last tap's.
+        low = (r + pad - taps[-1] * d) // s
+        dil = (taps[-1] - taps[-2]) * d // s if len(taps) > 1 else 1
+        pad_lo, pad_hi = -low, n - out_size + low + (len(taps) - 1) * dil
+        crop = (max(0, -pad_lo), max(0, -pad_hi))
+        if out_size - crop[0] - crop[1] < 1:
+            phases.append(None)        # every tap of the phase reads padding: zeros
+            continue
+        phases.append((taps, crop, (max(0, pad_lo), max(0, pad_hi)), dil))
+    return phases
+
+
+def stride_phases(spec):
+    """For a strided spec, its input gradient as one stride-1 forward per stride phase
+    (rows r_h, r_h + s_h, ...; columns likewise): a list of ((r_h, r_w), None) for phases
+    no tap reaches (zero gradient) or ((r_h, r_w), (spec, kh_taps, kw_taps, rows, cols)),
+    the forward's spec over grad_output[:, :, rows, cols] with the weights
+    transposed_weight(weight[:, :, kh_taps][:, :, :, kw_taps], groups)."""
+    (pt, pb), (pl, pr) = spec.padding
+    rows = _axis_phases(spec.h, spec.ho, spec.kh, spec.stride[0], spec.dilation[0], pt)
+    cols = _axis_phases(spec.w, spec.wo, spec.kw, spec.stride[1], spec.dilation[1], pl)
+    out = []
+    for rh, ph in enumerate(rows):
+        for rw, pw in enumerate(cols):
+            if ph is None or pw is None:
+                out.append(((rh, rw), None))
+                continue
+            (kh_taps, ch, pad_h, dh), (kw_taps, cw, pad_w, dw) = ph, pw
+            sub = ConvSpec(spec.n, spec.o, spec.ho - ch[0] - ch[1], spec.wo - cw[0] - cw[1],
+                           spec.c, len(kh_taps), len(kw_taps), (1, 1), (dh, dw),
+                           (pad_h, pad_w), spec.groups)
+            out.append(((rh, rw), (sub, kh_taps, kw_taps, slice(ch[0], spec.ho - ch[1]),
+                                   slice(cw[0], spec.wo - cw[1]))))
+    return out
+
+
+def transposed_weight(weight, groups):
     """(O, C/g, kH, kW) -> (C, O/g, kH, kW): per group, in and out channels swapped and
     the kernel turned by 180 degrees."""
-    groups, cg, og = spec.groups, spec.c // spec.groups, spec.o // spec.groups
-    w = weight.reshape(groups, og, cg, spec.kh, spec.kw)[:, :, :, ::-1, ::-1]
-    return w.transpose(0, 2, 1, 3, 4).reshape(spec.c, og, spec.kh, spec.kw)
+    o, cg, kh, kw = weight.shape
+    w = weight.reshape(groups, o // groups, cg, kh, kw)[:, :, :, ::-1, ::-1]
+    return w.transpose(0, 2, 1, 3, 4).reshape(groups * cg, o // groups, kh, kw)
 
 
 def forward(x, weight, bias, out, spec) -> None:
@@ -144,14 +194,31 @@ def forward(x, weight, bias, out, spec) -> None:
 def grad_input(grad_output, weight, grad_x, spec) -> None:
     tuning = current()
     path = select(spec, "grad_input", weight, tuning)
-    if path == "panel":
+    if path == "panel" and spec.stride == (1, 1):
         # Unit stride: grad_input is the forward convolution of grad_output with the
         # transposed, turned kernel, on the panel kernel.
-        _panel.forward(grad_output, transposed_weight(weight, spec),
+        _panel.forward(grad_output, transposed_weight(weight, spec.groups),
                        np.empty(0, grad_x.dtype), grad_x, transposed_spec(spec), tuning)
+    elif path == "panel":
+        # Strided: each stride phase of the input is such a forward, with the taps that
+        # reach it, into a buffer of the phase's size (the input's over the stride's).
+        no_bias = np.empty(0, grad_x.dtype)
+        phases = stride_phases(spec)
+        if any(phase is None for _, phase in phases):
+            grad_x.fill(0)             # inputs no tap reads (in one pass, not strided)
+        for (rh, rw), phase in phases:
+            if phase is None:
+                continue
+            target = grad_x[:, :, rh::spec.stride[0], rw::spec.stride[1]]
+            sub, kh_taps, kw_taps, rows, cols = phase
+            w_sub = weight[:, :, kh_taps][:, :, :, kw_taps]
+            buf = np.empty(sub.output_shape, grad_x.dtype)
+            _panel.forward(np.ascontiguousarray(grad_output[:, :, rows, cols]),
+                           transposed_weight(w_sub, spec.groups), no_bias, buf, sub, tuning)
+            target[...] = buf
     elif path == "depthwise":
         # Multiplier 1: the same forward with the turned kernel (a copy: it reads rows).
-        _depthwise.forward(grad_output, np.ascontiguousarray(transposed_weight(weight, spec)),
+        _depthwise.forward(grad_output, np.ascontiguousarray(transposed_weight(weight, spec.groups)),
                            np.empty(0, grad_x.dtype), grad_x, transposed_spec(spec), tuning)
     elif path == "gemm":
         _gemm.grad_input(grad_output, weight, grad_x, spec, tuning)

@@ -141,6 +141,29 @@ def test_panel_blocks_in_place_packed_and_zero_fill(case, in_place, zero_fill, t
                            padding, dilation, groups)
 
 
+@pytest.mark.parametrize("stride, padding, dilation, k", [
+    (2, 2, 2, 3),                  # odd rows and columns: no tap reads them
+    (2, 1, 1, 3),                  # every phase, with two taps or one
+    ((3, 2), ((0, 4), (3, 1)), (1, 3), 2),   # phases without taps; asymmetric padding
+    (3, 5, 2, 3),                  # padding past part of the kernel: cropped phases
+    ((2, 1), 0, (2, 1), 4),        # stride along rows only
+    (2, 3, 4, 3),                  # a phase's taps dilated (4 / 2)
+    ((2, 3), (6, 1), (6, 3), 4),   # dilated phases along rows, one tap per column phase
+])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_panel_strided_input_gradient_by_stride_phases(stride, padding, dilation, k, groups,
+                                                       rng):
+    # At a stride the panel family's input gradient is one unit-stride forward per phase.
+    for dtype in (np.float32, np.float64):
+        x, wt, b = random_case(rng, 2, 16, 13, 11, 8, k, k, groups, dtype)
+        y = dilconv.conv2d(x, wt, b, stride, padding, dilation, groups)
+        with tuning(path="panel"):
+            assert select(make_spec(x.shape, wt.shape, stride, padding, dilation, groups),
+                          "grad_input", wt) == "panel"
+            check_backward(rng.standard_normal(y.shape).astype(dtype), x, wt, stride,
+                           padding, dilation, groups)
+
+
 @pytest.mark.parametrize("zero_fill", [False, True])
 @pytest.mark.parametrize("tile_pixels", [5, 4096])
 @pytest.mark.parametrize("case", GRID[:7] + GRID[-1:])

@@ -178,18 +178,19 @@ def test_more_than_2_31_elements(path):
         assert g.weight[0, 0, 0, 0] == expected_w
 
 
-def test_planes_over_2_31_pixels_stay_off_blas(monkeypatch):
+def test_planes_over_2_31_pixels_stay_off_blas():
     # A plane of 2**31 + 4096 output pixels (BLAS sizes are C ints): the panel kernels
-    # (no BLAS) take it; the strided input gradient, which the panel family leaves to
-    # BLAS, runs direct. Shapes only: no memory.
+    # (no BLAS) take it, the strided input gradient as a panel forward per stride phase.
+    # Shapes only: no memory.
     big = make_spec((1, 16, 524289, 8192), (16, 16, 1, 1), (1, 2), 0, 1, 1)
-    assert _dispatch.select(big) == _dispatch.select(big, "grad_weight") == "panel"
-    ran = []
-    monkeypatch.setattr(_dispatch._backward, "grad_input", lambda *a: ran.append("direct"))
-    monkeypatch.setattr(_dispatch._gemm, "grad_input", lambda *a: ran.append("gemm"))
-    _dispatch.grad_input(None, np.zeros((16, 16, 1, 1), np.float32),
-                         np.zeros((1, 16, 1, 1), np.float32), big)
-    assert ran == ["direct"]
+    weight = np.zeros((16, 16, 1, 1), np.float32)
+    assert (_dispatch.select(big) == _dispatch.select(big, "grad_weight")
+            == _dispatch.select(big, "grad_input", weight) == "panel")
+    phases = dict(_dispatch.stride_phases(big))
+    assert phases[(0, 1)] is None              # odd columns: no tap reads them
+    sub = phases[(0, 0)][0]
+    assert (sub.h, sub.w, sub.stride) == (big.ho, big.wo, (1, 1))
+    assert (sub.ho, sub.wo) == (big.h, big.w // 2)
 
 
 def test_forced_gemm_falls_back_to_direct_past_blas_sizes():
