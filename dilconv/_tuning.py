@@ -54,7 +54,7 @@ class Tuning:
     # in chunks of about this many bytes per panel (a panel's chunk stays in L1 while it
     # is summed into every output block, the chunk's weights in L2).
     panel_group_bytes: int = 128 * 1024
-    panel_chunk_bytes: int = 16 * 1024
+    panel_chunk_bytes: Optional[int] = None      # None: the CPU tier's own
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -67,6 +67,8 @@ class Tuning:
                 if value is not None:
                     from . import _tiers
                     _tiers.check(value, "tuning tier")
+            elif f.name == "panel_chunk_bytes" and value is None:
+                pass
             elif f.type == "float":
                 if isinstance(value, bool) or not isinstance(value, numbers.Real):
                     raise TypeError(f"tuning {f.name} must be a number, got {value!r}")

@@ -34,7 +34,7 @@ cdef extern from *:
 
 
 cdef extern from "_microkernel.h":
-    enum: DILCONV_MR, DILCONV_MR_GW, DILCONV_BLOCK_BYTES
+    enum: DILCONV_MR, DILCONV_MR_GW, DILCONV_BLOCK_BYTES, DILCONV_CHUNK_BYTES
     ctypedef struct Terms "dilconv_terms":
         # The sum of one output block: see pyx/_microkernel.h.
         Py_ssize_t n_seg, seg_len
@@ -412,7 +412,9 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
     cdef Py_ssize_t taps = g.kH * g.kW, depth = taps * g.Cg
     cdef Py_ssize_t blocks = (g.Og + DILCONV_MR - 1) // DILCONV_MR
     # Taps per chunk: chunks of about equal size, each panel's about panel_chunk_bytes.
-    cdef Py_ssize_t chunks = ceil_div(taps, max(1, tuning.panel_chunk_bytes
+    cdef Py_ssize_t chunk_bytes = (DILCONV_CHUNK_BYTES if tuning.panel_chunk_bytes is None
+                                   else tuning.panel_chunk_bytes)
+    cdef Py_ssize_t chunks = ceil_div(taps, max(1, chunk_bytes
                                                  // (DILCONV_BLOCK_BYTES * g.Cg)))
     cdef Py_ssize_t chunk_taps = ceil_div(taps, chunks)
     cdef Py_ssize_t target = max(PANEL_MIN_PIXELS,
