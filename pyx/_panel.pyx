@@ -362,38 +362,36 @@ cdef void _blocks(const floating[:, :, :, :, ::1] wp, const floating[:, :, ::1] 
             rq = rq + 1
 
 
-cdef void _pack_weights(const floating[:, :, :, :] w, const floating[:] bias,
-                        floating[:, :, :, :, ::1] wp, floating[:, :, ::1] bp) noexcept nogil:
-    """wp[grp, ob, kh*kW + kw, ci, i] = w[grp*O/g + ob*MR + i, ci, kh, kw] and bp likewise
-    from `bias` (which may be empty), zero past O/g. `w` may have any strides (read
-    through them as bytes); wp is written in order, without per-element indexing."""
+cdef void _pack_weight_block(const floating[:, :, :, :] w, const floating[:] bias,
+                             floating[:, :, :, :, ::1] wp, floating[:, :, ::1] bp,
+                             Py_ssize_t block) noexcept nogil:
+    """Block `block` (grp * blocks + ob) of wp[grp, ob, kh*kW + kw, ci, i] =
+    w[grp*O/g + ob*MR + i, ci, kh, kw] and of bp likewise from `bias` (which may be
+    empty), zero past O/g. `w` may have any strides (read through them as bytes). Taps
+    innermost: a row's taps of one channel are read while their lines are in cache."""
     cdef Py_ssize_t groups = wp.shape[0], blocks = wp.shape[1], cg = wp.shape[3]
     cdef Py_ssize_t og = w.shape[0] // groups, kh_size = w.shape[2], kw_size = w.shape[3]
-    cdef Py_ssize_t s_o = w.strides[0], s_c = w.strides[1]
-    cdef Py_ssize_t grp, ob, ci, kh, kw, i, o, m
-    cdef const char* base
+    cdef Py_ssize_t s_o = w.strides[0], tap_stride = cg * DILCONV_MR
+    cdef Py_ssize_t grp = block // blocks, ob = block % blocks, ci, kh, kw, i
+    cdef Py_ssize_t m = min(<Py_ssize_t> DILCONV_MR, og - ob * DILCONV_MR)
+    cdef Py_ssize_t o = grp * og + ob * DILCONV_MR
     cdef const char* src
     cdef floating* dst
-    for grp in range(groups):
-        for ob in range(blocks):
-            m = min(<Py_ssize_t> DILCONV_MR, og - ob * DILCONV_MR)
-            o = grp * og + ob * DILCONV_MR
-            for i in range(DILCONV_MR):
-                bp[grp, ob, i] = bias[o + i] if i < m and bias.shape[0] else 0
-            dst = &wp[grp, ob, 0, 0, 0]
-            for kh in range(kh_size):
-                for kw in range(kw_size):
-                    base = <const char*> &w[o, 0, kh, kw]
-                    for ci in range(cg):
-                        src = base + ci * s_c
-                        if m == DILCONV_MR:
-                            # A constant trip count: unrolled.
-                            for i in range(DILCONV_MR):
-                                dst[i] = (<const floating*> (src + i * s_o))[0]
-                        else:
-                            for i in range(DILCONV_MR):
-                                dst[i] = (<const floating*> (src + i * s_o))[0] if i < m else 0
-                        dst = dst + DILCONV_MR
+    for i in range(DILCONV_MR):
+        bp[grp, ob, i] = bias[o + i] if i < m and bias.shape[0] else 0
+    for ci in range(cg):
+        dst = &wp[grp, ob, 0, ci, 0]
+        for kh in range(kh_size):
+            for kw in range(kw_size):
+                src = <const char*> &w[o, ci, kh, kw]
+                if m == DILCONV_MR:
+                    # A constant trip count: unrolled.
+                    for i in range(DILCONV_MR):
+                        dst[i] = (<const floating*> (src + i * s_o))[0]
+                else:
+                    for i in range(DILCONV_MR):
+                        dst[i] = (<const floating*> (src + i * s_o))[0] if i < m else 0
+                dst = dst + tap_stride
 
 
 def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1] out,
@@ -450,11 +448,11 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
     cdef floating[:, :, ::1] bp = np.empty((g.groups, blocks, DILCONV_MR), dtype=dtype)
     cdef const floating[:, :, :, :] w_view = weight
     cdef const floating[:] b_view = bias
-    cdef Py_ssize_t task, tid
-    with nogil:
-        _pack_weights(w_view, b_view, wp, bp)
+    cdef Py_ssize_t task, tid, block
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
+        for block in prange(g.groups * blocks, schedule='static'):
+            _pack_weight_block(w_view, b_view, wp, bp, block)
         for task in prange(n_tasks, schedule='dynamic'):
             _forward_tile(x, wp, bp, out, tiles, g, task, &scratch[tid, 0],
                           &scratch[tid, block_offset],
