@@ -5,11 +5,12 @@ every tap reads the image for all of its pixels or for none: a tile sums exactly
 in the image, with no zero padding and no bounds tests (where border columns are thin and
 the weights finite, the plan may cut along rows only: column taps then read zeros). A
 tile is computed NR pixels at a time: their input pixels, for all of the taps and
-channels, form a panel, packed per thread a group of panels at a time just before use
-(or, at unit stride with few terms or few output channels, read in place), and the
-micro-kernel (pyx/_microkernel.h) holds MR output channels x NR pixels in registers over
-the whole sum, once per block of MR output channels, while the panel is still in cache.
-Each output is written once. Every output sums its taps and channels
+channels, form a panel, packed per thread a group of panels (and a chunk of taps, where
+the tier's plan splits them) at a time just before use (or, at unit stride with few terms
+or few output channels, read in place), and the micro-kernel (pyx/_microkernel.h) holds
+MR output channels x NR pixels in registers over the sum of a chunk, once per block of MR
+output channels, while the panel is still in cache; the next chunk adds to the stored
+partial sums. Every output sums its taps and channels
 in one fixed order, so results are bitwise identical for any thread count (and tasks,
 which own their outputs, are handed out dynamically: tiles differ in size). The weight
 gradient runs on the same micro-kernel, with pixels as the terms of its sums.
@@ -270,8 +271,10 @@ cdef void _pack_panels(const floating* img, Geom g, const Py_ssize_t* taps,
                        + lo * g.sw + kw * g.dw - g.pl)
             for ci in range(g.Cg):
                 k = ti * g.Cg + ci
-                # Reads run ahead of the copies: the image is often out of L2 by now.
-                prefetch(img + (ci + PACK_PREFETCH_CHANNELS) * plane + row_off)
+                # Reads run ahead of the copies (within the group's channels): the image
+                # is often out of L2 by now.
+                if ci + PACK_PREFETCH_CHANNELS < g.Cg:
+                    prefetch(img + (ci + PACK_PREFETCH_CHANNELS) * plane + row_off)
                 if lo > c:
                     pack_run(NULL, 0, lo - c, q, k, depth, pack)
                 if hi > lo:
