@@ -122,10 +122,16 @@ def _zarr(path, shape, chunks, compressors=None):
 WIDE = ((9, 4), (0, 40))
 
 
+@pytest.mark.parametrize("stripe_bytes", [None, 48])
 @pytest.mark.parametrize("target, padding", [
     ("numpy", WIDE), ("memmap", WIDE), ("memmap", "same"), ("zarr", "same"),
-    ("zarr-zstd", "same")])
-def test_conv2d_out_writes_every_block(tmp_path, rng, target, padding):
+    ("zarr-zstd", "same"), ("zarr-narrow", "same")])
+def test_conv2d_out_writes_every_block(tmp_path, rng, monkeypatch, target, padding,
+                                       stripe_bytes):
+    """Also with blocks written a stripe at a time (rows of files, columns of zarr chunks
+    as tall as the block, stripes that read only padding)."""
+    if stripe_bytes:
+        monkeypatch.setattr(dd, "STRIPE_BYTES", stripe_bytes)
     x, w, b, _, _, _ = _layer(rng)
     expected = dilconv.conv2d(x, w, b, dilation=2, padding=padding)
     bound = forward_bound(x, w, b, _spec(x, w, 2, padding))
@@ -136,12 +142,29 @@ def test_conv2d_out_writes_every_block(tmp_path, rng, target, padding):
         out = dd.MemmapArray.create_npy(tmp_path / "y.npy", shape, np.float32)
     else:                                   # 'same' keeps the input's blocks: 8 x 16
         compressors = zarr.codecs.ZstdCodec(level=1) if target == "zarr-zstd" else None
-        out = _zarr(tmp_path / "y.zarr", shape, (1, 4, 8, 16), compressors)
+        chunks = (1, 4, 8, 8 if target == "zarr-narrow" else 16)
+        out = _zarr(tmp_path / "y.zarr", shape, chunks, compressors)
     xd = da.from_array(x, chunks=(1, 3, 8, 16))
     job = dd.conv2d(xd, w, b, dilation=2, padding=padding, out=out)
     assert isinstance(job, Delayed)
     assert job.compute(scheduler="threads") is out
     _within(out[...], expected, bound)
+
+
+def test_conv2d_out_write_errors_reach_the_caller(rng, monkeypatch):
+    """A stripe written by the task's writing thread still fails the task."""
+    monkeypatch.setattr(dd, "STRIPE_BYTES", 48)
+    x, w, b, args, expected, _ = _layer(rng)
+
+    class Full:
+        shape, dtype = expected.shape, expected.dtype
+
+        def __setitem__(self, index, value):
+            raise OSError("no space left on device")
+
+    job = dd.conv2d(da.from_array(x, chunks=(1, 3, 8, 16)), w, b, **args, out=Full())
+    with pytest.raises(OSError, match="no space"):
+        job.compute(scheduler="threads")
 
 
 def test_conv2d_out_unbatched_and_in_place(rng):
