@@ -39,6 +39,7 @@ import math
 import numbers
 import operator
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -209,18 +210,27 @@ class _Direct:
     region: tuple
 
 
+def _is_zarr_array(source) -> bool:
+    zarr = sys.modules.get("zarr")          # not imported: not a zarr array
+    return zarr is not None and isinstance(source, zarr.Array)
+
+
 def _direct_source(x: da.Array):
-    """The `MemmapArray` or `RawZarrArray` whose blocks `x` is, when `x` is exactly such an
-    array wrapped by `from_array` (`from_npy`, `from_raw`, `from_zarr`): tasks then read
-    their windows from it themselves, into their window buffer, instead of gathering
-    dask blocks (one copy fewer, and no block allocated or held by the scheduler)."""
+    """The `MemmapArray`, `RawZarrArray` or zarr array whose blocks `x` is, when `x` is
+    exactly such an array wrapped by `from_array` (`from_npy`, `from_raw`, `from_zarr`,
+    `dask.array.from_zarr`): tasks then read their windows from it themselves, into their
+    window buffer, instead of gathering dask blocks (one copy fewer, and no block
+    allocated or held by the scheduler: memory then depends on the tasks running, not on
+    the order the scheduler reads blocks in)."""
     graph = x.__dask_graph__()
     layers = getattr(graph, "layers", {})
-    if not x.name.startswith("array-") or set(layers) != {x.name, "original-" + x.name}:
+    if not x.name.startswith(("array-", "from-zarr-")) \
+            or set(layers) != {x.name, "original-" + x.name}:
         return None
     source = dict(layers["original-" + x.name]).get("original-" + x.name)
-    if isinstance(source, (MemmapArray, RawZarrArray)) and source.shape == x.shape \
-            and source.dtype == x.dtype and getattr(source, "order", "C") == "C":
+    if (isinstance(source, (MemmapArray, RawZarrArray)) or _is_zarr_array(source)) \
+            and tuple(source.shape) == x.shape and source.dtype == x.dtype \
+            and getattr(source, "order", "C") == "C":
         return source
     return None
 
@@ -236,7 +246,14 @@ def _read_window(direct: _Direct):
         window = _scratch("window", view.shape, view.dtype)
         np.copyto(window, view)
         return window
-    return source.read_into(direct.region, "window")
+    if isinstance(source, RawZarrArray):
+        return source.read_into(direct.region, "window")
+    # A zarr array decodes the chunks the window overlaps straight into the buffer.
+    from zarr.core.buffer import default_buffer_prototype
+    window = _scratch("window", _region_shape(direct.region, source.shape), source.dtype)
+    source.get_basic_selection(
+        direct.region, out=default_buffer_prototype().nd_buffer.from_numpy_array(window))
+    return window
 
 
 def _assemble(blocks, slices: _Slices):

@@ -408,17 +408,22 @@ def test_zarr_in_zarr_out_chunk_files(tmp_path, rng, chain):
 
 
 @pytest.mark.parametrize("chunks", [(1, 3, 16, 36), (1, 3, 12, 20), (2, 3, 40, 36)])
-@pytest.mark.parametrize("source", ["npy", "zarr"])
+@pytest.mark.parametrize("source", ["npy", "zarr", "zarr-zstd"])
 def test_windows_read_from_the_source_by_the_tasks(tmp_path, rng, source, chunks):
-    """On a from_npy / from_zarr array each task reads its window from the file (a view
-    where the window is contiguous rows, else a copy): no input block is a task."""
+    """On a from_npy / from_zarr / dask.array.from_zarr array each task reads its window
+    from the file (a view where the window is contiguous rows, else a copy or zarr's
+    decoding into the task's buffer): no input block is a task."""
     x = rng.standard_normal((2, 3, 40, 36)).astype(np.float32)
     if source == "npy":
         np.save(tmp_path / "x.npy", x)
         xd = dd.from_npy(tmp_path / "x.npy", chunks=chunks)
-    else:
+    elif source == "zarr":
         _zarr(tmp_path / "x.zarr", x.shape, (1, 3, 4, 4))[...] = x
         xd = dd.from_zarr(str(tmp_path / "x.zarr"), chunks=chunks)
+    else:
+        z = _zarr(tmp_path / "x.zarr", x.shape, (1, 3, 4, 4), zarr.codecs.ZstdCodec(level=1))
+        z[...] = x
+        xd = da.from_zarr(z, chunks=chunks)
     w, b, d, p = _chain(rng, channels=(3, 4))[0]
     layers = _chain(rng)
     y = dd.conv2d(xd, w, b, dilation=d, padding=p)
