@@ -80,6 +80,11 @@ PANEL_MIN_PIXELS = 256
 # output channels of grad_output (in L2 across the taps) within this many.
 PANEL_GRAD_WEIGHT_PACK_BYTES = 64 * 1024
 PANEL_GRAD_WEIGHT_O_CHUNK = 128
+# The weight gradient's sum over images is split into up to this many parts of whole
+# images, summed into their own arrays and then added in part order: tasks for every
+# thread where channels alone give few (stride2_d2: one), and the same bits for any thread
+# count and tier, since the parts depend on the batch only.
+PANEL_GRAD_WEIGHT_IMAGE_PARTS = 4
 # Packing reads the image this many channel planes ahead of the copy.
 cdef enum:
     PACK_PREFETCH_CHANNELS = 8
@@ -523,9 +528,10 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
                              floating[:, :, ::1] gwt,           # OUT (kH*kW, O, C/g padded)
                              const Py_ssize_t[:, ::1] tiles,    # IN  (T, 4) aligned tiles
                              Py_ssize_t o_chunk, Geom g, Py_ssize_t task,
+                             Py_ssize_t n0, Py_ssize_t n1,
                              floating* pack, Py_ssize_t* offsets) noexcept nogil:  # SCRATCH
     # One task: NR input channels x o_chunk output channels of one group, for every tap,
-    # summed over images and tiles. Per tile and tap, A is grad_output read in place (a
+    # summed over images [n0, n1) and tiles. Per tile and tap, A is grad_output read in place (a
     # term is a pixel, a segment a tile row: the tile stays in cache across the taps) and
     # B the tap's input pixels of the NR channels, pixel by pixel: packed once per tile
     # for all its taps (their footprint), or tap by tap where that is fewer pixels.
@@ -545,7 +551,7 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
 
     terms.a_step = 1
     terms.a_row = g.Ho * g.Wo
-    for n in range(g.N):
+    for n in range(n0, n1):
         for t in range(tiles.shape[0]):
             r0, r1, c0, c1 = tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3]
             tw = c1 - c0
@@ -587,8 +593,10 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     """Weight gradient into `gw`. The plan: tiles aligned with the tap ranges, whose NR
     channels of packed input take at most PANEL_GRAD_WEIGHT_PACK_BYTES per tap (scratch:
     the larger of that and a tile's footprint, per thread); tasks of NR input
-    channels x o_chunk output channels (a multiple of MR) of one group; the sums go into
-    a (kH*kW, O, ceil(C/g / NR) * NR) array of zeros, then into `gw`."""
+    channels x o_chunk output channels (a multiple of MR) of one group and one part of the
+    images (PANEL_GRAD_WEIGHT_IMAGE_PARTS); each part's sums go into a
+    (kH*kW, O, ceil(C/g / NR) * NR) array of zeros, and the parts, added in order, into
+    `gw`."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t taps = g.kH * g.kW
@@ -598,7 +606,9 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     cdef Py_ssize_t c_blocks = (g.Cg + nr - 1) // nr
     cdef Py_ssize_t o_chunk = min(g.Og, PANEL_GRAD_WEIGHT_O_CHUNK)
     o_chunk = (o_chunk + DILCONV_MR - 1) // DILCONV_MR * DILCONV_MR
-    cdef Py_ssize_t n_tasks = g.groups * c_blocks * ((g.Og + o_chunk - 1) // o_chunk)
+    cdef Py_ssize_t parts = max(1, min(g.N, PANEL_GRAD_WEIGHT_IMAGE_PARTS))
+    cdef Py_ssize_t part_tasks = g.groups * c_blocks * ((g.Og + o_chunk - 1) // o_chunk)
+    cdef Py_ssize_t n_tasks = parts * part_tasks
     cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
     cdef Py_ssize_t t, rows = 0, pack_pixels = largest_tile(tiles)
     cdef Footprint f
@@ -609,12 +619,17 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     dtype = np.float32 if floating is float else np.float64
     cdef floating[:, ::1] scratch = thread_scratch(n_threads, nr * pack_pixels, dtype)
     cdef Py_ssize_t[:, ::1] offset_scratch = np.empty((n_threads, 2 * rows), dtype=np.intp)
-    gwt = np.zeros((taps, g.O, c_blocks * nr), dtype=dtype)
-    cdef floating[:, :, ::1] gwt_view = gwt
-    cdef Py_ssize_t task, tid
+    gwt = np.zeros((parts, taps, g.O, c_blocks * nr), dtype=dtype)
+    cdef floating[:, :, :, ::1] gwt_view = gwt
+    cdef Py_ssize_t task, tid, part
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         for task in prange(n_tasks, schedule='dynamic'):
-            _grad_weight_block(gy, x, gwt_view, tiles, o_chunk, g, task, &scratch[tid, 0],
-                               &offset_scratch[tid, 0])
-    gw[...] = gwt[:, :, :g.Cg].transpose(1, 2, 0).reshape(gw.shape)
+            part = task // part_tasks
+            _grad_weight_block(gy, x, gwt_view[part], tiles, o_chunk, g, task % part_tasks,
+                               part * g.N // parts, (part + 1) * g.N // parts,
+                               &scratch[tid, 0], &offset_scratch[tid, 0])
+    total = gwt[0]
+    for part in range(1, parts):
+        total += gwt[part]
+    gw[...] = total[:, :, :g.Cg].transpose(1, 2, 0).reshape(gw.shape)
