@@ -58,6 +58,63 @@ static inline T NAME(ptrdiff_t n, const T *restrict a, const T *restrict b) {  \
 DILCONV_DOT(dilconv_dot_f, float)
 DILCONV_DOT(dilconv_dot_d, double)
 
+/* out[k] += sum over r < rows, i < n of a[r * a_row + i] * b[r * b_row + k * b_gap + i],
+   k < 3: three taps of a kernel row against the same run of each of `rows` rows (a weight
+   gradient's terms). Each sum keeps four vector accumulators over all the rows and reduces
+   them once in a fixed tree (a reduction per row would cost more than a short row's
+   multiply-adds); the same operations in the same order on every FMA tier. */
+#define DILCONV_ROW_DOTS3(NAME, T)                                             \
+typedef T NAME##_v __attribute__((vector_size(DILCONV_VEC256_BYTES)));        \
+typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC256_BYTES),         \
+                                   aligned(sizeof(T)), may_alias));            \
+static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *restrict a,      \
+                        ptrdiff_t a_row, const T *restrict b, ptrdiff_t b_row, \
+                        ptrdiff_t b_gap, T *restrict out) {                    \
+    enum { L = DILCONV_VEC256_BYTES / sizeof(T) };                            \
+    NAME##_v acc[3][4];                                                        \
+    T tail[3] = {0, 0, 0};                                                     \
+    for (int k = 0; k < 3; k++)                                                \
+        for (int v = 0; v < 4; v++) acc[k][v] = (NAME##_v){0};                 \
+    for (ptrdiff_t r = 0; r < rows; r++) {                                     \
+        const T *ar = a + r * a_row, *br = b + r * b_row;                      \
+        ptrdiff_t i = 0;                                                       \
+        for (; i + 4 * L <= n; i += 4 * L)                                     \
+            for (int v = 0; v < 4; v++) {                                      \
+                NAME##_v av = *(const NAME##_vu *)(ar + i + v * L);            \
+                for (int k = 0; k < 3; k++)                                    \
+                    acc[k][v] += av                                    \
+                                 * *(const NAME##_vu *)(br + k * b_gap + i + v * L); \
+            }                                                                  \
+        for (int v = 0; i + L <= n; i += L, v++) {                             \
+            NAME##_v av = *(const NAME##_vu *)(ar + i);                        \
+            for (int k = 0; k < 3; k++)                                        \
+                acc[k][v] += av * *(const NAME##_vu *)(br + k * b_gap + i);    \
+        }                                                                      \
+        for (; i < n; i++)                                                     \
+            for (int k = 0; k < 3; k++) tail[k] += ar[i] * br[k * b_gap + i];  \
+    }                                                                          \
+    for (int k = 0; k < 3; k++) {                                              \
+        acc[k][0] = (acc[k][0] + acc[k][1]) + (acc[k][2] + acc[k][3]);         \
+        T sum = 0;                                                             \
+        for (int l = 0; l < L; l++) sum += acc[k][0][l];                       \
+        out[k] += sum + tail[k];                                               \
+    }                                                                          \
+}
+#if defined(__GNUC__) || defined(__clang__)
+DILCONV_ROW_DOTS3(dilconv_row_dots3_f, float)
+DILCONV_ROW_DOTS3(dilconv_row_dots3_d, double)
+#else
+#define DILCONV_ROW_DOTS3_PLAIN(NAME, DOT, T)                                  \
+static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *a, ptrdiff_t a_row, \
+                        const T *b, ptrdiff_t b_row, ptrdiff_t b_gap, T *out) { \
+    for (int k = 0; k < 3; k++)                                                \
+        for (ptrdiff_t r = 0; r < rows; r++)                                   \
+            out[k] += DOT(n, a + r * a_row, b + r * b_row + k * b_gap);        \
+}
+DILCONV_ROW_DOTS3_PLAIN(dilconv_row_dots3_f, dilconv_dot_f, float)
+DILCONV_ROW_DOTS3_PLAIN(dilconv_row_dots3_d, dilconv_dot_d, double)
+#endif
+
 /* sum a[i]: sixteen partial sums in a fixed order (two to four vector registers, so the
    adds overlap), then a fixed tree. */
 #define DILCONV_SUM(NAME, T)                                                   \

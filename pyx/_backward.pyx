@@ -7,7 +7,7 @@ thread count. The per-tap in-bounds ranges are the forward's.
 from cython.parallel cimport prange
 from cython cimport floating
 
-from _common cimport Geom, make_geom, axpy, dot, total
+from _common cimport Geom, make_geom, axpy, dot, row_dots3, total
 
 from dilconv._threads import kernel_threads
 
@@ -52,26 +52,46 @@ cdef void _grad_weight_slice(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, 
                              Geom g, Py_ssize_t task) noexcept nogil:
     cdef Py_ssize_t o = task // g.Cg, ci = task % g.Cg
     cdef Py_ssize_t c = (o // g.Og) * g.Cg + ci
-    cdef Py_ssize_t n, kh, kw, oh, lo, hi, ih, iw0, i
+    cdef Py_ssize_t n, kh, kw, oh, oh0, lo, hi, ih, iw0, i
     cdef floating* gwp = &gw[o, ci, 0, 0]
     cdef const floating* gyrow
     cdef const floating* xrow
 
     for i in range(g.kH * g.kW):
         gwp[i] = 0
-    # Each weight sums image by image, row by row (fixed order).
+    # Each weight sums image by image, row by row (fixed order); three taps of a kernel row
+    # that read the same outputs of every row share them, with sums over all the rows.
     for n in range(g.N):
         for kh in range(g.kH):
-            for oh in range(g.oh_lo[kh], g.oh_hi[kh]):
-                ih = oh * g.sh + kh * g.dh - g.pt
-                xrow = &x[n, c, ih, 0]
-                gyrow = &gy[n, o, oh, 0]
-                for kw in range(g.kW):
-                    lo = g.ow_lo[kw]
-                    hi = g.ow_hi[kw]
-                    iw0 = lo * g.sw + kw * g.dw - g.pl
+            oh0 = g.oh_lo[kh]
+            if oh0 >= g.oh_hi[kh]:
+                continue
+            ih = oh0 * g.sh + kh * g.dh - g.pt
+            kw = 0
+            while kw < g.kW:
+                lo = g.ow_lo[kw]
+                hi = g.ow_hi[kw]
+                iw0 = lo * g.sw + kw * g.dw - g.pl
+                if g.sw == 1 and kw + 3 <= g.kW and _same_outputs(g, kw, 3):
+                    row_dots3(g.oh_hi[kh] - oh0, hi - lo, &gy[n, o, oh0, lo], g.Wo,
+                              &x[n, c, ih, iw0], g.sh * g.W, g.dw, gwp + kh * g.kW + kw)
+                    kw = kw + 3
+                    continue
+                for oh in range(oh0, g.oh_hi[kh]):
+                    xrow = &x[n, c, oh * g.sh + kh * g.dh - g.pt, 0]
+                    gyrow = &gy[n, o, oh, 0]
                     gwp[kh * g.kW + kw] = gwp[kh * g.kW + kw] + dot(
                         gyrow + lo, xrow + iw0, hi - lo, g.sw)
+                kw = kw + 1
+
+
+cdef inline bint _same_outputs(Geom g, Py_ssize_t kw, Py_ssize_t count) noexcept nogil:
+    # Taps kw .. kw + count - 1 are in the image for the same outputs of a row.
+    cdef Py_ssize_t j
+    for j in range(1, count):
+        if g.ow_lo[kw + j] != g.ow_lo[kw] or g.ow_hi[kw + j] != g.ow_hi[kw]:
+            return False
+    return True
 
 
 cdef void _grad_bias_entry(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)

@@ -62,8 +62,25 @@ cdef extern from "_axpy.h":
     void dilconv_axpy_d(Py_ssize_t n, double w, const double* x, double* y) noexcept nogil
     float dilconv_dot_f(Py_ssize_t n, const float* a, const float* b) noexcept nogil
     double dilconv_dot_d(Py_ssize_t n, const double* a, const double* b) noexcept nogil
+    void dilconv_row_dots3_f(Py_ssize_t rows, Py_ssize_t n, const float* a, Py_ssize_t a_row,
+                             const float* b, Py_ssize_t b_row, Py_ssize_t b_gap,
+                             float* out) noexcept nogil
+    void dilconv_row_dots3_d(Py_ssize_t rows, Py_ssize_t n, const double* a,
+                             Py_ssize_t a_row, const double* b, Py_ssize_t b_row,
+                             Py_ssize_t b_gap, double* out) noexcept nogil
     float dilconv_sum_f(Py_ssize_t n, const float* a) noexcept nogil
     double dilconv_sum_d(Py_ssize_t n, const double* a) noexcept nogil
+
+
+cdef inline void row_dots3(Py_ssize_t rows, Py_ssize_t n, const floating* a, Py_ssize_t a_row,
+                           const floating* b, Py_ssize_t b_row, Py_ssize_t b_gap,
+                           floating* out) noexcept nogil:
+    """out[k] += sum over rows r of dot(a + r * a_row, b + r * b_row + k * b_gap, n), k < 3,
+    in one fixed order (see _axpy.h)."""
+    if floating is float:
+        dilconv_row_dots3_f(rows, n, a, a_row, b, b_row, b_gap, out)
+    else:
+        dilconv_row_dots3_d(rows, n, a, a_row, b, b_row, b_gap, out)
 
 
 cdef inline floating total(const floating* a, Py_ssize_t n) noexcept nogil:
