@@ -531,10 +531,11 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
                              Py_ssize_t n0, Py_ssize_t n1,
                              floating* pack, Py_ssize_t* offsets) noexcept nogil:  # SCRATCH
     # One task: NR input channels x o_chunk output channels of one group, for every tap,
-    # summed over images [n0, n1) and tiles. Per tile and tap, A is grad_output read in place (a
-    # term is a pixel, a segment a tile row: the tile stays in cache across the taps) and
-    # B the tap's input pixels of the NR channels, pixel by pixel: packed once per tile
-    # for all its taps (their footprint), or tap by tap where that is fewer pixels.
+    # summed over images [n0, n1) and tiles. Per tile and tap, A is grad_output read in
+    # place (a term is a pixel, a segment a tile row: the tile stays in cache across the
+    # taps) and B the tap's input pixels of the NR channels, pixel by pixel: packed once
+    # per tile for all its taps (their footprint), or tap by tap where that is fewer
+    # pixels.
     cdef Py_ssize_t nr = block_pixels(pack)
     cdef Py_ssize_t c_blocks = (g.Cg + nr - 1) // nr
     cdef Py_ssize_t o_chunks = (g.Og + o_chunk - 1) // o_chunk
