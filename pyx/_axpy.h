@@ -27,6 +27,11 @@ typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC256_BYTES),         \
                                    aligned(sizeof(T)), may_alias));            \
 static inline T NAME(ptrdiff_t n, const T *restrict a, const T *restrict b) {  \
     enum { L = DILCONV_VEC256_BYTES / sizeof(T) };                            \
+    if (n < L) {             /* the tail alone: the lanes would add +0 to it */ \
+        T tail = 0;                                                            \
+        for (ptrdiff_t i = 0; i < n; i++) tail += a[i] * b[i];                 \
+        return tail;                                                           \
+    }                                                                          \
     NAME##_v acc[4] = {{0}, {0}, {0}, {0}};                                    \
     ptrdiff_t i = 0;                                                           \
     for (; i + 4 * L <= n; i += 4 * L)                                         \

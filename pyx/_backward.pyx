@@ -52,15 +52,15 @@ cdef void _grad_weight_slice(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, 
                              Geom g, Py_ssize_t task) noexcept nogil:
     cdef Py_ssize_t o = task // g.Cg, ci = task % g.Cg
     cdef Py_ssize_t c = (o // g.Og) * g.Cg + ci
-    cdef Py_ssize_t n, kh, kw, oh, oh0, lo, hi, ih, iw0, i
+    cdef Py_ssize_t n, kh, kw, oh0, lo, hi, ih, i
     cdef floating* gwp = &gw[o, ci, 0, 0]
-    cdef const floating* gyrow
-    cdef const floating* xrow
 
     for i in range(g.kH * g.kW):
         gwp[i] = 0
-    # Each weight sums image by image, row by row (fixed order); three taps of a kernel row
-    # that read the same outputs of every row share them, with sums over all the rows.
+    # Each weight sums image by image (fixed order). At unit column stride, three taps of a
+    # kernel row share the outputs all three read in a row: those sum over all the rows at
+    # once (one reduction), then each tap's outputs outside them row by row. Other taps
+    # sum row by row.
     for n in range(g.N):
         for kh in range(g.kH):
             oh0 = g.oh_lo[kh]
@@ -69,29 +69,34 @@ cdef void _grad_weight_slice(const floating[:, :, :, ::1] gy,  # IN  (N, O, Ho, 
             ih = oh0 * g.sh + kh * g.dh - g.pt
             kw = 0
             while kw < g.kW:
-                lo = g.ow_lo[kw]
-                hi = g.ow_hi[kw]
-                iw0 = lo * g.sw + kw * g.dw - g.pl
-                if g.sw == 1 and kw + 3 <= g.kW and _same_outputs(g, kw, 3):
-                    row_dots3(g.oh_hi[kh] - oh0, hi - lo, &gy[n, o, oh0, lo], g.Wo,
-                              &x[n, c, ih, iw0], g.sh * g.W, g.dw, gwp + kh * g.kW + kw)
-                    kw = kw + 3
-                    continue
-                for oh in range(oh0, g.oh_hi[kh]):
-                    xrow = &x[n, c, oh * g.sh + kh * g.dh - g.pt, 0]
-                    gyrow = &gy[n, o, oh, 0]
-                    gwp[kh * g.kW + kw] = gwp[kh * g.kW + kw] + dot(
-                        gyrow + lo, xrow + iw0, hi - lo, g.sw)
+                if g.sw == 1 and kw + 3 <= g.kW:
+                    lo = max(g.ow_lo[kw], max(g.ow_lo[kw + 1], g.ow_lo[kw + 2]))
+                    hi = min(g.ow_hi[kw], min(g.ow_hi[kw + 1], g.ow_hi[kw + 2]))
+                    if hi > lo:
+                        row_dots3(g.oh_hi[kh] - oh0, hi - lo, &gy[n, o, oh0, lo], g.Wo,
+                                  &x[n, c, ih, lo + kw * g.dw - g.pl], g.sh * g.W, g.dw,
+                                  gwp + kh * g.kW + kw)
+                        for i in range(kw, kw + 3):
+                            _tap_rows(gy, x, gwp, g, n, o, c, kh, i, g.ow_lo[i], lo)
+                            _tap_rows(gy, x, gwp, g, n, o, c, kh, i, hi, g.ow_hi[i])
+                        kw = kw + 3
+                        continue
+                _tap_rows(gy, x, gwp, g, n, o, c, kh, kw, g.ow_lo[kw], g.ow_hi[kw])
                 kw = kw + 1
 
 
-cdef inline bint _same_outputs(Geom g, Py_ssize_t kw, Py_ssize_t count) noexcept nogil:
-    # Taps kw .. kw + count - 1 are in the image for the same outputs of a row.
-    cdef Py_ssize_t j
-    for j in range(1, count):
-        if g.ow_lo[kw + j] != g.ow_lo[kw] or g.ow_hi[kw + j] != g.ow_hi[kw]:
-            return False
-    return True
+cdef inline void _tap_rows(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
+                           floating* gwp, Geom g, Py_ssize_t n, Py_ssize_t o, Py_ssize_t c,
+                           Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t lo,
+                           Py_ssize_t hi) noexcept nogil:
+    # Tap (kh, kw)'s terms of outputs [lo, hi) of every row it reads, row by row.
+    cdef Py_ssize_t oh
+    cdef Py_ssize_t iw0 = lo * g.sw + kw * g.dw - g.pl
+    if hi <= lo:
+        return
+    for oh in range(g.oh_lo[kh], g.oh_hi[kh]):
+        gwp[kh * g.kW + kw] = gwp[kh * g.kW + kw] + dot(
+            &gy[n, o, oh, lo], &x[n, c, oh * g.sh + kh * g.dh - g.pt, iw0], hi - lo, g.sw)
 
 
 cdef void _grad_bias_entry(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)
