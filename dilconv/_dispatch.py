@@ -218,8 +218,9 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
             target[...] = buf
     elif path == "depthwise":
         # Multiplier 1: the same forward with the turned kernel (a copy: it reads rows).
-        _depthwise.forward(grad_output, np.ascontiguousarray(transposed_weight(weight, spec.groups)),
-                           np.empty(0, grad_x.dtype), grad_x, transposed_spec(spec), tuning)
+        turned = np.ascontiguousarray(transposed_weight(weight, spec.groups))
+        _depthwise.forward(grad_output, turned, np.empty(0, grad_x.dtype), grad_x,
+                           transposed_spec(spec), tuning)
     elif path == "gemm":
         _gemm.grad_input(grad_output, weight, grad_x, spec, tuning)
     else:

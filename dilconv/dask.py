@@ -42,6 +42,7 @@ import os
 import sys
 import threading
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -280,10 +281,15 @@ def _assemble(blocks, slices: _Slices):
     return window
 
 
-def _forward_block(blocks, slices, weight, bias, conv: _Conv):
+def _conv_call(x, weight, bias, conv: _Conv, out=None):
+    """One block's in-memory call on its window `x`, on the task's threads."""
     with limited_threads(conv.threads):
-        return _api.conv2d(_assemble(blocks, slices), weight, bias, conv.stride, conv.padding,
-                           conv.dilation, conv.groups)
+        return _api.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation,
+                           conv.groups, out=out)
+
+
+def _forward_block(blocks, slices, weight, bias, conv: _Conv):
+    return _conv_call(_assemble(blocks, slices), weight, bias, conv)
 
 
 def _bias_block(shape, dtype, bias, y=None):
@@ -381,10 +387,8 @@ def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axi
             r0, r1, pad = ax.window(j0, j1)
             if r1 > r0:
                 padding = conv.padding[:axis - 2] + (pad,) + conv.padding[axis - 1:]
-                window = x[(slice(None),) * axis + (slice(r0, r1),)]
-                with limited_threads(conv.threads):
-                    _api.conv2d(window, weight, bias, conv.stride, padding, conv.dilation,
-                                conv.groups, out=y)
+                _conv_call(x[(slice(None),) * axis + (slice(r0, r1),)], weight, bias,
+                           dataclasses.replace(conv, padding=padding), out=y)
             else:
                 _bias_block(shape, store.dtype, bias, y)
             region = list(store.region)
@@ -406,9 +410,7 @@ def _store_block(blocks, slices, weight, bias, conv: _Conv, store: _Store):
     if blocks is None:
         _bias_block(store.shape, store.dtype, bias, y)
     else:
-        with limited_threads(conv.threads):
-            _api.conv2d(_assemble(blocks, slices), weight, bias, conv.stride, conv.padding,
-                        conv.dilation, conv.groups, out=y)
+        _conv_call(_assemble(blocks, slices), weight, bias, conv, out=y)
     _store_put(store, y, in_place)
     return None
 
@@ -753,9 +755,7 @@ def _chain_block(blocks, slices, params, steps, activation, store=None):
         if step.conv is None:
             _bias_block(step.shape, dtype, bias, y)
         else:
-            with limited_threads(step.conv.threads):
-                _api.conv2d(x, weight, bias, step.conv.stride, step.conv.padding,
-                            step.conv.dilation, step.conv.groups, out=y)
+            _conv_call(x, weight, bias, step.conv, out=y)
         if not last and activation is not None:
             y = activation(y)
         x = y
