@@ -55,6 +55,9 @@ class Tuning:
     # is summed into every output block, the chunk's weights in L2).
     panel_group_bytes: int = 128 * 1024
     panel_chunk_bytes: Optional[int] = None      # None: the CPU tier's own
+    # Panel forward in the lanes scheme (output channels in vector lanes, pyx/_lanes.h):
+    # None: where the CPU tier's plan takes it; True or False: always or never.
+    panel_lanes: Optional[bool] = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -67,6 +70,10 @@ class Tuning:
                 if value is not None:
                     from . import _tiers
                     _tiers.check(value, "tuning tier")
+            elif f.type == "Optional[bool]":
+                if value is not None and not isinstance(value, bool):
+                    raise TypeError(f"tuning {f.name} must be True, False or None, "
+                                    f"got {value!r}")
             elif value is None and f.type == "Optional[int]":
                 pass                   # an int knob whose default the kernel module picks
             elif f.type == "float":

@@ -70,7 +70,8 @@ def _make_out(case):
 # forward) on the lab's few-channel layers; panel blocks that always, or never, read the
 # image in place; panel tiles always, or never, cut at the column taps' range ends (else
 # zeros in the padding); panels packed one at a time, or a whole tile at once; their taps
-# summed one at a time, or all at once; and the CPU tier whose kernels run. A knob
+# summed one at a time, or all at once; the panel forward with output channels in vector
+# lanes, or in panels; and the CPU tier whose kernels run. A knob
 # dilconv no longer has is an error (the tuning rejects
 # unknown names).
 KNOBS = {"path": ("path",),
@@ -82,7 +83,8 @@ KNOBS = {"path": ("path",),
          "panel_in_place_bytes": ("panel_in_place_bytes", "panel_in_place_max_blocks"),
          "panel_zero_fill_max": ("panel_zero_fill_max",),
          "panel_group_bytes": ("panel_group_bytes",),
-         "panel_chunk_bytes": ("panel_chunk_bytes",)}
+         "panel_chunk_bytes": ("panel_chunk_bytes",),
+         "panel_lanes": ("panel_lanes",)}
 
 
 def available_knobs() -> list:

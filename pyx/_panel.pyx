@@ -14,6 +14,11 @@ partial sums. Every output sums its taps and channels
 in one fixed order, so results are bitwise identical for any thread count (and tasks,
 which own their outputs, are handed out dynamically: tiles differ in size). The weight
 gradient runs on the same micro-kernel, with pixels as the terms of its sums.
+
+Tiers whose plans prefer it (v4) run the forward of layers with long sums in the lanes
+scheme instead (pyx/_lanes.h): output channels in the vector lanes, the input rows of a
+band of output rows packed once with their channels interleaved, and each output's taps
+and channels added in the same order as in the panels, so the bits are the same.
 """
 from cython.parallel cimport prange, parallel, threadid
 from cython cimport floating
@@ -402,6 +407,315 @@ cdef void _pack_weight_block(const floating[:, :, :, :] w, const floating[:] bia
                 dst = dst + tap_stride
 
 
+cdef extern from "_lanes.h":
+    enum: DILCONV_LANES_UR, DILCONV_LANES_DEFAULT, DILCONV_VEC_BYTES
+    void dilconv_lanes_f(const float* x, Py_ssize_t px_step, Py_ssize_t cb_step,
+                         Py_ssize_t n_cb, const float* w, float* acc,
+                         Py_ssize_t ur) noexcept nogil
+    void dilconv_lanes_d(const double* x, Py_ssize_t px_step, Py_ssize_t cb_step,
+                         Py_ssize_t n_cb, const double* w, double* acc,
+                         Py_ssize_t ur) noexcept nogil
+    void dilconv_lanes_f_pack(const float* src, Py_ssize_t plane, Py_ssize_t count,
+                              Py_ssize_t channels, Py_ssize_t cb_step,
+                              float* dst) noexcept nogil
+    void dilconv_lanes_d_pack(const double* src, Py_ssize_t plane, Py_ssize_t count,
+                              Py_ssize_t channels, Py_ssize_t cb_step,
+                              double* dst) noexcept nogil
+    void dilconv_lanes_f_fill(const float* bias, Py_ssize_t count,
+                              float* acc) noexcept nogil
+    void dilconv_lanes_d_fill(const double* bias, Py_ssize_t count,
+                              double* acc) noexcept nogil
+    void dilconv_lanes_f_store(const float* acc, Py_ssize_t count, Py_ssize_t m,
+                               Py_ssize_t plane, float* out) noexcept nogil
+    void dilconv_lanes_d_store(const double* acc, Py_ssize_t count, Py_ssize_t m,
+                               Py_ssize_t plane, double* out) noexcept nogil
+
+
+# The lanes scheme (pyx/_lanes.h): pixels per block, and whether this tier's plans take it.
+LANES_PIXELS, LANES_DEFAULT = DILCONV_LANES_UR, bool(DILCONV_LANES_DEFAULT)
+# Per thread, a band's input rows packed with interleaved channels within this many bytes,
+# and the partial sums of one sub-tile of the band (they stay in L1 across its taps).
+LANES_BAND_BYTES = 2 * 1024 * 1024
+LANES_TILE_BYTES = 32 * 1024
+# Channels are padded to whole vectors (input) and blocks (output) with zeros: taken by
+# default only while that adds at most this fraction of multiply-adds on each side.
+LANES_MAX_PADDING = 0.25
+# Terms per output (taps x padded channels) below which the panels are faster: the
+# squares moved in and out cost as much as a short sum (float32, one thread on an
+# AVX-512 Xeon: 128 terms 0.82x, 144 0.89x, 192 0.99x, 288 1.01-1.11x, 576 1.07x,
+# 2304 1.2x the panels' speed).
+LANES_MIN_TERMS = 256
+
+
+def lanes_layout(spec, Py_ssize_t itemsize):
+    """(L, OB, padded input channels, output blocks) of the lanes scheme in this tier."""
+    lanes = DILCONV_VEC_BYTES // itemsize
+    cg, og = spec.c // spec.groups, spec.o // spec.groups
+    return lanes, 2 * lanes, ceil_div(cg, lanes) * lanes, ceil_div(og, 2 * lanes)
+
+
+def uses_lanes(spec, Py_ssize_t itemsize, tuning):
+    """Whether the forward takes the lanes scheme: the `panel_lanes` knob if set; else, in
+    tiers that prefer it, where channel padding adds little, the sums are long enough and
+    kH input rows of a band fit its packed rows."""
+    if tuning.panel_lanes is not None:
+        return tuning.panel_lanes
+    if not DILCONV_LANES_DEFAULT:
+        return False
+    lanes, ob, cpad, blocks = lanes_layout(spec, itemsize)
+    cg, og = spec.c // spec.groups, spec.o // spec.groups
+    return (cpad <= (1 + LANES_MAX_PADDING) * cg
+            and blocks * ob <= (1 + LANES_MAX_PADDING) * og
+            and spec.kh * spec.kw * cpad >= LANES_MIN_TERMS
+            and spec.kh * spec.w * cpad * itemsize <= LANES_BAND_BYTES)
+
+
+cdef inline void lanes_ukr(const floating* x, Py_ssize_t px_step, Py_ssize_t cb_step,
+                           Py_ssize_t n_cb, const floating* w, floating* acc,
+                           Py_ssize_t ur) noexcept nogil:
+    if floating is float:
+        dilconv_lanes_f(x, px_step, cb_step, n_cb, w, acc, ur)
+    else:
+        dilconv_lanes_d(x, px_step, cb_step, n_cb, w, acc, ur)
+
+
+cdef inline void lanes_pack(const floating* src, Py_ssize_t plane, Py_ssize_t count,
+                            Py_ssize_t channels, Py_ssize_t cb_step,
+                            floating* dst) noexcept nogil:
+    if floating is float:
+        dilconv_lanes_f_pack(src, plane, count, channels, cb_step, dst)
+    else:
+        dilconv_lanes_d_pack(src, plane, count, channels, cb_step, dst)
+
+
+cdef inline void lanes_fill(const floating* bias, Py_ssize_t count,
+                            floating* acc) noexcept nogil:
+    if floating is float:
+        dilconv_lanes_f_fill(bias, count, acc)
+    else:
+        dilconv_lanes_d_fill(bias, count, acc)
+
+
+cdef inline void lanes_store(const floating* acc, Py_ssize_t count, Py_ssize_t m,
+                             Py_ssize_t plane, floating* out) noexcept nogil:
+    if floating is float:
+        dilconv_lanes_f_store(acc, count, m, plane, out)
+    else:
+        dilconv_lanes_d_store(acc, count, m, plane, out)
+
+
+cdef void _pack_lanes_weights(const floating[:, :, :, :] w, const floating[:] bias,
+                              floating[:, :, :, :, ::1] wl, floating[:, :, ::1] bl,
+                              Py_ssize_t block) noexcept nogil:
+    """Block `block` (grp * blocks + ob) of wl[grp, ob, kh*kW + kw, ci, o] =
+    w[grp*O/g + ob*OB + o, ci, kh, kw] and of bl likewise from `bias` (which may be
+    empty), zero past O/g and C/g. `w` may have any strides (read as bytes)."""
+    cdef Py_ssize_t blocks = wl.shape[1], cpad = wl.shape[3], ob_size = wl.shape[4]
+    cdef Py_ssize_t og = w.shape[0] // wl.shape[0], cg = w.shape[1], kw_size = w.shape[3]
+    cdef Py_ssize_t s_o = w.strides[0], grp = block // blocks, ob = block % blocks
+    cdef Py_ssize_t m = min(ob_size, og - ob * ob_size), o = grp * og + ob * ob_size
+    cdef Py_ssize_t ci, t, i
+    cdef const char* src
+    cdef floating* dst
+    for i in range(ob_size):
+        bl[grp, ob, i] = bias[o + i] if i < m and bias.shape[0] else 0
+    for t in range(wl.shape[2]):
+        for ci in range(cpad):
+            dst = &wl[grp, ob, t, ci, 0]
+            if ci >= cg:
+                memset(dst, 0, ob_size * sizeof(floating))
+                continue
+            src = <const char*> &w[o, ci, t // kw_size, t % kw_size]
+            for i in range(ob_size):
+                dst[i] = (<const floating*> (src + i * s_o))[0] if i < m else 0
+
+
+cdef Py_ssize_t _band_rows(Geom g, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t* row_slot,
+                           Py_ssize_t* segments, Py_ssize_t* taken) noexcept nogil:
+    # The input rows the row taps read for output rows [r0, r1) in the image, merged into
+    # segments (first row, stop row, first slot) of rows packed once each; returns their
+    # count. A row's slot in the packed band is row_slot[kh] + row. The taps are taken in
+    # the order of their first rows (with a stride, a tap's first row in the image need
+    # not rise with kh).
+    cdef Py_ssize_t kh, best, first, stop, best_first = 0, n_seg = 0, slots = 0
+    for kh in range(g.kH):
+        taken[kh] = max(r0, g.oh_lo[kh]) >= min(r1, g.oh_hi[kh])
+    while True:
+        best = -1
+        for kh in range(g.kH):
+            first = max(r0, g.oh_lo[kh]) * g.sh + kh * g.dh - g.pt
+            if not taken[kh] and (best < 0 or first < best_first):
+                best, best_first = kh, first
+        if best < 0:
+            return n_seg
+        taken[best] = 1
+        stop = (min(r1, g.oh_hi[best]) - 1) * g.sh + best * g.dh - g.pt + 1
+        if n_seg == 0 or best_first >= segments[3 * n_seg - 2]:
+            segments[3 * n_seg] = best_first
+            segments[3 * n_seg + 1] = best_first
+            segments[3 * n_seg + 2] = slots
+            n_seg = n_seg + 1
+        if stop > segments[3 * n_seg - 2]:
+            slots = slots + stop - segments[3 * n_seg - 2]
+            segments[3 * n_seg - 2] = stop
+        row_slot[best] = segments[3 * n_seg - 1] - segments[3 * n_seg - 3]
+
+
+cdef void _pack_band(const floating[:, :, :, ::1] x, Geom g, Py_ssize_t unit,
+                     const Py_ssize_t* segments, Py_ssize_t n_seg, Py_ssize_t cb0,
+                     Py_ssize_t cb1, Py_ssize_t cb_step, floating* packed) noexcept nogil:
+    # Channel blocks [cb0, cb1) of the band's segments of input rows (image and group of
+    # band `unit`), interleaved.
+    cdef Py_ssize_t lanes = DILCONV_VEC_BYTES // sizeof(floating)
+    cdef Py_ssize_t grp = unit % (g.groups * g.Ho) // g.Ho, n = unit // (g.groups * g.Ho)
+    cdef Py_ssize_t s, cb, first, stop
+    for s in range(n_seg):
+        first = segments[3 * s]
+        stop = segments[3 * s + 1]
+        for cb in range(cb0, cb1):
+            lanes_pack(&x[n, grp * g.Cg + cb * lanes, first, 0], g.H * g.W,
+                       (stop - first) * g.W, min(lanes, g.Cg - cb * lanes), 0,
+                       packed + cb * cb_step + segments[3 * s + 2] * g.W * lanes)
+
+
+cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blocks, taps,
+                                                             #      Cpad, OB)
+                      const floating[:, :, ::1] bl,           # IN  (groups, blocks, OB)
+                      floating[:, :, :, ::1] out,             # OUT (N, O, Ho, Wo)
+                      Geom g, Py_ssize_t unit, Py_ssize_t r1, Py_ssize_t ob0,
+                      Py_ssize_t ob1, Py_ssize_t tile_rows, Py_ssize_t tile_cols,
+                      Py_ssize_t cb_step, const floating* packed, floating* acc,
+                      const Py_ssize_t* row_slot) noexcept nogil:
+    # Output blocks [ob0, ob1) of band `unit` (output rows r0 = unit % Ho to r1 of one
+    # image and group) from its packed rows: per sub-tile and block, the taps in order
+    # summed into partial sums kept in `acc`, then stored.
+    cdef Py_ssize_t lanes = DILCONV_VEC_BYTES // sizeof(floating), ob_size = 2 * lanes
+    cdef Py_ssize_t n_cb = wl.shape[3] // lanes, plane = g.Ho * g.Wo, row_len = g.W * lanes
+    cdef Py_ssize_t r0 = unit % g.Ho, grp = unit % (g.groups * g.Ho) // g.Ho
+    cdef Py_ssize_t n = unit // (g.groups * g.Ho)
+    cdef Py_ssize_t tr0, tr1, tc0, tc1, tw, ob, kh, kw, rlo, rhi, clo, chi, r, q, k
+    cdef Py_ssize_t length, runs, ur, m
+    cdef const floating* wt
+    cdef const floating* xrow
+    tr0 = r0
+    while tr0 < r1:
+        tr1 = min(r1, tr0 + tile_rows)
+        tc0 = 0
+        while tc0 < g.Wo:
+            tc1 = min(g.Wo, tc0 + tile_cols)
+            tw = tc1 - tc0
+            for ob in range(ob0, ob1):
+                lanes_fill(&bl[grp, ob, 0], (tr1 - tr0) * tw, acc)
+                for kh in range(g.kH):
+                    rlo = max(tr0, g.oh_lo[kh])
+                    rhi = min(tr1, g.oh_hi[kh])
+                    if rlo >= rhi:
+                        continue
+                    for kw in range(g.kW):
+                        clo = max(tc0, g.ow_lo[kw])
+                        chi = min(tc1, g.ow_hi[kw])
+                        if clo >= chi:
+                            continue
+                        wt = &wl[grp, ob, kh * g.kW + kw, 0, 0]
+                        # Runs of at most UR pixels, of about equal length.
+                        length = chi - clo
+                        runs = ceil_div(length, DILCONV_LANES_UR)
+                        for r in range(rlo, rhi):
+                            xrow = packed + (row_slot[kh] + r * g.sh + kh * g.dh
+                                             - g.pt) * row_len
+                            q = clo
+                            for k in range(runs):
+                                ur = length // runs + (1 if k < length % runs else 0)
+                                lanes_ukr(xrow + (q * g.sw + kw * g.dw - g.pl) * lanes,
+                                          g.sw * lanes, cb_step, n_cb, wt,
+                                          acc + ((r - tr0) * tw + q - tc0) * ob_size, ur)
+                                q = q + ur
+                m = min(ob_size, g.Og - ob * ob_size)
+                if tw == g.Wo:
+                    lanes_store(acc, (tr1 - tr0) * tw, m, plane,
+                                &out[n, grp * g.Og + ob * ob_size, tr0, 0])
+                else:
+                    for r in range(tr0, tr1):
+                        lanes_store(acc + (r - tr0) * tw * ob_size, tw, m, plane,
+                                    &out[n, grp * g.Og + ob * ob_size, r, tc0])
+            tc0 = tc1
+        tr0 = tr1
+
+
+def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
+                   floating[:, :, :, ::1] out, spec, tuning):
+    """The forward in the lanes scheme. The plan: bands of output rows whose packed input
+    rows (at most kH per output row) fit LANES_BAND_BYTES, each a task that packs its rows
+    and sums every output block; where that gives fewer than two tasks per thread, the
+    bands one at a time, each packed once by all threads, its output blocks the tasks.
+    Sub-tiles of LANES_TILE_BYTES of partial sums. The weights are packed as (groups,
+    blocks, kH*kW, C/g padded, OB), zero past C/g and O/g."""
+    cdef Geom g = make_geom(spec)
+    lanes, ob_size, cpad, blocks = lanes_layout(spec, sizeof(floating))
+    cdef Py_ssize_t L = lanes, OB = ob_size, n_cb = cpad // lanes, nob = blocks
+    cdef Py_ssize_t row_bytes = g.W * cpad * sizeof(floating)
+    cdef Py_ssize_t fit = max(1, LANES_BAND_BYTES // row_bytes)
+    # Output rows per band: kH row taps read (band - 1) * sh + 1 rows each at most.
+    cdef Py_ssize_t band = g.Ho if g.H <= fit else max(1, (fit // g.kH - 1) // g.sh + 1)
+    cdef Py_ssize_t bands = ceil_div(g.Ho, min(band, g.Ho))
+    band = ceil_div(g.Ho, bands)
+    cdef Py_ssize_t slot_rows = min(g.H, g.kH * ((band - 1) * g.sh + 1))
+    # A line between channel blocks: whole planes apart, they would share cache sets.
+    cdef Py_ssize_t cb_step = slot_rows * g.W * L + L
+    cdef Py_ssize_t tile_pixels = max(1, LANES_TILE_BYTES // (OB * sizeof(floating)))
+    cdef Py_ssize_t tile_cols = g.Wo if g.Wo <= tile_pixels else ceil_div(
+        g.Wo, ceil_div(g.Wo, tile_pixels))
+    cdef Py_ssize_t tile_rows = max(1, tile_pixels // tile_cols)
+    cdef Py_ssize_t n_units = g.N * g.groups * bands
+    cdef int n_threads = kernel_threads(spec, n_units * nob, tuning)
+    cdef bint shared = n_threads > 1 and n_units < 2 * n_threads
+    dtype = np.float32 if floating is float else np.float64
+    cdef Py_ssize_t pack_len = n_cb * cb_step
+    cdef Py_ssize_t acc_len = tile_rows * tile_cols * OB
+    cdef floating[::1] shared_pack = aligned_empty(pack_len if shared else 1, dtype)
+    cdef floating[:, ::1] scratch = thread_scratch(
+        n_threads, acc_len + (0 if shared else pack_len), dtype)
+    cdef Py_ssize_t[:, ::1] rows_scratch = np.empty((n_threads, 5 * g.kH), dtype=np.intp)
+    cdef floating[:, :, :, :, ::1] wl = aligned_empty(
+        (g.groups, nob, g.kH * g.kW, cpad, OB), dtype)
+    cdef floating[:, :, ::1] bl = np.empty((g.groups, nob, OB), dtype=dtype)
+    cdef const floating[:, :, :, :] w_view = weight
+    cdef const floating[:] b_view = bias
+    cdef Py_ssize_t task, tid, block, i, unit, r0, n_seg, cb, ob
+    cdef Py_ssize_t task_unit, task_r0, task_seg
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        for block in prange(g.groups * nob, schedule='static'):
+            _pack_lanes_weights(w_view, b_view, wl, bl, block)
+        if shared:
+            for i in range(n_units):
+                # Units are numbered by their first output row: (n, grp, r0).
+                r0 = i % bands * band
+                unit = i // bands * g.Ho + r0
+                n_seg = _band_rows(g, r0, min(g.Ho, r0 + band), &rows_scratch[tid, 0],
+                                   &rows_scratch[tid, g.kH], &rows_scratch[tid, 4 * g.kH])
+                for cb in prange(n_cb, schedule='static'):
+                    _pack_band(x, g, unit, &rows_scratch[tid, g.kH], n_seg, cb, cb + 1,
+                               cb_step, &shared_pack[0])
+                for ob in prange(nob, schedule='dynamic'):
+                    _lanes_band(wl, bl, out, g, unit, min(g.Ho, r0 + band), ob, ob + 1,
+                                tile_rows, tile_cols, cb_step, &shared_pack[0],
+                                &scratch[tid, 0], &rows_scratch[tid, 0])
+        else:
+            for task in prange(n_units, schedule='dynamic'):
+                task_r0 = task % bands * band
+                task_unit = task // bands * g.Ho + task_r0
+                task_seg = _band_rows(g, task_r0, min(g.Ho, task_r0 + band),
+                                      &rows_scratch[tid, 0], &rows_scratch[tid, g.kH],
+                                      &rows_scratch[tid, 4 * g.kH])
+                _pack_band(x, g, task_unit, &rows_scratch[tid, g.kH], task_seg, 0, n_cb,
+                           cb_step, &scratch[tid, acc_len])
+                _lanes_band(wl, bl, out, g, task_unit, min(g.Ho, task_r0 + band), 0, nob,
+                            tile_rows, tile_cols, cb_step, &scratch[tid, acc_len],
+                            &scratch[tid, 0],
+                            &rows_scratch[tid, 0])
+
+
 def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1] out,
             spec, tuning):
     """conv2d into `out`. `weight` (O, C/g, kH, kW) and `bias` ((O,) or empty) may be any
@@ -413,6 +727,9 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
     taps at a time, the group's output blocks (for those that wrap across tile rows),
     and the tile's taps with their weight, image and panel offsets. The weights are
     packed as (groups, ceil(O/g / MR), kH*kW, C/g, MR), zero past O/g."""
+    if uses_lanes(spec, sizeof(floating), tuning):
+        _forward_lanes(x, weight, bias, out, spec, tuning)
+        return
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t taps = g.kH * g.kW, depth = taps * g.Cg

@@ -183,6 +183,43 @@ def test_panel_taps_summed_in_chunks_give_the_same_bits(case, tile_pixels, zero_
         np.testing.assert_array_equal(chunked, whole)
 
 
+# Channels per group that fill whole vectors and blocks of output channels, and not.
+LANES_GRID = GRID[:7] + GRID[-1:] + [
+    (1, 32, 13, 17, 40, 3, 3, 1, 3, 3, 1),
+    (2, 24, 9, 20, 16, 3, 3, 2, ((2, 1), (0, 3)), (2, 1), 2),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("one_row_bands", [False, True])
+@pytest.mark.parametrize("case", LANES_GRID)
+def test_panel_lanes_give_the_same_bits_as_the_panels(case, one_row_bands, threads, rng,
+                                                      monkeypatch):
+    # Output channels in vector lanes, each output starting from its bias and adding its
+    # taps and channels in the panels' order: the same bits, forward and input gradient,
+    # also in bands of one output row (each task packing its own rows) and where every
+    # thread packs one shared band; the oracle checks one of them.
+    if one_row_bands:
+        monkeypatch.setattr(dilconv._tiers._panel, "LANES_BAND_BYTES", 1)
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    dilconv.set_num_threads(threads)
+    try:
+        for dtype in (np.float32, np.float64):
+            x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
+            results = {}
+            for lanes in (True, False):
+                with tuning(path="panel", panel_lanes=lanes, min_macs_per_thread=1):
+                    y = (check_forward(x, wt, b, **conv) if lanes
+                         else dilconv.conv2d(x, wt, b, **conv))
+                    gy = np.cos(np.arange(y.size, dtype=dtype)).reshape(y.shape)
+                    results[lanes] = (y,) + tuple(dilconv.conv2d_backward(gy, x, wt, **conv))
+            for got, want in zip(results[True], results[False]):
+                np.testing.assert_array_equal(got, want)
+    finally:
+        dilconv.set_num_threads(None)
+
+
 @pytest.mark.parametrize("case", GRID)
 def test_panel_tiles_cover_the_plane_and_align_with_tap_ranges(case):
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case

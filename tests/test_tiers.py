@@ -32,6 +32,7 @@ GEOMETRIES = {
     "depthwise_x2": (1, 4, 13, 37, 8, 3, 5, 1, ((2, 1), (3, 4)), (1, 2), 4),
     "rgb_same": (1, 3, 31, 37, 5, 5, 5, 1, "same", 2, 1),
     "wide_tail": (1, 32, 9, 71, 40, 1, 3, 1, ((0, 0), (3, 2)), 3, 1),
+    "lanes": (1, 32, 13, 17, 32, 3, 3, 1, 3, 3, 1),       # v4's output channels in lanes
 }
 PATH_CHOICES = (None,) + PATHS
 

@@ -1,0 +1,220 @@
+/* The panel forward's lanes scheme (pyx/_panel.pyx): output channels in the vector lanes.
+
+   A block is UR pixels x OB output channels (two vectors of channels), its accumulators
+   in registers; each term broadcasts one input value per pixel and loads OB weights, so
+   it costs UR + 2 loads for 2 UR multiply-adds, with no packed panel of pixels. The input
+   is read from rows of L interleaved channels, [channel block][row][column][L], packed
+   once per band of output rows; the weights as [tap][channel][OB]. Where a plane of the
+   image is a multiple of 4 KiB the panels' per-tile packing reads many planes at the
+   same cache set; here each pixel's L channels are one line.
+
+   The terms of a block are one tap's channels, in order, added to the stored partial
+   sums of its pixels: every output starts from its bias and adds its taps in the image
+   in order (kh, kw), each over its channels in order, as the panels do, so both schemes
+   give the same bits. Channels past the layer's are zero in both the input and the
+   weights (0 * 0 adds +0). */
+#ifndef DILCONV_LANES_H
+#define DILCONV_LANES_H
+#include <stddef.h>
+#include "_vec.h"
+#include "_microkernel.h"   /* DILCONV_HAS_SHUFFLE */
+
+/* Pixels per block: accumulators 2 UR vectors, plus two of weights and one broadcast,
+   within the registers (32 zmm in v4 and on aarch64, else 16). */
+#if defined(DILCONV_V4_SIZES) || defined(__aarch64__)
+#define DILCONV_LANES_UR 14
+#else
+#define DILCONV_LANES_UR 6
+#endif
+/* Whether the tier's plans take the lanes scheme where it applies (v4: aspp_r6 forward
+   about 20% faster than its panels; v3's 16 registers hold too few pixels). */
+#if defined(DILCONV_V4_SIZES)
+#define DILCONV_LANES_DEFAULT 1
+#else
+#define DILCONV_LANES_DEFAULT 0
+#endif
+
+#define DILCONV_LANES_BODY(NAME, T, UR_MAX)                                               \
+static inline __attribute__((always_inline)) void NAME##_body(                           \
+        const T *restrict x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdiff_t n_cb,       \
+        const T *restrict w, T *restrict acc, const int ur) {                            \
+    enum { L = DILCONV_VEC_BYTES / sizeof(T), OB = 2 * L };                              \
+    NAME##_v a[UR_MAX][2];                                                               \
+    for (int p = 0; p < ur; p++)                                                         \
+        for (int v = 0; v < 2; v++) a[p][v] = *(const NAME##_vu *)(acc + p * OB + v * L); \
+    for (ptrdiff_t cb = 0; cb < n_cb; cb++, x += cb_step)                                \
+        for (int c = 0; c < L; c++, w += OB) {                                           \
+            NAME##_v w0 = *(const NAME##_vu *)w, w1 = *(const NAME##_vu *)(w + L);       \
+            for (int p = 0; p < ur; p++) {                                               \
+                T b = x[p * px_step + c];                                                \
+                a[p][0] += b * w0;                                                       \
+                a[p][1] += b * w1;                                                       \
+            }                                                                            \
+        }                                                                                \
+    for (int p = 0; p < ur; p++)                                                         \
+        for (int v = 0; v < 2; v++) *(NAME##_vu *)(acc + p * OB + v * L) = a[p][v];      \
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+/* NAME(x, px_step, cb_step, n_cb, w, acc, ur): acc[p][o] += sum over the n_cb * L terms
+   k of x[(k / L) * cb_step + p * px_step + k % L] * w[k * OB + o], for p < ur <=
+   DILCONV_LANES_UR, in term order. Each ur is its own inlined body: the accumulators
+   stay in registers only with a constant count. */
+#define DILCONV_LANES(NAME, T)                                                            \
+typedef T NAME##_v __attribute__((vector_size(DILCONV_VEC_BYTES)));                       \
+typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC_BYTES), aligned(sizeof(T)),  \
+                                   may_alias));                                          \
+DILCONV_LANES_BODY(NAME, T, DILCONV_LANES_UR)                                            \
+static inline void NAME(const T *x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdiff_t n_cb, \
+                        const T *w, T *acc, ptrdiff_t ur) {                              \
+    switch (ur) {                                                                        \
+    case 1: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 1); break;                    \
+    case 2: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 2); break;                    \
+    case 3: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 3); break;                    \
+    case 4: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 4); break;                    \
+    case 5: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 5); break;                    \
+    case 6: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 6); break;                    \
+    DILCONV_LANES_WIDE_CASES(NAME)                                                       \
+    }                                                                                    \
+}
+#if DILCONV_LANES_UR == 14
+#define DILCONV_LANES_WIDE_CASES(NAME)                                                    \
+    case 7: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 7); break;                    \
+    case 8: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 8); break;                    \
+    case 9: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 9); break;                    \
+    case 10: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 10); break;                  \
+    case 11: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 11); break;                  \
+    case 12: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 12); break;                  \
+    case 13: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 13); break;                  \
+    case 14: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 14); break;
+#else
+#define DILCONV_LANES_WIDE_CASES(NAME)
+#endif
+#else
+/* Other compilers: the same sums, in the same order, without vector types. */
+#define DILCONV_LANES(NAME, T)                                                            \
+static inline void NAME(const T *x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdiff_t n_cb, \
+                        const T *w, T *acc, ptrdiff_t ur) {                              \
+    enum { L = DILCONV_VEC_BYTES / sizeof(T), OB = 2 * L };                              \
+    for (ptrdiff_t cb = 0; cb < n_cb; cb++, x += cb_step)                                \
+        for (int c = 0; c < L; c++, w += OB)                                             \
+            for (ptrdiff_t p = 0; p < ur; p++)                                           \
+                for (int o = 0; o < OB; o++) acc[p * OB + o] += x[p * px_step + c] * w[o]; \
+}
+#endif
+
+/* Packing and unpacking, with OB and L of the tier:
+   NAME_pack(src, plane, count, channels, cb_step, dst): `count` consecutive pixels of
+   `channels` planes (`plane` apart) into dst[cb * cb_step + q * L + c] for channel
+   cb * L + c, zeros past `channels`;
+   NAME_fill(bias, count, acc): acc[q * OB + o] = 0 + bias[o] (the panels' start);
+   NAME_store(acc, count, m, plane, out): out[o * plane + q] = acc[q * OB + o], o < m.
+   Both move L x L squares through registers (log2 L rounds of interleaving transpose
+   them): one element at a time, the L planes a multiple of 4 KiB apart (context_d8,
+   wavenet) share a cache set, and the copies cost a third of the multiply-adds. */
+#if defined(DILCONV_HAS_SHUFFLE)
+#define DILCONV_LANES_SQUARE(NAME, T, LO, HI)                                             \
+static inline __attribute__((always_inline)) void NAME##_transpose(NAME##_v *r) {        \
+    enum { L = DILCONV_VEC_BYTES / sizeof(T) };                                          \
+    for (int round = L; round > 1; round /= 2) {                                         \
+        NAME##_v t[L];                                                                   \
+        for (int i = 0; i < L / 2; i++) {                                                \
+            t[2 * i] = __builtin_shufflevector(r[i], r[i + L / 2], LO);                  \
+            t[2 * i + 1] = __builtin_shufflevector(r[i], r[i + L / 2], HI);              \
+        }                                                                                \
+        for (int i = 0; i < L; i++) r[i] = t[i];                                         \
+    }                                                                                    \
+}                                                                                        \
+/* Squares of `count` pixels from the first; returns the pixels done. */                 \
+static inline ptrdiff_t NAME##_pack_squares(const T *restrict src, ptrdiff_t plane,      \
+                                            ptrdiff_t count, T *restrict dst) {          \
+    enum { L = DILCONV_VEC_BYTES / sizeof(T) };                                          \
+    ptrdiff_t q = 0;                                                                     \
+    for (; q + L <= count; q += L) {                                                     \
+        NAME##_v r[L];                                                                   \
+        for (int i = 0; i < L; i++) r[i] = *(const NAME##_vu *)(src + i * plane + q);    \
+        NAME##_transpose(r);                                                             \
+        for (int i = 0; i < L; i++) *(NAME##_vu *)(dst + (q + i) * L) = r[i];            \
+    }                                                                                    \
+    return q;                                                                            \
+}                                                                                        \
+static inline ptrdiff_t NAME##_store_squares(const T *restrict acc, ptrdiff_t count,     \
+                                             ptrdiff_t m, ptrdiff_t plane,               \
+                                             T *restrict out) {                          \
+    enum { L = DILCONV_VEC_BYTES / sizeof(T), OB = 2 * L };                              \
+    ptrdiff_t q = 0;                                                                     \
+    for (; q + L <= count; q += L)                                                       \
+        for (int v = 0; v * L < m; v++) {                                                \
+            NAME##_v r[L];                                                               \
+            for (int i = 0; i < L; i++)                                                  \
+                r[i] = *(const NAME##_vu *)(acc + (q + i) * OB + v * L);                \
+            NAME##_transpose(r);                                                         \
+            for (int i = 0; i < L && v * L + i < m; i++)                                 \
+                *(NAME##_vu *)(out + (v * L + i) * plane + q) = r[i];                    \
+        }                                                                                \
+    return q;                                                                            \
+}
+#else
+#define DILCONV_LANES_SQUARE(NAME, T, LO, HI)                                             \
+static inline ptrdiff_t NAME##_pack_squares(const T *src, ptrdiff_t plane,               \
+                                            ptrdiff_t count, T *dst) { return 0; }       \
+static inline ptrdiff_t NAME##_store_squares(const T *acc, ptrdiff_t count, ptrdiff_t m, \
+                                             ptrdiff_t plane, T *out) { return 0; }
+#endif
+#define DILCONV_LANES_MOVES(NAME, T)                                                      \
+static inline void NAME##_pack(const T *restrict src, ptrdiff_t plane, ptrdiff_t count,  \
+                               ptrdiff_t channels, ptrdiff_t cb_step, T *restrict dst) { \
+    enum { L = DILCONV_VEC_BYTES / sizeof(T) };                                          \
+    for (ptrdiff_t c0 = 0; c0 < channels; c0 += L, dst += cb_step) {                     \
+        ptrdiff_t lanes = channels - c0 < L ? channels - c0 : L;                         \
+        ptrdiff_t q = lanes == L                                                         \
+            ? NAME##_pack_squares(src + c0 * plane, plane, count, dst) : 0;              \
+        for (; q < count; q++)                                                           \
+            for (int c = 0; c < L; c++)                                                  \
+                dst[q * L + c] = c < lanes ? src[(c0 + c) * plane + q] : (T)0;           \
+    }                                                                                    \
+}                                                                                        \
+static inline void NAME##_fill(const T *restrict bias, ptrdiff_t count, T *restrict acc) { \
+    enum { OB = 2 * (DILCONV_VEC_BYTES / sizeof(T)) };                                   \
+    for (ptrdiff_t q = 0; q < count; q++)                                                \
+        for (int o = 0; o < OB; o++) acc[q * OB + o] = (T)0 + bias[o];                   \
+}                                                                                        \
+static inline void NAME##_store(const T *restrict acc, ptrdiff_t count, ptrdiff_t m,     \
+                                ptrdiff_t plane, T *restrict out) {                      \
+    enum { OB = 2 * (DILCONV_VEC_BYTES / sizeof(T)) };                                   \
+    for (ptrdiff_t q = NAME##_store_squares(acc, count, m, plane, out); q < count; q++)  \
+        for (ptrdiff_t o = 0; o < m; o++) out[o * plane + q] = acc[q * OB + o];          \
+}
+
+#define DILCONV_ZIP16 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23
+#define DILCONV_ZIP16_HI 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31
+#define DILCONV_ZIP8 0, 8, 1, 9, 2, 10, 3, 11
+#define DILCONV_ZIP8_HI 4, 12, 5, 13, 6, 14, 7, 15
+#define DILCONV_ZIP4 0, 4, 1, 5
+#define DILCONV_ZIP4_HI 2, 6, 3, 7
+#define DILCONV_ZIP2 0, 2
+#define DILCONV_ZIP2_HI 1, 3
+#if DILCONV_VEC_BYTES == 64
+#define DILCONV_ZIP_F DILCONV_ZIP16
+#define DILCONV_ZIP_F_HI DILCONV_ZIP16_HI
+#define DILCONV_ZIP_D DILCONV_ZIP8
+#define DILCONV_ZIP_D_HI DILCONV_ZIP8_HI
+#elif DILCONV_VEC_BYTES == 32
+#define DILCONV_ZIP_F DILCONV_ZIP8
+#define DILCONV_ZIP_F_HI DILCONV_ZIP8_HI
+#define DILCONV_ZIP_D DILCONV_ZIP4
+#define DILCONV_ZIP_D_HI DILCONV_ZIP4_HI
+#else
+#define DILCONV_ZIP_F DILCONV_ZIP4
+#define DILCONV_ZIP_F_HI DILCONV_ZIP4_HI
+#define DILCONV_ZIP_D DILCONV_ZIP2
+#define DILCONV_ZIP_D_HI DILCONV_ZIP2_HI
+#endif
+
+DILCONV_LANES(dilconv_lanes_f, float)
+DILCONV_LANES(dilconv_lanes_d, double)
+DILCONV_LANES_SQUARE(dilconv_lanes_f, float, DILCONV_ZIP_F, DILCONV_ZIP_F_HI)
+DILCONV_LANES_SQUARE(dilconv_lanes_d, double, DILCONV_ZIP_D, DILCONV_ZIP_D_HI)
+DILCONV_LANES_MOVES(dilconv_lanes_f, float)
+DILCONV_LANES_MOVES(dilconv_lanes_d, double)
+#endif
