@@ -108,7 +108,9 @@ static inline void NAME(const T *x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdif
    `channels` planes (`plane` apart) into dst[cb * cb_step + q * L + c] for channel
    cb * L + c, zeros past `channels`;
    NAME_fill(bias, count, acc): acc[q * OB + o] = 0 + bias[o] (the panels' start);
-   NAME_store(acc, count, m, plane, out): out[o * plane + q] = acc[q * OB + o], o < m.
+   NAME_store(acc, count, m, plane, out): out[o * plane + q] = acc[q * OB + o], o < m;
+   NAME_weights(w, ld, m, cols, taps, cpad, dst): rows [0, m) of contiguous weights (term
+   k = c * taps + t of row o at w[o * ld + k]) into dst[(t * cpad + c) * OB + o].
    Both move L x L squares through registers (log2 L rounds of interleaving transpose
    them): one element at a time, the L planes a multiple of 4 KiB apart (context_d8,
    wavenet) share a cache set, and the copies cost a third of the multiply-adds. */
@@ -153,9 +155,35 @@ static inline ptrdiff_t NAME##_store_squares(const T *restrict acc, ptrdiff_t co
                 *(NAME##_vu *)(out + (v * L + i) * plane + q) = r[i];                    \
         }                                                                                \
     return q;                                                                            \
+}                                                                                        \
+/* Rows [0, m) of `rows`, `ld` apart, each `cols` values with the term k's c = k / taps  \
+   and t = k % taps, into dst[(t * cpad + c) * OB + o] (zeros past m) in squares;        \
+   returns the terms done. */                                                            \
+static inline ptrdiff_t NAME##_weight_squares(const T *restrict w, ptrdiff_t ld,         \
+                                              ptrdiff_t m, ptrdiff_t cols,               \
+                                              ptrdiff_t taps, ptrdiff_t cpad,            \
+                                              T *restrict dst) {                         \
+    enum { L = DILCONV_VEC_BYTES / sizeof(T), OB = 2 * L };                              \
+    ptrdiff_t k = 0;                                                                     \
+    for (; k + L <= cols; k += L)                                                        \
+        for (int v = 0; v < 2; v++) {                                                    \
+            NAME##_v r[L];                                                               \
+            for (int i = 0; i < L; i++) {                                                \
+                r[i] = (NAME##_v){0};                                                    \
+                if (v * L + i < m) r[i] = *(const NAME##_vu *)(w + (v * L + i) * ld + k); \
+            }                                                                            \
+            NAME##_transpose(r);                                                         \
+            for (int i = 0; i < L; i++)                                                  \
+                *(NAME##_vu *)(dst + ((k + i) % taps * cpad + (k + i) / taps) * OB      \
+                               + v * L) = r[i];                                          \
+        }                                                                                \
+    return k;                                                                            \
 }
 #else
 #define DILCONV_LANES_SQUARE(NAME, T, LO, HI)                                             \
+static inline ptrdiff_t NAME##_weight_squares(const T *w, ptrdiff_t ld, ptrdiff_t m,     \
+                                              ptrdiff_t cols, ptrdiff_t taps,            \
+                                              ptrdiff_t cpad, T *dst) { return 0; }      \
 static inline ptrdiff_t NAME##_pack_squares(const T *src, ptrdiff_t plane,               \
                                             ptrdiff_t count, T *dst) { return 0; }       \
 static inline ptrdiff_t NAME##_store_squares(const T *acc, ptrdiff_t count, ptrdiff_t m, \
@@ -173,6 +201,16 @@ static inline void NAME##_pack(const T *restrict src, ptrdiff_t plane, ptrdiff_t
             for (int c = 0; c < L; c++)                                                  \
                 dst[q * L + c] = c < lanes ? src[(c0 + c) * plane + q] : (T)0;           \
     }                                                                                    \
+}                                                                                        \
+/* NAME_weights(w, ld, m, cols, taps, cpad, dst): as NAME_weight_squares, all terms. */  \
+static inline void NAME##_weights(const T *restrict w, ptrdiff_t ld, ptrdiff_t m,        \
+                                  ptrdiff_t cols, ptrdiff_t taps, ptrdiff_t cpad,        \
+                                  T *restrict dst) {                                     \
+    enum { OB = 2 * (DILCONV_VEC_BYTES / sizeof(T)) };                                   \
+    ptrdiff_t k = NAME##_weight_squares(w, ld, m, cols, taps, cpad, dst);               \
+    for (; k < cols; k++)                                                                \
+        for (int o = 0; o < OB; o++)                                                     \
+            dst[(k % taps * cpad + k / taps) * OB + o] = o < m ? w[o * ld + k] : (T)0;   \
 }                                                                                        \
 static inline void NAME##_fill(const T *restrict bias, ptrdiff_t count, T *restrict acc) { \
     enum { OB = 2 * (DILCONV_VEC_BYTES / sizeof(T)) };                                   \

@@ -421,6 +421,12 @@ cdef extern from "_lanes.h":
     void dilconv_lanes_d_pack(const double* src, Py_ssize_t plane, Py_ssize_t count,
                               Py_ssize_t channels, Py_ssize_t cb_step,
                               double* dst) noexcept nogil
+    void dilconv_lanes_f_weights(const float* w, Py_ssize_t ld, Py_ssize_t m,
+                                 Py_ssize_t cols, Py_ssize_t taps, Py_ssize_t cpad,
+                                 float* dst) noexcept nogil
+    void dilconv_lanes_d_weights(const double* w, Py_ssize_t ld, Py_ssize_t m,
+                                 Py_ssize_t cols, Py_ssize_t taps, Py_ssize_t cpad,
+                                 double* dst) noexcept nogil
     void dilconv_lanes_f_fill(const float* bias, Py_ssize_t count,
                               float* acc) noexcept nogil
     void dilconv_lanes_d_fill(const double* bias, Py_ssize_t count,
@@ -514,12 +520,25 @@ cdef void _pack_lanes_weights(const floating[:, :, :, :] w, const floating[:] bi
     cdef Py_ssize_t og = w.shape[0] // wl.shape[0], cg = w.shape[1], kw_size = w.shape[3]
     cdef Py_ssize_t s_o = w.strides[0], grp = block // blocks, ob = block % blocks
     cdef Py_ssize_t m = min(ob_size, og - ob * ob_size), o = grp * og + ob * ob_size
-    cdef Py_ssize_t ci, t, i
+    cdef Py_ssize_t ci, t, i, taps = wl.shape[2]
     cdef const char* src
     cdef floating* dst
     for i in range(ob_size):
         bl[grp, ob, i] = bias[o + i] if i < m and bias.shape[0] else 0
-    for t in range(wl.shape[2]):
+    if (w.strides[3] == sizeof(floating) and w.strides[2] == kw_size * sizeof(floating)
+            and w.strides[1] == taps * sizeof(floating) and s_o % sizeof(floating) == 0):
+        # Each row's terms contiguous (the forward's weights): moved in squares.
+        if floating is float:
+            dilconv_lanes_f_weights(&w[o, 0, 0, 0], s_o // sizeof(floating), m, cg * taps,
+                                    taps, cpad, &wl[grp, ob, 0, 0, 0])
+        else:
+            dilconv_lanes_d_weights(&w[o, 0, 0, 0], s_o // sizeof(floating), m, cg * taps,
+                                    taps, cpad, &wl[grp, ob, 0, 0, 0])
+        for t in range(taps):
+            for ci in range(cg, cpad):
+                memset(&wl[grp, ob, t, ci, 0], 0, ob_size * sizeof(floating))
+        return
+    for t in range(taps):
         for ci in range(cpad):
             dst = &wl[grp, ob, t, ci, 0]
             if ci >= cg:
