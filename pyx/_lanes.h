@@ -37,56 +37,76 @@
 #define DILCONV_LANES_BODY(NAME, T, UR_MAX)                                               \
 static inline __attribute__((always_inline)) void NAME##_body(                           \
         const T *restrict x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdiff_t n_cb,       \
-        const T *restrict w, T *restrict acc, const int ur) {                            \
+        const T *restrict w, ptrdiff_t n_taps, const ptrdiff_t *x_off,                   \
+        const ptrdiff_t *w_off, T *restrict acc, const int ur) {                         \
     enum { L = DILCONV_VEC_BYTES / sizeof(T), OB = 2 * L };                              \
     NAME##_v a[UR_MAX][2];                                                               \
     for (int p = 0; p < ur; p++)                                                         \
         for (int v = 0; v < 2; v++) a[p][v] = *(const NAME##_vu *)(acc + p * OB + v * L); \
-    for (ptrdiff_t cb = 0; cb < n_cb; cb++, x += cb_step)                                \
-        for (int c = 0; c < L; c++, w += OB) {                                           \
-            NAME##_v w0 = *(const NAME##_vu *)w, w1 = *(const NAME##_vu *)(w + L);       \
-            for (int p = 0; p < ur; p++) {                                               \
-                T b = x[p * px_step + c];                                                \
-                a[p][0] += b * w0;                                                       \
-                a[p][1] += b * w1;                                                       \
+    for (ptrdiff_t t = 0; t < n_taps; t++) {                                             \
+        const T *xt = x + x_off[t], *wt = w + w_off[t];                                  \
+        for (ptrdiff_t cb = 0; cb < n_cb; cb++, xt += cb_step)                           \
+            for (int c = 0; c < L; c++, wt += OB) {                                      \
+                NAME##_v w0 = *(const NAME##_vu *)wt, w1 = *(const NAME##_vu *)(wt + L); \
+                for (int p = 0; p < ur; p++) {                                           \
+                    T b = xt[p * px_step + c];                                           \
+                    a[p][0] += b * w0;                                                   \
+                    a[p][1] += b * w1;                                                   \
+                }                                                                        \
             }                                                                            \
-        }                                                                                \
+    }                                                                                    \
     for (int p = 0; p < ur; p++)                                                         \
         for (int v = 0; v < 2; v++) *(NAME##_vu *)(acc + p * OB + v * L) = a[p][v];      \
 }
 
 #if defined(__GNUC__) || defined(__clang__)
-/* NAME(x, px_step, cb_step, n_cb, w, acc, ur): acc[p][o] += sum over the n_cb * L terms
-   k of x[(k / L) * cb_step + p * px_step + k % L] * w[k * OB + o], for p < ur <=
-   DILCONV_LANES_UR, in term order. Each ur is its own inlined body: the accumulators
-   stay in registers only with a constant count. */
+/* NAME(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur): acc[p][o] += the
+   sum over taps t < n_taps, in order, of the n_cb * L terms k of
+   x[x_off[t] + (k / L) * cb_step + p * px_step + k % L] * w[w_off[t] + k * OB + o], for
+   p < ur <= DILCONV_LANES_UR, in term order. Each ur is its own inlined body: the
+   accumulators stay in registers only with a constant count. */
 #define DILCONV_LANES(NAME, T)                                                            \
 typedef T NAME##_v __attribute__((vector_size(DILCONV_VEC_BYTES)));                       \
 typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC_BYTES), aligned(sizeof(T)),  \
                                    may_alias));                                          \
 DILCONV_LANES_BODY(NAME, T, DILCONV_LANES_UR)                                            \
 static inline void NAME(const T *x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdiff_t n_cb, \
-                        const T *w, T *acc, ptrdiff_t ur) {                              \
+                        const T *w, ptrdiff_t n_taps, const ptrdiff_t *x_off,            \
+                        const ptrdiff_t *w_off, T *acc, ptrdiff_t ur) {                  \
     switch (ur) {                                                                        \
-    case 1: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 1); break;                    \
-    case 2: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 2); break;                    \
-    case 3: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 3); break;                    \
-    case 4: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 4); break;                    \
-    case 5: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 5); break;                    \
-    case 6: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 6); break;                    \
+    case 1:                                                                              \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 1); break;  \
+    case 2:                                                                              \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 2); break;  \
+    case 3:                                                                              \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 3); break;  \
+    case 4:                                                                              \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 4); break;  \
+    case 5:                                                                              \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 5); break;  \
+    case 6:                                                                              \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 6); break;  \
     DILCONV_LANES_WIDE_CASES(NAME)                                                       \
     }                                                                                    \
 }
 #if DILCONV_LANES_UR == 14
 #define DILCONV_LANES_WIDE_CASES(NAME)                                                    \
-    case 7: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 7); break;                    \
-    case 8: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 8); break;                    \
-    case 9: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 9); break;                    \
-    case 10: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 10); break;                  \
-    case 11: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 11); break;                  \
-    case 12: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 12); break;                  \
-    case 13: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 13); break;                  \
-    case 14: NAME##_body(x, px_step, cb_step, n_cb, w, acc, 14); break;
+    case 7:                                                                              \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 7); break;  \
+    case 8:                                                                              \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 8); break;  \
+    case 9:                                                                              \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 9); break;  \
+    case 10:                                                                             \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 10); break; \
+    case 11:                                                                             \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 11); break; \
+    case 12:                                                                             \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 12); break; \
+    case 13:                                                                             \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 13); break; \
+    case 14:                                                                             \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 14); break;
 #else
 #define DILCONV_LANES_WIDE_CASES(NAME)
 #endif
@@ -94,12 +114,16 @@ static inline void NAME(const T *x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdif
 /* Other compilers: the same sums, in the same order, without vector types. */
 #define DILCONV_LANES(NAME, T)                                                            \
 static inline void NAME(const T *x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdiff_t n_cb, \
-                        const T *w, T *acc, ptrdiff_t ur) {                              \
+                        const T *w, ptrdiff_t n_taps, const ptrdiff_t *x_off,            \
+                        const ptrdiff_t *w_off, T *acc, ptrdiff_t ur) {                  \
     enum { L = DILCONV_VEC_BYTES / sizeof(T), OB = 2 * L };                              \
-    for (ptrdiff_t cb = 0; cb < n_cb; cb++, x += cb_step)                                \
-        for (int c = 0; c < L; c++, w += OB)                                             \
-            for (ptrdiff_t p = 0; p < ur; p++)                                           \
-                for (int o = 0; o < OB; o++) acc[p * OB + o] += x[p * px_step + c] * w[o]; \
+    for (ptrdiff_t t = 0; t < n_taps; t++)                                               \
+        for (ptrdiff_t cb = 0; cb < n_cb; cb++)                                          \
+            for (int c = 0; c < L; c++)                                                  \
+                for (ptrdiff_t p = 0; p < ur; p++)                                       \
+                    for (int o = 0; o < OB; o++)                                         \
+                        acc[p * OB + o] += x[x_off[t] + cb * cb_step + p * px_step + c]  \
+                                           * w[w_off[t] + (cb * L + c) * OB + o];        \
 }
 #endif
 

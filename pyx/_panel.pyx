@@ -410,10 +410,12 @@ cdef void _pack_weight_block(const floating[:, :, :, :] w, const floating[:] bia
 cdef extern from "_lanes.h":
     enum: DILCONV_LANES_UR, DILCONV_LANES_DEFAULT, DILCONV_VEC_BYTES
     void dilconv_lanes_f(const float* x, Py_ssize_t px_step, Py_ssize_t cb_step,
-                         Py_ssize_t n_cb, const float* w, float* acc,
+                         Py_ssize_t n_cb, const float* w, Py_ssize_t n_taps,
+                         const Py_ssize_t* x_off, const Py_ssize_t* w_off, float* acc,
                          Py_ssize_t ur) noexcept nogil
     void dilconv_lanes_d(const double* x, Py_ssize_t px_step, Py_ssize_t cb_step,
-                         Py_ssize_t n_cb, const double* w, double* acc,
+                         Py_ssize_t n_cb, const double* w, Py_ssize_t n_taps,
+                         const Py_ssize_t* x_off, const Py_ssize_t* w_off, double* acc,
                          Py_ssize_t ur) noexcept nogil
     void dilconv_lanes_f_pack(const float* src, Py_ssize_t plane, Py_ssize_t count,
                               Py_ssize_t channels, Py_ssize_t cb_step,
@@ -448,9 +450,9 @@ LANES_TILE_BYTES = 32 * 1024
 LANES_MAX_PADDING = 0.25
 # Terms per output (taps x padded channels) below which the panels are faster: the
 # squares moved in and out cost as much as a short sum (float32, one thread on an
-# AVX-512 Xeon: 128 terms 0.82x, 144 0.89x, 192 0.99x, 288 1.01-1.11x, 576 1.07x,
-# 2304 1.2x the panels' speed).
-LANES_MIN_TERMS = 256
+# AVX-512 Xeon, lanes against panels: 128 terms (1x2 taps) 0.85x, 144 (3x3) 1.12x, 192
+# (1x3) 1.03x, 288 1.10-1.14x, 576 1.18x, 2304 1.30x).
+LANES_MIN_TERMS = 144
 
 
 def lanes_layout(spec, Py_ssize_t itemsize):
@@ -477,12 +479,13 @@ def uses_lanes(spec, Py_ssize_t itemsize, tuning):
 
 
 cdef inline void lanes_ukr(const floating* x, Py_ssize_t px_step, Py_ssize_t cb_step,
-                           Py_ssize_t n_cb, const floating* w, floating* acc,
+                           Py_ssize_t n_cb, const floating* w, Py_ssize_t n_taps,
+                           const Py_ssize_t* x_off, const Py_ssize_t* w_off, floating* acc,
                            Py_ssize_t ur) noexcept nogil:
     if floating is float:
-        dilconv_lanes_f(x, px_step, cb_step, n_cb, w, acc, ur)
+        dilconv_lanes_f(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur)
     else:
-        dilconv_lanes_d(x, px_step, cb_step, n_cb, w, acc, ur)
+        dilconv_lanes_d(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur)
 
 
 cdef inline void lanes_pack(const floating* src, Py_ssize_t plane, Py_ssize_t count,
@@ -604,18 +607,20 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
                       Geom g, Py_ssize_t unit, Py_ssize_t r1, Py_ssize_t ob0,
                       Py_ssize_t ob1, Py_ssize_t tile_rows, Py_ssize_t tile_cols,
                       Py_ssize_t cb_step, const floating* packed, floating* acc,
-                      const Py_ssize_t* row_slot) noexcept nogil:
+                      const Py_ssize_t* row_slot, Py_ssize_t* offsets) noexcept nogil:
     # Output blocks [ob0, ob1) of band `unit` (output rows r0 = unit % Ho to r1 of one
-    # image and group) from its packed rows: per sub-tile and block, the taps in order
-    # summed into partial sums kept in `acc`, then stored.
+    # image and group) from its packed rows: per sub-tile and block, each run of pixels
+    # of one row that the same taps reach sums those taps in order in registers, added
+    # to the bias in `acc`; then the sub-tile is stored.
     cdef Py_ssize_t lanes = DILCONV_VEC_BYTES // sizeof(floating), ob_size = 2 * lanes
     cdef Py_ssize_t n_cb = wl.shape[3] // lanes, plane = g.Ho * g.Wo, row_len = g.W * lanes
+    cdef Py_ssize_t tap_len = wl.shape[3] * ob_size
     cdef Py_ssize_t r0 = unit % g.Ho, grp = unit % (g.groups * g.Ho) // g.Ho
     cdef Py_ssize_t n = unit // (g.groups * g.Ho)
-    cdef Py_ssize_t tr0, tr1, tc0, tc1, tw, ob, kh, kw, rlo, rhi, clo, chi, r, q, k
-    cdef Py_ssize_t length, runs, ur, m
-    cdef const floating* wt
-    cdef const floating* xrow
+    cdef Py_ssize_t tr0, tr1, tc0, tc1, tw, ob, kh, kw, kh0, kh1, kw0, kw1, r, a, b, q, k
+    cdef Py_ssize_t length, runs, ur, m, n_taps
+    cdef Py_ssize_t* x_off = offsets
+    cdef Py_ssize_t* w_off = offsets + g.kH * g.kW
     tr0 = r0
     while tr0 < r1:
         tr1 = min(r1, tr0 + tile_rows)
@@ -625,30 +630,38 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
             tw = tc1 - tc0
             for ob in range(ob0, ob1):
                 lanes_fill(&bl[grp, ob, 0], (tr1 - tr0) * tw, acc)
-                for kh in range(g.kH):
-                    rlo = max(tr0, g.oh_lo[kh])
-                    rhi = min(tr1, g.oh_hi[kh])
-                    if rlo >= rhi:
+                for r in range(tr0, tr1):
+                    _taps_at(g.oh_lo, g.oh_hi, g.kH, r, &kh0, &kh1)
+                    if kh0 >= kh1:
                         continue
-                    for kw in range(g.kW):
-                        clo = max(tc0, g.ow_lo[kw])
-                        chi = min(tc1, g.ow_hi[kw])
-                        if clo >= chi:
-                            continue
-                        wt = &wl[grp, ob, kh * g.kW + kw, 0, 0]
+                    # Column segments [a, b) reached by the same column taps [kw0, kw1).
+                    a = tc0
+                    while a < tc1:
+                        _taps_at(g.ow_lo, g.ow_hi, g.kW, a, &kw0, &kw1)
+                        b = tc1
+                        for kw in range(g.kW):
+                            if a < g.ow_lo[kw] < b:
+                                b = g.ow_lo[kw]
+                            if a < g.ow_hi[kw] < b:
+                                b = g.ow_hi[kw]
+                        n_taps = 0
+                        for kh in range(kh0, kh1):
+                            for kw in range(kw0, kw1):
+                                x_off[n_taps] = ((row_slot[kh] + r * g.sh + kh * g.dh - g.pt)
+                                                 * row_len + (kw * g.dw - g.pl) * lanes)
+                                w_off[n_taps] = (kh * g.kW + kw) * tap_len
+                                n_taps = n_taps + 1
                         # Runs of at most UR pixels, of about equal length.
-                        length = chi - clo
+                        length = b - a
                         runs = ceil_div(length, DILCONV_LANES_UR)
-                        for r in range(rlo, rhi):
-                            xrow = packed + (row_slot[kh] + r * g.sh + kh * g.dh
-                                             - g.pt) * row_len
-                            q = clo
-                            for k in range(runs):
-                                ur = length // runs + (1 if k < length % runs else 0)
-                                lanes_ukr(xrow + (q * g.sw + kw * g.dw - g.pl) * lanes,
-                                          g.sw * lanes, cb_step, n_cb, wt,
-                                          acc + ((r - tr0) * tw + q - tc0) * ob_size, ur)
-                                q = q + ur
+                        q = a
+                        for k in range(runs if n_taps else 0):
+                            ur = length // runs + (1 if k < length % runs else 0)
+                            lanes_ukr(packed + q * g.sw * lanes, g.sw * lanes, cb_step, n_cb,
+                                      &wl[grp, ob, 0, 0, 0], n_taps, x_off, w_off,
+                                      acc + ((r - tr0) * tw + q - tc0) * ob_size, ur)
+                            q = q + ur
+                        a = b
                 m = min(ob_size, g.Og - ob * ob_size)
                 if tw == g.Wo:
                     lanes_store(acc, (tr1 - tr0) * tw, m, plane,
@@ -694,7 +707,9 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     cdef floating[::1] shared_pack = aligned_empty(pack_len if shared else 1, dtype)
     cdef floating[:, ::1] scratch = thread_scratch(
         n_threads, acc_len + (0 if shared else pack_len), dtype)
-    cdef Py_ssize_t[:, ::1] rows_scratch = np.empty((n_threads, 5 * g.kH), dtype=np.intp)
+    # Per thread: row slots, segments and marks of the row taps (5 kH), tap offsets.
+    cdef Py_ssize_t[:, ::1] rows_scratch = np.empty(
+        (n_threads, 5 * g.kH + 2 * g.kH * g.kW), dtype=np.intp)
     cdef floating[:, :, :, :, ::1] wl = aligned_empty(
         (g.groups, nob, g.kH * g.kW, cpad, OB), dtype)
     cdef floating[:, :, ::1] bl = np.empty((g.groups, nob, OB), dtype=dtype)
@@ -719,7 +734,8 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
                 for ob in prange(nob, schedule='dynamic'):
                     _lanes_band(wl, bl, out, g, unit, min(g.Ho, r0 + band), ob, ob + 1,
                                 tile_rows, tile_cols, cb_step, &shared_pack[0],
-                                &scratch[tid, 0], &rows_scratch[tid, 0])
+                                &scratch[tid, 0], &rows_scratch[tid, 0],
+                                &rows_scratch[tid, 5 * g.kH])
         else:
             for task in prange(n_units, schedule='dynamic'):
                 task_r0 = task % bands * band
@@ -731,8 +747,8 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
                            cb_step, &scratch[tid, acc_len])
                 _lanes_band(wl, bl, out, g, task_unit, min(g.Ho, task_r0 + band), 0, nob,
                             tile_rows, tile_cols, cb_step, &scratch[tid, acc_len],
-                            &scratch[tid, 0],
-                            &rows_scratch[tid, 0])
+                            &scratch[tid, 0], &rows_scratch[tid, 0],
+                            &rows_scratch[tid, 5 * g.kH])
 
 
 def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1] out,
