@@ -523,7 +523,7 @@ cdef void _pack_lanes_weights(const floating[:, :, :, :] w, const floating[:] bi
     cdef Py_ssize_t og = w.shape[0] // wl.shape[0], cg = w.shape[1], kw_size = w.shape[3]
     cdef Py_ssize_t s_o = w.strides[0], grp = block // blocks, ob = block % blocks
     cdef Py_ssize_t m = min(ob_size, og - ob * ob_size), o = grp * og + ob * ob_size
-    cdef Py_ssize_t ci, t, i, taps = wl.shape[2]
+    cdef Py_ssize_t ci, t, i, kh, kw, taps = wl.shape[2]
     cdef const char* src
     cdef floating* dst
     for i in range(ob_size):
@@ -541,15 +541,21 @@ cdef void _pack_lanes_weights(const floating[:, :, :, :] w, const floating[:] bi
             for ci in range(cg, cpad):
                 memset(&wl[grp, ob, t, ci, 0], 0, ob_size * sizeof(floating))
         return
-    for t in range(taps):
-        for ci in range(cpad):
-            dst = &wl[grp, ob, t, ci, 0]
-            if ci >= cg:
-                memset(dst, 0, ob_size * sizeof(floating))
-                continue
-            src = <const char*> &w[o, ci, t // kw_size, t % kw_size]
-            for i in range(ob_size):
-                dst[i] = (<const floating*> (src + i * s_o))[0] if i < m else 0
+    # Any strides (the input gradient's transposed, turned kernel, whose rows are 36
+    # bytes apart for 3 x 3 taps): the values of one channel, read in memory order.
+    if m < ob_size or cg < cpad:
+        memset(&wl[grp, ob, 0, 0, 0], 0, taps * cpad * ob_size * sizeof(floating))
+    cdef Py_ssize_t s_c = w.strides[1], s_h = w.strides[2], s_w = w.strides[3]
+    cdef Py_ssize_t kh_size = w.shape[2], tap_step = cpad * ob_size
+    cdef const char* row = <const char*> &w[o, 0, 0, 0]
+    for ci in range(cg):
+        for i in range(m):
+            src = row + ci * s_c + i * s_o
+            dst = &wl[grp, ob, 0, ci, i]
+            for kh in range(kh_size):
+                for kw in range(kw_size):
+                    dst[0] = (<const floating*> (src + kh * s_h + kw * s_w))[0]
+                    dst = dst + tap_step
 
 
 cdef Py_ssize_t _band_rows(Geom g, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t* row_slot,
