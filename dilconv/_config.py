@@ -21,6 +21,7 @@ def config() -> Dict[str, Any]:
                               if t not in _tiers.SUPPORTED},
         "cpu_features": sorted(f for f, on in _tiers.FEATURES.items() if on),
         "panel_block": (_tiers._panel.MR, _tiers._panel.BLOCK_NBYTES),
+        "panel_lanes": (_tiers._panel.LANES_DEFAULT, _tiers._panel.LANES_PIXELS),
         "openmp": bool(_openmp_helpers.OPENMP_ENABLED),
         "threads": _threads.get_num_threads(),
         "threads_set": _threads._requested,
@@ -51,7 +52,10 @@ def show_config(file: Optional[TextIO] = None) -> None:
         + "".join(f"; {t} needs {', '.join(m)}" for t, m in c["tiers_unsupported"].items()),
         f"CPU features: {' '.join(c['cpu_features']) or 'none detected'}",
         f"panel micro-kernel block: {c['panel_block'][0]} output channels x "
-        f"{c['panel_block'][1]} bytes of pixels",
+        f"{c['panel_block'][1]} bytes of pixels; "
+        + (f"forward of long sums with output channels in vector lanes (2 vectors x "
+           f"{c['panel_lanes'][1]} pixels)" if c["panel_lanes"][0]
+           else "output channels in vector lanes only when tuned"),
         f"OpenMP: {'on' if c['openmp'] else 'off (serial kernels)'}",
         f"threads: {c['threads']} ("
         + ("following OpenMP" if c["threads_set"] is None

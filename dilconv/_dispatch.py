@@ -11,8 +11,8 @@ Kernel families:
   ranges, packed into panels, summed by a register-blocked micro-kernel; the input
   gradient is the same forward of grad_output with the transposed, turned kernel (at a
   stride, one per stride phase of the input, with the taps that reach it), and the
-  weight gradient runs on the same micro-kernel; in v4 the forward of layers with long
-  sums puts output channels in the vector lanes instead (the same bits);
+  weight gradient runs on the same micro-kernel; in v4 and v3 the forward of layers with
+  long sums puts output channels in the vector lanes instead (the same bits);
 - "gemm": per tile and tap, one BLAS matrix product (the input gradient where padding
   goes past the dilated kernel; everything else when forced);
 - "depthwise": layers with one input channel per group (depthwise, any channel

@@ -15,7 +15,7 @@ in one fixed order, so results are bitwise identical for any thread count (and t
 which own their outputs, are handed out dynamically: tiles differ in size). The weight
 gradient runs on the same micro-kernel, with pixels as the terms of its sums.
 
-Tiers whose plans prefer it (v4) run the forward of layers with long sums in the lanes
+Tiers whose plans prefer it (v4, v3) run the forward of layers with long sums in the lanes
 scheme instead (pyx/_lanes.h): output channels in the vector lanes, the input rows of a
 band of output rows packed once with their channels interleaved, and each output's taps
 and channels added in the same order as in the panels, so the bits are the same.
@@ -450,8 +450,9 @@ LANES_TILE_BYTES = 32 * 1024
 LANES_MAX_PADDING = 0.25
 # Terms per output (taps x padded channels) below which the panels are faster: the
 # squares moved in and out cost as much as a short sum (float32, one thread on an
-# AVX-512 Xeon, lanes against panels: 128 terms (1x2 taps) 0.85x, 144 (3x3) 1.12x, 192
-# (1x3) 1.03x, 288 1.10-1.14x, 576 1.18x, 2304 1.30x).
+# AVX-512 Xeon, lanes against panels in v4: 128 terms (1x2 taps) 0.85x, 144 (3x3)
+# 1.12x, 192 (1x3) 1.03x, 288 1.10-1.14x, 576 1.18x, 2304 1.30x; v3's code there: 0.97x,
+# 1.08x, 0.99x, 1.00-1.03x, 1.14x, 1.20x).
 LANES_MIN_TERMS = 144
 
 
