@@ -109,6 +109,14 @@ def aligned_tiles(spec, Py_ssize_t target, bint zero_fill=False):
     return tiles
 
 
+def fills_zero_columns(spec, weight, tuning):
+    """Whether the forward's border columns may read zeros in the padding (runs as wide
+    as the row): only where few zeros are multiplied (none: whole rows anyway) and the
+    weights are finite (0 * inf = nan)."""
+    return (0 < zero_filled_columns(spec) <= tuning.panel_zero_fill_max
+            and bool(np.isfinite(weight).all()))
+
+
 @functools.lru_cache(maxsize=256)
 def zero_filled_columns(spec):
     """Multiply-adds on zeros per useful one when tiles span whole output rows: a column
@@ -592,19 +600,32 @@ cdef Py_ssize_t _band_rows(Geom g, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t* row
 
 cdef void _pack_band(const floating[:, :, :, ::1] x, Geom g, Py_ssize_t unit,
                      const Py_ssize_t* segments, Py_ssize_t n_seg, Py_ssize_t cb0,
-                     Py_ssize_t cb1, Py_ssize_t cb_step, floating* packed) noexcept nogil:
+                     Py_ssize_t cb1, Py_ssize_t cb_step, Py_ssize_t row_w, Py_ssize_t pad_l,
+                     floating* packed) noexcept nogil:
     # Channel blocks [cb0, cb1) of the band's segments of input rows (image and group of
-    # band `unit`), interleaved.
+    # band `unit`), interleaved, in packed rows of row_w pixels: the image's from pad_l,
+    # zeros around them.
     cdef Py_ssize_t lanes = DILCONV_VEC_BYTES // sizeof(floating)
     cdef Py_ssize_t grp = unit % (g.groups * g.Ho) // g.Ho, n = unit // (g.groups * g.Ho)
-    cdef Py_ssize_t s, cb, first, stop
+    cdef Py_ssize_t s, cb, first, stop, r, channels
+    cdef floating* dst
     for s in range(n_seg):
         first = segments[3 * s]
         stop = segments[3 * s + 1]
         for cb in range(cb0, cb1):
-            lanes_pack(&x[n, grp * g.Cg + cb * lanes, first, 0], g.H * g.W,
-                       (stop - first) * g.W, min(lanes, g.Cg - cb * lanes), 0,
-                       packed + cb * cb_step + segments[3 * s + 2] * g.W * lanes)
+            channels = min(lanes, g.Cg - cb * lanes)
+            dst = packed + cb * cb_step + segments[3 * s + 2] * row_w * lanes
+            if row_w == g.W and pad_l == 0:
+                lanes_pack(&x[n, grp * g.Cg + cb * lanes, first, 0], g.H * g.W,
+                           (stop - first) * g.W, channels, 0, dst)
+                continue
+            for r in range(first, stop):
+                memset(dst, 0, pad_l * lanes * sizeof(floating))
+                lanes_pack(&x[n, grp * g.Cg + cb * lanes, r, 0], g.H * g.W, g.W,
+                           channels, 0, dst + pad_l * lanes)
+                memset(dst + (pad_l + g.W) * lanes, 0,
+                       (row_w - pad_l - g.W) * lanes * sizeof(floating))
+                dst = dst + row_w * lanes
 
 
 cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blocks, taps,
@@ -614,13 +635,17 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
                       Geom g, Py_ssize_t unit, Py_ssize_t r1, Py_ssize_t ob0,
                       Py_ssize_t ob1, Py_ssize_t tile_rows, Py_ssize_t tile_cols,
                       Py_ssize_t cb_step, const floating* packed, floating* acc,
-                      const Py_ssize_t* row_slot, Py_ssize_t* offsets) noexcept nogil:
+                      const Py_ssize_t* row_slot, Py_ssize_t* offsets,
+                      Py_ssize_t row_w, Py_ssize_t pad_l) noexcept nogil:
     # Output blocks [ob0, ob1) of band `unit` (output rows r0 = unit % Ho to r1 of one
-    # image and group) from its packed rows: per sub-tile and block, each run of pixels
-    # of one row that the same taps reach sums those taps in order in registers, added
-    # to the bias in `acc`; then the sub-tile is stored.
+    # image and group) from its packed rows (row_w pixels, the image's from pad_l): per
+    # sub-tile and block, each run of pixels of one row that the same taps reach sums
+    # those taps in order in registers, added to the bias in `acc`; then the sub-tile is
+    # stored. With zero columns around the image (pad_l > 0 or row_w > W), a row is one
+    # run of every column tap that reaches the image anywhere.
     cdef Py_ssize_t lanes = DILCONV_VEC_BYTES // sizeof(floating), ob_size = 2 * lanes
-    cdef Py_ssize_t n_cb = wl.shape[3] // lanes, plane = g.Ho * g.Wo, row_len = g.W * lanes
+    cdef Py_ssize_t n_cb = wl.shape[3] // lanes, plane = g.Ho * g.Wo, row_len = row_w * lanes
+    cdef bint zero_fill = row_w != g.W or pad_l != 0
     cdef Py_ssize_t tap_len = wl.shape[3] * ob_size
     cdef Py_ssize_t r0 = unit % g.Ho, grp = unit % (g.groups * g.Ho) // g.Ho
     cdef Py_ssize_t n = unit // (g.groups * g.Ho)
@@ -644,18 +669,21 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
                     # Column segments [a, b) reached by the same column taps [kw0, kw1).
                     a = tc0
                     while a < tc1:
-                        _taps_at(g.ow_lo, g.ow_hi, g.kW, a, &kw0, &kw1)
-                        b = tc1
-                        for kw in range(g.kW):
-                            if a < g.ow_lo[kw] < b:
-                                b = g.ow_lo[kw]
-                            if a < g.ow_hi[kw] < b:
-                                b = g.ow_hi[kw]
+                        kw0, kw1, b = 0, g.kW, tc1
+                        if not zero_fill:
+                            _taps_at(g.ow_lo, g.ow_hi, g.kW, a, &kw0, &kw1)
+                            for kw in range(g.kW):
+                                if a < g.ow_lo[kw] < b:
+                                    b = g.ow_lo[kw]
+                                if a < g.ow_hi[kw] < b:
+                                    b = g.ow_hi[kw]
                         n_taps = 0
                         for kh in range(kh0, kh1):
                             for kw in range(kw0, kw1):
+                                if g.ow_lo[kw] >= g.ow_hi[kw]:
+                                    continue
                                 x_off[n_taps] = ((row_slot[kh] + r * g.sh + kh * g.dh - g.pt)
-                                                 * row_len + (kw * g.dw - g.pl) * lanes)
+                                                 * row_len + (kw * g.dw - g.pl + pad_l) * lanes)
                                 w_off[n_taps] = (kh * g.kW + kw) * tap_len
                                 n_taps = n_taps + 1
                         # Runs of at most UR pixels, of about equal length.
@@ -692,7 +720,17 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     cdef Geom g = make_geom(spec)
     lanes, ob_size, cpad, blocks = lanes_layout(spec, sizeof(floating))
     cdef Py_ssize_t L = lanes, OB = ob_size, n_cb = cpad // lanes, nob = blocks
-    cdef Py_ssize_t row_bytes = g.W * cpad * sizeof(floating)
+    # Border columns reading zeros (the panels' rule), where some column taps reach a
+    # segment of the row too narrow for a good run (stride2_d2: 1 pixel; 7% faster,
+    # where context_d8's 8-pixel borders were 3% slower): packed rows as wide as the
+    # columns the taps read, with the padding's zeros.
+    cdef Py_ssize_t row_w = g.W, pad_l = 0
+    edges = range_edges(spec.ow_lo, spec.ow_hi, g.Wo)
+    narrowest = min(b - a for a, b in zip(edges, edges[1:]))
+    if narrowest < DILCONV_LANES_UR // 2 and fills_zero_columns(spec, weight, tuning):
+        pad_l = g.pl
+        row_w = max(g.pl + g.W, (g.Wo - 1) * g.sw + (g.kW - 1) * g.dw + 1)
+    cdef Py_ssize_t row_bytes = row_w * cpad * sizeof(floating)
     cdef Py_ssize_t fit = max(1, LANES_BAND_BYTES // row_bytes)
     # Output rows per band: kH row taps read (band - 1) * sh + 1 rows each at most.
     cdef Py_ssize_t band = g.Ho if g.H <= fit else max(1, (fit // g.kH - 1) // g.sh + 1)
@@ -700,7 +738,7 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     band = ceil_div(g.Ho, bands)
     cdef Py_ssize_t slot_rows = min(g.H, g.kH * ((band - 1) * g.sh + 1))
     # A line between channel blocks: whole planes apart, they would share cache sets.
-    cdef Py_ssize_t cb_step = slot_rows * g.W * L + L
+    cdef Py_ssize_t cb_step = slot_rows * row_w * L + L
     cdef Py_ssize_t tile_pixels = max(1, LANES_TILE_BYTES // (OB * sizeof(floating)))
     cdef Py_ssize_t tile_cols = g.Wo if g.Wo <= tile_pixels else ceil_div(
         g.Wo, ceil_div(g.Wo, tile_pixels))
@@ -737,12 +775,12 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
                                    &rows_scratch[tid, g.kH], &rows_scratch[tid, 4 * g.kH])
                 for cb in prange(n_cb, schedule='static'):
                     _pack_band(x, g, unit, &rows_scratch[tid, g.kH], n_seg, cb, cb + 1,
-                               cb_step, &shared_pack[0])
+                               cb_step, row_w, pad_l, &shared_pack[0])
                 for ob in prange(nob, schedule='dynamic'):
                     _lanes_band(wl, bl, out, g, unit, min(g.Ho, r0 + band), ob, ob + 1,
                                 tile_rows, tile_cols, cb_step, &shared_pack[0],
                                 &scratch[tid, 0], &rows_scratch[tid, 0],
-                                &rows_scratch[tid, 5 * g.kH])
+                                &rows_scratch[tid, 5 * g.kH], row_w, pad_l)
         else:
             for task in prange(n_units, schedule='dynamic'):
                 task_r0 = task % bands * band
@@ -751,11 +789,11 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
                                       &rows_scratch[tid, 0], &rows_scratch[tid, g.kH],
                                       &rows_scratch[tid, 4 * g.kH])
                 _pack_band(x, g, task_unit, &rows_scratch[tid, g.kH], task_seg, 0, n_cb,
-                           cb_step, &scratch[tid, acc_len])
+                           cb_step, row_w, pad_l, &scratch[tid, acc_len])
                 _lanes_band(wl, bl, out, g, task_unit, min(g.Ho, task_r0 + band), 0, nob,
                             tile_rows, tile_cols, cb_step, &scratch[tid, acc_len],
                             &scratch[tid, 0], &rows_scratch[tid, 0],
-                            &rows_scratch[tid, 5 * g.kH])
+                            &rows_scratch[tid, 5 * g.kH], row_w, pad_l)
 
 
 def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1] out,
@@ -793,11 +831,8 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
         in_place_bytes = max(in_place_bytes, depth * DILCONV_BLOCK_BYTES)
     # Tiles not cut at the column taps' range ends (whole rows, when the rows are short)
     # store each block straight into the output and pack whole blocks; border columns
-    # then multiply zeros, so only finite weights go that way (0 * inf = nan), and only
-    # where few zeros are multiplied (with none, the tiles are whole rows anyway).
-    cdef bint zero_fill = (not few_blocks
-                           and 0 < zero_filled_columns(spec) <= tuning.panel_zero_fill_max
-                           and bool(np.isfinite(weight).all()))
+    # then multiply zeros.
+    cdef bint zero_fill = not few_blocks and fills_zero_columns(spec, weight, tuning)
     cdef const Py_ssize_t[:, ::1] tiles = aligned_tiles(
         spec, min(tuning.max_tile_pixels, max(nr, target - target % nr)), zero_fill)
     cdef Py_ssize_t n_tasks = g.N * g.groups * tiles.shape[0]

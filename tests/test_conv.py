@@ -190,15 +190,17 @@ LANES_GRID = GRID[:7] + GRID[-1:] + [
 ]
 
 
+@pytest.mark.parametrize("zero_fill", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("one_row_bands", [False, True])
 @pytest.mark.parametrize("case", LANES_GRID)
-def test_panel_lanes_give_the_same_bits_as_the_panels(case, one_row_bands, threads, rng,
-                                                      monkeypatch):
+def test_panel_lanes_give_the_same_bits_as_the_panels(case, one_row_bands, threads,
+                                                      zero_fill, rng, monkeypatch):
     # Output channels in vector lanes, each output starting from its bias and adding its
     # taps and channels in the panels' order: the same bits, forward and input gradient,
-    # also in bands of one output row (each task packing its own rows) and where every
-    # thread packs one shared band; the oracle checks one of them.
+    # also in bands of one output row (each task packing its own rows), where every
+    # thread packs one shared band, and with border columns reading zeros in packed rows
+    # padded with them (where narrow); the oracle checks one of them.
     if one_row_bands:
         monkeypatch.setattr(dilconv._tiers._panel, "LANES_BAND_BYTES", 1)
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
@@ -209,7 +211,8 @@ def test_panel_lanes_give_the_same_bits_as_the_panels(case, one_row_bands, threa
             x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
             results = {}
             for lanes in (True, False):
-                with tuning(path="panel", panel_lanes=lanes, min_macs_per_thread=1):
+                with tuning(path="panel", panel_lanes=lanes, min_macs_per_thread=1,
+                            panel_zero_fill_max=1e9 if zero_fill else -1.0):
                     y = (check_forward(x, wt, b, **conv) if lanes
                          else dilconv.conv2d(x, wt, b, **conv))
                     gy = np.cos(np.arange(y.size, dtype=dtype)).reshape(y.shape)
