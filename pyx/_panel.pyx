@@ -560,6 +560,7 @@ cdef void _pack_lanes_weights(const floating[:, :, :, :] w, const floating[:] bi
     for ci in range(cg):
         for i in range(m):
             src = row + ci * s_c + i * s_o
+            prefetch(src + s_c)        # the next channel's values: rows far apart
             dst = &wl[grp, ob, 0, ci, i]
             for kh in range(kh_size):
                 for kw in range(kw_size):
