@@ -216,7 +216,7 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
             buf = np.empty(sub.output_shape, grad_x.dtype)
             _panel.forward(np.ascontiguousarray(grad_output[:, :, rows, cols]),
                            transposed_weight(w_sub, spec.groups), no_bias, buf, sub, tuning)
-            target[...] = buf
+            _panel.copy_into(buf, target, spec, tuning)
     elif path == "depthwise":
         # Multiplier 1: the same forward with the turned kernel (a copy: it reads rows).
         turned = np.ascontiguousarray(transposed_weight(weight, spec.groups))

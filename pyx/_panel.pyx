@@ -1044,3 +1044,22 @@ cdef void _sum_weight_parts(const floating[:, :, :, ::1] gwt,   # IN  (parts, ta
             for part in range(1, parts):
                 total = total + gwt[part, t, o, c]
             gw[o, c, t // kw_size, t % kw_size] = total
+
+
+def copy_into(const floating[:, :, :, ::1] src, floating[:, :, :, :] dst, spec, tuning):
+    """dst[...] = src, for a dst of any strides (a stride phase of the input gradient),
+    a plane per task: numpy's serial strided copy took a third of stride2_d2's input
+    gradient."""
+    cdef Py_ssize_t planes = src.shape[0] * src.shape[1], plane
+    cdef int n_threads = kernel_threads(spec, planes, tuning)
+    with nogil, parallel(num_threads=n_threads):
+        for plane in prange(planes, schedule='static'):
+            _copy_plane(src, dst, plane)
+
+
+cdef void _copy_plane(const floating[:, :, :, ::1] src, floating[:, :, :, :] dst,
+                      Py_ssize_t plane) noexcept nogil:
+    cdef Py_ssize_t n = plane // src.shape[1], c = plane % src.shape[1], i, j
+    for i in range(src.shape[2]):
+        for j in range(src.shape[3]):
+            dst[n, c, i, j] = src[n, c, i, j]
