@@ -462,6 +462,11 @@ LANES_MAX_PADDING = 0.25
 # 1.12x, 192 (1x3) 1.03x, 288 1.10-1.14x, 576 1.18x, 2304 1.30x; v3's code there: 0.97x,
 # 1.08x, 0.99x, 1.00-1.03x, 1.14x, 1.20x).
 LANES_MIN_TERMS = 144
+# Every band reads all of the packed weights: taken by default only while they are at
+# most this many bytes per output pixel of a band (DeepLab's 2048 -> 256 ASPP branch at
+# 65 x 65, bands of one row: 290 KiB, 0.89x the panels' speed in v4 and 0.79x in v3;
+# 1024 -> 256 at 33 x 33: 57 KiB, 1.24x and 1.05x).
+LANES_MAX_WEIGHT_BYTES_PER_PIXEL = 64 * 1024
 
 
 def lanes_layout(spec, Py_ssize_t itemsize):
@@ -481,10 +486,23 @@ def uses_lanes(spec, Py_ssize_t itemsize, tuning):
         return False
     lanes, ob, cpad, blocks = lanes_layout(spec, itemsize)
     cg, og = spec.c // spec.groups, spec.o // spec.groups
+    weight_bytes = spec.groups * blocks * ob * spec.kh * spec.kw * cpad * itemsize
+    band = lanes_band_rows(spec, spec.w * cpad * itemsize)
     return (cpad <= (1 + LANES_MAX_PADDING) * cg
             and blocks * ob <= (1 + LANES_MAX_PADDING) * og
             and spec.kh * spec.kw * cpad >= LANES_MIN_TERMS
-            and spec.kh * spec.w * cpad * itemsize <= LANES_BAND_BYTES)
+            and spec.kh * spec.w * cpad * itemsize <= LANES_BAND_BYTES
+            and weight_bytes <= LANES_MAX_WEIGHT_BYTES_PER_PIXEL * band * spec.wo)
+
+
+def lanes_band_rows(spec, Py_ssize_t row_bytes):
+    """Output rows per band, for packed input rows of `row_bytes`: the whole image if its
+    rows fit LANES_BAND_BYTES, else as many as kH row taps reading (band - 1) * sh + 1
+    rows each allow (at least one); bands of about equal size."""
+    cdef Py_ssize_t fit = max(1, LANES_BAND_BYTES // row_bytes), sh = spec.stride[0]
+    cdef Py_ssize_t band = (spec.ho if spec.h <= fit
+                            else max(1, (fit // spec.kh - 1) // sh + 1))
+    return ceil_div(spec.ho, ceil_div(spec.ho, min(band, spec.ho)))
 
 
 cdef inline void lanes_ukr(const floating* x, Py_ssize_t px_step, Py_ssize_t cb_step,
@@ -731,12 +749,8 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     if narrowest < DILCONV_LANES_UR // 2 and fills_zero_columns(spec, weight, tuning):
         pad_l = g.pl
         row_w = max(g.pl + g.W, (g.Wo - 1) * g.sw + (g.kW - 1) * g.dw + 1)
-    cdef Py_ssize_t row_bytes = row_w * cpad * sizeof(floating)
-    cdef Py_ssize_t fit = max(1, LANES_BAND_BYTES // row_bytes)
-    # Output rows per band: kH row taps read (band - 1) * sh + 1 rows each at most.
-    cdef Py_ssize_t band = g.Ho if g.H <= fit else max(1, (fit // g.kH - 1) // g.sh + 1)
-    cdef Py_ssize_t bands = ceil_div(g.Ho, min(band, g.Ho))
-    band = ceil_div(g.Ho, bands)
+    cdef Py_ssize_t band = lanes_band_rows(spec, row_w * cpad * sizeof(floating))
+    cdef Py_ssize_t bands = ceil_div(g.Ho, band)
     cdef Py_ssize_t slot_rows = min(g.H, g.kH * ((band - 1) * g.sh + 1))
     # A line between channel blocks: whole planes apart, they would share cache sets.
     cdef Py_ssize_t cb_step = slot_rows * row_w * L + L
