@@ -8,11 +8,11 @@
    image is a multiple of 4 KiB the panels' per-tile packing reads many planes at the
    same cache set; here each pixel's L channels are one line.
 
-   The terms of a block are one tap's channels, in order, added to the stored partial
-   sums of its pixels: every output starts from its bias and adds its taps in the image
-   in order (kh, kw), each over its channels in order, as the panels do, so both schemes
-   give the same bits. Channels past the layer's are zero in both the input and the
-   weights (0 * 0 adds +0). */
+   The terms of a block are the channels, in order, of each of the taps that reach its
+   pixels, taps in order (kh, kw), added to the stored partial sums of its pixels (their
+   bias): every output adds its taps in the image in that order, each over its channels
+   in order, as the panels do, so both schemes give the same bits. Channels past the
+   layer's are zero in both the input and the weights (0 * 0 adds +0). */
 #ifndef DILCONV_LANES_H
 #define DILCONV_LANES_H
 #include <stddef.h>
@@ -36,6 +36,7 @@
 #define DILCONV_LANES_DEFAULT 0
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
 #define DILCONV_LANES_BODY(NAME, T, UR_MAX)                                               \
 static inline __attribute__((always_inline)) void NAME##_body(                           \
         const T *restrict x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdiff_t n_cb,       \
@@ -61,7 +62,10 @@ static inline __attribute__((always_inline)) void NAME##_body(                  
         for (int v = 0; v < 2; v++) *(NAME##_vu *)(acc + p * OB + v * L) = a[p][v];      \
 }
 
-#if defined(__GNUC__) || defined(__clang__)
+/* One ur of the switch below: its own inlined body. */
+#define DILCONV_LANES_CASE(NAME, UR)                                                      \
+    case UR:                                                                             \
+        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, UR); break;
 /* NAME(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur): acc[p][o] += the
    sum over taps t < n_taps, in order, of the n_cb * L terms k of
    x[x_off[t] + (k / L) * cb_step + p * px_step + k % L] * w[w_off[t] + k * OB + o], for
@@ -76,39 +80,25 @@ static inline void NAME(const T *x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdif
                         const T *w, ptrdiff_t n_taps, const ptrdiff_t *x_off,            \
                         const ptrdiff_t *w_off, T *acc, ptrdiff_t ur) {                  \
     switch (ur) {                                                                        \
-    case 1:                                                                              \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 1); break;  \
-    case 2:                                                                              \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 2); break;  \
-    case 3:                                                                              \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 3); break;  \
-    case 4:                                                                              \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 4); break;  \
-    case 5:                                                                              \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 5); break;  \
-    case 6:                                                                              \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 6); break;  \
+    DILCONV_LANES_CASE(NAME, 1)                                                          \
+    DILCONV_LANES_CASE(NAME, 2)                                                          \
+    DILCONV_LANES_CASE(NAME, 3)                                                          \
+    DILCONV_LANES_CASE(NAME, 4)                                                          \
+    DILCONV_LANES_CASE(NAME, 5)                                                          \
+    DILCONV_LANES_CASE(NAME, 6)                                                          \
     DILCONV_LANES_WIDE_CASES(NAME)                                                       \
     }                                                                                    \
 }
 #if DILCONV_LANES_UR == 14
 #define DILCONV_LANES_WIDE_CASES(NAME)                                                    \
-    case 7:                                                                              \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 7); break;  \
-    case 8:                                                                              \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 8); break;  \
-    case 9:                                                                              \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 9); break;  \
-    case 10:                                                                             \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 10); break; \
-    case 11:                                                                             \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 11); break; \
-    case 12:                                                                             \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 12); break; \
-    case 13:                                                                             \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 13); break; \
-    case 14:                                                                             \
-        NAME##_body(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, 14); break;
+    DILCONV_LANES_CASE(NAME, 7)                                                          \
+    DILCONV_LANES_CASE(NAME, 8)                                                          \
+    DILCONV_LANES_CASE(NAME, 9)                                                          \
+    DILCONV_LANES_CASE(NAME, 10)                                                         \
+    DILCONV_LANES_CASE(NAME, 11)                                                         \
+    DILCONV_LANES_CASE(NAME, 12)                                                         \
+    DILCONV_LANES_CASE(NAME, 13)                                                         \
+    DILCONV_LANES_CASE(NAME, 14)
 #else
 #define DILCONV_LANES_WIDE_CASES(NAME)
 #endif
@@ -130,16 +120,16 @@ static inline void NAME(const T *x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdif
 #endif
 
 /* Packing and unpacking, with OB and L of the tier:
-   NAME_pack(src, plane, count, channels, cb_step, dst): `count` consecutive pixels of
-   `channels` planes (`plane` apart) into dst[cb * cb_step + q * L + c] for channel
-   cb * L + c, zeros past `channels`;
+   NAME_pack(src, plane, count, channels, dst): `count` consecutive pixels of `channels`
+   <= L planes (`plane` apart) into dst[q * L + c], zeros past `channels`;
    NAME_fill(bias, count, acc): acc[q * OB + o] = 0 + bias[o] (the panels' start);
    NAME_store(acc, count, m, plane, out): out[o * plane + q] = acc[q * OB + o], o < m;
    NAME_weights(w, ld, m, cols, taps, cpad, dst): rows [0, m) of contiguous weights (term
    k = c * taps + t of row o at w[o * ld + k]) into dst[(t * cpad + c) * OB + o].
-   Both move L x L squares through registers (log2 L rounds of interleaving transpose
-   them): one element at a time, the L planes a multiple of 4 KiB apart (context_d8,
-   wavenet) share a cache set, and the copies cost a third of the multiply-adds. */
+   All but NAME_fill move L x L squares through registers (log2 L rounds of interleaving
+   transpose them): one element at a time, the L planes a multiple of 4 KiB apart
+   (context_d8, wavenet) share a cache set, and the copies cost a third of the
+   multiply-adds. */
 #if defined(DILCONV_HAS_SHUFFLE)
 #define DILCONV_LANES_SQUARE(NAME, T, LO, HI)                                             \
 static inline __attribute__((always_inline)) void NAME##_transpose(NAME##_v *r) {        \
@@ -217,16 +207,12 @@ static inline ptrdiff_t NAME##_store_squares(const T *acc, ptrdiff_t count, ptrd
 #endif
 #define DILCONV_LANES_MOVES(NAME, T)                                                      \
 static inline void NAME##_pack(const T *restrict src, ptrdiff_t plane, ptrdiff_t count,  \
-                               ptrdiff_t channels, ptrdiff_t cb_step, T *restrict dst) { \
+                               ptrdiff_t channels, T *restrict dst) {                    \
     enum { L = DILCONV_VEC_BYTES / sizeof(T) };                                          \
-    for (ptrdiff_t c0 = 0; c0 < channels; c0 += L, dst += cb_step) {                     \
-        ptrdiff_t lanes = channels - c0 < L ? channels - c0 : L;                         \
-        ptrdiff_t q = lanes == L                                                         \
-            ? NAME##_pack_squares(src + c0 * plane, plane, count, dst) : 0;              \
-        for (; q < count; q++)                                                           \
-            for (int c = 0; c < L; c++)                                                  \
-                dst[q * L + c] = c < lanes ? src[(c0 + c) * plane + q] : (T)0;           \
-    }                                                                                    \
+    ptrdiff_t q = channels == L ? NAME##_pack_squares(src, plane, count, dst) : 0;       \
+    for (; q < count; q++)                                                               \
+        for (int c = 0; c < L; c++)                                                      \
+            dst[q * L + c] = c < channels ? src[c * plane + q] : (T)0;                   \
 }                                                                                        \
 /* NAME_weights(w, ld, m, cols, taps, cpad, dst): as NAME_weight_squares, all terms. */  \
 static inline void NAME##_weights(const T *restrict w, ptrdiff_t ld, ptrdiff_t m,        \

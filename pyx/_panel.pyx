@@ -426,11 +426,9 @@ cdef extern from "_lanes.h":
                          const Py_ssize_t* x_off, const Py_ssize_t* w_off, double* acc,
                          Py_ssize_t ur) noexcept nogil
     void dilconv_lanes_f_pack(const float* src, Py_ssize_t plane, Py_ssize_t count,
-                              Py_ssize_t channels, Py_ssize_t cb_step,
-                              float* dst) noexcept nogil
+                              Py_ssize_t channels, float* dst) noexcept nogil
     void dilconv_lanes_d_pack(const double* src, Py_ssize_t plane, Py_ssize_t count,
-                              Py_ssize_t channels, Py_ssize_t cb_step,
-                              double* dst) noexcept nogil
+                              Py_ssize_t channels, double* dst) noexcept nogil
     void dilconv_lanes_f_weights(const float* w, Py_ssize_t ld, Py_ssize_t m,
                                  Py_ssize_t cols, Py_ssize_t taps, Py_ssize_t cpad,
                                  float* dst) noexcept nogil
@@ -450,7 +448,8 @@ cdef extern from "_lanes.h":
 # The lanes scheme (pyx/_lanes.h): pixels per block, and whether this tier's plans take it.
 LANES_PIXELS, LANES_DEFAULT = DILCONV_LANES_UR, bool(DILCONV_LANES_DEFAULT)
 # Per thread, a band's input rows packed with interleaved channels within this many bytes,
-# and the partial sums of one sub-tile of the band (they stay in L1 across its taps).
+# and the partial sums of one sub-tile of the band (filled with the bias, summed a run at
+# a time, stored in squares: they stay in L1).
 LANES_BAND_BYTES = 2 * 1024 * 1024
 LANES_TILE_BYTES = 32 * 1024
 # Channels are padded to whole vectors (input) and blocks (output) with zeros: taken by
@@ -478,8 +477,9 @@ def lanes_layout(spec, Py_ssize_t itemsize):
 
 def uses_lanes(spec, Py_ssize_t itemsize, tuning):
     """Whether the forward takes the lanes scheme: the `panel_lanes` knob if set; else, in
-    tiers that prefer it, where channel padding adds little, the sums are long enough and
-    kH input rows of a band fit its packed rows."""
+    tiers that prefer it, where channel padding adds little, the sums are long enough, kH
+    input rows of a band fit its packed rows and the weights every band reads are few per
+    pixel of the band."""
     if tuning.panel_lanes is not None:
         return tuning.panel_lanes
     if not DILCONV_LANES_DEFAULT:
@@ -516,12 +516,11 @@ cdef inline void lanes_ukr(const floating* x, Py_ssize_t px_step, Py_ssize_t cb_
 
 
 cdef inline void lanes_pack(const floating* src, Py_ssize_t plane, Py_ssize_t count,
-                            Py_ssize_t channels, Py_ssize_t cb_step,
-                            floating* dst) noexcept nogil:
+                            Py_ssize_t channels, floating* dst) noexcept nogil:
     if floating is float:
-        dilconv_lanes_f_pack(src, plane, count, channels, cb_step, dst)
+        dilconv_lanes_f_pack(src, plane, count, channels, dst)
     else:
-        dilconv_lanes_d_pack(src, plane, count, channels, cb_step, dst)
+        dilconv_lanes_d_pack(src, plane, count, channels, dst)
 
 
 cdef inline void lanes_fill(const floating* bias, Py_ssize_t count,
@@ -550,19 +549,19 @@ cdef void _pack_lanes_weights(const floating[:, :, :, :] w, const floating[:] bi
     cdef Py_ssize_t og = w.shape[0] // wl.shape[0], cg = w.shape[1], kw_size = w.shape[3]
     cdef Py_ssize_t s_o = w.strides[0], grp = block // blocks, ob = block % blocks
     cdef Py_ssize_t m = min(ob_size, og - ob * ob_size), o = grp * og + ob * ob_size
-    cdef Py_ssize_t ci, t, i, kh, kw, taps = wl.shape[2]
+    cdef Py_ssize_t ci, t, i, kh, kw, taps = wl.shape[2], item = sizeof(floating)
     cdef const char* src
     cdef floating* dst
     for i in range(ob_size):
         bl[grp, ob, i] = bias[o + i] if i < m and bias.shape[0] else 0
-    if (w.strides[3] == sizeof(floating) and w.strides[2] == kw_size * sizeof(floating)
-            and w.strides[1] == taps * sizeof(floating) and s_o % sizeof(floating) == 0):
+    if (w.strides[3] == item and w.strides[2] == kw_size * item
+            and w.strides[1] == taps * item and s_o % item == 0):
         # Each row's terms contiguous (the forward's weights): moved in squares.
         if floating is float:
-            dilconv_lanes_f_weights(&w[o, 0, 0, 0], s_o // sizeof(floating), m, cg * taps,
+            dilconv_lanes_f_weights(&w[o, 0, 0, 0], s_o // item, m, cg * taps,
                                     taps, cpad, &wl[grp, ob, 0, 0, 0])
         else:
-            dilconv_lanes_d_weights(&w[o, 0, 0, 0], s_o // sizeof(floating), m, cg * taps,
+            dilconv_lanes_d_weights(&w[o, 0, 0, 0], s_o // item, m, cg * taps,
                                     taps, cpad, &wl[grp, ob, 0, 0, 0])
         for t in range(taps):
             for ci in range(cg, cpad):
@@ -636,12 +635,12 @@ cdef void _pack_band(const floating[:, :, :, ::1] x, Geom g, Py_ssize_t unit,
             dst = packed + cb * cb_step + segments[3 * s + 2] * row_w * lanes
             if row_w == g.W and pad_l == 0:
                 lanes_pack(&x[n, grp * g.Cg + cb * lanes, first, 0], g.H * g.W,
-                           (stop - first) * g.W, channels, 0, dst)
+                           (stop - first) * g.W, channels, dst)
                 continue
             for r in range(first, stop):
                 memset(dst, 0, pad_l * lanes * sizeof(floating))
                 lanes_pack(&x[n, grp * g.Cg + cb * lanes, r, 0], g.H * g.W, g.W,
-                           channels, 0, dst + pad_l * lanes)
+                           channels, dst + pad_l * lanes)
                 memset(dst + (pad_l + g.W) * lanes, 0,
                        (row_w - pad_l - g.W) * lanes * sizeof(floating))
                 dst = dst + row_w * lanes
