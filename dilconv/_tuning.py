@@ -58,6 +58,9 @@ class Tuning:
     # Panel forward in the lanes scheme (output channels in vector lanes, pyx/_lanes.h):
     # None: where the CPU tier's plan takes it; True or False: always or never.
     panel_lanes: Optional[bool] = None
+    # Lanes scheme: an output block's taps summed one at a time, in chunks of channels with
+    # about this many bytes of weights (None: where the CPU tier's plan does so).
+    panel_lanes_chunk_bytes: Optional[int] = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

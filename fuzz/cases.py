@@ -394,6 +394,7 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
         panel_group_bytes=None if rng.random() < 0.5 else _choice(rng, (1, 1 << 30)),
         panel_chunk_bytes=None if rng.random() < 0.5 else _choice(rng, (1, 1 << 30)),
         panel_lanes=None if rng.random() < 0.5 else bool(rng.random() < 0.5),
+        panel_lanes_chunk_bytes=None if rng.random() < 0.5 else _choice(rng, (1, 1 << 30)),
     )
     if depthwise and case["cg"] == 1:
         case["path"] = "depthwise"

@@ -84,7 +84,8 @@ KNOBS = {"path": ("path",),
          "panel_zero_fill_max": ("panel_zero_fill_max",),
          "panel_group_bytes": ("panel_group_bytes",),
          "panel_chunk_bytes": ("panel_chunk_bytes",),
-         "panel_lanes": ("panel_lanes",)}
+         "panel_lanes": ("panel_lanes",),
+         "panel_lanes_chunk_bytes": ("panel_lanes_chunk_bytes",)}
 
 
 def available_knobs() -> list:

@@ -461,11 +461,15 @@ LANES_MAX_PADDING = 0.25
 # 1.12x, 192 (1x3) 1.03x, 288 1.10-1.14x, 576 1.18x, 2304 1.30x; v3's code there: 0.97x,
 # 1.08x, 0.99x, 1.00-1.03x, 1.14x, 1.20x).
 LANES_MIN_TERMS = 144
-# Every band reads all of the packed weights: taken by default only while they are at
-# most this many bytes per output pixel of a band (DeepLab's 2048 -> 256 ASPP branch at
-# 65 x 65, bands of one row: 290 KiB, 0.89x the panels' speed in v4 and 0.79x in v3;
-# 1024 -> 256 at 33 x 33: 57 KiB, 1.24x and 1.05x).
-LANES_MAX_WEIGHT_BYTES_PER_PIXEL = 64 * 1024
+# Where one output block's weights exceed this (half an L2), every run would read them
+# from L3: a sub-tile then takes its taps one at a time, each in chunks of channels with
+# at most LANES_CHUNK_BYTES of weights, read from L2 by all of its runs (the knob
+# panel_lanes_chunk_bytes sets the chunks for any layer). DeepLab's 2048 -> 256 ASPP
+# branch, one thread on an AVX-512 Xeon: at 33 x 33, rate 6, 1.27-1.44x the speed of its
+# taps summed in registers and 1.24-1.27x the panels' in v4 (1.09x the panels' in v3);
+# at 65 x 65, rate 12, 1.25-1.28x the panels' in v4 (1.13x in v3).
+LANES_BLOCK_WEIGHT_BYTES = 1024 * 1024
+LANES_CHUNK_BYTES = 64 * 1024
 
 
 def lanes_layout(spec, Py_ssize_t itemsize):
@@ -477,22 +481,18 @@ def lanes_layout(spec, Py_ssize_t itemsize):
 
 def uses_lanes(spec, Py_ssize_t itemsize, tuning):
     """Whether the forward takes the lanes scheme: the `panel_lanes` knob if set; else, in
-    tiers that prefer it, where channel padding adds little, the sums are long enough, kH
-    input rows of a band fit its packed rows and the weights every band reads are few per
-    pixel of the band."""
+    tiers that prefer it, where channel padding adds little, the sums are long enough and
+    kH input rows of a band fit its packed rows."""
     if tuning.panel_lanes is not None:
         return tuning.panel_lanes
     if not DILCONV_LANES_DEFAULT:
         return False
     lanes, ob, cpad, blocks = lanes_layout(spec, itemsize)
     cg, og = spec.c // spec.groups, spec.o // spec.groups
-    weight_bytes = spec.groups * blocks * ob * spec.kh * spec.kw * cpad * itemsize
-    band = lanes_band_rows(spec, spec.w * cpad * itemsize)
     return (cpad <= (1 + LANES_MAX_PADDING) * cg
             and blocks * ob <= (1 + LANES_MAX_PADDING) * og
             and spec.kh * spec.kw * cpad >= LANES_MIN_TERMS
-            and spec.kh * spec.w * cpad * itemsize <= LANES_BAND_BYTES
-            and weight_bytes <= LANES_MAX_WEIGHT_BYTES_PER_PIXEL * band * spec.wo)
+            and spec.kh * spec.w * cpad * itemsize <= LANES_BAND_BYTES)
 
 
 def lanes_band_rows(spec, Py_ssize_t row_bytes):
@@ -646,29 +646,47 @@ cdef void _pack_band(const floating[:, :, :, ::1] x, Geom g, Py_ssize_t unit,
                 dst = dst + row_w * lanes
 
 
+cdef inline void _lanes_runs(const floating* x, Py_ssize_t px_step, Py_ssize_t cb_step,
+                             Py_ssize_t n_cb, const floating* w, Py_ssize_t n_taps,
+                             const Py_ssize_t* x_off, const Py_ssize_t* w_off, floating* acc,
+                             Py_ssize_t length) noexcept nogil:
+    # `length` pixels from x (px_step apart) and acc (a block apart) in runs of at most UR,
+    # of about equal length.
+    cdef Py_ssize_t runs = ceil_div(length, DILCONV_LANES_UR), k, ur
+    cdef Py_ssize_t ob_size = 2 * (DILCONV_VEC_BYTES // sizeof(floating))
+    for k in range(runs if n_taps else 0):
+        ur = length // runs + (1 if k < length % runs else 0)
+        lanes_ukr(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur)
+        x = x + ur * px_step
+        acc = acc + ur * ob_size
+
+
 cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blocks, taps,
                                                              #      Cpad, OB)
                       const floating[:, :, ::1] bl,           # IN  (groups, blocks, OB)
                       floating[:, :, :, ::1] out,             # OUT (N, O, Ho, Wo)
                       Geom g, Py_ssize_t unit, Py_ssize_t r1, Py_ssize_t ob0,
                       Py_ssize_t ob1, Py_ssize_t tile_rows, Py_ssize_t tile_cols,
-                      Py_ssize_t cb_step, const floating* packed, floating* acc,
-                      const Py_ssize_t* row_slot, Py_ssize_t* offsets,
+                      Py_ssize_t cb_step, Py_ssize_t chunk_cb, const floating* packed,
+                      floating* acc, const Py_ssize_t* row_slot, Py_ssize_t* offsets,
                       Py_ssize_t row_w, Py_ssize_t pad_l) noexcept nogil:
     # Output blocks [ob0, ob1) of band `unit` (output rows r0 = unit % Ho to r1 of one
-    # image and group) from its packed rows (row_w pixels, the image's from pad_l): per
-    # sub-tile and block, each run of pixels of one row that the same taps reach sums
-    # those taps in order in registers, added to the bias in `acc`; then the sub-tile is
-    # stored. With zero columns around the image (pad_l > 0 or row_w > W), a row is one
-    # run of every column tap that reaches the image anywhere.
+    # image and group) from its packed rows (row_w pixels, the image's from pad_l), a
+    # sub-tile of partial sums (from the bias in `acc`) at a time, then stored. With
+    # chunk_cb == 0, each run of pixels of one row that the same taps reach sums those
+    # taps in order in registers; else the sub-tile takes the taps one at a time, each in
+    # chunks of chunk_cb channel blocks, so that a chunk's weights stay in cache across
+    # its runs (weights of a block too large for L2). With zero columns around the image
+    # (pad_l > 0 or row_w > W), a row is one run of every column tap that reaches the
+    # image anywhere.
     cdef Py_ssize_t lanes = DILCONV_VEC_BYTES // sizeof(floating), ob_size = 2 * lanes
     cdef Py_ssize_t n_cb = wl.shape[3] // lanes, plane = g.Ho * g.Wo, row_len = row_w * lanes
     cdef bint zero_fill = row_w != g.W or pad_l != 0
-    cdef Py_ssize_t tap_len = wl.shape[3] * ob_size
+    cdef Py_ssize_t tap_len = wl.shape[3] * ob_size, px_step = g.sw * lanes
     cdef Py_ssize_t r0 = unit % g.Ho, grp = unit % (g.groups * g.Ho) // g.Ho
     cdef Py_ssize_t n = unit // (g.groups * g.Ho)
-    cdef Py_ssize_t tr0, tr1, tc0, tc1, tw, ob, kh, kw, kh0, kh1, kw0, kw1, r, a, b, q, k
-    cdef Py_ssize_t length, runs, ur, m, n_taps
+    cdef Py_ssize_t tr0, tr1, tc0, tc1, tw, ob, kh, kw, kh0, kh1, kw0, kw1, r, a, b
+    cdef Py_ssize_t m, n_taps, cb0
     cdef Py_ssize_t* x_off = offsets
     cdef Py_ssize_t* w_off = offsets + g.kH * g.kW
     tr0 = r0
@@ -680,41 +698,57 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
             tw = tc1 - tc0
             for ob in range(ob0, ob1):
                 lanes_fill(&bl[grp, ob, 0], (tr1 - tr0) * tw, acc)
-                for r in range(tr0, tr1):
-                    _taps_at(g.oh_lo, g.oh_hi, g.kH, r, &kh0, &kh1)
-                    if kh0 >= kh1:
-                        continue
-                    # Column segments [a, b) reached by the same column taps [kw0, kw1).
-                    a = tc0
-                    while a < tc1:
-                        kw0, kw1, b = 0, g.kW, tc1
-                        if not zero_fill:
-                            _taps_at(g.ow_lo, g.ow_hi, g.kW, a, &kw0, &kw1)
-                            for kw in range(g.kW):
-                                if a < g.ow_lo[kw] < b:
-                                    b = g.ow_lo[kw]
-                                if a < g.ow_hi[kw] < b:
-                                    b = g.ow_hi[kw]
-                        n_taps = 0
-                        for kh in range(kh0, kh1):
-                            for kw in range(kw0, kw1):
-                                if g.ow_lo[kw] >= g.ow_hi[kw]:
-                                    continue
-                                x_off[n_taps] = ((row_slot[kh] + r * g.sh + kh * g.dh - g.pt)
-                                                 * row_len + (kw * g.dw - g.pl + pad_l) * lanes)
-                                w_off[n_taps] = (kh * g.kW + kw) * tap_len
-                                n_taps = n_taps + 1
-                        # Runs of at most UR pixels, of about equal length.
-                        length = b - a
-                        runs = ceil_div(length, DILCONV_LANES_UR)
-                        q = a
-                        for k in range(runs if n_taps else 0):
-                            ur = length // runs + (1 if k < length % runs else 0)
-                            lanes_ukr(packed + q * g.sw * lanes, g.sw * lanes, cb_step, n_cb,
-                                      &wl[grp, ob, 0, 0, 0], n_taps, x_off, w_off,
-                                      acc + ((r - tr0) * tw + q - tc0) * ob_size, ur)
-                            q = q + ur
-                        a = b
+                if chunk_cb:
+                    for kh in range(g.kH):
+                        for kw in range(g.kW):
+                            a, b = max(tc0, g.ow_lo[kw]), min(tc1, g.ow_hi[kw])
+                            if zero_fill and a < b:
+                                a, b = tc0, tc1
+                            if a >= b:
+                                continue
+                            w_off[0] = 0
+                            cb0 = 0
+                            while cb0 < n_cb:
+                                for r in range(max(tr0, g.oh_lo[kh]), min(tr1, g.oh_hi[kh])):
+                                    x_off[0] = ((row_slot[kh] + r * g.sh + kh * g.dh - g.pt)
+                                                * row_len + (kw * g.dw - g.pl + pad_l) * lanes)
+                                    _lanes_runs(packed + cb0 * cb_step + a * px_step,
+                                                px_step, cb_step, min(chunk_cb, n_cb - cb0),
+                                                &wl[grp, ob, kh * g.kW + kw, cb0 * lanes, 0],
+                                                1, x_off, w_off,
+                                                acc + ((r - tr0) * tw + a - tc0) * ob_size,
+                                                b - a)
+                                cb0 = cb0 + chunk_cb
+                else:
+                    for r in range(tr0, tr1):
+                        _taps_at(g.oh_lo, g.oh_hi, g.kH, r, &kh0, &kh1)
+                        if kh0 >= kh1:
+                            continue
+                        # Column segments [a, b) reached by the same column taps [kw0, kw1).
+                        a = tc0
+                        while a < tc1:
+                            kw0, kw1, b = 0, g.kW, tc1
+                            if not zero_fill:
+                                _taps_at(g.ow_lo, g.ow_hi, g.kW, a, &kw0, &kw1)
+                                for kw in range(g.kW):
+                                    if a < g.ow_lo[kw] < b:
+                                        b = g.ow_lo[kw]
+                                    if a < g.ow_hi[kw] < b:
+                                        b = g.ow_hi[kw]
+                            n_taps = 0
+                            for kh in range(kh0, kh1):
+                                for kw in range(kw0, kw1):
+                                    if g.ow_lo[kw] >= g.ow_hi[kw]:
+                                        continue
+                                    x_off[n_taps] = (
+                                        (row_slot[kh] + r * g.sh + kh * g.dh - g.pt) * row_len
+                                        + (kw * g.dw - g.pl + pad_l) * lanes)
+                                    w_off[n_taps] = (kh * g.kW + kw) * tap_len
+                                    n_taps = n_taps + 1
+                            _lanes_runs(packed + a * px_step, px_step, cb_step, n_cb,
+                                        &wl[grp, ob, 0, 0, 0], n_taps, x_off, w_off,
+                                        acc + ((r - tr0) * tw + a - tc0) * ob_size, b - a)
+                            a = b
                 m = min(ob_size, g.Og - ob * ob_size)
                 if tw == g.Wo:
                     lanes_store(acc, (tr1 - tr0) * tw, m, plane,
@@ -754,6 +788,12 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     # A line between channel blocks: whole planes apart, they would share cache sets.
     cdef Py_ssize_t cb_step = slot_rows * row_w * L + L
     cdef Py_ssize_t tile_pixels = max(1, LANES_TILE_BYTES // (OB * sizeof(floating)))
+    cdef Py_ssize_t cb_bytes = L * OB * sizeof(floating), chunk_cb = 0
+    chunk_bytes = tuning.panel_lanes_chunk_bytes
+    if chunk_bytes is None and g.kH * g.kW * n_cb * cb_bytes > LANES_BLOCK_WEIGHT_BYTES:
+        chunk_bytes = LANES_CHUNK_BYTES
+    if chunk_bytes is not None:
+        chunk_cb = ceil_div(n_cb, ceil_div(n_cb, max(1, chunk_bytes // cb_bytes)))
     cdef Py_ssize_t tile_cols = g.Wo if g.Wo <= tile_pixels else ceil_div(
         g.Wo, ceil_div(g.Wo, tile_pixels))
     cdef Py_ssize_t tile_rows = max(1, tile_pixels // tile_cols)
@@ -792,7 +832,7 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
                                cb_step, row_w, pad_l, &shared_pack[0])
                 for ob in prange(nob, schedule='dynamic'):
                     _lanes_band(wl, bl, out, g, unit, min(g.Ho, r0 + band), ob, ob + 1,
-                                tile_rows, tile_cols, cb_step, &shared_pack[0],
+                                tile_rows, tile_cols, cb_step, chunk_cb, &shared_pack[0],
                                 &scratch[tid, 0], &rows_scratch[tid, 0],
                                 &rows_scratch[tid, 5 * g.kH], row_w, pad_l)
         else:
@@ -805,7 +845,7 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
                 _pack_band(x, g, task_unit, &rows_scratch[tid, g.kH], task_seg, 0, n_cb,
                            cb_step, row_w, pad_l, &scratch[tid, acc_len])
                 _lanes_band(wl, bl, out, g, task_unit, min(g.Ho, task_r0 + band), 0, nob,
-                            tile_rows, tile_cols, cb_step, &scratch[tid, acc_len],
+                            tile_rows, tile_cols, cb_step, chunk_cb, &scratch[tid, acc_len],
                             &scratch[tid, 0], &rows_scratch[tid, 0],
                             &rows_scratch[tid, 5 * g.kH], row_w, pad_l)
 

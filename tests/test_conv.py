@@ -193,12 +193,14 @@ LANES_GRID = GRID[:7] + GRID[-1:] + [
 @pytest.mark.parametrize("zero_fill", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("one_row_bands", [False, True])
+@pytest.mark.parametrize("taps_in_chunks", [False, True])
 @pytest.mark.parametrize("case", LANES_GRID)
-def test_panel_lanes_give_the_same_bits_as_the_panels(case, one_row_bands, threads,
-                                                      zero_fill, rng, monkeypatch):
+def test_panel_lanes_give_the_same_bits_as_the_panels(case, taps_in_chunks, one_row_bands,
+                                                      threads, zero_fill, rng, monkeypatch):
     # Output channels in vector lanes, each output starting from its bias and adding its
     # taps and channels in the panels' order: the same bits, forward and input gradient,
-    # also in bands of one output row (each task packing its own rows), where every
+    # with a run's taps summed in registers or a tap at a time in chunks of one channel
+    # block, in bands of one output row (each task packing its own rows), where every
     # thread packs one shared band, and with border columns reading zeros in packed rows
     # padded with them (where narrow); the oracle checks one of them.
     if one_row_bands:
@@ -212,6 +214,7 @@ def test_panel_lanes_give_the_same_bits_as_the_panels(case, one_row_bands, threa
             results = {}
             for lanes in (True, False):
                 with tuning(path="panel", panel_lanes=lanes, min_macs_per_thread=1,
+                            panel_lanes_chunk_bytes=1 if taps_in_chunks else None,
                             panel_zero_fill_max=1e9 if zero_fill else -1.0):
                     y = (check_forward(x, wt, b, **conv) if lanes
                          else dilconv.conv2d(x, wt, b, **conv))

@@ -101,6 +101,7 @@ def test_select_falls_back_where_the_forced_family_does_not_apply():
     ({"min_macs_per_thread": 0}, ValueError, "min_macs_per_thread must be >= 1"),
     ({"path": "fast"}, ValueError, "path must be one of"),
     ({"panel_lanes": 1}, TypeError, "panel_lanes must be True, False or None"),
+    ({"panel_lanes_chunk_bytes": 0}, ValueError, "panel_lanes_chunk_bytes must be >= 1"),
 ])
 def test_tuning_rejects_unknown_knobs_and_bad_values(knobs, error, match):
     with pytest.raises(error, match=match):
