@@ -64,7 +64,17 @@ LAYERS = {layer.name: layer for layer in [
           what="depthwise, dilation 4"),
     Layer("stride2_d2", (8, 32, 64, 64), (64, 32, 3, 3), stride=2, padding=2, dilation=2,
           what="strided and dilated"),
+    # Larger layers of published networks (suite "networks").
+    Layer("deeplab_2048", (1, 2048, 33, 33), (256, 2048, 3, 3), padding=6, dilation=6,
+          what="DeepLabv3 ASPP branch on ResNet's 2048 channels, rate 6"),
+    Layer("drn_512_d4", (1, 512, 64, 64), (512, 512, 3, 3), padding=4, dilation=4,
+          what="dilated ResNet's last stage (DRN, PSPNet), dilation 4"),
+    Layer("erfnet_3x1_d8", (1, 128, 64, 128), (128, 128, 3, 1), padding=(8, 0),
+          dilation=(8, 1), what="ERFNet's factorised 3x1, dilation 8"),
+    Layer("tcn_k3_d4", (16, 128, 1, 256), (128, 128, 1, 3), padding=(0, 4), dilation=(1, 4),
+          what="TCN block, kernel 3, dilation 4, batch 16"),
 ]}
+NETWORK_LAYERS = ("deeplab_2048", "drn_512_d4", "erfnet_3x1_d8", "tcn_k3_d4")
 
 NOTATION = ("input N x C x H x W, weight O x C/groups x kH x kW; args: s stride, p padding "
             "(each side), d dilation, g groups (defaults 1, 0, 1, 1 left out)")
@@ -80,9 +90,12 @@ class Suite:
     what: str = ""
 
 
+SUITE_LAYERS = tuple(name for name in LAYERS if name not in NETWORK_LAYERS)
 SUITES = {
-    "default": Suite(tuple(LAYERS), what="every layer below, float32"),
-    "all": Suite(tuple(LAYERS), DTYPES, what="every layer below, float32 and float64"),
+    "default": Suite(SUITE_LAYERS, what="every layer but the networks', float32"),
+    "all": Suite(SUITE_LAYERS, DTYPES,
+                 what="every layer but the networks', float32 and float64"),
+    "networks": Suite(NETWORK_LAYERS, what="larger layers of published networks, float32"),
     "tiny": Suite(("seed_toy",), what="seed_toy only: a smoke test in seconds"),
 }
 
