@@ -461,15 +461,20 @@ LANES_MAX_PADDING = 0.25
 # 1.12x, 192 (1x3) 1.03x, 288 1.10-1.14x, 576 1.18x, 2304 1.30x; v3's code there: 0.97x,
 # 1.08x, 0.99x, 1.00-1.03x, 1.14x, 1.20x).
 LANES_MIN_TERMS = 144
-# Where one output block's weights exceed this (half an L2), every run would read them
-# from L3: a sub-tile then takes its taps one at a time, each in chunks of channels with
-# at most LANES_CHUNK_BYTES of weights, read from L2 by all of its runs (the knob
-# panel_lanes_chunk_bytes sets the chunks for any layer). DeepLab's 2048 -> 256 ASPP
-# branch, one thread on an AVX-512 Xeon: at 33 x 33, rate 6, 1.27-1.44x the speed of its
-# taps summed in registers and 1.24-1.27x the panels' in v4 (1.09x the panels' in v3);
-# at 65 x 65, rate 12, 1.25-1.28x the panels' in v4 (1.13x in v3).
-LANES_BLOCK_WEIGHT_BYTES = 1024 * 1024
+# Where one output block's weights exceed this, every run would read them from L2 or
+# L3: a sub-tile instead takes the taps one at a time, each in chunks of channels with at
+# most LANES_CHUNK_BYTES of weights per block, every block's partial sums (at most
+# LANES_TAP_MAJOR_TILE_BYTES of them) taking a chunk before the next, so that a chunk's
+# input serves every block; the band (up to LANES_TAP_MAJOR_BAND_BYTES of packed rows)
+# need not stay in L2, and the larger it is, the fewer times the weights are read. The
+# knob panel_lanes_chunk_bytes sets the chunks for any layer. One thread on an AVX-512
+# Xeon, v4: DeepLab's 2048 -> 256 ASPP branch at 33 x 33, rate 6, 1.54x the speed of its
+# taps summed in registers and 1.32x the panels'; 512 -> 512 at 48 x 64, 1.08-1.16x the
+# registers'; at 64 x 64 (dilation 4) 0.98-1.07x, the same as the panels.
+LANES_BLOCK_WEIGHT_BYTES = 512 * 1024
 LANES_CHUNK_BYTES = 64 * 1024
+LANES_TAP_MAJOR_BAND_BYTES = 16 * 1024 * 1024
+LANES_TAP_MAJOR_TILE_BYTES = 1024 * 1024
 
 
 def lanes_layout(spec, Py_ssize_t itemsize):
@@ -495,11 +500,11 @@ def uses_lanes(spec, Py_ssize_t itemsize, tuning):
             and spec.kh * spec.w * cpad * itemsize <= LANES_BAND_BYTES)
 
 
-def lanes_band_rows(spec, Py_ssize_t row_bytes):
+def lanes_band_rows(spec, Py_ssize_t row_bytes, Py_ssize_t budget):
     """Output rows per band, for packed input rows of `row_bytes`: the whole image if its
-    rows fit LANES_BAND_BYTES, else as many as kH row taps reading (band - 1) * sh + 1
+    rows fit `budget` bytes, else as many as kH row taps reading (band - 1) * sh + 1
     rows each allow (at least one); bands of about equal size."""
-    cdef Py_ssize_t fit = max(1, LANES_BAND_BYTES // row_bytes), sh = spec.stride[0]
+    cdef Py_ssize_t fit = max(1, budget // row_bytes), sh = spec.stride[0]
     cdef Py_ssize_t band = (spec.ho if spec.h <= fit
                             else max(1, (fit // spec.kh - 1) // sh + 1))
     return ceil_div(spec.ho, ceil_div(spec.ho, min(band, spec.ho)))
@@ -661,6 +666,18 @@ cdef inline void _lanes_runs(const floating* x, Py_ssize_t px_step, Py_ssize_t c
         acc = acc + ur * ob_size
 
 
+cdef inline void _lanes_store_tile(const floating* acc, floating[:, :, :, ::1] out, Geom g,
+                                   Py_ssize_t n, Py_ssize_t o, Py_ssize_t m, Py_ssize_t tr0,
+                                   Py_ssize_t tr1, Py_ssize_t tc0, Py_ssize_t tc1) noexcept nogil:
+    # A sub-tile's sums of one block (m channels from o) into out[n, o:o+m, tr0:tr1, tc0:tc1].
+    cdef Py_ssize_t tw = tc1 - tc0, r, ob_size = 2 * (DILCONV_VEC_BYTES // sizeof(floating))
+    if tw == g.Wo:
+        lanes_store(acc, (tr1 - tr0) * tw, m, g.Ho * g.Wo, &out[n, o, tr0, 0])
+    else:
+        for r in range(tr0, tr1):
+            lanes_store(acc + (r - tr0) * tw * ob_size, tw, m, g.Ho * g.Wo, &out[n, o, r, tc0])
+
+
 cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blocks, taps,
                                                              #      Cpad, OB)
                       const floating[:, :, ::1] bl,           # IN  (groups, blocks, OB)
@@ -673,10 +690,10 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
     # Output blocks [ob0, ob1) of band `unit` (output rows r0 = unit % Ho to r1 of one
     # image and group) from its packed rows (row_w pixels, the image's from pad_l), a
     # sub-tile of partial sums (from the bias in `acc`) at a time, then stored. With
-    # chunk_cb == 0, each run of pixels of one row that the same taps reach sums those
-    # taps in order in registers; else the sub-tile takes the taps one at a time, each in
-    # chunks of chunk_cb channel blocks, so that a chunk's weights stay in cache across
-    # its runs (weights of a block too large for L2). With zero columns around the image
+    # chunk_cb == 0, a block at a time, each run of pixels of one row that the same taps
+    # reach sums those taps in order in registers; else every block's sums at once (acc
+    # holds a sub-tile per block), the taps one at a time, each in chunks of chunk_cb
+    # channel blocks taken by every block in turn. With zero columns around the image
     # (pad_l > 0 or row_w > W), a row is one run of every column tap that reaches the
     # image anywhere.
     cdef Py_ssize_t lanes = DILCONV_VEC_BYTES // sizeof(floating), ob_size = 2 * lanes
@@ -686,7 +703,7 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
     cdef Py_ssize_t r0 = unit % g.Ho, grp = unit % (g.groups * g.Ho) // g.Ho
     cdef Py_ssize_t n = unit // (g.groups * g.Ho)
     cdef Py_ssize_t tr0, tr1, tc0, tc1, tw, ob, kh, kw, kh0, kh1, kw0, kw1, r, a, b
-    cdef Py_ssize_t m, n_taps, cb0
+    cdef Py_ssize_t n_taps, cb0, tile_len
     cdef Py_ssize_t* x_off = offsets
     cdef Py_ssize_t* w_off = offsets + g.kH * g.kW
     tr0 = r0
@@ -696,19 +713,22 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
         while tc0 < g.Wo:
             tc1 = min(g.Wo, tc0 + tile_cols)
             tw = tc1 - tc0
-            for ob in range(ob0, ob1):
-                lanes_fill(&bl[grp, ob, 0], (tr1 - tr0) * tw, acc)
-                if chunk_cb:
-                    for kh in range(g.kH):
-                        for kw in range(g.kW):
-                            a, b = max(tc0, g.ow_lo[kw]), min(tc1, g.ow_hi[kw])
-                            if zero_fill and a < b:
-                                a, b = tc0, tc1
-                            if a >= b:
-                                continue
-                            w_off[0] = 0
-                            cb0 = 0
-                            while cb0 < n_cb:
+            tile_len = (tr1 - tr0) * tw * ob_size
+            if chunk_cb:
+                # Every block's partial sums at once: a chunk's input serves all of them.
+                for ob in range(ob0, ob1):
+                    lanes_fill(&bl[grp, ob, 0], (tr1 - tr0) * tw, acc + (ob - ob0) * tile_len)
+                for kh in range(g.kH):
+                    for kw in range(g.kW):
+                        a, b = max(tc0, g.ow_lo[kw]), min(tc1, g.ow_hi[kw])
+                        if zero_fill and a < b:
+                            a, b = tc0, tc1
+                        if a >= b:
+                            continue
+                        w_off[0] = 0
+                        cb0 = 0
+                        while cb0 < n_cb:
+                            for ob in range(ob0, ob1):
                                 for r in range(max(tr0, g.oh_lo[kh]), min(tr1, g.oh_hi[kh])):
                                     x_off[0] = ((row_slot[kh] + r * g.sh + kh * g.dh - g.pt)
                                                 * row_len + (kw * g.dw - g.pl + pad_l) * lanes)
@@ -716,10 +736,16 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
                                                 px_step, cb_step, min(chunk_cb, n_cb - cb0),
                                                 &wl[grp, ob, kh * g.kW + kw, cb0 * lanes, 0],
                                                 1, x_off, w_off,
-                                                acc + ((r - tr0) * tw + a - tc0) * ob_size,
-                                                b - a)
-                                cb0 = cb0 + chunk_cb
-                else:
+                                                acc + (ob - ob0) * tile_len
+                                                + ((r - tr0) * tw + a - tc0) * ob_size, b - a)
+                            cb0 = cb0 + chunk_cb
+                for ob in range(ob0, ob1):
+                    _lanes_store_tile(acc + (ob - ob0) * tile_len, out, g, n,
+                                      grp * g.Og + ob * ob_size,
+                                      min(ob_size, g.Og - ob * ob_size), tr0, tr1, tc0, tc1)
+            else:
+                for ob in range(ob0, ob1):
+                    lanes_fill(&bl[grp, ob, 0], (tr1 - tr0) * tw, acc)
                     for r in range(tr0, tr1):
                         _taps_at(g.oh_lo, g.oh_hi, g.kH, r, &kh0, &kh1)
                         if kh0 >= kh1:
@@ -749,14 +775,8 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
                                         &wl[grp, ob, 0, 0, 0], n_taps, x_off, w_off,
                                         acc + ((r - tr0) * tw + a - tc0) * ob_size, b - a)
                             a = b
-                m = min(ob_size, g.Og - ob * ob_size)
-                if tw == g.Wo:
-                    lanes_store(acc, (tr1 - tr0) * tw, m, plane,
-                                &out[n, grp * g.Og + ob * ob_size, tr0, 0])
-                else:
-                    for r in range(tr0, tr1):
-                        lanes_store(acc + (r - tr0) * tw * ob_size, tw, m, plane,
-                                    &out[n, grp * g.Og + ob * ob_size, r, tc0])
+                    _lanes_store_tile(acc, out, g, n, grp * g.Og + ob * ob_size,
+                                      min(ob_size, g.Og - ob * ob_size), tr0, tr1, tc0, tc1)
             tc0 = tc1
         tr0 = tr1
 
@@ -767,8 +787,11 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     rows (at most kH per output row) fit LANES_BAND_BYTES, each a task that packs its rows
     and sums every output block; where that gives fewer than two tasks per thread, the
     bands one at a time, each packed once by all threads, its output blocks the tasks.
-    Sub-tiles of LANES_TILE_BYTES of partial sums. The weights are packed as (groups,
-    blocks, kH*kW, C/g padded, OB), zero past C/g and O/g."""
+    Sub-tiles of LANES_TILE_BYTES of partial sums. Where a block's weights pass
+    LANES_BLOCK_WEIGHT_BYTES, taps one at a time in chunks: bands of
+    LANES_TAP_MAJOR_BAND_BYTES, sub-tiles of LANES_TAP_MAJOR_TILE_BYTES for every block,
+    and a shared band's tasks are its rows, not its blocks. The weights are packed as
+    (groups, blocks, kH*kW, C/g padded, OB), zero past C/g and O/g."""
     cdef Geom g = make_geom(spec)
     lanes, ob_size, cpad, blocks = lanes_layout(spec, sizeof(floating))
     cdef Py_ssize_t L = lanes, OB = ob_size, n_cb = cpad // lanes, nob = blocks
@@ -782,18 +805,25 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     if narrowest < DILCONV_LANES_UR // 2 and fills_zero_columns(spec, weight, tuning):
         pad_l = g.pl
         row_w = max(g.pl + g.W, (g.Wo - 1) * g.sw + (g.kW - 1) * g.dw + 1)
-    cdef Py_ssize_t band = lanes_band_rows(spec, row_w * cpad * sizeof(floating))
-    cdef Py_ssize_t bands = ceil_div(g.Ho, band)
-    cdef Py_ssize_t slot_rows = min(g.H, g.kH * ((band - 1) * g.sh + 1))
-    # A line between channel blocks: whole planes apart, they would share cache sets.
-    cdef Py_ssize_t cb_step = slot_rows * row_w * L + L
-    cdef Py_ssize_t tile_pixels = max(1, LANES_TILE_BYTES // (OB * sizeof(floating)))
     cdef Py_ssize_t cb_bytes = L * OB * sizeof(floating), chunk_cb = 0
     chunk_bytes = tuning.panel_lanes_chunk_bytes
     if chunk_bytes is None and g.kH * g.kW * n_cb * cb_bytes > LANES_BLOCK_WEIGHT_BYTES:
         chunk_bytes = LANES_CHUNK_BYTES
     if chunk_bytes is not None:
         chunk_cb = ceil_div(n_cb, ceil_div(n_cb, max(1, chunk_bytes // cb_bytes)))
+    # A tap at a time, every block's sums of a sub-tile at once: the band need not stay
+    # in L2, and the larger it is the fewer times the weights are read.
+    cdef Py_ssize_t band = lanes_band_rows(
+        spec, row_w * cpad * sizeof(floating),
+        LANES_TAP_MAJOR_BAND_BYTES if chunk_cb else LANES_BAND_BYTES)
+    cdef Py_ssize_t bands = ceil_div(g.Ho, band)
+    cdef Py_ssize_t slot_rows = min(g.H, g.kH * ((band - 1) * g.sh + 1))
+    # A line between channel blocks: whole planes apart, they would share cache sets.
+    cdef Py_ssize_t cb_step = slot_rows * row_w * L + L
+    cdef Py_ssize_t tile_blocks = nob if chunk_cb else 1
+    cdef Py_ssize_t tile_pixels = max(1, (LANES_TAP_MAJOR_TILE_BYTES if chunk_cb else
+                                          LANES_TILE_BYTES)
+                                      // (tile_blocks * OB * sizeof(floating)))
     cdef Py_ssize_t tile_cols = g.Wo if g.Wo <= tile_pixels else ceil_div(
         g.Wo, ceil_div(g.Wo, tile_pixels))
     cdef Py_ssize_t tile_rows = max(1, tile_pixels // tile_cols)
@@ -802,7 +832,7 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     cdef bint shared = n_threads > 1 and n_units < 2 * n_threads
     dtype = np.float32 if floating is float else np.float64
     cdef Py_ssize_t pack_len = n_cb * cb_step
-    cdef Py_ssize_t acc_len = tile_rows * tile_cols * OB
+    cdef Py_ssize_t acc_len = tile_rows * tile_cols * OB * tile_blocks
     cdef floating[::1] shared_pack = aligned_empty(pack_len if shared else 1, dtype)
     cdef floating[:, ::1] scratch = thread_scratch(
         n_threads, acc_len + (0 if shared else pack_len), dtype)
@@ -815,7 +845,7 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     cdef const floating[:, :, :, :] w_view = weight
     cdef const floating[:] b_view = bias
     cdef Py_ssize_t task, tid, block, i, unit, r0, n_seg, cb, ob
-    cdef Py_ssize_t task_unit, task_r0, task_seg
+    cdef Py_ssize_t task_unit, task_r0, task_seg, rows, row_tasks, task_rows
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         for block in prange(g.groups * nob, schedule='static'):
@@ -830,6 +860,21 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
                 for cb in prange(n_cb, schedule='static'):
                     _pack_band(x, g, unit, &rows_scratch[tid, g.kH], n_seg, cb, cb + 1,
                                cb_step, row_w, pad_l, &shared_pack[0])
+                if chunk_cb:
+                    # Tasks of rows, every block each: as many as sub-tiles, rounded up to
+                    # a multiple of the threads, of about equal size.
+                    rows = min(band, g.Ho - r0)
+                    row_tasks = min(rows, ceil_div(ceil_div(rows, tile_rows), n_threads)
+                                    * n_threads)
+                    task_rows = ceil_div(rows, row_tasks)
+                    for task in prange(ceil_div(rows, task_rows), schedule='static'):
+                        task_r0 = r0 + task * task_rows
+                        _lanes_band(wl, bl, out, g, unit + task * task_rows,
+                                    min(r0 + rows, task_r0 + task_rows), 0, nob,
+                                    tile_rows, tile_cols, cb_step, chunk_cb, &shared_pack[0],
+                                    &scratch[tid, 0], &rows_scratch[tid, 0],
+                                    &rows_scratch[tid, 5 * g.kH], row_w, pad_l)
+                    continue
                 for ob in prange(nob, schedule='dynamic'):
                     _lanes_band(wl, bl, out, g, unit, min(g.Ho, r0 + band), ob, ob + 1,
                                 tile_rows, tile_cols, cb_step, chunk_cb, &shared_pack[0],

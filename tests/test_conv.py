@@ -204,7 +204,8 @@ def test_panel_lanes_give_the_same_bits_as_the_panels(case, taps_in_chunks, one_
     # thread packs one shared band, and with border columns reading zeros in packed rows
     # padded with them (where narrow); the oracle checks one of them.
     if one_row_bands:
-        monkeypatch.setattr(dilconv._tiers._panel, "LANES_BAND_BYTES", 1)
+        for budget in ("LANES_BAND_BYTES", "LANES_TAP_MAJOR_BAND_BYTES"):
+            monkeypatch.setattr(dilconv._tiers._panel, budget, 1)
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     dilconv.set_num_threads(threads)
