@@ -666,6 +666,15 @@ cdef inline void _lanes_runs(const floating* x, Py_ssize_t px_step, Py_ssize_t c
         acc = acc + ur * ob_size
 
 
+cdef inline Py_ssize_t _band_offset(Geom g, const Py_ssize_t* row_slot, Py_ssize_t kh,
+                                    Py_ssize_t kw, Py_ssize_t r, Py_ssize_t row_w,
+                                    Py_ssize_t pad_l, Py_ssize_t lanes) noexcept nogil:
+    # Where tap (kh, kw) of output row r, column 0, reads a packed band (_pack_band's
+    # layout: rows of row_w pixels of `lanes` channels, the image's from pad_l).
+    return ((row_slot[kh] + r * g.sh + kh * g.dh - g.pt) * row_w
+            + kw * g.dw - g.pl + pad_l) * lanes
+
+
 cdef inline void _lanes_store_tile(const floating* acc, floating[:, :, :, ::1] out, Geom g,
                                    Py_ssize_t n, Py_ssize_t o, Py_ssize_t m, Py_ssize_t tr0,
                                    Py_ssize_t tr1, Py_ssize_t tc0, Py_ssize_t tc1) noexcept nogil:
@@ -697,7 +706,7 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
     # (pad_l > 0 or row_w > W), a row is one run of every column tap that reaches the
     # image anywhere.
     cdef Py_ssize_t lanes = DILCONV_VEC_BYTES // sizeof(floating), ob_size = 2 * lanes
-    cdef Py_ssize_t n_cb = wl.shape[3] // lanes, plane = g.Ho * g.Wo, row_len = row_w * lanes
+    cdef Py_ssize_t n_cb = wl.shape[3] // lanes
     cdef bint zero_fill = row_w != g.W or pad_l != 0
     cdef Py_ssize_t tap_len = wl.shape[3] * ob_size, px_step = g.sw * lanes
     cdef Py_ssize_t r0 = unit % g.Ho, grp = unit % (g.groups * g.Ho) // g.Ho
@@ -730,8 +739,8 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
                         while cb0 < n_cb:
                             for ob in range(ob0, ob1):
                                 for r in range(max(tr0, g.oh_lo[kh]), min(tr1, g.oh_hi[kh])):
-                                    x_off[0] = ((row_slot[kh] + r * g.sh + kh * g.dh - g.pt)
-                                                * row_len + (kw * g.dw - g.pl + pad_l) * lanes)
+                                    x_off[0] = _band_offset(g, row_slot, kh, kw, r, row_w,
+                                                            pad_l, lanes)
                                     _lanes_runs(packed + cb0 * cb_step + a * px_step,
                                                 px_step, cb_step, min(chunk_cb, n_cb - cb0),
                                                 &wl[grp, ob, kh * g.kW + kw, cb0 * lanes, 0],
@@ -766,9 +775,8 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
                                 for kw in range(kw0, kw1):
                                     if g.ow_lo[kw] >= g.ow_hi[kw]:
                                         continue
-                                    x_off[n_taps] = (
-                                        (row_slot[kh] + r * g.sh + kh * g.dh - g.pt) * row_len
-                                        + (kw * g.dw - g.pl + pad_l) * lanes)
+                                    x_off[n_taps] = _band_offset(g, row_slot, kh, kw, r,
+                                                                 row_w, pad_l, lanes)
                                     w_off[n_taps] = (kh * g.kW + kw) * tap_len
                                     n_taps = n_taps + 1
                             _lanes_runs(packed + a * px_step, px_step, cb_step, n_cb,
