@@ -2,7 +2,10 @@
 
    A block is UR pixels x OB output channels (two vectors of channels), its accumulators
    in registers; each term broadcasts one input value per pixel and loads OB weights, so
-   it costs UR + 2 loads for 2 UR multiply-adds, with no packed panel of pixels. The input
+   it costs UR + 2 loads for 2 UR multiply-adds, with no packed panel of pixels. A block
+   of at most L channels (the last of the layer's, or its only one) sums one vector of
+   them (UR + 1 loads for UR multiply-adds) and leaves the other lanes' sums as they
+   were: the same sums, in half the multiply-adds where they would be padding. The input
    is read from rows of L interleaved channels, [channel block][row][column][L], packed
    once per band of output rows; the weights as [tap][channel][OB]. Where a plane of the
    image is a multiple of 4 KiB the panels' per-tile packing reads many planes at the
@@ -41,35 +44,37 @@
 static inline __attribute__((always_inline)) void NAME##_body(                           \
         const T *restrict x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdiff_t n_cb,       \
         const T *restrict w, ptrdiff_t n_taps, const ptrdiff_t *x_off,                   \
-        const ptrdiff_t *w_off, T *restrict acc, const int ur) {                         \
+        const ptrdiff_t *w_off, T *restrict acc, const int ur, const int nv) {           \
     enum { L = DILCONV_VEC_BYTES / sizeof(T), OB = 2 * L };                              \
     NAME##_v a[UR_MAX][2];                                                               \
     for (int p = 0; p < ur; p++)                                                         \
-        for (int v = 0; v < 2; v++) a[p][v] = *(const NAME##_vu *)(acc + p * OB + v * L); \
+        for (int v = 0; v < nv; v++) a[p][v] = *(const NAME##_vu *)(acc + p * OB + v * L); \
     for (ptrdiff_t t = 0; t < n_taps; t++) {                                             \
         const T *xt = x + x_off[t], *wt = w + w_off[t];                                  \
         for (ptrdiff_t cb = 0; cb < n_cb; cb++, xt += cb_step)                           \
             for (int c = 0; c < L; c++, wt += OB) {                                      \
-                NAME##_v w0 = *(const NAME##_vu *)wt, w1 = *(const NAME##_vu *)(wt + L); \
+                NAME##_v w0 = *(const NAME##_vu *)wt, w1 = w0;                           \
+                if (nv > 1) w1 = *(const NAME##_vu *)(wt + L);                           \
                 for (int p = 0; p < ur; p++) {                                           \
                     T b = xt[p * px_step + c];                                           \
                     a[p][0] += b * w0;                                                   \
-                    a[p][1] += b * w1;                                                   \
+                    if (nv > 1) a[p][1] += b * w1;                                       \
                 }                                                                        \
             }                                                                            \
     }                                                                                    \
     for (int p = 0; p < ur; p++)                                                         \
-        for (int v = 0; v < 2; v++) *(NAME##_vu *)(acc + p * OB + v * L) = a[p][v];      \
+        for (int v = 0; v < nv; v++) *(NAME##_vu *)(acc + p * OB + v * L) = a[p][v];     \
 }
 
 /* One ur of the switch: its own inlined body. */
 #define DILCONV_LANES_CASE(NAME, UR)                                                      \
     case UR:                                                                             \
-        NAME##_body(x, STEP, cb_step, n_cb, w, n_taps, x_off, w_off, acc, UR); break;
-/* Every ur, each its own inlined body, with STEP between pixels. */
-#define DILCONV_LANES_SWITCH(NAME, STEP_)                                                 \
+        NAME##_body(x, STEP, cb_step, n_cb, w, n_taps, x_off, w_off, acc, UR, NV); break;
+/* Every ur, each its own inlined body, with STEP between pixels and NV vectors. */
+#define DILCONV_LANES_SWITCH(NAME, STEP_, NV_)                                            \
     {                                                                                    \
         const ptrdiff_t STEP = (STEP_);                                                  \
+        const int NV = (NV_);                                                            \
         switch (ur) {                                                                    \
         DILCONV_LANES_CASE(NAME, 1)                                                      \
         DILCONV_LANES_CASE(NAME, 2)                                                      \
@@ -80,10 +85,11 @@ static inline __attribute__((always_inline)) void NAME##_body(                  
         DILCONV_LANES_WIDE_CASES(NAME)                                                   \
         }                                                                                \
     }
-/* NAME(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur): acc[p][o] += the
-   sum over taps t < n_taps, in order, of the n_cb * L terms k of
+/* NAME(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur, nv): acc[p][o] +=
+   the sum over taps t < n_taps, in order, of the n_cb * L terms k of
    x[x_off[t] + (k / L) * cb_step + p * px_step + k % L] * w[w_off[t] + k * OB + o], for
-   p < ur <= DILCONV_LANES_UR, in term order. Each ur is its own inlined body: the
+   p < ur <= DILCONV_LANES_UR and o < nv * L (nv 1 or 2), in term order. Each ur is its
+   own inlined body: the
    accumulators stay in registers only with a constant count. So is unit stride: the
    pixels' offsets are then in the instructions, not in registers that the compiler
    spilled (1-3.5% faster on drn_512_d4 and context_d8). */
@@ -94,12 +100,15 @@ typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC_BYTES), aligned(sizeo
 DILCONV_LANES_BODY(NAME, T, DILCONV_LANES_UR)                                            \
 static inline void NAME(const T *x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdiff_t n_cb, \
                         const T *w, ptrdiff_t n_taps, const ptrdiff_t *x_off,            \
-                        const ptrdiff_t *w_off, T *acc, ptrdiff_t ur) {                  \
+                        const ptrdiff_t *w_off, T *acc, ptrdiff_t ur, ptrdiff_t nv) {    \
     enum { L = DILCONV_VEC_BYTES / sizeof(T) };                                          \
-    if (px_step == L) {                                                                  \
-        DILCONV_LANES_SWITCH(NAME, L)                                                    \
+    if (nv == 1) {                                                                       \
+        if (px_step == L) DILCONV_LANES_SWITCH(NAME, L, 1)                               \
+        else DILCONV_LANES_SWITCH(NAME, px_step, 1)                                      \
+    } else if (px_step == L) {                                                           \
+        DILCONV_LANES_SWITCH(NAME, L, 2)                                                 \
     } else {                                                                             \
-        DILCONV_LANES_SWITCH(NAME, px_step)                                              \
+        DILCONV_LANES_SWITCH(NAME, px_step, 2)                                           \
     }                                                                                    \
 }
 #if DILCONV_LANES_UR == 14
@@ -120,13 +129,13 @@ static inline void NAME(const T *x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdif
 #define DILCONV_LANES(NAME, T)                                                            \
 static inline void NAME(const T *x, ptrdiff_t px_step, ptrdiff_t cb_step, ptrdiff_t n_cb, \
                         const T *w, ptrdiff_t n_taps, const ptrdiff_t *x_off,            \
-                        const ptrdiff_t *w_off, T *acc, ptrdiff_t ur) {                  \
+                        const ptrdiff_t *w_off, T *acc, ptrdiff_t ur, ptrdiff_t nv) {    \
     enum { L = DILCONV_VEC_BYTES / sizeof(T), OB = 2 * L };                              \
     for (ptrdiff_t t = 0; t < n_taps; t++)                                               \
         for (ptrdiff_t cb = 0; cb < n_cb; cb++)                                          \
             for (int c = 0; c < L; c++)                                                  \
                 for (ptrdiff_t p = 0; p < ur; p++)                                       \
-                    for (int o = 0; o < OB; o++)                                         \
+                    for (int o = 0; o < nv * L; o++)                                     \
                         acc[p * OB + o] += x[x_off[t] + cb * cb_step + p * px_step + c]  \
                                            * w[w_off[t] + (cb * L + c) * OB + o];        \
 }

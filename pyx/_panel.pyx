@@ -420,11 +420,11 @@ cdef extern from "_lanes.h":
     void dilconv_lanes_f(const float* x, Py_ssize_t px_step, Py_ssize_t cb_step,
                          Py_ssize_t n_cb, const float* w, Py_ssize_t n_taps,
                          const Py_ssize_t* x_off, const Py_ssize_t* w_off, float* acc,
-                         Py_ssize_t ur) noexcept nogil
+                         Py_ssize_t ur, Py_ssize_t nv) noexcept nogil
     void dilconv_lanes_d(const double* x, Py_ssize_t px_step, Py_ssize_t cb_step,
                          Py_ssize_t n_cb, const double* w, Py_ssize_t n_taps,
                          const Py_ssize_t* x_off, const Py_ssize_t* w_off, double* acc,
-                         Py_ssize_t ur) noexcept nogil
+                         Py_ssize_t ur, Py_ssize_t nv) noexcept nogil
     void dilconv_lanes_f_pack(const float* src, Py_ssize_t plane, Py_ssize_t count,
                               Py_ssize_t channels, float* dst) noexcept nogil
     void dilconv_lanes_d_pack(const double* src, Py_ssize_t plane, Py_ssize_t count,
@@ -453,7 +453,11 @@ LANES_PIXELS, LANES_DEFAULT = DILCONV_LANES_UR, bool(DILCONV_LANES_DEFAULT)
 LANES_BAND_BYTES = 2 * 1024 * 1024
 LANES_TILE_BYTES = 32 * 1024
 # Channels are padded to whole vectors (input) and blocks (output) with zeros: taken by
-# default only while that adds at most this fraction of multiply-adds on each side.
+# default only while the input's adds at most this fraction of multiply-adds. Padded
+# output channels cost less than the panels' packing does with few blocks to share it
+# (one thread on an AVX-512 Xeon, 3 x 3 taps, 64 to 1024 input channels: lanes 1.1-2.2x
+# the panels' speed with 1 to 48 output channels, 1.0-1.8x with 72 to 160; v3's code
+# there 1.3-1.9x), so that side has no bound.
 LANES_MAX_PADDING = 0.25
 # Terms per output (taps x padded channels) below which the panels are faster: the
 # squares moved in and out cost as much as a short sum (float32, one thread on an
@@ -486,16 +490,15 @@ def lanes_layout(spec, Py_ssize_t itemsize):
 
 def uses_lanes(spec, Py_ssize_t itemsize, tuning):
     """Whether the forward takes the lanes scheme: the `panel_lanes` knob if set; else, in
-    tiers that prefer it, where channel padding adds little, the sums are long enough and
-    kH input rows of a band fit its packed rows."""
+    tiers that prefer it, where input channel padding adds little, the sums are long
+    enough and kH input rows of a band fit its packed rows."""
     if tuning.panel_lanes is not None:
         return tuning.panel_lanes
     if not DILCONV_LANES_DEFAULT:
         return False
-    lanes, ob, cpad, blocks = lanes_layout(spec, itemsize)
-    cg, og = spec.c // spec.groups, spec.o // spec.groups
+    cpad = lanes_layout(spec, itemsize)[2]
+    cg = spec.c // spec.groups
     return (cpad <= (1 + LANES_MAX_PADDING) * cg
-            and blocks * ob <= (1 + LANES_MAX_PADDING) * og
             and spec.kh * spec.kw * cpad >= LANES_MIN_TERMS
             and spec.kh * spec.w * cpad * itemsize <= LANES_BAND_BYTES)
 
@@ -513,11 +516,11 @@ def lanes_band_rows(spec, Py_ssize_t row_bytes, Py_ssize_t budget):
 cdef inline void lanes_ukr(const floating* x, Py_ssize_t px_step, Py_ssize_t cb_step,
                            Py_ssize_t n_cb, const floating* w, Py_ssize_t n_taps,
                            const Py_ssize_t* x_off, const Py_ssize_t* w_off, floating* acc,
-                           Py_ssize_t ur) noexcept nogil:
+                           Py_ssize_t ur, Py_ssize_t nv) noexcept nogil:
     if floating is float:
-        dilconv_lanes_f(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur)
+        dilconv_lanes_f(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur, nv)
     else:
-        dilconv_lanes_d(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur)
+        dilconv_lanes_d(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur, nv)
 
 
 cdef inline void lanes_pack(const floating* src, Py_ssize_t plane, Py_ssize_t count,
@@ -654,14 +657,15 @@ cdef void _pack_band(const floating[:, :, :, ::1] x, Geom g, Py_ssize_t unit,
 cdef inline void _lanes_runs(const floating* x, Py_ssize_t px_step, Py_ssize_t cb_step,
                              Py_ssize_t n_cb, const floating* w, Py_ssize_t n_taps,
                              const Py_ssize_t* x_off, const Py_ssize_t* w_off, floating* acc,
-                             Py_ssize_t length) noexcept nogil:
+                             Py_ssize_t length, Py_ssize_t m) noexcept nogil:
     # `length` pixels from x (px_step apart) and acc (a block apart) in runs of at most UR,
-    # of about equal length.
+    # of about equal length, for a block of m channels: one vector of them if m <= L.
     cdef Py_ssize_t runs = ceil_div(length, DILCONV_LANES_UR), k, ur
-    cdef Py_ssize_t ob_size = 2 * (DILCONV_VEC_BYTES // sizeof(floating))
+    cdef Py_ssize_t lanes = DILCONV_VEC_BYTES // sizeof(floating), ob_size = 2 * lanes
+    cdef Py_ssize_t nv = 1 if m <= lanes else 2
     for k in range(runs if n_taps else 0):
         ur = length // runs + (1 if k < length % runs else 0)
-        lanes_ukr(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur)
+        lanes_ukr(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur, nv)
         x = x + ur * px_step
         acc = acc + ur * ob_size
 
@@ -746,7 +750,8 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
                                                 &wl[grp, ob, kh * g.kW + kw, cb0 * lanes, 0],
                                                 1, x_off, w_off,
                                                 acc + (ob - ob0) * tile_len
-                                                + ((r - tr0) * tw + a - tc0) * ob_size, b - a)
+                                                + ((r - tr0) * tw + a - tc0) * ob_size, b - a,
+                                                g.Og - ob * ob_size)
                             cb0 = cb0 + chunk_cb
                 for ob in range(ob0, ob1):
                     _lanes_store_tile(acc + (ob - ob0) * tile_len, out, g, n,
@@ -781,7 +786,8 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
                                     n_taps = n_taps + 1
                             _lanes_runs(packed + a * px_step, px_step, cb_step, n_cb,
                                         &wl[grp, ob, 0, 0, 0], n_taps, x_off, w_off,
-                                        acc + ((r - tr0) * tw + a - tc0) * ob_size, b - a)
+                                        acc + ((r - tr0) * tw + a - tc0) * ob_size, b - a,
+                                        g.Og - ob * ob_size)
                             a = b
                     _lanes_store_tile(acc, out, g, n, grp * g.Og + ob * ob_size,
                                       min(ob_size, g.Og - ob * ob_size), tr0, tr1, tc0, tc1)
