@@ -30,6 +30,24 @@ def tap_ranges(k: int, stride: int, dilation: int, pad_lo: int, size: int, out: 
     return lo, hi
 
 
+def fills_zero_columns(spec, weight, tuning) -> bool:
+    """Whether a forward's border columns may read zeros in the padding (runs as wide as
+    the row; panel and depthwise kernels): only where few zeros are multiplied
+    (`tuning.zero_fill_max` per useful multiply-add; none: whole rows anyway) and the
+    weights are finite (0 * inf = nan)."""
+    return (0 < zero_filled_columns(spec) <= tuning.zero_fill_max
+            and bool(np.isfinite(weight).all()))
+
+
+@functools.lru_cache(maxsize=256)
+def zero_filled_columns(spec) -> float:
+    """Multiply-adds on zeros per useful one when runs span whole output rows: a column
+    tap partly in the padding then reads zeros there."""
+    useful = int((spec.ow_hi - spec.ow_lo).sum())
+    active = int((spec.ow_hi > spec.ow_lo).sum())
+    return (active * spec.wo - useful) / max(useful, 1)
+
+
 @dataclass(frozen=True)
 class ConvSpec:
     """Validated geometry of a 2-D convolution (batched, NCHW / OIHW)."""

@@ -47,9 +47,9 @@ class Tuning:
     # most this many bytes, or at any depth with at most this many blocks of output channels.
     panel_in_place_bytes: int = 4 * 1024
     panel_in_place_max_blocks: int = 2
-    # Panel tiles are cut along rows only while at most this many zeros are multiplied per
-    # useful multiply-add (border columns).
-    panel_zero_fill_max: float = 0.1
+    # Panel tiles are cut along rows only, and depthwise rows are one run, while at most
+    # this many zeros are multiplied per useful multiply-add (border columns).
+    zero_fill_max: float = 0.1
     # Panel forward: panels are packed in groups of about this many bytes, and their taps
     # in chunks of about this many bytes per panel (a panel's chunk stays in L1 while it
     # is summed into every output block, the chunk's weights in L2).

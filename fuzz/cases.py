@@ -390,7 +390,7 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
         min_macs_per_thread=None if rng.random() < 0.2 else 1,
         kw_group_below_channels=None if rng.random() < 0.7 else 1,
         panel_in_place_bytes=None if rng.random() < 0.5 else _choice(rng, (0, 1 << 30)),
-        panel_zero_fill_max=None if rng.random() < 0.5 else _choice(rng, (-1.0, 1e9)),
+        zero_fill_max=None if rng.random() < 0.5 else _choice(rng, (-1.0, 1e9)),
         panel_group_bytes=None if rng.random() < 0.5 else _choice(rng, (1, 1 << 30)),
         panel_chunk_bytes=None if rng.random() < 0.5 else _choice(rng, (1, 1 << 30)),
         panel_lanes=None if rng.random() < 0.5 else bool(rng.random() < 0.5),

@@ -68,9 +68,9 @@ def _make_out(case):
 # tile, flat band and depthwise task boundaries; no minimum of work per thread, so "2
 # threads" really splits tiny cases; and one GEMM product per tap (the many-channel
 # forward) on the lab's few-channel layers; panel blocks that always, or never, read the
-# image in place; panel tiles always, or never, cut at the column taps' range ends (else
-# zeros in the padding); panels packed one at a time, or a whole tile at once; their taps
-# summed one at a time, or all at once; the panel forward with output channels in vector
+# image in place; panel tiles (and depthwise rows with thin borders) always, or never, cut
+# at the column taps' range ends (else zeros in the padding); panels packed one at a time,
+# or a whole tile at once; their taps summed one at a time, or all at once; the panel forward with output channels in vector
 # lanes, or in panels; and the CPU tier whose kernels run. A knob
 # dilconv no longer has is an error (the tuning rejects
 # unknown names).
@@ -81,7 +81,7 @@ KNOBS = {"path": ("path",),
          "min_macs_per_thread": ("min_macs_per_thread",),
          "kw_group_below_channels": ("kw_group_below_channels",),
          "panel_in_place_bytes": ("panel_in_place_bytes", "panel_in_place_max_blocks"),
-         "panel_zero_fill_max": ("panel_zero_fill_max",),
+         "zero_fill_max": ("zero_fill_max",),
          "panel_group_bytes": ("panel_group_bytes",),
          "panel_chunk_bytes": ("panel_chunk_bytes",),
          "panel_lanes": ("panel_lanes",),

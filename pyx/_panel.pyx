@@ -31,6 +31,7 @@ import functools
 
 import numpy as np
 
+from dilconv._geometry import fills_zero_columns
 from dilconv._scratch import aligned_empty, thread_scratch
 from dilconv._threads import kernel_threads
 
@@ -107,23 +108,6 @@ def aligned_tiles(spec, Py_ssize_t target, bint zero_fill=False):
                      dtype=np.intp).reshape(-1, 4)
     tiles.flags.writeable = False
     return tiles
-
-
-def fills_zero_columns(spec, weight, tuning):
-    """Whether the forward's border columns may read zeros in the padding (runs as wide
-    as the row): only where few zeros are multiplied (none: whole rows anyway) and the
-    weights are finite (0 * inf = nan)."""
-    return (0 < zero_filled_columns(spec) <= tuning.panel_zero_fill_max
-            and bool(np.isfinite(weight).all()))
-
-
-@functools.lru_cache(maxsize=256)
-def zero_filled_columns(spec):
-    """Multiply-adds on zeros per useful one when tiles span whole output rows: a column
-    tap partly in the padding then reads zeros there."""
-    useful = int((spec.ow_hi - spec.ow_lo).sum())
-    active = int((spec.ow_hi > spec.ow_lo).sum())
-    return (active * spec.wo - useful) / max(useful, 1)
 
 
 cdef inline void ukr(const Terms* terms, const floating* a, const floating* b,

@@ -131,7 +131,7 @@ def test_panel_blocks_in_place_packed_and_zero_fill(case, in_place, zero_fill, t
     # Blocks that read the image in place and packed ones, tiles cut at the column taps'
     # range ends or spanning whole rows (zeros in the padding), small and large tiles.
     knobs = dict(path="panel", panel_in_place_bytes=1 << 30 if in_place else 0,
-                 panel_zero_fill_max=1e9 if zero_fill else -1.0, max_tile_pixels=tile_pixels)
+                 zero_fill_max=1e9 if zero_fill else -1.0, max_tile_pixels=tile_pixels)
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
     for dtype in (np.float32, np.float64):
         x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
@@ -173,7 +173,7 @@ def test_panel_taps_summed_in_chunks_give_the_same_bits(case, tile_pixels, zero_
     # same order; the oracle checks one of them.
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
     knobs = dict(path="panel", panel_in_place_bytes=0, max_tile_pixels=tile_pixels,
-                 panel_zero_fill_max=1e9 if zero_fill else -1.0)
+                 zero_fill_max=1e9 if zero_fill else -1.0)
     for dtype in (np.float32, np.float64):
         x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
         with tuning(panel_chunk_bytes=1, **knobs):
@@ -181,6 +181,35 @@ def test_panel_taps_summed_in_chunks_give_the_same_bits(case, tile_pixels, zero_
         with tuning(panel_chunk_bytes=1 << 30, **knobs):
             whole = dilconv.conv2d(x, wt, b, stride, padding, dilation, groups)
         np.testing.assert_array_equal(chunked, whole)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("task_pixels", [5, 1 << 14])
+@pytest.mark.parametrize("case", [
+    # (n, c, h, w, o, kh, kw, stride, padding, dilation, groups)
+    (2, 6, 13, 29, 6, 3, 3, 1, 2, 2, 6),                      # 2-column borders
+    (1, 4, 11, 30, 8, 3, 3, (2, 1), ((3, 3), (1, 2)), (2, 1), 4),   # 1 and 2, multiplier 2
+    (1, 3, 15, 40, 3, 5, 5, 1, (0, 3), 3, 3),                 # borders of 3 with 3 tap sets
+    (1, 2, 6, 20, 2, 3, 3, 1, 1, (1, 8), 2),                  # a tap reading no column whole
+])
+def test_depthwise_zero_filled_columns_give_the_same_sums(case, task_pixels, threads, rng):
+    # Thin border columns read zeros between copied input rows instead of runs of their
+    # own taps: the same sums (0 * w adds zero); the oracle checks one of them.
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    dilconv.set_num_threads(threads)
+    try:
+        for dtype in (np.float32, np.float64):
+            x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
+            y = {}
+            for zero_fill in (True, False):
+                with tuning(path="depthwise", depthwise_task_pixels=task_pixels,
+                            min_macs_per_thread=1, zero_fill_max=1e9 if zero_fill else -1.0):
+                    y[zero_fill] = (check_forward(x, wt, b, stride, padding, dilation, groups)
+                                    if zero_fill else
+                                    dilconv.conv2d(x, wt, b, stride, padding, dilation, groups))
+            np.testing.assert_array_equal(y[True], y[False])
+    finally:
+        dilconv.set_num_threads(None)
 
 
 # Channels per group that fill whole vectors and blocks of output channels, and not.
@@ -216,7 +245,7 @@ def test_panel_lanes_give_the_same_bits_as_the_panels(case, taps_in_chunks, one_
             for lanes in (True, False):
                 with tuning(path="panel", panel_lanes=lanes, min_macs_per_thread=1,
                             panel_lanes_chunk_bytes=1 if taps_in_chunks else None,
-                            panel_zero_fill_max=1e9 if zero_fill else -1.0):
+                            zero_fill_max=1e9 if zero_fill else -1.0):
                     y = (check_forward(x, wt, b, **conv) if lanes
                          else dilconv.conv2d(x, wt, b, **conv))
                     gy = np.cos(np.arange(y.size, dtype=dtype)).reshape(y.shape)

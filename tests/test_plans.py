@@ -97,7 +97,7 @@ def test_select_falls_back_where_the_forced_family_does_not_apply():
 @pytest.mark.parametrize("knobs, error, match", [
     ({"max_tile_pixel": 7}, TypeError, "max_tile_pixel.*known ones: path"),
     ({"max_tile_pixels": "7"}, TypeError, "max_tile_pixels must be an int"),
-    ({"panel_zero_fill_max": None}, TypeError, "panel_zero_fill_max must be a number"),
+    ({"zero_fill_max": None}, TypeError, "zero_fill_max must be a number"),
     ({"min_macs_per_thread": 0}, ValueError, "min_macs_per_thread must be >= 1"),
     ({"path": "fast"}, ValueError, "path must be one of"),
     ({"panel_lanes": 1}, TypeError, "panel_lanes must be True, False or None"),
