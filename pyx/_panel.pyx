@@ -784,7 +784,8 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     """The forward in the lanes scheme. The plan: bands of output rows whose packed input
     rows (at most kH per output row) fit LANES_BAND_BYTES, each a task that packs its rows
     and sums every output block; where that gives fewer than two tasks per thread, the
-    bands one at a time, each packed once by all threads, its output blocks the tasks.
+    bands one at a time, each packed once by all threads, its output blocks the tasks
+    (and its rows, where blocks alone give fewer than two tasks per thread).
     Sub-tiles of LANES_TILE_BYTES of partial sums. Where a block's weights pass
     LANES_BLOCK_WEIGHT_BYTES, taps one at a time in chunks: bands of
     LANES_TAP_MAJOR_BAND_BYTES, sub-tiles of LANES_TAP_MAJOR_TILE_BYTES for every block,
@@ -826,7 +827,8 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
         g.Wo, ceil_div(g.Wo, tile_pixels))
     cdef Py_ssize_t tile_rows = max(1, tile_pixels // tile_cols)
     cdef Py_ssize_t n_units = g.N * g.groups * bands
-    cdef int n_threads = kernel_threads(spec, n_units * nob, tuning)
+    # Tasks: bands, or a shared band's blocks and rows.
+    cdef int n_threads = kernel_threads(spec, n_units * nob * band, tuning)
     cdef bint shared = n_threads > 1 and n_units < 2 * n_threads
     dtype = np.float32 if floating is float else np.float64
     cdef Py_ssize_t pack_len = n_cb * cb_step
@@ -844,6 +846,7 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     cdef const floating[:] b_view = bias
     cdef Py_ssize_t task, tid, block, i, unit, r0, n_seg, cb, ob
     cdef Py_ssize_t task_unit, task_r0, task_seg, rows, row_tasks, task_rows
+    cdef Py_ssize_t task_blocks, block_tasks
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         for block in prange(g.groups * nob, schedule='static'):
@@ -858,23 +861,22 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
                 for cb in prange(n_cb, schedule='static'):
                     _pack_band(x, g, unit, &rows_scratch[tid, g.kH], n_seg, cb, cb + 1,
                                cb_step, row_w, pad_l, &shared_pack[0])
-                if chunk_cb:
-                    # Tasks of rows, every block each: as many as sub-tiles, rounded up to
-                    # a multiple of the threads, of about equal size.
-                    rows = min(band, g.Ho - r0)
-                    row_tasks = min(rows, ceil_div(ceil_div(rows, tile_rows), n_threads)
-                                    * n_threads)
-                    task_rows = ceil_div(rows, row_tasks)
-                    for task in prange(ceil_div(rows, task_rows), schedule='static'):
-                        task_r0 = r0 + task * task_rows
-                        _lanes_band(wl, bl, out, g, unit + task * task_rows,
-                                    min(r0 + rows, task_r0 + task_rows), 0, nob,
-                                    tile_rows, tile_cols, cb_step, chunk_cb, &shared_pack[0],
-                                    &scratch[tid, 0], &rows_scratch[tid, 0],
-                                    &rows_scratch[tid, 5 * g.kH], row_w, pad_l)
-                    continue
-                for ob in prange(nob, schedule='dynamic'):
-                    _lanes_band(wl, bl, out, g, unit, min(g.Ho, r0 + band), ob, ob + 1,
+                # Tasks of rows of the band (a shared band is all the work there is):
+                # every block each with taps in chunks, as many as sub-tiles rounded up
+                # to a multiple of the threads; else one block each, split into rows
+                # where blocks alone give fewer than two tasks per thread.
+                rows = min(band, g.Ho - r0)
+                task_blocks = nob if chunk_cb else 1
+                row_tasks = min(rows, ceil_div(ceil_div(rows, tile_rows), n_threads)
+                                * n_threads if chunk_cb else ceil_div(2 * n_threads, nob))
+                task_rows = ceil_div(rows, row_tasks)
+                row_tasks = ceil_div(rows, task_rows)
+                block_tasks = nob // task_blocks
+                for task in prange(block_tasks * row_tasks, schedule='dynamic'):
+                    task_r0 = r0 + task // block_tasks * task_rows
+                    ob = task % block_tasks * task_blocks
+                    _lanes_band(wl, bl, out, g, unit + task_r0 - r0,
+                                min(r0 + rows, task_r0 + task_rows), ob, ob + task_blocks,
                                 tile_rows, tile_cols, cb_step, chunk_cb, &shared_pack[0],
                                 &scratch[tid, 0], &rows_scratch[tid, 0],
                                 &rows_scratch[tid, 5 * g.kH], row_w, pad_l)
