@@ -212,6 +212,51 @@ def test_depthwise_zero_filled_columns_give_the_same_sums(case, task_pixels, thr
         dilconv.set_num_threads(None)
 
 
+def _merged_groups_case(dtype, og, groups=4, n=2, h=13, w=17):
+    # Groups of half a vector of input channels, with enough taps for the lanes scheme
+    # in the tier that runs (None where its plans never take that scheme).
+    panel = dilconv._tiers._panel
+    if not panel.LANES_DEFAULT:
+        return None
+    lanes = panel.lanes_layout(make_spec((1, 1, 1, 1), (1, 1, 1, 1), 1, 0, 1, 1),
+                               np.dtype(dtype).itemsize)[0]
+    k = int(np.ceil(np.sqrt(panel.LANES_MIN_TERMS / lanes)))
+    og = og * max(1, 16 // lanes)           # enough channels for the panel family
+    return (n, groups * lanes // 2, h, w, groups * og, k, k, 1, 2, 2, groups)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("og", [8, 12])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lanes_merged_groups_give_the_panels_sums(dtype, og, threads, rng):
+    # Pairs of groups summed together with block-diagonal weights: the zeros add nothing;
+    # with a non-finite input (0 * inf would be nan in the other group's outputs) the
+    # panels run instead (the same non-finite outputs). The oracle checks the finite one.
+    case = _merged_groups_case(dtype, og=og)
+    if case is None:
+        pytest.skip("this tier's plans do not take the lanes scheme")
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    spec = make_spec((n, c, h, w), (o, c // groups, kh, kw), stride, padding, dilation,
+                     groups)
+    assert select(spec, "forward") == "panel"
+    assert dilconv._tiers._panel.lanes_merged_groups(spec, np.dtype(dtype).itemsize,
+                                                      Tuning()) == 2
+    dilconv.set_num_threads(threads)
+    try:
+        x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
+        for bad in (None, np.inf, np.nan):
+            if bad is not None:
+                x[1, c // 2 - 1, h // 2, w // 3] = bad
+            with tuning(min_macs_per_thread=1):
+                merged = (check_forward if bad is None else dilconv.conv2d)(
+                    x, wt, b, stride, padding, dilation, groups)
+            with tuning(min_macs_per_thread=1, panel_lanes=False):
+                panels = dilconv.conv2d(x, wt, b, stride, padding, dilation, groups)
+            np.testing.assert_array_equal(merged, panels)
+    finally:
+        dilconv.set_num_threads(None)
+
+
 # Channels per group that fill whole vectors and blocks of output channels, and not.
 LANES_GRID = GRID[:7] + GRID[-1:] + [
     (1, 32, 13, 17, 40, 3, 3, 1, 3, 3, 1),
