@@ -73,8 +73,15 @@ LAYERS = {layer.name: layer for layer in [
           dilation=(8, 1), what="ERFNet's factorised 3x1, dilation 8"),
     Layer("tcn_k3_d4", (16, 128, 1, 256), (128, 128, 1, 3), padding=(0, 4), dilation=(1, 4),
           what="TCN block, kernel 3, dilation 4, batch 16"),
+    Layer("deeplabv2_21", (1, 2048, 41, 41), (21, 2048, 3, 3), padding=6, dilation=6,
+          what="DeepLabv2 ASPP classifier branch, 2048 -> 21 classes, rate 6"),
+    Layer("mnv2_dw_d2", (1, 960, 33, 33), (960, 1, 3, 3), padding=2, dilation=2, groups=960,
+          what="MobileNetV2 (DeepLabv3+) dilated depthwise, 960 channels"),
+    Layer("grouped_32x8_d2", (1, 256, 65, 65), (256, 8, 3, 3), padding=2, dilation=2,
+          groups=32, what="ResNeXt-style dilated grouped conv, 32 groups of 8"),
 ]}
-NETWORK_LAYERS = ("deeplab_2048", "drn_512_d4", "erfnet_3x1_d8", "tcn_k3_d4")
+NETWORK_LAYERS = ("deeplab_2048", "drn_512_d4", "erfnet_3x1_d8", "tcn_k3_d4", "deeplabv2_21",
+                  "mnv2_dw_d2", "grouped_32x8_d2")
 
 NOTATION = ("input N x C x H x W, weight O x C/groups x kH x kW; args: s stride, p padding "
             "(each side), d dilation, g groups (defaults 1, 0, 1, 1 left out)")
