@@ -1,4 +1,7 @@
-"""Shared test helpers: random cases, and the oracle checks of dilconv.testing."""
+"""Shared test helpers: random cases, thread counts, and the oracle checks of
+dilconv.testing."""
+import contextlib
+
 import numpy as np
 
 import dilconv
@@ -11,6 +14,16 @@ def random_case(rng, n, c, h, w, o, kh, kw, groups, dtype, bias=True):
     wt = rng.standard_normal((o, c // groups, kh, kw)).astype(dtype)
     b = rng.standard_normal(o).astype(dtype) if bias else None
     return x, wt, b
+
+
+@contextlib.contextmanager
+def num_threads(threads):
+    """dilconv's thread count set within the block, the default again after it."""
+    dilconv.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        dilconv.set_num_threads(None)
 
 
 def check_forward(x, w, b, stride=1, padding=0, dilation=1, groups=1, threads=None):

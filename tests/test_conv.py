@@ -11,7 +11,7 @@ from dilconv._threads import kernel_threads
 from dilconv._tuning import Tuning, tuning
 from dilconv._validate import make_spec
 
-from _helpers import check_backward, check_forward, random_case
+from _helpers import check_backward, check_forward, num_threads, random_case
 
 SEED_X = np.array([[1, 2, 3, 0], [0, 1, 2, 3], [3, 0, 1, 2], [2, 3, 0, 1]])
 SEED_W = np.array([[2, 0], [1, 3]])
@@ -183,35 +183,6 @@ def test_panel_taps_summed_in_chunks_give_the_same_bits(case, tile_pixels, zero_
         np.testing.assert_array_equal(chunked, whole)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("task_pixels", [5, 1 << 14])
-@pytest.mark.parametrize("case", [
-    # (n, c, h, w, o, kh, kw, stride, padding, dilation, groups)
-    (2, 6, 13, 29, 6, 3, 3, 1, 2, 2, 6),                      # 2-column borders
-    (1, 4, 11, 30, 8, 3, 3, (2, 1), ((3, 3), (1, 2)), (2, 1), 4),   # 1 and 2, multiplier 2
-    (1, 3, 15, 40, 3, 5, 5, 1, (0, 3), 3, 3),                 # borders of 3 with 3 tap sets
-    (1, 2, 6, 20, 2, 3, 3, 1, 1, (1, 8), 2),                  # a tap reading no column whole
-])
-def test_depthwise_zero_filled_columns_give_the_same_sums(case, task_pixels, threads, rng):
-    # Thin border columns read zeros between copied input rows instead of runs of their
-    # own taps: the same sums (0 * w adds zero); the oracle checks one of them.
-    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
-    dilconv.set_num_threads(threads)
-    try:
-        for dtype in (np.float32, np.float64):
-            x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
-            y = {}
-            for zero_fill in (True, False):
-                with tuning(path="depthwise", depthwise_task_pixels=task_pixels,
-                            min_macs_per_thread=1, zero_fill_max=1e9 if zero_fill else -1.0):
-                    y[zero_fill] = (check_forward(x, wt, b, stride, padding, dilation, groups)
-                                    if zero_fill else
-                                    dilconv.conv2d(x, wt, b, stride, padding, dilation, groups))
-            np.testing.assert_array_equal(y[True], y[False])
-    finally:
-        dilconv.set_num_threads(None)
-
-
 def _merged_groups_case(dtype, og, groups=4, n=2, h=13, w=17):
     # Groups of half a vector of input channels, with enough taps for the lanes scheme
     # in the tier that runs (None where its plans never take that scheme).
@@ -241,20 +212,16 @@ def test_lanes_merged_groups_give_the_panels_sums(dtype, og, threads, rng):
     assert select(spec, "forward") == "panel"
     assert dilconv._tiers._panel.lanes_merged_groups(spec, np.dtype(dtype).itemsize,
                                                       Tuning()) == 2
-    dilconv.set_num_threads(threads)
-    try:
-        x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
-        for bad in (None, np.inf, np.nan):
-            if bad is not None:
-                x[1, c // 2 - 1, h // 2, w // 3] = bad
-            with tuning(min_macs_per_thread=1):
-                merged = (check_forward if bad is None else dilconv.conv2d)(
-                    x, wt, b, stride, padding, dilation, groups)
-            with tuning(min_macs_per_thread=1, panel_lanes=False):
+    x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
+    for bad in (None, np.inf, np.nan):
+        if bad is not None:
+            x[1, c // 2 - 1, h // 2, w // 3] = bad
+        with num_threads(threads), tuning(min_macs_per_thread=1):
+            merged = (check_forward if bad is None else dilconv.conv2d)(
+                x, wt, b, stride, padding, dilation, groups)
+            with tuning(panel_lanes=False):
                 panels = dilconv.conv2d(x, wt, b, stride, padding, dilation, groups)
-            np.testing.assert_array_equal(merged, panels)
-    finally:
-        dilconv.set_num_threads(None)
+        np.testing.assert_array_equal(merged, panels)
 
 
 # Channels per group that fill whole vectors and blocks of output channels, and not.

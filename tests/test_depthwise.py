@@ -13,7 +13,7 @@ from dilconv._tiers import _depthwise
 from dilconv._tuning import tuning
 from dilconv._validate import make_spec
 
-from _helpers import check_backward, check_forward, forward_bound, random_case
+from _helpers import check_backward, check_forward, forward_bound, num_threads, random_case
 
 tap_runs = _depthwise.tap_runs
 
@@ -201,3 +201,28 @@ def test_matches_torch_on_the_benchmark_layer(rng):
                                     dilation=4, groups=128).numpy()
     # Both sides round: twice the bound of one.
     assert tolerance.worst_ratio(y, ty, 2 * forward_bound(x, wt, b, spec)) <= 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("task_pixels", [5, 1 << 14])
+@pytest.mark.parametrize("case", [
+    # (n, c, h, w, o, kh, kw, stride, padding, dilation, groups)
+    (2, 6, 13, 29, 6, 3, 3, 1, 2, 2, 6),                      # 2-column borders
+    (1, 4, 11, 30, 8, 3, 3, (2, 1), ((3, 3), (1, 2)), (2, 1), 4),   # 1 and 2, multiplier 2
+    (1, 3, 15, 40, 3, 5, 5, 1, (0, 3), 3, 3),                 # borders of 3 with 3 tap sets
+    (1, 2, 6, 20, 2, 3, 3, 1, 1, (1, 8), 2),                  # a tap reading no column whole
+])
+def test_zero_filled_columns_give_the_same_sums(case, task_pixels, threads, rng):
+    # Thin border columns read zeros between copied input rows instead of runs of their
+    # own taps: the same sums (0 * w adds zero); the oracle checks one of them.
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    for dtype in (np.float32, np.float64):
+        x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
+        y = {}
+        for zero_fill in (True, False):
+            with num_threads(threads), tuning(path="depthwise", min_macs_per_thread=1,
+                                              depthwise_task_pixels=task_pixels,
+                                              zero_fill_max=1e9 if zero_fill else -1.0):
+                y[zero_fill] = (check_forward if zero_fill else dilconv.conv2d)(
+                    x, wt, b, stride, padding, dilation, groups)
+        np.testing.assert_array_equal(y[True], y[False])
