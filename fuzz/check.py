@@ -70,10 +70,9 @@ def _make_out(case):
 # forward) on the lab's few-channel layers; panel blocks that always, or never, read the
 # image in place; panel tiles (and depthwise rows with thin borders) always, or never, cut
 # at the column taps' range ends (else zeros in the padding); panels packed one at a time,
-# or a whole tile at once; their taps summed one at a time, or all at once; the panel forward with output channels in vector
-# lanes, or in panels; and the CPU tier whose kernels run. A knob
-# dilconv no longer has is an error (the tuning rejects
-# unknown names).
+# or a whole tile at once; their taps summed one at a time, or all at once; the panel
+# forward with output channels in vector lanes, or in panels; and the CPU tier whose
+# kernels run. A knob dilconv no longer has is an error (the tuning rejects unknown names).
 KNOBS = {"path": ("path",),
          "isa": ("tier",),
          "tile_pixels": ("min_tile_pixels", "max_tile_pixels", "flat_span_elements",

@@ -88,11 +88,10 @@ static inline __attribute__((always_inline)) void NAME##_body(                  
 /* NAME(x, px_step, cb_step, n_cb, w, n_taps, x_off, w_off, acc, ur, nv): acc[p][o] +=
    the sum over taps t < n_taps, in order, of the n_cb * L terms k of
    x[x_off[t] + (k / L) * cb_step + p * px_step + k % L] * w[w_off[t] + k * OB + o], for
-   p < ur <= DILCONV_LANES_UR and o < nv * L (nv 1 or 2), in term order. Each ur is its
-   own inlined body: the
-   accumulators stay in registers only with a constant count. So is unit stride: the
-   pixels' offsets are then in the instructions, not in registers that the compiler
-   spilled (1-3.5% faster on drn_512_d4 and context_d8). */
+   p < ur <= DILCONV_LANES_UR and o < nv * L (nv 1 or 2), in term order. Each ur and nv
+   is its own inlined body: the accumulators stay in registers only with a constant
+   count. So is unit stride: the pixels' offsets are then in the instructions, not in
+   registers that the compiler spilled (1-3.5% faster on drn_512_d4 and context_d8). */
 #define DILCONV_LANES(NAME, T)                                                            \
 typedef T NAME##_v __attribute__((vector_size(DILCONV_VEC_BYTES)));                       \
 typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC_BYTES), aligned(sizeof(T)),  \

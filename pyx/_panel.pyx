@@ -501,9 +501,13 @@ def lanes_merged_groups(spec, Py_ssize_t itemsize, tuning):
     if (tuning.panel_lanes is not None or not DILCONV_LANES_DEFAULT or 2 * cg != lanes
             or spec.groups % 2):
         return 1
-    merged = ConvSpec(spec.n, spec.c, spec.h, spec.w, spec.o, spec.kh, spec.kw,
-                      spec.stride, spec.dilation, spec.padding, spec.groups // 2)
-    return 2 if uses_lanes(merged, itemsize, tuning) else 1
+    return 2 if uses_lanes(_merged_spec(spec, 2), itemsize, tuning) else 1
+
+
+def _merged_spec(spec, Py_ssize_t k):
+    """`spec` with every k groups one."""
+    return ConvSpec(spec.n, spec.c, spec.h, spec.w, spec.o, spec.kh, spec.kw, spec.stride,
+                    spec.dilation, spec.padding, spec.groups // k)
 
 
 cdef inline bint _finite(const floating* v, Py_ssize_t count) noexcept nogil:
@@ -523,17 +527,15 @@ cdef inline bint _finite(const floating* v, Py_ssize_t count) noexcept nogil:
         return seen64 == 0
 
 
-def _merge_groups(spec, weight, Py_ssize_t k):
-    """The spec and weights of `spec` with every k groups one, the weights block-diagonal:
-    output o of the merged group reads its own group's channels, zeros elsewhere."""
+def _merged_weight(spec, weight, Py_ssize_t k):
+    """The weights of _merged_spec(spec, k), block-diagonal: output o of a merged group
+    reads its own group's channels, zeros elsewhere."""
     g, og, cg = spec.groups, spec.o // spec.groups, spec.c // spec.groups
     w = np.asarray(weight).reshape(g // k, k, og, cg, spec.kh, spec.kw)
     merged = np.zeros((g // k, k, og, k, cg, spec.kh, spec.kw), w.dtype)
     for j in range(k):
         merged[:, j, :, j] = w[:, j]
-    return (ConvSpec(spec.n, spec.c, spec.h, spec.w, spec.o, spec.kh, spec.kw, spec.stride,
-                     spec.dilation, spec.padding, g // k),
-            merged.reshape(spec.o, k * cg, spec.kh, spec.kw))
+    return merged.reshape(spec.o, k * cg, spec.kh, spec.kw)
 
 
 def lanes_band_rows(spec, Py_ssize_t row_bytes, Py_ssize_t budget):
@@ -976,10 +978,9 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
     # Pairs of groups merged: only for finite inputs (0 * inf is nan), else the panels
     # write every output again.
     cdef Py_ssize_t merge = lanes_merged_groups(spec, sizeof(floating), tuning)
-    if merge > 1:
-        merged_spec, merged_weight = _merge_groups(spec, weight, merge)
-        if _forward_lanes(x, merged_weight, bias, out, merged_spec, tuning, True):
-            return
+    if merge > 1 and _forward_lanes(x, _merged_weight(spec, weight, merge), bias, out,
+                                    _merged_spec(spec, merge), tuning, True):
+        return
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t taps = g.kH * g.kW, depth = taps * g.Cg
