@@ -264,10 +264,18 @@ def _draw_geometry(rng, cfg: GenConfig, kind: str) -> dict:
         groups, cg, og = 1, int(rng.integers(1, wide)), int(rng.integers(1, wide))
     elif r < 0.7:                                   # depthwise, channel multiplier 1 or 2
         groups, cg, og = int(rng.integers(1, 7)), 1, 1 + int(rng.random() < 0.3)
+    elif r < 0.8:
+        # Groups of half a vector of input channels (8: float32 in v4; 4: float64 in v4,
+        # float32 in v3), whose lanes forward sums pairs of groups as one given enough
+        # taps (the panels take them: generate).
+        groups, cg, og = 2 * int(rng.integers(1, 3)), int(_choice(rng, (4, 8))), int(
+            rng.integers(4, 9))
     else:
         groups, cg, og = int(rng.integers(2, 5)), int(rng.integers(1, 4)), int(
             rng.integers(1, 4))
     ks = [_choice(rng, KERNEL_SIZES, KERNEL_WEIGHTS) for _ in range(2)]
+    if half_vector_groups(groups, cg):
+        ks = [max(k, 3 if cg == 8 else 5) for k in ks]     # 144 terms: LANES_MIN_TERMS
     strides = [1 if rng.random() < 0.5 else int(rng.integers(2, 6)) for _ in range(2)]
     dils = [1 if rng.random() < 0.35 else int(rng.integers(2, 9)) for _ in range(2)]
     form = _choice(rng, PADDING_FORMS)
@@ -320,6 +328,11 @@ def _draw_geometry(rng, cfg: GenConfig, kind: str) -> dict:
             "w": sizes[1], "kh": ks[0], "kw": ks[1], "stride": stride, "dilation": dilation,
             "padding": padding, "padding_form": form, "padding_mode": mode,
             "edge": edge, "tier": "large" if large else "small"}
+
+
+def half_vector_groups(groups: int, cg: int) -> bool:
+    """Layers of the geometry kind drawn for the panel forward's merged groups."""
+    return groups % 2 == 0 and cg in (4, 8)
 
 
 def _fit(case, cap, max_size) -> bool:
@@ -398,6 +411,8 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
     )
     if depthwise and case["cg"] == 1:
         case["path"] = "depthwise"
+    if half_vector_groups(case["groups"], case["cg"]):
+        case["path"] = "panel"
     if invalid:
         case["ops"] = ["invalid"]
         name = _choice(rng, tuple(INVALID))
