@@ -3,11 +3,13 @@
 Kernel families:
 - "direct": loops over taps with per-tap in-bounds ranges (any geometry; the backward of
   layers with few channels);
-- "flat": forward of unit-stride layers with few channels (depthwise, RGB stems): long
+- "flat": forward of unit-stride layers with few channels (narrow depthwise rows, one to
+  three output channels, short rows; see PANEL_FORWARD_MIN_ROW): long
   vectorised loops over zero-padded bands of rows (finite weights only: padding taps are
   multiplied by zero there; and only where those bands do not outweigh the output);
   its backward is "direct";
-- "panel": layers with many channels: output tiles aligned with the taps' in-bounds
+- "panel": layers with many channels, and the forward of few channels in long rows of
+  several output channels: output tiles aligned with the taps' in-bounds
   ranges, packed into panels, summed by a register-blocked micro-kernel; the input
   gradient is the same forward of grad_output with the transposed, turned kernel (at a
   stride, one per stride phase of the input, with the taps that reach it), and the
@@ -52,6 +54,17 @@ PANEL_GRAD_INPUT_MIN_CHANNELS = 8
 # Weight gradient with this many input channels per group, fewer than the panels take:
 # one BLAS product per tap (1.4-2.3x the direct loops' speed with 8 -> 8 or 8 -> 64).
 GEMM_GRAD_WEIGHT_MIN_CHANNELS = 8
+# Forward with few channels (C/groups x O/groups < 32): the panels from this many output
+# channels per group, where an output row of them has at least PANEL_FORWARD_MIN_ROW
+# outputs (O/groups x Wo): packing the taps pays off over several output channels, and a
+# tile's fixed costs over long rows. Otherwise the flat kernel, or the direct loops where
+# flat does not apply (a stride): against those the panels pay off from shorter rows.
+# Measured, float32, 1 and 2 threads, AVX-512 Xeon, 1 to 4 -> 4 to 16 channels: at unit
+# stride and rows of 1024 or more, panels 1.2-5x flat's speed (4 -> 4 channels, 4096^2:
+# 5.2x); strided, from rows of 256, 1.5-9x the direct loops'.
+PANEL_FORWARD_MIN_OUT_CHANNELS = 4
+PANEL_FORWARD_MIN_ROW = 1024
+PANEL_FORWARD_MIN_ROW_STRIDED = 256
 
 
 def select(spec, op: str = "forward", weight=None, tuning=None) -> str:
@@ -95,7 +108,7 @@ def _preferred(spec, op: str, tuning) -> str:
     if op == "forward":
         if cg == 1 and spec.stride[1] == 1 and spec.wo >= DEPTHWISE_MIN_WIDTH:
             return "depthwise"
-        return "panel" if cg * og >= 32 else "flat"
+        return "panel" if cg * og >= 32 or _panel_few_channels(spec, og) else "flat"
     # At unit stride the input gradient is a forward convolution over the output
     # channels: enough of them make it a panel forward, however few input channels.
     if op == "grad_input" and spec.stride == (1, 1) and og >= PANEL_GRAD_INPUT_MIN_CHANNELS:
@@ -108,6 +121,13 @@ def _preferred(spec, op: str, tuning) -> str:
     if op == "grad_weight" and cg >= GEMM_GRAD_WEIGHT_MIN_CHANNELS:
         return "gemm"                  # select falls back to direct where it does not apply
     return "direct"
+
+
+def _panel_few_channels(spec, og) -> bool:
+    """Forward of few channels: the panels beat flat (or direct) on long output rows of
+    several output channels (see PANEL_FORWARD_MIN_ROW)."""
+    row = PANEL_FORWARD_MIN_ROW if spec.stride == (1, 1) else PANEL_FORWARD_MIN_ROW_STRIDED
+    return og >= PANEL_FORWARD_MIN_OUT_CHANNELS and og * spec.wo >= row
 
 
 def _depthwise_grad_input(spec) -> bool:

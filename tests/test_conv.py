@@ -94,6 +94,13 @@ def test_dispatch_picks_panel_for_many_channels_and_flat_or_direct_for_few():
     assert select(stem, "grad_input") == "panel"
     assert select(make_spec((1, 3, 32, 32), (16, 3, 3, 3), 2, 0, 2, 1),
                   "grad_input") == "direct"
+    # Few channels in long rows of several output channels: the panels (4 -> 4 at 256
+    # columns is one row of 1024 outputs; strided, rows of 256 are enough).
+    assert select(make_spec((1, 4, 8, 256), (4, 4, 3, 3), 1, 1, 1, 1)) == "panel"
+    assert select(make_spec((1, 4, 8, 254), (4, 4, 3, 3), 1, 1, 1, 1)) == "flat"
+    assert select(make_spec((1, 8, 8, 512), (2, 8, 3, 3), 1, 1, 1, 1)) == "flat"
+    assert select(make_spec((1, 3, 8, 64), (8, 3, 3, 3), 2, 1, 1, 1)) == "panel"
+    assert select(make_spec((1, 3, 8, 60), (8, 3, 3, 3), 2, 1, 1, 1)) == "direct"
     with tuning(path="direct"):
         assert select(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "direct"
     with pytest.raises(ValueError, match="path"):
