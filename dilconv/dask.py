@@ -236,17 +236,23 @@ def _direct_source(x: da.Array):
     return None
 
 
-def _read_window(direct: _Direct):
-    """A view of the file when it is C-contiguous (the kernels read the page cache), else
-    the window read into this thread's window buffer."""
+def _contiguous(a: np.ndarray, slot: str) -> np.ndarray:
+    """`a` itself when C-contiguous (the kernels read it in place), else its copy in this
+    thread's buffer `slot` (a fresh array per call would cost a page fault per page)."""
+    if a.flags.c_contiguous:
+        return a
+    buf = _scratch(slot, a.shape, a.dtype)
+    np.copyto(buf, a)
+    return buf
+
+
+def _read_window(direct: _Direct, copy=True):
+    """A view of the file when it is C-contiguous (the kernels read the page cache) or
+    `copy` is false, else the window read into this thread's window buffer."""
     source = direct.source
     if isinstance(source, MemmapArray):
         view = source[direct.region]
-        if view.flags.c_contiguous:
-            return view
-        window = _scratch("window", view.shape, view.dtype)
-        np.copyto(window, view)
-        return window
+        return _contiguous(view, "window") if copy else view
     if isinstance(source, RawZarrArray):
         return source.read_into(direct.region, "window")
     # A zarr array decodes the chunks the window overlaps straight into the buffer.
@@ -257,12 +263,13 @@ def _read_window(direct: _Direct):
     return window
 
 
-def _assemble(blocks, slices: _Slices):
+def _assemble(blocks, slices: _Slices, copy=True):
     """The input window from its pieces: the piece itself when it is the whole window and
     C-contiguous (the kernels read it in place), else one copy into this thread's window
-    buffer (valid until the thread's next window)."""
+    buffer (valid until the thread's next window). `copy` false: a window of a memory-
+    mapped file may be a view that is not C-contiguous (its parts are copied later)."""
     if isinstance(blocks, _Direct):
-        return _read_window(blocks)
+        return _read_window(blocks, copy)
     grid = [[b[:, :, sh, sw] for b, (sh, sw) in zip(brow, srow)]
             for brow, srow in zip(blocks, slices.grid)]
     if len(grid) == 1 and len(grid[0]) == 1 and grid[0][0].flags.c_contiguous:
@@ -371,7 +378,9 @@ def _writer():
 def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axis, per):
     """`_store_block` a stripe at a time along `axis`, each written while the next is
     computed (into the other of two stripe buffers of this thread)."""
-    x = _assemble(blocks, slices)
+    # Each stripe's rows of a file's window are copied once, into a buffer the kernel
+    # reads (a C-contiguous one: a stripe of several channels' rows is not).
+    x = _assemble(blocks, slices, copy=False)
     length = store.shape[axis]
     ax = _Axis(x.shape[axis], weight.shape[axis], conv.stride[axis - 2],
                conv.dilation[axis - 2], conv.padding[axis - 2][0], length)
@@ -387,8 +396,8 @@ def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axi
             r0, r1, pad = ax.window(j0, j1)
             if r1 > r0:
                 padding = conv.padding[:axis - 2] + (pad,) + conv.padding[axis - 1:]
-                _conv_call(x[(slice(None),) * axis + (slice(r0, r1),)], weight, bias,
-                           dataclasses.replace(conv, padding=padding), out=y)
+                part = _contiguous(x[(slice(None),) * axis + (slice(r0, r1),)], "stripe-input")
+                _conv_call(part, weight, bias, dataclasses.replace(conv, padding=padding), out=y)
             else:
                 _bias_block(shape, store.dtype, bias, y)
             region = list(store.region)
