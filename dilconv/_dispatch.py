@@ -22,7 +22,7 @@ Kernel families:
   multiplier): forward with each output summed in registers and stored once, one pass over
   input and output, chosen for unit column stride (a strided one runs, on scalars); input
   gradient at unit stride and multiplier 1 (the same forward with the turned kernel);
-  weight gradient at unit column stride (each tap's sum over its in-image rectangle in
+  weight gradient of more than one group at unit column stride (each tap's sum over its in-image rectangle in
   vector partial sums kept across images).
 All are bitwise deterministic for any thread count. Each kernel module plans its own
 tiles, scratch and tasks from the spec and the tuning (dilconv._tuning), and says where it
@@ -51,9 +51,19 @@ DEPTHWISE_MIN_WIDTH = 24
 # input channels, 2.3x with 8 in 32 x 32 images, 3.2x with 32 groups of 8 -> 8 (their
 # forward sums pairs of groups in vector lanes)).
 PANEL_GRAD_INPUT_MIN_CHANNELS = 8
-# Weight gradient with this many input channels per group, fewer than the panels take:
-# one BLAS product per tap (1.4-2.3x the direct loops' speed with 8 -> 8 or 8 -> 64).
+# Fewer output channels take it too where the forward rule would take the panels for the
+# transposed layer (og -> cg channels; measured 2-4.7x the direct loops' speed: 4 -> 4,
+# 8 -> 4, 16 -> 1 or 2, 64 -> 2 channels, 128 to 1024 columns). At a stride, from 16 input
+# x output channels per group: 1.3-5.9x the direct loops' speed (1 -> 16, 3 -> 8, 4 -> 4,
+# 8 -> 8, 3 -> 16, 16 -> 2); 8 groups of 1 -> 4 measured 1.3x slower.
+PANEL_GRAD_INPUT_MIN_TERMS_STRIDED = 16
+# Weight gradient with this many input channels per group (any number at a stride), fewer
+# than the panels take, and GEMM_GRAD_WEIGHT_MIN_OUT_CHANNELS output channels: one BLAS
+# product per tap (1.4-2.3x the direct loops' speed with 8 -> 8 or 8 -> 64; strided, 3 -> 8
+# or 16 and 4 -> 4: 1.7-3.6x). With 1 or 2 output channels the direct loops are 1.5-3.3x
+# faster.
 GEMM_GRAD_WEIGHT_MIN_CHANNELS = 8
+GEMM_GRAD_WEIGHT_MIN_OUT_CHANNELS = 4
 # Forward with few channels (C/groups x O/groups < 32): the panels from this many output
 # channels per group, where an output row of them has at least PANEL_FORWARD_MIN_ROW
 # outputs (O/groups x Wo): packing the taps pays off over several output channels, and a
@@ -108,26 +118,40 @@ def _preferred(spec, op: str, tuning) -> str:
     if op == "forward":
         if cg == 1 and spec.stride[1] == 1 and spec.wo >= DEPTHWISE_MIN_WIDTH:
             return "depthwise"
-        return "panel" if cg * og >= 32 or _panel_few_channels(spec, og) else "flat"
-    # At unit stride the input gradient is a forward convolution over the output
-    # channels: enough of them make it a panel forward, however few input channels.
-    if op == "grad_input" and spec.stride == (1, 1) and og >= PANEL_GRAD_INPUT_MIN_CHANNELS:
+        return ("panel" if cg * og >= 32 or _panel_few_channels(og, spec.wo, spec.stride)
+                else "flat")
+    if op == "grad_input" and _panel_grad_input(spec, cg, og):
         return "panel"
-    if cg == 1 and op in ("grad_input", "grad_weight"):
+    # One input channel in all (not a depthwise layer): direct loops, 2x the depthwise
+    # weight gradient's speed with 1 -> 8 channels.
+    if cg == 1 and op in ("grad_input", "grad_weight") and spec.groups > 1:
         return "depthwise"             # select falls back to direct where it does not apply
     # Gradient blocks run over input channels: with only a few, direct loops win.
     if cg >= 16 and og >= 8:
         return "panel"
-    if op == "grad_weight" and cg >= GEMM_GRAD_WEIGHT_MIN_CHANNELS:
+    if op == "grad_weight" and og >= GEMM_GRAD_WEIGHT_MIN_OUT_CHANNELS and (
+            cg >= GEMM_GRAD_WEIGHT_MIN_CHANNELS or spec.stride != (1, 1)):
         return "gemm"                  # select falls back to direct where it does not apply
     return "direct"
 
 
-def _panel_few_channels(spec, og) -> bool:
+def _panel_few_channels(out_channels, out_width, stride) -> bool:
     """Forward of few channels: the panels beat flat (or direct) on long output rows of
     several output channels (see PANEL_FORWARD_MIN_ROW)."""
-    row = PANEL_FORWARD_MIN_ROW if spec.stride == (1, 1) else PANEL_FORWARD_MIN_ROW_STRIDED
-    return og >= PANEL_FORWARD_MIN_OUT_CHANNELS and og * spec.wo >= row
+    row = PANEL_FORWARD_MIN_ROW if stride == (1, 1) else PANEL_FORWARD_MIN_ROW_STRIDED
+    return out_channels >= PANEL_FORWARD_MIN_OUT_CHANNELS and out_channels * out_width >= row
+
+
+def _panel_grad_input(spec, cg, og) -> bool:
+    """The input gradient as a panel forward of grad_output (og -> cg channels, rows as
+    wide as the input), where the forward rule would take the panels for it or it has
+    PANEL_GRAD_INPUT_MIN_CHANNELS output channels; at a stride (one such forward per
+    stride phase), from PANEL_GRAD_INPUT_MIN_TERMS_STRIDED channels in and out."""
+    if spec.stride != (1, 1):
+        return cg * og >= PANEL_GRAD_INPUT_MIN_TERMS_STRIDED
+    # Into one input channel, the direct loops: 1.7-2.8x faster with 1 -> 8 or 16.
+    return cg > 1 and (og >= PANEL_GRAD_INPUT_MIN_CHANNELS or cg * og >= 32
+                       or _panel_few_channels(cg, spec.w, spec.stride))
 
 
 def _depthwise_grad_input(spec) -> bool:

@@ -93,7 +93,7 @@ def test_dispatch_picks_panel_for_many_channels_and_flat_or_direct_for_few():
     assert select(stem, "grad_weight") == "direct"
     assert select(stem, "grad_input") == "panel"
     assert select(make_spec((1, 3, 32, 32), (16, 3, 3, 3), 2, 0, 2, 1),
-                  "grad_input") == "direct"
+                  "grad_input") == "panel"
     # Few channels in long rows of several output channels: the panels (4 -> 4 at 256
     # columns is one row of 1024 outputs; strided, rows of 256 are enough).
     assert select(make_spec((1, 4, 8, 256), (4, 4, 3, 3), 1, 1, 1, 1)) == "panel"
@@ -101,6 +101,20 @@ def test_dispatch_picks_panel_for_many_channels_and_flat_or_direct_for_few():
     assert select(make_spec((1, 8, 8, 512), (2, 8, 3, 3), 1, 1, 1, 1)) == "flat"
     assert select(make_spec((1, 3, 8, 64), (8, 3, 3, 3), 2, 1, 1, 1)) == "panel"
     assert select(make_spec((1, 3, 8, 60), (8, 3, 3, 3), 2, 1, 1, 1)) == "direct"
+    # Gradients of few channels: the input gradient where the panels would take its
+    # forward (4 -> 4 in 256 columns, 16 -> 2), or at a stride from 16 channel pairs; never
+    # into one input channel at unit stride; the weight gradient a BLAS product per tap
+    # from 4 output channels, with 8 input channels or a stride.
+    assert select(make_spec((1, 4, 8, 256), (4, 4, 3, 3), 1, 1, 1, 1), "grad_input") == "panel"
+    assert select(make_spec((1, 4, 8, 128), (4, 4, 3, 3), 1, 1, 1, 1), "grad_input") == "direct"
+    assert select(make_spec((1, 16, 8, 8), (2, 16, 3, 3), 1, 1, 1, 1), "grad_input") == "panel"
+    assert select(make_spec((1, 1, 8, 64), (16, 1, 3, 3), 1, 1, 1, 1), "grad_input") == "direct"
+    assert select(make_spec((1, 4, 8, 8), (4, 4, 3, 3), 2, 1, 1, 1), "grad_input") == "panel"
+    assert select(make_spec((1, 4, 8, 8), (3, 4, 3, 3), 2, 1, 1, 1), "grad_input") == "direct"
+    assert select(make_spec((1, 3, 8, 8), (8, 3, 3, 3), 2, 1, 1, 1), "grad_weight") == "gemm"
+    assert select(make_spec((1, 3, 8, 8), (8, 3, 3, 3), 1, 1, 1, 1), "grad_weight") == "direct"
+    assert select(make_spec((1, 16, 8, 8), (2, 16, 3, 3), 1, 1, 1, 1), "grad_weight") == "direct"
+    assert select(make_spec((1, 8, 8, 8), (4, 8, 3, 3), 1, 1, 1, 1), "grad_weight") == "gemm"
     with tuning(path="direct"):
         assert select(make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)) == "direct"
     with pytest.raises(ValueError, match="path"):
