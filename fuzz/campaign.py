@@ -229,7 +229,7 @@ def coverage(plan, tally) -> dict:
     wanted = {"ops": (ops, c["by_op"]), "apis": (plan.gen.apis, c["by_api"]),
               "dtypes": (plan.gen.dtypes, c["by_dtype"]),
               "padding_forms": (cases.PADDING_FORMS, c["by_padding_form"]),
-              "paths": (cases.PATHS, c["by_path"]),
+              "paths": (tuple(map(str, cases.DRAWN_PATHS)), c["by_path"]),
               "threads": (tuple(map(str, cases.THREADS)), c["by_threads"]),
               "isas": (plan.gen.isas, c["by_isa"])}
     result = {name: {k: counts[k] for k in keys} for name, (keys, counts) in wanted.items()}

@@ -20,6 +20,9 @@ from dilconv import _tiers
 from dilconv._dispatch import PATHS
 from dilconv._tier_table import TIERS
 
+# Every family forced, or None: the one dilconv's dispatch chooses (as users run it).
+DRAWN_PATHS = PATHS + (None,)
+
 # The generator draws padding modes from this list; the oracle (dilconv.testing) pads with
 # numpy.pad and convolves with zero padding.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -391,7 +394,7 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
         id=int(index), seed=int(seed), kind=kind, isa=isa,
         dtype=_choice(rng, tuple(cfg.dtypes)),
         bias=bool(rng.random() < 0.6),
-        path=_choice(rng, PATHS),
+        path=_choice(rng, DRAWN_PATHS),
         threads=int(_choice(rng, THREADS)),
         values=_choice(rng, VALUE_KINDS),
         array_seed=int(rng.integers(0, 2 ** 32)),
