@@ -81,7 +81,7 @@ def conv2d(input: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None
     (1, 4, 4)
     """
     call, _ = _validate.conv_call(input, weight, bias, stride, padding, dilation, groups,
-                                  padding_mode)
+                                  padding_mode, input_planes=True)
     call, _ = _padding.materialise(call)
     spec = call.spec
     shape = spec.output_shape if call.batched else spec.output_shape[1:]

@@ -235,6 +235,8 @@ def forward(x, weight, bias, out, spec) -> None:
     """out[...] = conv2d(x, weight) + bias for a batched spec with N > 0."""
     tuning = current()
     path = select(spec, "forward", weight, tuning)
+    if path != "panel" and not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)   # only the panels read channel planes lying apart
     if path == "panel":
         _panel.forward(x, weight, bias, out, spec, tuning)
     elif path == "depthwise":

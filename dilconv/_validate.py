@@ -26,7 +26,7 @@ MAX_EXTENT = 2 ** 60
 class ConvCall(NamedTuple):
     """A validated call: C-contiguous native-endian arrays of one float dtype + geometry."""
 
-    x: np.ndarray            # (N, C, H, W)
+    x: np.ndarray            # (N, C, H, W); conv2d's planes may lie apart (kernel_array)
     weight: np.ndarray       # (O, C/groups, kH, kW)
     bias: Optional[np.ndarray]
     spec: ConvSpec
@@ -339,8 +339,9 @@ def _make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilatio
 
 
 def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mode,
-              extra: Optional[dict] = None) -> tuple:
-    """Validate a conv2d-style call. Returns (ConvCall, extra arrays converted likewise)."""
+              extra: Optional[dict] = None, input_planes: bool = False) -> tuple:
+    """Validate a conv2d-style call. Returns (ConvCall, extra arrays converted likewise).
+    `input_planes`: the input may keep channel planes apart (see `kernel_array`)."""
     check_padding_mode(padding_mode)
     extra = extra or {}
     arrays, dtype = intake({"input": input, "weight": weight, "bias": bias, **extra})
@@ -352,7 +353,7 @@ def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mo
         raise ValueError(f"bias must have shape ({spec.o},) to match weight.shape[0], got "
                          f"shape {b.shape}")
     batched = x.ndim == 4
-    x = kernel_array(x, dtype)
+    x = kernel_array(x, dtype, input_planes)
     call = ConvCall(
         x=x if batched else x[None],
         weight=kernel_array(w, dtype),
@@ -368,11 +369,23 @@ def as_operand(name: str, arr: np.ndarray, shape: tuple, dtype: np.dtype) -> np.
     return kernel_array(arr, dtype)
 
 
-def kernel_array(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def kernel_array(arr: np.ndarray, dtype: np.dtype, planes: bool = False) -> np.ndarray:
     """`arr` as the kernels read it: C-contiguous, `dtype`, and aligned to its items
     (buffers from pickle or the network can start at any byte; the kernels' loads assume
-    whole items). A copy only where needed."""
+    whole items). A copy only where needed. With `planes`, an array of `dtype` whose
+    planes (last two axes) are C-contiguous and aligned, however far apart they lie, as
+    it is (the panel forward reads it in place; `_dispatch.forward` copies it for the
+    others)."""
+    if planes and planes_contiguous(arr, dtype):
+        return arr
     return np.require(arr, dtype=dtype, requirements=("C", "A"))
+
+
+def planes_contiguous(arr: np.ndarray, dtype: np.dtype) -> bool:
+    """Every plane of `arr` (its last two axes) C-contiguous, items of `dtype` aligned."""
+    item = np.dtype(dtype).itemsize
+    return (arr.dtype == dtype and arr.ndim >= 2 and arr.size > 0 and arr.flags.aligned
+            and arr.strides[-1] == item and arr.strides[-2] == arr.shape[-1] * item)
 
 
 def check_out(out, shape: tuple, dtype: np.dtype, inputs: tuple) -> None:

@@ -357,7 +357,9 @@ class TorchReference:
 
     def _tensor(self, a, grad=False):
         a = np.asarray(a)
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+        # A fresh copy: torch refuses negative strides, even on an axis of length one,
+        # which numpy calls contiguous.
+        a = np.array(a, dtype=a.dtype.newbyteorder("="), order="C")
         return self.torch.tensor(a, requires_grad=grad)
 
     def _conv2d(self, x, w, b, stride, padding, dilation, groups, mode):

@@ -28,7 +28,7 @@ DRAWN_PATHS = PATHS + (None,)
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 MODE_WEIGHTS = (0.76, 0.08, 0.08, 0.08)
 PADDING_FORMS = ("int", "pair", "asym", "same", "valid")
-LAYOUTS = ("c", "fortran", "strided", "negstride", "readonly", "bigendian")
+LAYOUTS = ("c", "fortran", "strided", "negstride", "planes", "readonly", "bigendian")
 VALUE_KINDS = ("normal", "uniform", "int", "scaled", "sparse")
 EDGES = ("none", "exact_fit", "pad_gt_kernel", "stride_gt_image", "output_one", "one_pixel")
 EDGE_WEIGHTS = (0.6, 0.08, 0.08, 0.08, 0.08, 0.08)
@@ -487,6 +487,12 @@ def present(arr, layout):
         return big[..., ::2]
     if layout == "negstride":
         return np.ascontiguousarray(arr[..., ::-1])[..., ::-1]
+    if layout == "planes" and arr.ndim >= 3:   # contiguous planes, apart and in reverse
+        big = np.zeros(arr.shape[:-3] + (2 * arr.shape[-3],) + arr.shape[-2:], arr.dtype)
+        big[..., ::-2, :, :] = arr
+        return big[..., ::-2, :, :]
+    if layout == "planes":
+        return arr
     if layout == "readonly":
         ro = arr.copy()
         ro.flags.writeable = False

@@ -9,6 +9,8 @@ cdef struct Geom:
     Py_ssize_t pt, pl            # top and left padding (bottom/right only shape Ho, Wo)
     Py_ssize_t Ho, Wo            # output
     Py_ssize_t groups, Cg, Og    # channels per group: input, output
+    Py_ssize_t plane             # input channel stride in items: H*W, or the panel
+                                 # forward's input's (its planes may lie apart)
     # Per kernel tap, the outputs [lo, hi) whose input pixel is in the image (kept alive by
     # the spec for the call).
     const Py_ssize_t* oh_lo
@@ -28,6 +30,7 @@ cdef inline Geom make_geom(spec):
     g.groups = spec.groups
     g.Cg = spec.c // spec.groups
     g.Og = spec.o // spec.groups
+    g.plane = spec.h * spec.w
     cdef const Py_ssize_t[::1] oh_lo = spec.oh_lo, oh_hi = spec.oh_hi
     cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
     g.oh_lo, g.oh_hi = &oh_lo[0], &oh_hi[0]

@@ -144,7 +144,7 @@ cdef inline void gather(Py_ssize_t n, const floating* src, Py_ssize_t step,
         dilconv_gather_d(n, src, step, dst)
 
 
-cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H, W)
+cdef void _forward_tile(const floating[:, :, :, :] x,            # IN  (N, C, H, W)
                         const floating[:, :, :, :, ::1] wp,      # IN  (groups, blocks, taps, Cg, MR)
                         const floating[:, :, ::1] bp,            # IN  (groups, blocks, MR)
                         floating[:, :, :, ::1] out,              # OUT (N, O, Ho, Wo)
@@ -204,7 +204,7 @@ cdef void _forward_tile(const floating[:, :, :, ::1] x,          # IN  (N, C, H,
         direct_w = tw - tw % nr
     if direct_w:
         terms.b_off = image_off
-        terms.b_step = g.H * g.W
+        terms.b_step = g.plane
         for rr in range(r1 - r0):
             base = &x[n, ci0, (r0 + rr) * g.sh + kh0 * g.dh - g.pt, c0 + kw0 * g.dw - g.pl]
             for p in range(direct_w // nr):
@@ -255,7 +255,7 @@ cdef void _pack_panels(const floating* img, Geom g, const Py_ssize_t* taps,
     last panel's lanes past `count`. Index by index, each copying whole runs of rows:
     one block of every index in turn would read all channel planes at once, and planes a
     power of two apart evict each other from cache."""
-    cdef Py_ssize_t nr = block_pixels(pack), plane = g.H * g.W
+    cdef Py_ssize_t nr = block_pixels(pack), plane = g.plane
     cdef Py_ssize_t ti, ci, k, kh, kw, q, rr, c, run, lo, hi, row_off
     cdef Py_ssize_t panels = (count + nr - 1) // nr, valid = count - (panels - 1) * nr
     cdef Py_ssize_t last = (panels - 1) * depth * nr
@@ -659,7 +659,7 @@ cdef Py_ssize_t _band_rows(Geom g, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t* row
         row_slot[best] = segments[3 * n_seg - 1] - segments[3 * n_seg - 3]
 
 
-cdef bint _pack_band(const floating[:, :, :, ::1] x, Geom g, Py_ssize_t unit,
+cdef bint _pack_band(const floating[:, :, :, :] x, Geom g, Py_ssize_t unit,
                      const Py_ssize_t* segments, Py_ssize_t n_seg, Py_ssize_t cb0,
                      Py_ssize_t cb1, Py_ssize_t cb_step, Py_ssize_t row_w, Py_ssize_t pad_l,
                      floating* packed, bint check) noexcept nogil:
@@ -683,12 +683,12 @@ cdef bint _pack_band(const floating[:, :, :, ::1] x, Geom g, Py_ssize_t unit,
                     finite = finite & _finite(&x[n, grp * g.Cg + cb * lanes + c, first, 0],
                                               (stop - first) * g.W)
             if row_w == g.W and pad_l == 0:
-                lanes_pack(&x[n, grp * g.Cg + cb * lanes, first, 0], g.H * g.W,
+                lanes_pack(&x[n, grp * g.Cg + cb * lanes, first, 0], g.plane,
                            (stop - first) * g.W, channels, dst)
                 continue
             for r in range(first, stop):
                 memset(dst, 0, pad_l * lanes * sizeof(floating))
-                lanes_pack(&x[n, grp * g.Cg + cb * lanes, r, 0], g.H * g.W, g.W,
+                lanes_pack(&x[n, grp * g.Cg + cb * lanes, r, 0], g.plane, g.W,
                            channels, dst + pad_l * lanes)
                 memset(dst + (pad_l + g.W) * lanes, 0,
                        (row_w - pad_l - g.W) * lanes * sizeof(floating))
@@ -837,7 +837,7 @@ cdef void _lanes_band(const floating[:, :, :, :, ::1] wl,     # IN  (groups, blo
         tr0 = tr1
 
 
-def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
+def _forward_lanes(const floating[:, :, :, :] x, weight, bias,
                    floating[:, :, :, ::1] out, spec, tuning, bint check_finite=False):
     """The forward in the lanes scheme. The plan: bands of output rows whose packed input
     rows (at most kH per output row) fit LANES_BAND_BYTES, each a task that packs its rows
@@ -852,6 +852,7 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     `check_finite`, returns whether the input was finite (else `out` is not the
     convolution); else True."""
     cdef Geom g = make_geom(spec)
+    g.plane = _plane_stride(x)
     lanes, ob_size, cpad, blocks = lanes_layout(spec, sizeof(floating))
     cdef Py_ssize_t L = lanes, OB = ob_size, n_cb = cpad // lanes, nob = blocks
     # Border columns reading zeros (the panels' rule), where some column taps reach a
@@ -961,10 +962,24 @@ def _forward_lanes(const floating[:, :, :, ::1] x, weight, bias,
     return not np.asarray(nonfinite).any()
 
 
-def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1] out,
+cdef Py_ssize_t _plane_stride(const floating[:, :, :, :] x) except -1:
+    # The forward's input may have channel planes lying apart (a view of some channels of
+    # an image, or of some rows of every channel), each plane C-contiguous: the packing
+    # reads rows of W items, channel planes `plane` items apart.
+    # (Strides of axes of one item do not matter, as numpy's own contiguity says.)
+    cdef Py_ssize_t item = sizeof(floating)
+    if ((x.shape[3] > 1 and x.strides[3] != item)
+            or (x.shape[2] > 1 and x.strides[2] != x.shape[3] * item)
+            or (x.shape[1] > 1 and x.strides[1] % item)):
+        raise ValueError("the panel forward's input planes must be C-contiguous")
+    return x.strides[1] // item if x.shape[1] > 1 else x.shape[2] * x.shape[3]
+
+
+def forward(const floating[:, :, :, :] x, weight, bias, floating[:, :, :, ::1] out,
             spec, tuning):
     """conv2d into `out`. `weight` (O, C/g, kH, kW) and `bias` ((O,) or empty) may be any
-    strided views (the input gradient passes the transposed, turned kernel).
+    strided views (the input gradient passes the transposed, turned kernel); `x` too where
+    each channel plane is C-contiguous (`planes_contiguous`).
 
     The plan: tiles aligned with the tap ranges (of the rows only where few zeros would be
     multiplied in border columns and the weights are finite: zero-filled tiles), of about
@@ -982,6 +997,7 @@ def forward(const floating[:, :, :, ::1] x, weight, bias, floating[:, :, :, ::1]
                                     _merged_spec(spec, merge), tuning, True):
         return
     cdef Geom g = make_geom(spec)
+    g.plane = _plane_stride(x)
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // sizeof(floating)
     cdef Py_ssize_t taps = g.kH * g.kW, depth = taps * g.Cg
     cdef Py_ssize_t blocks = (g.Og + DILCONV_MR - 1) // DILCONV_MR

@@ -571,3 +571,36 @@ def test_spec_tap_ranges_skip_padding():
     spec = make_spec((1, 1, 33, 33), (1, 1, 3, 3), 1, 18, 18, 1)
     assert spec.ho == 33
     assert list(spec.oh_lo) == [18, 0, 0] and list(spec.oh_hi) == [33, 33, 15]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("knobs", [dict(path="panel", panel_lanes=True),
+                                   dict(path="panel", panel_lanes=False),
+                                   dict(path="panel", panel_lanes=False,
+                                        panel_in_place_bytes=1 << 30),
+                                   dict(path="direct"), dict()])
+@pytest.mark.parametrize("view", ["channels", "reversed", "rows", "batch"])
+def test_input_planes_lying_apart_give_the_contiguous_bits(view, knobs, dtype, rng):
+    # conv2d's panels read an input whose channel planes lie apart (some channels of an
+    # image, or some rows of each: dilconv.dask's stripes of a file) without a copy; every
+    # other family reads a copy. Either way the bits are those of the contiguous input.
+    big = rng.standard_normal((4, 48, 40, 33)).astype(dtype)
+    x = {"channels": big[:, 3:35:2], "reversed": big[::2, ::-3],
+         "rows": big[:, :16, 5:29], "batch": big[::3, 16:32]}[view]
+    assert not x.flags.c_contiguous and x.strides[-1] == x.itemsize
+    for groups, width in ((1, 3), (2, 3), (x.shape[1] // 2, 1)):
+        w = rng.standard_normal((32, x.shape[1] // groups, 3, width)).astype(dtype)
+        for threads in (1, 2):
+            with tuning(**knobs), num_threads(threads):
+                got = dilconv.conv2d(x, w, None, 1, (2, 1), 2, groups)
+                want = dilconv.conv2d(np.ascontiguousarray(x), w, None, 1, (2, 1), 2, groups)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_panel_forward_refuses_planes_that_are_not_contiguous():
+    from dilconv._tiers import _panel
+    spec = make_spec((1, 2, 4, 6), (1, 2, 1, 1), 1, 0, 1, 1)
+    x = np.zeros((1, 2, 4, 12))[..., ::2]
+    with pytest.raises(ValueError, match="planes"):
+        _panel.forward(x, np.ones((1, 2, 1, 1)), np.zeros(0), np.zeros((1, 1, 4, 6)), spec,
+                       Tuning())
