@@ -236,23 +236,24 @@ def _direct_source(x: da.Array):
     return None
 
 
-def _contiguous(a: np.ndarray, slot: str) -> np.ndarray:
-    """`a` itself when C-contiguous (the kernels read it in place), else its copy in this
-    thread's buffer `slot` (a fresh array per call would cost a page fault per page)."""
-    if a.flags.c_contiguous:
+def _contiguous(a: np.ndarray, slot: str, planes=False) -> np.ndarray:
+    """`a` itself when C-contiguous, or with `planes` when its channel planes are (conv2d
+    reads those in place: `_validate.kernel_array`), else its copy in this thread's buffer
+    `slot` (a fresh array per call would cost a page fault per page)."""
+    if a.flags.c_contiguous or (planes and _validate.planes_contiguous(a, a.dtype)):
         return a
     buf = _scratch(slot, a.shape, a.dtype)
     np.copyto(buf, a)
     return buf
 
 
-def _read_window(direct: _Direct, copy=True):
-    """A view of the file when it is C-contiguous (the kernels read the page cache) or
-    `copy` is false, else the window read into this thread's window buffer."""
+def _read_window(direct: _Direct, planes=False):
+    """A view of the file when it is C-contiguous, or with `planes` when its channel planes
+    are (the kernels read the page cache), else the window read into this thread's window
+    buffer."""
     source = direct.source
     if isinstance(source, MemmapArray):
-        view = source[direct.region]
-        return _contiguous(view, "window") if copy else view
+        return _contiguous(source[direct.region], "window", planes)
     if isinstance(source, RawZarrArray):
         return source.read_into(direct.region, "window")
     # A zarr array decodes the chunks the window overlaps straight into the buffer.
@@ -263,13 +264,13 @@ def _read_window(direct: _Direct, copy=True):
     return window
 
 
-def _assemble(blocks, slices: _Slices, copy=True):
+def _assemble(blocks, slices: _Slices, planes=False):
     """The input window from its pieces: the piece itself when it is the whole window and
     C-contiguous (the kernels read it in place), else one copy into this thread's window
-    buffer (valid until the thread's next window). `copy` false: a window of a memory-
-    mapped file may be a view that is not C-contiguous (its parts are copied later)."""
+    buffer (valid until the thread's next window). With `planes` (for conv2d), a window
+    of a memory-mapped file whose channel planes are C-contiguous is a view too."""
     if isinstance(blocks, _Direct):
-        return _read_window(blocks, copy)
+        return _read_window(blocks, planes)
     grid = [[b[:, :, sh, sw] for b, (sh, sw) in zip(brow, srow)]
             for brow, srow in zip(blocks, slices.grid)]
     if len(grid) == 1 and len(grid[0]) == 1 and grid[0][0].flags.c_contiguous:
@@ -296,7 +297,7 @@ def _conv_call(x, weight, bias, conv: _Conv, out=None):
 
 
 def _forward_block(blocks, slices, weight, bias, conv: _Conv):
-    return _conv_call(_assemble(blocks, slices), weight, bias, conv)
+    return _conv_call(_assemble(blocks, slices, planes=True), weight, bias, conv)
 
 
 def _bias_block(shape, dtype, bias, y=None):
@@ -378,9 +379,9 @@ def _writer():
 def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axis, per):
     """`_store_block` a stripe at a time along `axis`, each written while the next is
     computed (into the other of two stripe buffers of this thread)."""
-    # Each stripe's rows of a file's window are copied once, into a buffer the kernel
-    # reads (a C-contiguous one: a stripe of several channels' rows is not).
-    x = _assemble(blocks, slices, copy=False)
+    # A stripe of a file's window is a view of the page cache (its rows of every channel:
+    # contiguous planes, which conv2d reads in place), else copied into a buffer.
+    x = _assemble(blocks, slices, planes=True)
     length = store.shape[axis]
     ax = _Axis(x.shape[axis], weight.shape[axis], conv.stride[axis - 2],
                conv.dilation[axis - 2], conv.padding[axis - 2][0], length)
@@ -396,7 +397,8 @@ def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axi
             r0, r1, pad = ax.window(j0, j1)
             if r1 > r0:
                 padding = conv.padding[:axis - 2] + (pad,) + conv.padding[axis - 1:]
-                part = _contiguous(x[(slice(None),) * axis + (slice(r0, r1),)], "stripe-input")
+                part = _contiguous(x[(slice(None),) * axis + (slice(r0, r1),)], "stripe-input",
+                                   planes=True)
                 _conv_call(part, weight, bias, dataclasses.replace(conv, padding=padding), out=y)
             else:
                 _bias_block(shape, store.dtype, bias, y)
@@ -419,7 +421,7 @@ def _store_block(blocks, slices, weight, bias, conv: _Conv, store: _Store):
     if blocks is None:
         _bias_block(store.shape, store.dtype, bias, y)
     else:
-        _conv_call(_assemble(blocks, slices), weight, bias, conv, out=y)
+        _conv_call(_assemble(blocks, slices, planes=True), weight, bias, conv, out=y)
     _store_put(store, y, in_place)
     return None
 
@@ -750,7 +752,7 @@ def _chain_block(blocks, slices, params, steps, activation, store=None):
     """All layers of a chain on one block: each layer computes the part of its output the
     later layers read (the chain's halo is recomputed, not exchanged), in this thread's
     buffers, so a task holds one block's activations and nothing waits between layers."""
-    x = None if blocks is None else _assemble(blocks, slices)
+    x = None if blocks is None else _assemble(blocks, slices, planes=True)
     for i, step in enumerate(steps):
         dtype = step.dtype
         weight, bias = params[step.index]
