@@ -22,8 +22,8 @@ Kernel families:
   multiplier): forward with each output summed in registers and stored once, one pass over
   input and output, chosen for unit column stride (a strided one runs, on scalars); input
   gradient at unit stride and multiplier 1 (the same forward with the turned kernel);
-  weight gradient of more than one group at unit column stride (each tap's sum over its in-image rectangle in
-  vector partial sums kept across images).
+  weight gradient of more than one group at unit column stride (each tap's sum over its
+  in-image rectangle in vector partial sums kept across images).
 All are bitwise deterministic for any thread count. Each kernel module plans its own
 tiles, scratch and tasks from the spec and the tuning (dilconv._tuning), and says where it
 applies; `select` returns the family that really runs. `DILCONV_PATH=<one of PATHS>` in
@@ -52,7 +52,7 @@ DEPTHWISE_MIN_WIDTH = 24
 # forward sums pairs of groups in vector lanes)).
 PANEL_GRAD_INPUT_MIN_CHANNELS = 8
 # Fewer output channels take it too where the forward rule would take the panels for the
-# transposed layer (og -> cg channels; measured 2-4.7x the direct loops' speed: 4 -> 4,
+# transposed layer (og -> cg channels; measured 2-4.9x the direct loops' speed: 4 -> 4,
 # 8 -> 4, 16 -> 1 or 2, 64 -> 2 channels, 128 to 1024 columns). At a stride, from 16 input
 # x output channels per group: 1.3-5.9x the direct loops' speed (1 -> 16, 3 -> 8, 4 -> 4,
 # 8 -> 8, 3 -> 16, 16 -> 2); 8 groups of 1 -> 4 measured 1.3x slower.
@@ -70,7 +70,7 @@ GEMM_GRAD_WEIGHT_MIN_OUT_CHANNELS = 4
 # tile's fixed costs over long rows. Otherwise the flat kernel, or the direct loops where
 # flat does not apply (a stride): against those the panels pay off from shorter rows.
 # Measured, float32, 1 and 2 threads, AVX-512 Xeon, 1 to 4 -> 4 to 16 channels: at unit
-# stride and rows of 1024 or more, panels 1.2-5x flat's speed (4 -> 4 channels, 4096^2:
+# stride and rows of 1024 or more, panels 1.2-5.8x flat's speed (4 -> 4 channels, 4096^2:
 # 5.2x); strided, from rows of 256, 1.5-9x the direct loops'.
 PANEL_FORWARD_MIN_OUT_CHANNELS = 4
 PANEL_FORWARD_MIN_ROW = 1024
@@ -118,8 +118,7 @@ def _preferred(spec, op: str, tuning) -> str:
     if op == "forward":
         if cg == 1 and spec.stride[1] == 1 and spec.wo >= DEPTHWISE_MIN_WIDTH:
             return "depthwise"
-        return ("panel" if cg * og >= 32 or _panel_few_channels(og, spec.wo, spec.stride)
-                else "flat")
+        return "panel" if _panel_forward(cg, og, spec.wo, spec.stride) else "flat"
     if op == "grad_input" and _panel_grad_input(spec, cg, og):
         return "panel"
     # One input channel in all (not a depthwise layer): direct loops, 2x the depthwise
@@ -135,9 +134,11 @@ def _preferred(spec, op: str, tuning) -> str:
     return "direct"
 
 
-def _panel_few_channels(out_channels, out_width, stride) -> bool:
-    """Forward of few channels: the panels beat flat (or direct) on long output rows of
-    several output channels (see PANEL_FORWARD_MIN_ROW)."""
+def _panel_forward(in_channels, out_channels, out_width, stride) -> bool:
+    """The panels for a forward with these channels per group: many (32 or more pairs),
+    or few in long output rows of several output channels (see PANEL_FORWARD_MIN_ROW)."""
+    if in_channels * out_channels >= 32:
+        return True
     row = PANEL_FORWARD_MIN_ROW if stride == (1, 1) else PANEL_FORWARD_MIN_ROW_STRIDED
     return out_channels >= PANEL_FORWARD_MIN_OUT_CHANNELS and out_channels * out_width >= row
 
@@ -150,8 +151,8 @@ def _panel_grad_input(spec, cg, og) -> bool:
     if spec.stride != (1, 1):
         return cg * og >= PANEL_GRAD_INPUT_MIN_TERMS_STRIDED
     # Into one input channel, the direct loops: 1.7-2.8x faster with 1 -> 8 or 16.
-    return cg > 1 and (og >= PANEL_GRAD_INPUT_MIN_CHANNELS or cg * og >= 32
-                       or _panel_few_channels(cg, spec.w, spec.stride))
+    return cg > 1 and (og >= PANEL_GRAD_INPUT_MIN_CHANNELS
+                       or _panel_forward(og, cg, spec.w, spec.stride))
 
 
 def _depthwise_grad_input(spec) -> bool:

@@ -169,7 +169,8 @@ def describe(case) -> str:
     lay = case["layouts"]
     lines = [f"case {case['id']} of seed {case['seed']}: {case.get('api', 'conv2d')} "
              f"({case['kind']}, {case['dtype']}, "
-             f"values {case['values']}, array seed {case['array_seed']}, path {case['path'] or 'chosen by dilconv'}, "
+             f"values {case['values']}, array seed {case['array_seed']}, "
+             f"path {case['path'] or 'chosen by dilconv'}, "
              f"{case['threads']} thread(s), CPU tier {case.get('isa') or _tiers.DEFAULT})",
              f"  input {x_shape} [{lay['input']}], weight {s['weight']} [{lay['weight']}], "
              f"bias {s['bias'] if case['bias'] else None} [{lay['bias']}], grad_output "
