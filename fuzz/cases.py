@@ -487,12 +487,12 @@ def present(arr, layout):
         return big[..., ::2]
     if layout == "negstride":
         return np.ascontiguousarray(arr[..., ::-1])[..., ::-1]
-    if layout == "planes" and arr.ndim >= 3:   # contiguous planes, apart and in reverse
+    if layout == "planes":     # contiguous planes, apart and in reverse (a bias: as it is)
+        if arr.ndim < 3:
+            return arr
         big = np.zeros(arr.shape[:-3] + (2 * arr.shape[-3],) + arr.shape[-2:], arr.dtype)
         big[..., ::-2, :, :] = arr
         return big[..., ::-2, :, :]
-    if layout == "planes":
-        return arr
     if layout == "readonly":
         ro = arr.copy()
         ro.flags.writeable = False

@@ -9,7 +9,7 @@ import dilconv
 from dilconv._dispatch import PATHS, select
 from dilconv._threads import kernel_threads
 from dilconv._tuning import Tuning, tuning
-from dilconv._validate import make_spec
+from dilconv._validate import kernel_array, make_spec
 
 from _helpers import check_backward, check_forward, num_threads, random_case
 
@@ -588,6 +588,7 @@ def test_input_planes_lying_apart_give_the_contiguous_bits(view, knobs, dtype, r
     x = {"channels": big[:, 3:35:2], "reversed": big[::2, ::-3],
          "rows": big[:, :16, 5:29], "batch": big[::3, 16:32]}[view]
     assert not x.flags.c_contiguous and x.strides[-1] == x.itemsize
+    assert kernel_array(x, x.dtype, planes=True) is x            # no copy for the panels
     for groups, width in ((1, 3), (2, 3), (x.shape[1] // 2, 1)):
         w = rng.standard_normal((32, x.shape[1] // groups, 3, width)).astype(dtype)
         for threads in (1, 2):
