@@ -37,7 +37,7 @@ import os
 import numpy as np
 
 from ._tiers import _backward, _depthwise, _flat, _forward, _gemm, _panel
-from ._geometry import ConvSpec
+from ._geometry import ConvSpec, memoised
 from ._tuning import PATHS, current
 
 __all__ = ["PATHS", "select", "forward", "grad_input", "grad_weight", "grad_bias"]
@@ -82,11 +82,22 @@ def select(spec, op: str = "forward", weight=None, tuning=None) -> str:
     "grad_bias") on this geometry, with the weights `weight` (None: taken as finite) and
     `tuning` (None: the one in force)."""
     tuning = current() if tuning is None else tuning
-    path = _preferred(spec, op, tuning)
+    forced = os.environ.get("DILCONV_PATH") or None
+    path = memoised(spec, ("select", op, forced), tuning, _geometry_choice, spec, op, tuning,
+                    forced)
+    # The flat kernel multiplies padding taps by zero: finite weights only (0 * inf = nan).
+    if path == "flat" and weight is not None and not np.isfinite(weight).all():
+        return "direct"
+    return path
+
+
+def _geometry_choice(spec, op: str, tuning, forced) -> str:
+    """select's choice before the weights are seen."""
+    path = _preferred(spec, op, tuning, forced)
     if op == "forward":
         if path == "depthwise" and not _depthwise.applies(spec):
             return "direct"
-        if path == "flat" and not _flat.applies(spec, weight, tuning):
+        if path == "flat" and not _flat.applies(spec, None, tuning):
             return "direct"
     elif op == "grad_input":
         if path == "panel" and (transposed_spec(spec) is not None
@@ -105,11 +116,12 @@ def select(spec, op: str = "forward", weight=None, tuning=None) -> str:
     return "direct" if path == "gemm" and not _gemm.applies(spec, tuning) else path
 
 
-def _preferred(spec, op: str, tuning) -> str:
-    """The family forced, or the best one for this geometry if it applies."""
+def _preferred(spec, op: str, tuning, forced) -> str:
+    """The family forced (by the tuning, else `forced`: DILCONV_PATH), or the best one for
+    this geometry if it applies."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    forced = tuning.path or os.environ.get("DILCONV_PATH") or None
+    forced = tuning.path or forced
     if forced is not None:
         if forced not in PATHS:
             raise ValueError(f"DILCONV_PATH must be one of {PATHS}, got {forced!r}")

@@ -30,6 +30,25 @@ def tap_ranges(k: int, stride: int, dilation: int, pad_lo: int, size: int, out: 
     return lo, hi
 
 
+# Entries a spec remembers: a new tuning object (each `with tuning(...)`) adds one.
+MEMO_ENTRIES = 32
+
+
+def memoised(spec, key, tuning, compute, *args):
+    """compute(*args), remembered on `spec` under `key` for this `tuning` object: specs and
+    tunings are immutable, and specs of plain arguments are shared by equal calls (see
+    dilconv._validate.make_spec), so a layer called again skips its plans' Python work.
+    The entry holds the tuning, so its id is not reused while the entry lives."""
+    memo = spec.memo
+    full_key = (key, id(tuning))
+    entry = memo.get(full_key)
+    if entry is None:
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        entry = memo[full_key] = (tuning, compute(*args))
+    return entry[1]
+
+
 def fills_zero_columns(spec, weight, tuning) -> bool:
     """Whether a forward's border columns may read zeros in the padding (runs as wide as
     the row; panel and depthwise kernels): only where few zeros are multiplied
@@ -83,6 +102,11 @@ class ConvSpec:
                           ("ow_hi", ow_hi)):
             arr.flags.writeable = False
             set_(self, name, arr)
+
+    @functools.cached_property
+    def memo(self) -> dict:
+        """Choices made for this geometry (see `memoised`)."""
+        return {}
 
     @property
     def output_shape(self):

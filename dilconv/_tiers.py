@@ -131,19 +131,23 @@ class _Kernel:
     def __init__(self, name: str) -> None:
         object.__setattr__(self, "_name", name)
 
-    def __getattr__(self, attr: str):
-        return getattr(getattr(kernels(), self._name), attr)
+    # Every attribute, looked up on every kernel call: __getattribute__, since the normal
+    # lookup that __getattr__ follows fails with an exception first (half a microsecond).
+    def __getattribute__(self, attr: str):
+        tier = _tuning.current().tier or DEFAULT
+        found = _loaded.get(tier) or kernels(tier)
+        return getattr(getattr(found, object.__getattribute__(self, "_name")), attr)
 
     # Setting (tests' monkeypatch) changes the module of the tier in use: undo it on the
     # same tier.
     def __setattr__(self, attr: str, value) -> None:
-        setattr(getattr(kernels(), self._name), attr, value)
+        setattr(getattr(kernels(), object.__getattribute__(self, "_name")), attr, value)
 
     def __delattr__(self, attr: str) -> None:
-        delattr(getattr(kernels(), self._name), attr)
+        delattr(getattr(kernels(), object.__getattribute__(self, "_name")), attr)
 
     def __repr__(self) -> str:
-        return f"<kernel module {self._name} of the tier in use>"
+        return f"<kernel module {object.__getattribute__(self, '_name')} of the tier in use>"
 
 
 _forward = _Kernel("_forward")

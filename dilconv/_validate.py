@@ -62,10 +62,13 @@ def common_float_dtype(named: dict) -> np.dtype:
 
     Non-float arrays (ints, bools, float16) follow the float arrays, float64 if none.
     """
-    wide = {name: arr.dtype for name, arr in named.items()
-            if arr is not None and arr.dtype.kind == "f" and arr.dtype.itemsize >= 4}
-    sizes = {dt.itemsize for dt in wide.values()}
+    sizes = set()
+    for arr in named.values():
+        if arr is not None and arr.dtype.kind == "f" and arr.dtype.itemsize >= 4:
+            sizes.add(arr.dtype.itemsize)
     if len(sizes) > 1:
+        wide = {name: arr.dtype for name, arr in named.items()
+                if arr is not None and arr.dtype.kind == "f" and arr.dtype.itemsize >= 4}
         listed = ", ".join(f"{name} is {np.dtype(dt).name}" for name, dt in wide.items())
         raise TypeError(f"dtype mismatch: {listed}; dilconv computes float32 and float64 "
                         f"natively and does not mix them: cast with .astype() first")
@@ -284,9 +287,9 @@ def make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilation
 
 def _plain(value) -> bool:
     kind = type(value)
-    if kind is tuple:
-        return all(map(_plain, value))
-    return kind is int or kind is str
+    if kind is int or kind is str:
+        return True
+    return kind is tuple and all(map(_plain, value))
 
 
 @functools.lru_cache(maxsize=256)
@@ -376,6 +379,9 @@ def kernel_array(arr: np.ndarray, dtype: np.dtype, planes: bool = False) -> np.n
     planes (last two axes) are C-contiguous and aligned, however far apart they lie, as
     it is (the panel forward reads it in place; `_dispatch.forward` copies it for the
     others)."""
+    flags = arr.flags
+    if arr.dtype == dtype and flags.c_contiguous and flags.aligned:
+        return arr
     if planes and planes_contiguous(arr, dtype):
         return arr
     return np.require(arr, dtype=dtype, requirements=("C", "A"))

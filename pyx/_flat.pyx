@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from dilconv._geometry import memoised
 from dilconv._threads import kernel_threads
 from dilconv._scratch import thread_scratch
 
@@ -130,7 +131,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     channel of the group and one block's accumulators."""
     cdef Geom g = make_geom(spec)
     cdef Plan p
-    p.rows, p.o_block, p.wp, p.band, p.n_tasks = plan(spec, tuning)
+    p.rows, p.o_block, p.wp, p.band, p.n_tasks = memoised(spec, "flat", tuning, plan, spec,
+                                                           tuning)
     cdef int n_threads = kernel_threads(spec, p.n_tasks, tuning)
     cdef floating[:, ::1] scratch = thread_scratch(
         n_threads, g.Cg * p.band + p.o_block * p.rows * p.wp,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dilconv
-from dilconv import _dispatch, reference, tolerance
+from dilconv import _dispatch, _geometry, reference, tolerance
 from dilconv._dispatch import PATHS, select
 from dilconv._tuning import KNOBS, Tuning, current, tuning
 from dilconv._validate import make_spec
@@ -92,6 +92,28 @@ def test_select_falls_back_where_the_forced_family_does_not_apply():
         assert select(past, "grad_bias") == "direct"
     with pytest.raises(ValueError, match="op"):
         select(few, "backward")
+
+
+def test_select_remembers_a_geometry_for_its_tuning_and_environment_only(monkeypatch):
+    # The choice is remembered on the spec, which make_spec shares between equal calls.
+    spec = make_spec((1, 3, 12, 12), (8, 3, 3, 3), 1, 2, 2, 1)
+    assert make_spec((1, 3, 12, 12), (8, 3, 3, 3), 1, 2, 2, 1) is spec
+    weight = np.ones((8, 3, 3, 3))
+    assert select(spec, "forward", weight) == "flat"
+    weight[1, 2, 0, 1] = np.inf                       # the weights are checked every call
+    assert select(spec, "forward", weight) == "direct"
+    weight[1, 2, 0, 1] = 1
+    monkeypatch.setenv("DILCONV_PATH", "gemm")
+    assert select(spec, "forward", weight) == "gemm"
+    with tuning(path="panel"):
+        assert select(spec, "forward", weight) == "panel"
+    monkeypatch.delenv("DILCONV_PATH")
+    assert select(spec, "forward", weight) == "flat"
+    # A new tuning object each time (as `with tuning(...)` makes): the memo stays bounded.
+    for pixels in range(64, 64 + 4 * _geometry.MEMO_ENTRIES):
+        with tuning(max_tile_pixels=pixels):
+            assert select(spec, "forward", weight) == "flat"
+    assert len(spec.memo) <= _geometry.MEMO_ENTRIES
 
 
 @pytest.mark.parametrize("knobs, error, match", [
