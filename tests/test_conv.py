@@ -185,6 +185,31 @@ def test_panel_strided_input_gradient_by_stride_phases(stride, padding, dilation
                            padding, dilation, groups)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("view", [False, True])
+def test_panel_partial_blocks_read_in_place_give_the_packed_bits(view, dtype, rng):
+    # A row's last block, more than half full, reads a whole block of the image in
+    # place, past the row's end, in the rows where that stays in the channel's plane
+    # (the last rows' are packed): the same terms in the same order as packed blocks.
+    nr = dilconv._tiers._panel.BLOCK_NBYTES // np.dtype(dtype).itemsize
+    packed = dict(path="panel", panel_in_place_bytes=0, panel_in_place_max_blocks=0)
+    for wo, c, o, k, d, padding in ((nr - 1, 3, 8, 3, 2, 0), (2 * nr - 3, 2, 16, 2, 3, 1),
+                                    (nr + nr // 2 + 1, 1, 4, 3, 1, (2, 0)),
+                                    (nr // 2 + 1, 4, 8, 1, 1, 0)):
+        h = 9
+        w = wo + (k - 1) * d - 2 * (padding[1] if isinstance(padding, tuple) else padding)
+        if view:         # planes apart, the last one ending where the buffer does
+            x = rng.standard_normal((2, 2 * c, h, w)).astype(dtype)[:, 1::2]
+        else:
+            x = rng.standard_normal((2, c, h, w)).astype(dtype)
+        wt = rng.standard_normal((o, c, k, k)).astype(dtype)
+        with tuning(path="panel", panel_in_place_bytes=1 << 30):
+            y = check_forward(x, wt, None, 1, padding, d, 1)
+        assert y.shape[-1] == wo
+        with tuning(**packed):
+            np.testing.assert_array_equal(y, dilconv.conv2d(x, wt, None, 1, padding, d))
+
+
 @pytest.mark.parametrize("zero_fill", [False, True])
 @pytest.mark.parametrize("tile_pixels", [5, 4096])
 @pytest.mark.parametrize("case", GRID[:7] + GRID[-1:])
