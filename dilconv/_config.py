@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, Optional, TextIO
 
-from . import _openmp_helpers, _threads, _tiers
+from . import _cpu, _openmp_helpers, _threads, _tiers
 
 
 def config() -> Dict[str, Any]:
@@ -20,6 +20,7 @@ def config() -> Dict[str, Any]:
         "tiers_unsupported": {t: _tiers.missing_features(t) for t in _tiers.BUILT
                               if t not in _tiers.SUPPORTED},
         "cpu_features": sorted(f for f, on in _tiers.FEATURES.items() if on),
+        "cpu_vendor": _cpu.cpu_vendor() or "other",
         "panel_block": (_tiers._panel.MR, _tiers._panel.BLOCK_NBYTES),
         "panel_lanes": (_tiers._panel.LANES_DEFAULT, _tiers._panel.LANES_PIXELS),
         "openmp": bool(_openmp_helpers.OPENMP_ENABLED),
@@ -50,7 +51,8 @@ def show_config(file: Optional[TextIO] = None) -> None:
         f"tiers built: {', '.join(c['tiers_built'])}; supported by this CPU: "
         f"{', '.join(c['tiers_supported'])}"
         + "".join(f"; {t} needs {', '.join(m)}" for t, m in c["tiers_unsupported"].items()),
-        f"CPU features: {' '.join(c['cpu_features']) or 'none detected'}",
+        f"CPU features: {' '.join(c['cpu_features']) or 'none detected'} "
+        f"(vendor: {c['cpu_vendor']})",
         f"panel micro-kernel block: {c['panel_block'][0]} output channels x "
         f"{c['panel_block'][1]} bytes of pixels; "
         + (f"forward of long sums with output channels in vector lanes (2 vectors x "

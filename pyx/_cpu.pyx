@@ -16,6 +16,7 @@ cdef extern from "_fma_probe.h":
     int DILCONV_PROBE_NACC
     double dilconv_fma_probe(int is_double, int kind, long iters) nogil
     int dilconv_cpu_has(const char *name) nogil
+    const char *dilconv_cpu_vendor() nogil
 
 cdef extern from "_omp_compat.h":
     int DILCONV_OPENMP
@@ -29,6 +30,12 @@ _KIND_512, _KIND_256, _KIND_128_FMA, _KIND_128 = 3, 2, 1, 0
 def cpu_features():
     """{feature: bool} for FEATURES, as the running CPU and OS support them."""
     return {name: bool(dilconv_cpu_has(name.encode())) for name in FEATURES}
+
+
+def cpu_vendor():
+    """"amd", "intel" or "" (another vendor or architecture): some plans were measured
+    to differ between them."""
+    return dilconv_cpu_vendor().decode()
 
 
 def _kinds():

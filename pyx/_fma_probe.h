@@ -98,4 +98,14 @@ static int dilconv_cpu_has(const char *name) {
     return 0;
 #endif
 }
+
+/* "amd", "intel" or "" (any other CPU, or another architecture). */
+static const char *dilconv_cpu_vendor(void) {
+#if (defined(__GNUC__) || defined(__clang__)) && DILCONV_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("amd")) return "amd";
+    if (__builtin_cpu_is("intel")) return "intel";
+#endif
+    return "";
+}
 #endif

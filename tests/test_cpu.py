@@ -23,6 +23,18 @@ def test_features_are_consistent():
     assert (256 in widths) == (f["avx2"] and f["fma"])
 
 
+def test_vendor_is_the_one_in_cpuinfo():
+    vendor = _cpu.cpu_vendor()
+    assert vendor in ("amd", "intel", "")
+    try:
+        with open("/proc/cpuinfo") as f:
+            ids = {line.split(":")[1].strip() for line in f if line.startswith("vendor_id")}
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if platform.machine() in ("x86_64", "AMD64") and ids:
+        assert vendor == {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(ids.pop(), "")
+
+
 def _matmul_gflops(dtype, n=512, repeat=5):
     a = np.random.default_rng(0).standard_normal((n, n)).astype(dtype)
     b = a.T.copy()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dilconv
-from dilconv import _dispatch, _tiers
+from dilconv import _cpu, _dispatch, _tiers
 from dilconv._tier_table import TIERS
 from dilconv._tuning import PATHS, tuning
 
@@ -201,6 +201,7 @@ def test_show_config():
     assert "supported by this CPU: " + ", ".join(_tiers.SUPPORTED) in text
     assert re.search(r"^OpenMP: (on|off)", text, re.M)
     assert f"threads: {dilconv.get_num_threads()}" in text
+    assert f"(vendor: {_cpu.cpu_vendor() or 'other'})" in text
     assert "BLAS:" in text
     with _tiers.use("baseline"):
         out = io.StringIO()
