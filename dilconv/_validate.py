@@ -289,7 +289,13 @@ def _plain(value) -> bool:
     kind = type(value)
     if kind is int or kind is str:
         return True
-    return kind is tuple and all(map(_plain, value))
+    if kind is not tuple:
+        return False
+    for item in value:                # a loop, not a call per item: this runs every call
+        kind = type(item)
+        if kind is not int and kind is not str and not (kind is tuple and _plain(item)):
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=256)
