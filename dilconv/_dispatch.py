@@ -15,9 +15,10 @@ Kernel families:
   stride, one per stride phase of the input, with the taps that reach it), and the
   weight gradient runs on the same micro-kernel; in v4 and v3 the forward of layers with
   long sums puts output channels in the vector lanes instead (the same bits);
-- "gemm": per tile and tap, one BLAS matrix product (the input gradient where padding
-  goes past the dilated kernel, the weight gradient of 8 to 15 input channels per group;
-  everything else when forced);
+- "gemm": per tile and tap, one BLAS matrix product (the forward of many channels into
+  one to three, and its like as an input gradient into two or three: see
+  GEMM_FORWARD_MIN_PAIRS; the input gradient where padding goes past the dilated kernel,
+  the weight gradient of 8 to 15 input channels per group; everything else when forced);
 - "depthwise": layers with one input channel per group (depthwise, any channel
   multiplier): forward with each output summed in registers and stored once, one pass over
   input and output, chosen for unit column stride (a strided one runs, on scalars); input
@@ -75,6 +76,13 @@ GEMM_GRAD_WEIGHT_MIN_OUT_CHANNELS = 4
 PANEL_FORWARD_MIN_OUT_CHANNELS = 4
 PANEL_FORWARD_MIN_ROW = 1024
 PANEL_FORWARD_MIN_ROW_STRIDED = 256
+# Many pairs into fewer output channels than PANEL_FORWARD_MIN_OUT_CHANNELS, at unit
+# stride (segmentation heads; the input gradient of RGB stems): one BLAS product per tap,
+# where the panels' blocks of MR output channels are mostly empty. Measured, float32, 1 and
+# 2 threads, AVX-512 EPYC: forward of 16 to 512 -> 2 or 3 channels 1.1-1.9x the panels'
+# speed (256 -> 1 at 33 x 33: 1.2x at one thread, 0.89x at two); input gradient of
+# 2 or 3 -> 16 to 64 channels 1.3-1.9x.
+GEMM_FORWARD_MIN_PAIRS = 32
 
 
 def select(spec, op: str = "forward", weight=None, tuning=None) -> str:
@@ -130,9 +138,14 @@ def _preferred(spec, op: str, tuning, forced) -> str:
     if op == "forward":
         if cg == 1 and spec.stride[1] == 1 and spec.wo >= DEPTHWISE_MIN_WIDTH:
             return "depthwise"
-        return "panel" if _panel_forward(cg, og, spec.wo, spec.stride) else "flat"
+        if _panel_forward(cg, og, spec.wo, spec.stride):
+            return "panel"
+        return "gemm" if _gemm_forward(cg, og, spec.stride) else "flat"
     if op == "grad_input" and _panel_grad_input(spec, cg, og):
         return "panel"
+    # The transposed forward (og -> cg channels) into two or three input channels.
+    if op == "grad_input" and cg > 1 and _gemm_forward(og, cg, spec.stride):
+        return "gemm"                  # select falls back to direct where it does not apply
     # One input channel in all (not a depthwise layer): direct loops, 2x the depthwise
     # weight gradient's speed with 1 -> 8 channels.
     if cg == 1 and op in ("grad_input", "grad_weight") and spec.groups > 1:
@@ -150,9 +163,15 @@ def _panel_forward(in_channels, out_channels, out_width, stride) -> bool:
     """The panels for a forward with these channels per group: many (32 or more pairs),
     or few in long output rows of several output channels (see PANEL_FORWARD_MIN_ROW)."""
     if in_channels * out_channels >= 32:
-        return True
+        return not _gemm_forward(in_channels, out_channels, stride)
     row = PANEL_FORWARD_MIN_ROW if stride == (1, 1) else PANEL_FORWARD_MIN_ROW_STRIDED
     return out_channels >= PANEL_FORWARD_MIN_OUT_CHANNELS and out_channels * out_width >= row
+
+
+def _gemm_forward(in_channels, out_channels, stride) -> bool:
+    """BLAS for a forward with these channels per group (see GEMM_FORWARD_MIN_PAIRS)."""
+    return (stride == (1, 1) and out_channels < PANEL_FORWARD_MIN_OUT_CHANNELS
+            and in_channels * out_channels >= GEMM_FORWARD_MIN_PAIRS)
 
 
 def _panel_grad_input(spec, cg, og) -> bool:
@@ -163,8 +182,8 @@ def _panel_grad_input(spec, cg, og) -> bool:
     if spec.stride != (1, 1):
         return cg * og >= PANEL_GRAD_INPUT_MIN_TERMS_STRIDED
     # Into one input channel, the direct loops: 1.7-2.8x faster with 1 -> 8 or 16.
-    return cg > 1 and (og >= PANEL_GRAD_INPUT_MIN_CHANNELS
-                       or _panel_forward(og, cg, spec.w, spec.stride))
+    return cg > 1 and not _gemm_forward(og, cg, spec.stride) and (
+        og >= PANEL_GRAD_INPUT_MIN_CHANNELS or _panel_forward(og, cg, spec.w, spec.stride))
 
 
 def _depthwise_grad_input(spec) -> bool:
