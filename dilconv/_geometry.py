@@ -38,11 +38,12 @@ def memoised(spec, key, tuning, compute, *args):
     """compute(*args), remembered on `spec` under `key` for this `tuning` object: specs and
     tunings are immutable, and specs of plain arguments are shared by equal calls (see
     dilconv._validate.make_spec), so a layer called again skips its plans' Python work.
-    The entry holds the tuning, so its id is not reused while the entry lives."""
+    The entry holds the tuning, so its id is not reused while the entry lives (and is
+    checked: a spec unpickled in another process brings ids of that process's objects)."""
     memo = spec.memo
     full_key = (key, id(tuning))
     entry = memo.get(full_key)
-    if entry is None:
+    if entry is None or entry[0] is not tuning:
         if len(memo) >= MEMO_ENTRIES:
             memo.clear()
         entry = memo[full_key] = (tuning, compute(*args))
