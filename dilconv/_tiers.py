@@ -134,9 +134,7 @@ class _Kernel:
     # Every attribute, looked up on every kernel call: __getattribute__, since the normal
     # lookup that __getattr__ follows fails with an exception first (half a microsecond).
     def __getattribute__(self, attr: str):
-        tier = _tuning.current().tier or DEFAULT
-        found = _loaded.get(tier) or kernels(tier)
-        return getattr(getattr(found, object.__getattribute__(self, "_name")), attr)
+        return getattr(getattr(kernels(), object.__getattribute__(self, "_name")), attr)
 
     # Setting (tests' monkeypatch) changes the module of the tier in use: undo it on the
     # same tier.

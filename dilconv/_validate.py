@@ -62,13 +62,10 @@ def common_float_dtype(named: dict) -> np.dtype:
 
     Non-float arrays (ints, bools, float16) follow the float arrays, float64 if none.
     """
-    sizes = set()
-    for arr in named.values():
-        if arr is not None and arr.dtype.kind == "f" and arr.dtype.itemsize >= 4:
-            sizes.add(arr.dtype.itemsize)
+    wide = {name: arr.dtype for name, arr in named.items()
+            if arr is not None and arr.dtype.kind == "f" and arr.dtype.itemsize >= 4}
+    sizes = {dt.itemsize for dt in wide.values()}
     if len(sizes) > 1:
-        wide = {name: arr.dtype for name, arr in named.items()
-                if arr is not None and arr.dtype.kind == "f" and arr.dtype.itemsize >= 4}
         listed = ", ".join(f"{name} is {np.dtype(dt).name}" for name, dt in wide.items())
         raise TypeError(f"dtype mismatch: {listed}; dilconv computes float32 and float64 "
                         f"natively and does not mix them: cast with .astype() first")

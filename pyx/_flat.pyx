@@ -59,8 +59,8 @@ def plan(spec, tuning):
 def applies(spec, weight, tuning):
     """True where this kernel runs the forward: see `plan`; and finite weights (padding
     taps multiply zeros, and 0 * inf is nan); `weight` None: not checked."""
-    return plan(spec, tuning) is not None and (weight is None
-                                                or bool(np.isfinite(weight).all()))
+    return (memoised(spec, "flat", tuning, plan, spec, tuning) is not None
+            and (weight is None or bool(np.isfinite(weight).all())))
 
 
 cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W)
