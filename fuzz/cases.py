@@ -273,6 +273,11 @@ def _draw_geometry(rng, cfg: GenConfig, kind: str) -> dict:
         # taps (the panels take them: generate).
         groups, cg, og = 2 * int(rng.integers(1, 3)), int(_choice(rng, (4, 8))), int(
             rng.integers(4, 9))
+    elif r < 0.85:
+        # Many channel pairs with one to three channels on one side: a segmentation head's
+        # forward, an RGB stem's input gradient (BLAS by default: GEMM_FORWARD_MIN_PAIRS).
+        few, many = int(rng.integers(1, 4)), int(rng.integers(11, 33))
+        groups, cg, og = (1, many, few) if rng.random() < 0.5 else (1, few, many)
     else:
         groups, cg, og = int(rng.integers(2, 5)), int(rng.integers(1, 4)), int(
             rng.integers(1, 4))
