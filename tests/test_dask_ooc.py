@@ -1,5 +1,5 @@
-"""dilconv.dask on data on disk: files read in place, blocks written straight into zarr
-arrays and files, block sizes from a memory budget."""
+"""dilconv.dask on data on disk: files read window by window, blocks written straight into
+zarr arrays and files, block sizes from a memory budget."""
 import os
 
 import numpy as np
@@ -37,7 +37,7 @@ def _within(got, expected, bound):
     assert tolerance.worst_ratio(got, expected, bound) <= 1.0
 
 
-# --- reading files in place -----------------------------------------------------------
+# --- reading files ------------------------------------------------------------------
 
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_from_npy_blocks_are_views_of_the_file(tmp_path, rng, order):
@@ -53,6 +53,30 @@ def test_from_npy_blocks_are_views_of_the_file(tmp_path, rng, order):
     np.testing.assert_array_equal(block, x[1:2, :, 32:37, 20:40])
     np.testing.assert_array_equal(xd.compute(), x)
     _within(dd.conv2d(xd, w, b, **args).compute(scheduler="threads"), expected, bound)
+
+
+@pytest.mark.parametrize("run_bytes", [1, None])
+def test_file_windows_are_read_into_the_task_buffer(tmp_path, rng, monkeypatch, run_bytes):
+    """A task's window of a file is read into its thread's buffer (pread per run, or with
+    short runs a copy through the mapping), never handed to the kernels as a view of the
+    mapping."""
+    if run_bytes:
+        monkeypatch.setattr(dd, "IO_RUN_BYTES", run_bytes)
+    x = rng.standard_normal((2, 3, 40, 36)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    source = dd.MemmapArray.open_npy(tmp_path / "x.npy")
+    for region in ((slice(1, 2), slice(None), slice(3, 17), slice(None)),
+                   (slice(0, 2), slice(1, 3), slice(5, 9), slice(2, 30))):
+        window = dd._read_window(dd._Direct(source, region))
+        assert not isinstance(window, np.memmap)
+        assert np.shares_memory(window, dd._scratch("window", window.shape, window.dtype))
+        np.testing.assert_array_equal(window, x[region])
+        np.testing.assert_array_equal(source.read_into(region), x[region])
+    # A view of a mapping gathered from dask blocks is copied too.
+    view = source[0:1, :, 2:9, :]
+    copied = dd._contiguous(view, "window", planes=True)
+    assert not isinstance(copied, np.memmap)
+    np.testing.assert_array_equal(copied, x[0:1, :, 2:9, :])
 
 
 def test_from_raw_with_offset(tmp_path, rng):
@@ -411,8 +435,8 @@ def test_zarr_in_zarr_out_chunk_files(tmp_path, rng, chain):
 @pytest.mark.parametrize("source", ["npy", "zarr", "zarr-zstd"])
 def test_windows_read_from_the_source_by_the_tasks(tmp_path, rng, source, chunks):
     """On a from_npy / from_zarr / dask.array.from_zarr array each task reads its window
-    from the file (a view where the window is contiguous rows, else a copy or zarr's
-    decoding into the task's buffer): no input block is a task."""
+    from the file (a copy or zarr's decoding into the task's buffer): no input block is a
+    task."""
     x = rng.standard_normal((2, 3, 40, 36)).astype(np.float32)
     if source == "npy":
         np.save(tmp_path / "x.npy", x)
