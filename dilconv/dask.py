@@ -251,14 +251,14 @@ def _contiguous(a: np.ndarray, slot: str, planes=False) -> np.ndarray:
     return buf
 
 
-def _read_window(direct: _Direct):
-    """The window read into this thread's window buffer."""
+def _read_window(direct: _Direct, slot="window"):
+    """The window read into this thread's buffer `slot`."""
     source = direct.source
     if isinstance(source, (MemmapArray, RawZarrArray)):
-        return source.read_into(direct.region, "window")
+        return source.read_into(direct.region, slot)
     # A zarr array decodes the chunks the window overlaps straight into the buffer.
     from zarr.core.buffer import default_buffer_prototype
-    window = _scratch("window", _region_shape(direct.region, source.shape), source.dtype)
+    window = _scratch(slot, _region_shape(direct.region, source.shape), source.dtype)
     source.get_basic_selection(
         direct.region, out=default_buffer_prototype().nd_buffer.from_numpy_array(window))
     return window
@@ -385,9 +385,23 @@ def _writer():
 def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axis, per):
     """`_store_block` a stripe at a time along `axis`, each written while the next is
     computed (into the other of two stripe buffers of this thread)."""
-    x = _assemble(blocks, slices, planes=True)
+    if axis == 3 and isinstance(blocks, _Direct):
+        # A stripe of columns of the window would be copied: read it from the file instead.
+        extent = blocks.region[axis]
+        size = extent.stop - extent.start
+
+        def stripe_input(r0, r1):
+            region = blocks.region[:axis] + (slice(extent.start + r0, extent.start + r1),)
+            return _read_window(_Direct(blocks.source, region), "stripe-input")
+    else:
+        x = _assemble(blocks, slices, planes=True)
+        size = x.shape[axis]
+
+        def stripe_input(r0, r1):
+            return _contiguous(x[(slice(None),) * axis + (slice(r0, r1),)], "stripe-input",
+                               planes=True)
     length = store.shape[axis]
-    ax = _Axis(x.shape[axis], weight.shape[axis], conv.stride[axis - 2],
+    ax = _Axis(size, weight.shape[axis], conv.stride[axis - 2],
                conv.dilation[axis - 2], conv.padding[axis - 2][0], length)
     start = store.region[axis - 4].start
     pending = []
@@ -401,9 +415,8 @@ def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axi
             r0, r1, pad = ax.window(j0, j1)
             if r1 > r0:
                 padding = conv.padding[:axis - 2] + (pad,) + conv.padding[axis - 1:]
-                part = _contiguous(x[(slice(None),) * axis + (slice(r0, r1),)], "stripe-input",
-                                   planes=True)
-                _conv_call(part, weight, bias, dataclasses.replace(conv, padding=padding), out=y)
+                _conv_call(stripe_input(r0, r1), weight, bias,
+                           dataclasses.replace(conv, padding=padding), out=y)
             else:
                 _bias_block(shape, store.dtype, bias, y)
             region = list(store.region)
@@ -1558,17 +1571,31 @@ class RawZarrArray:
             pieces.append((region, chunk, inner))
         return shape, tuple(kept), pieces
 
-    def _read_chunk(self, chunk) -> np.ndarray:
+    def _read_chunk(self, chunk, inner=None) -> np.ndarray:
+        """The chunk in this thread's chunk buffer; with `inner` (its slices that are
+        used), only the bytes from the first to the last element of `inner` in each plane
+        of the last two axes are read: a window's halo takes a few rows of a chunk."""
         buf = _scratch("zarr-chunk", self.chunks, self.dtype)
+        flat = memoryview(buf.reshape(-1).view(np.uint8))
+        runs = [(0, buf.nbytes)]
+        if inner is not None and buf.ndim >= 2:
+            *lead, rows, cols = inner
+            row = buf.strides[-2]
+            start = rows.start * row + cols.start * buf.itemsize
+            size = (rows.stop - 1 - rows.start) * row + (cols.stop - cols.start) * buf.itemsize
+            runs = [(start + sum((i + s.start) * step for i, s, step in
+                                 zip(plane, lead, buf.strides)), size)
+                    for plane in np.ndindex(*(s.stop - s.start for s in lead))]
         try:
             with open(self._path(chunk), "rb", buffering=0) as f:
-                view, done = memoryview(buf.reshape(-1).view(np.uint8)), 0
-                while done < buf.nbytes:
-                    n = f.readinto(view[done:])
-                    if not n:
-                        raise ValueError(f"chunk {chunk} of {self.root} is shorter than "
-                                         f"{buf.nbytes} bytes: not an uncompressed chunk")
-                    done += n
+                for at, size in runs:
+                    data = flat[at:at + size]
+                    while data:
+                        done = os.preadv(f.fileno(), [data], at)
+                        if not done:
+                            raise ValueError(f"chunk {chunk} of {self.root} is shorter than "
+                                             f"{buf.nbytes} bytes: not an uncompressed chunk")
+                        data, at = data[done:], at + done
         except FileNotFoundError:                  # never written: the fill value
             buf[...] = self.fill_value
         return buf
@@ -1582,7 +1609,7 @@ class RawZarrArray:
         out = np.empty(shape, self.dtype) if slot is None else _scratch(slot, shape,
                                                                          self.dtype)
         for region, chunk, inner in pieces:
-            np.copyto(out[region], self._read_chunk(chunk)[inner])
+            np.copyto(out[region], self._read_chunk(chunk, inner)[inner])
         return out.reshape(result)
 
     def __setitem__(self, index, value):
@@ -1591,13 +1618,17 @@ class RawZarrArray:
         for region, chunk, inner in pieces:
             whole = all(s.stop - s.start == min(c, n - j * c) for s, c, n, j in
                         zip(inner, self.chunks, self.shape, chunk))
-            if whole:
+            part = value[region]
+            if whole and part.shape == self.chunks and part.flags.c_contiguous:
+                buf = part                         # already the chunk's bytes
+            elif whole:
                 buf = _scratch("zarr-chunk", self.chunks, self.dtype)
                 if any(s.stop < c for s, c in zip(inner, self.chunks)):
                     buf[...] = self.fill_value     # an edge chunk is stored whole
+                np.copyto(buf[inner], part)
             else:
                 buf = self._read_chunk(chunk)
-            np.copyto(buf[inner], value[region])
+                np.copyto(buf[inner], part)
             _put_direct(self._path(chunk), memoryview(buf.reshape(-1).view(np.uint8)))
 
     def __array__(self, dtype=None, copy=None):

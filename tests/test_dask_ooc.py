@@ -387,7 +387,8 @@ def test_raw_zarr_array_reads_and_writes_like_zarr(tmp_path, rng):
     raw = dd.RawZarrArray.open(str(tmp_path / "a.zarr"))
     assert (raw.shape, raw.chunks, raw.dtype) == (shape, chunks, np.float32)
     for index in [(slice(None),), (1, slice(None), slice(3, 20), slice(2, 17)),
-                  (slice(0, 2), slice(None), slice(15, 21), slice(0, 19))]:
+                  (slice(0, 2), slice(None), slice(15, 21), slice(0, 19)),
+                  (slice(1, 2), slice(1, 3), slice(7, 9), slice(4, 11))]:
         np.testing.assert_array_equal(raw[index], z[index])
     # Whole chunks, edge chunks and a partial chunk, written and read back by zarr.
     raw[:, :, 8:21, 10:19] = data[:, :, 8:21, 10:19]
@@ -398,10 +399,26 @@ def test_raw_zarr_array_reads_and_writes_like_zarr(tmp_path, rng):
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[...],
                                   expected)
     assert not list(tmp_path.rglob("*.partial"))
+    np.testing.assert_array_equal(raw[0, 1:3, 5:19, 3:18], expected[0, 1:3, 5:19, 3:18])
     with pytest.raises(IndexError, match="slices of step 1"):
         raw[:, :, ::2]
     with pytest.raises(IndexError, match="slices of step 1"):
         raw[2]
+
+
+def test_raw_zarr_array_reads_only_the_rows_it_needs(tmp_path, rng, monkeypatch):
+    """A window's halo (two rows of the chunks below a band) reads those rows of each
+    channel, not the chunks."""
+    shape, chunks = (1, 3, 64, 64), (1, 3, 32, 32)
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=shape, chunks=chunks,
+                          dtype="float32", compressors=None)
+    z[...] = data = rng.standard_normal(shape).astype(np.float32)
+    raw = dd.RawZarrArray.open(str(tmp_path / "a.zarr"))
+    read, preadv = [], os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, at: read.append(
+        preadv(fd, buffers, at)) or read[-1])
+    np.testing.assert_array_equal(raw[:, :, 30:34, :], data[:, :, 30:34, :])
+    assert sum(read) == data[:, :, 30:34, :].nbytes          # 2 + 2 rows of 4 chunks
 
 
 def test_raw_zarr_array_rejects_what_is_not_raw(tmp_path):
@@ -429,6 +446,31 @@ def test_zarr_in_zarr_out_chunk_files(tmp_path, rng, chain):
         w, b, d, p = layers[0]
         dd.conv2d(xd, w, b, dilation=d, padding=p, out=out).compute(scheduler="threads")
     _within(zarr.open_array(str(tmp_path / "y.zarr"), mode="r")[...], expected, bound)
+
+
+@pytest.mark.parametrize("source", ["npy", "zarr"])
+def test_column_stripes_read_from_the_source(tmp_path, rng, monkeypatch, source):
+    """Blocks one stored chunk high are written in stripes of columns; from a file each
+    stripe reads its own window (with the halo columns of its neighbours)."""
+    monkeypatch.setattr(dd, "STRIPE_BYTES", 48)
+    x = rng.standard_normal((1, 3, 40, 36)).astype(np.float32)
+    if source == "npy":
+        np.save(tmp_path / "x.npy", x)
+        xd = dd.from_npy(tmp_path / "x.npy", chunks=(1, 3, 8, 36))
+    else:
+        _zarr(tmp_path / "x.zarr", x.shape, (1, 3, 8, 12))[...] = x
+        xd = dd.from_zarr(str(tmp_path / "x.zarr"), chunks=(1, 3, 8, 36))
+    w, b, d, p = _chain(rng, channels=(3, 5))[0]
+    expected, bound = _chain_expected(x, [(w, b, d, p)], False)
+    out = dd.RawZarrArray.open(_zarr(tmp_path / "y.zarr", expected.shape, (1, 5, 8, 12)))
+    assert dd._stripes(dd._Store(out, (), (1, 5, 8, 36), np.float32)) == (3, 12)
+    reads = []
+    read_window = dd._read_window
+    monkeypatch.setattr(dd, "_read_window", lambda direct, slot="window": reads.append(
+        (direct.region[3], slot)) or read_window(direct, slot))
+    dd.conv2d(xd, w, b, dilation=d, padding=p, out=out).compute(scheduler="sync")
+    _within(zarr.open_array(str(tmp_path / "y.zarr"), mode="r")[...], expected, bound)
+    assert {slot for _, slot in reads} == {"stripe-input"} and len(reads) == 5 * 3
 
 
 @pytest.mark.parametrize("chunks", [(1, 3, 16, 36), (1, 3, 12, 20), (2, 3, 40, 36)])
