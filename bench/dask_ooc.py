@@ -162,10 +162,13 @@ def dask_input(cfg, tasks):
     widest = max([cfg["channels"]] + [w.shape[0] for w, _, _ in layers(cfg)])
     shape = (1, widest) + tuple(source.shape[2:])
     storage = None if cfg["format"] == "memmap" else source.chunks
-    # A chain is fused (conv2d_chain): tiles whose windows widened by its reach fit.
+    # A chain is fused (conv2d_chain): tiles whose windows widened by its reach fit. One
+    # layer's tasks read the file and write `out` themselves (streamed); a copy's blocks are
+    # dask arrays.
     chunks = dilconv.dask.block_chunks(shape, np.float32, cfg["budget_mb"] * MB, tasks=tasks,
                                        storage_chunks=storage,
-                                       halo=reach(cfg) if cfg.get("chain") else 0)
+                                       halo=reach(cfg) if cfg.get("chain") else 0,
+                                       streamed=cfg["kind"] != "copy")
     chunks = (1, cfg["channels"]) + chunks[2:]
     if cfg["format"] == "memmap":
         return dilconv.dask.from_npy(cfg["input"], chunks=chunks)

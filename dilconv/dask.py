@@ -429,17 +429,52 @@ def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axi
         concurrent.futures.wait(pending)
 
 
+_running = {"tasks": 0}
+_running_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _counted():
+    """Count this process's tasks that are computing a block into `out`; yields how many
+    (this one included)."""
+    with _running_lock:
+        _running["tasks"] += 1
+        count = _running["tasks"]
+    try:
+        yield count
+    finally:
+        with _running_lock:
+            _running["tasks"] -= 1
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+def _writer_helps(tasks: int, threads: Optional[int]) -> bool:
+    """Whether a writing thread would find a free core: not when this process's tasks
+    already keep every core busy (dask's threaded scheduler, one thread per core). There
+    the other tasks compute while one writes, and writing threads only compete with them
+    (for the GIL and the caches): blocks written in stripes cost 1.1-1.2x the CPU of
+    blocks written whole, on the bench layer."""
+    return tasks * (threads or _openmp_helpers.max_threads()) < _cores()
+
+
 def _store_block(blocks, slices, weight, bias, conv: _Conv, store: _Store):
-    """Compute one output block straight into `out`."""
-    stripes = None if blocks is None or _in_place(store) is not None else _stripes(store)
-    if stripes is not None:
-        return _store_striped(blocks, slices, weight, bias, conv, store, *stripes)
-    y, in_place = _store_buffer(store)
-    if blocks is None:
-        _bias_block(store.shape, store.dtype, bias, y)
-    else:
-        _conv_call(_assemble(blocks, slices, planes=True), weight, bias, conv, out=y)
-    _store_put(store, y, in_place)
+    """Compute one output block straight into `out`: in stripes where a writing thread
+    finds a free core, else whole."""
+    with _counted() as tasks:
+        stripes = (None if blocks is None or _in_place(store) is not None
+                   or not _writer_helps(tasks, conv.threads) else _stripes(store))
+        if stripes is not None:
+            return _store_striped(blocks, slices, weight, bias, conv, store, *stripes)
+        y, in_place = _store_buffer(store)
+        if blocks is None:
+            _bias_block(store.shape, store.dtype, bias, y)
+        else:
+            _conv_call(_assemble(blocks, slices, planes=True), weight, bias, conv, out=y)
+        _store_put(store, y, in_place)
     return None
 
 
@@ -649,7 +684,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
         array (threaded scheduler only: other processes would write into copies). It needs
         the output's shape and dtype. Each task writes its block as soon as it is computed
         (the kernel writes in place where that region of a numpy array is contiguous, else
-        a stripe at a time, each written while the next is computed: `STRIPE_BYTES`), so
+        into a buffer of the thread: a stripe at a time, each written while the next is
+        computed, where a core is free for the writing (`STRIPE_BYTES`), else whole), so
         no output block travels through dask or stays in memory.
 
     Returns
@@ -1345,7 +1381,7 @@ MAX_BLOCK_BYTES = 16 * 1024 ** 2
 
 
 def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
-                 storage_chunks=None, halo=0) -> tuple:
+                 storage_chunks=None, halo=0, streamed=False) -> tuple:
     """Chunks for an (N, C, H, W) array so that a graph of `layers` convolutions run by
     `tasks` concurrent tasks stays in `memory_budget`.
 
@@ -1366,6 +1402,13 @@ def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
     as the window's budget (``budget / 2 / (tasks * BLOCKS_PER_TASK)``) allows; a row of
     such tiles is what the scheduler holds of the input.
 
+    ``streamed=True``: for one `conv2d(..., out=)` whose input tasks read from the file
+    themselves (`from_npy`, `from_raw`, `from_zarr`, `dask.array.from_zarr`, not sliced):
+    no block is then a dask array or a fresh allocation, so blocks are bounded by the budget
+    alone, not by MAX_BLOCK_BYTES. Larger blocks are written in fewer, larger requests, and
+    in stripes that keep a free core writing (on the 4.3 GB bench layer one worker took
+    0.65x the time and 0.8x the CPU with blocks of 85 MiB instead of 16).
+
     >>> import dilconv.dask
     >>> dilconv.dask.block_chunks((1, 4, 16384, 16384), "float32", tasks=2)
     (1, 4, 64, 16384)
@@ -1383,7 +1426,10 @@ def block_chunks(shape, dtype, memory_budget=1024 ** 3, *, tasks=None, layers=1,
     if halo > 0:
         return _fused_chunks(c, h, w, item, memory_budget, tasks, storage_chunks, int(halo))
     alive = tasks * BLOCKS_PER_TASK + max(0, layers - 1) * BLOCKS_PER_LAYER
-    pixels = max(1, min(MAX_BLOCK_BYTES, memory_budget // 2 // alive) // (max(1, c) * item))
+    largest = memory_budget // 2 // alive
+    if not streamed:
+        largest = min(MAX_BLOCK_BYTES, largest)
+    pixels = max(1, largest // (max(1, c) * item))
     step_h, step_w = (1, 1) if storage_chunks is None else tuple(storage_chunks)[2:4]
     rows = pixels // max(1, w)
     if rows >= step_h or w <= step_w:

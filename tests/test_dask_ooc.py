@@ -156,6 +156,7 @@ def test_conv2d_out_writes_every_block(tmp_path, rng, monkeypatch, target, paddi
     as tall as the block, stripes that read only padding)."""
     if stripe_bytes:
         monkeypatch.setattr(dd, "STRIPE_BYTES", stripe_bytes)
+        monkeypatch.setattr(dd, "_writer_helps", lambda tasks, threads: True)
     x, w, b, _, _, _ = _layer(rng)
     expected = dilconv.conv2d(x, w, b, dilation=2, padding=padding)
     bound = forward_bound(x, w, b, _spec(x, w, 2, padding))
@@ -175,9 +176,20 @@ def test_conv2d_out_writes_every_block(tmp_path, rng, monkeypatch, target, paddi
     _within(out[...], expected, bound)
 
 
+def test_blocks_are_striped_only_where_a_core_is_free(monkeypatch):
+    monkeypatch.setattr(dd, "_cores", lambda: 4)
+    assert dd._writer_helps(1, 1) and dd._writer_helps(3, 1) and dd._writer_helps(1, 3)
+    assert not dd._writer_helps(4, 1) and not dd._writer_helps(2, 2)
+    with dd._counted() as first, dd._counted() as second:
+        assert (first, second) == (1, 2)
+    with dd._counted() as again:
+        assert again == 1
+
+
 def test_conv2d_out_write_errors_reach_the_caller(rng, monkeypatch):
     """A stripe written by the task's writing thread still fails the task."""
     monkeypatch.setattr(dd, "STRIPE_BYTES", 48)
+    monkeypatch.setattr(dd, "_writer_helps", lambda tasks, threads: True)
     x, w, b, args, expected, _ = _layer(rng)
 
     class Full:
@@ -248,13 +260,17 @@ def test_zarr_round_trip(tmp_path, rng):
     ((1, 3, 1000, 700), 64 * 1024 ** 2, 4, 2, (1, 3, 100, 70)),
     ((1, 8, 50, 30), 1024 ** 3, 1, 1, None),
 ])
-def test_block_chunks_fit_the_budget(shape, budget, tasks, layers, storage):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_block_chunks_fit_the_budget(shape, budget, tasks, layers, storage, streamed):
     n, c, rows, cols = dd.block_chunks(shape, np.float32, budget, tasks=tasks, layers=layers,
-                                       storage_chunks=storage)
+                                       storage_chunks=storage, streamed=streamed)
     assert (n, c) == (1, shape[1]) and 1 <= rows <= shape[2] and 1 <= cols <= shape[3]
     block = c * rows * cols * 4
     alive = tasks * dd.BLOCKS_PER_TASK + (layers - 1) * dd.BLOCKS_PER_LAYER
-    assert block <= min(budget // 2 // alive, dd.MAX_BLOCK_BYTES) or (rows, cols) == shape[2:]
+    limit = budget // 2 // alive if streamed else min(budget // 2 // alive, dd.MAX_BLOCK_BYTES)
+    assert block <= limit or (rows, cols) == shape[2:]
+    if streamed and shape == (1, 4, 16384, 16384) and storage is None:
+        assert block > dd.MAX_BLOCK_BYTES and 2 * block > limit
     if storage is not None:
         assert rows % storage[2] == 0 and (cols % storage[3] == 0 or cols == shape[3])
     if cols < shape[3]:        # tiles only where not one band of stored rows fits
@@ -453,6 +469,7 @@ def test_column_stripes_read_from_the_source(tmp_path, rng, monkeypatch, source)
     """Blocks one stored chunk high are written in stripes of columns; from a file each
     stripe reads its own window (with the halo columns of its neighbours)."""
     monkeypatch.setattr(dd, "STRIPE_BYTES", 48)
+    monkeypatch.setattr(dd, "_writer_helps", lambda tasks, threads: True)
     x = rng.standard_normal((1, 3, 40, 36)).astype(np.float32)
     if source == "npy":
         np.save(tmp_path / "x.npy", x)
