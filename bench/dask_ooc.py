@@ -145,8 +145,11 @@ def create_target(cfg, path, shape):
 
 
 def write_input(cfg, path, shape):
-    # Through the page cache, so the runs read it from memory.
+    # Through the page cache, so the runs read it from memory (a MemmapArray would write
+    # past it, and the first run would read the file from the disk).
     target = create_target(dict(cfg, store="local"), path, shape)
+    if cfg["format"] == "memmap":
+        target = np.load(path, mmap_mode="r+")
     rng = np.random.default_rng(0)
     rows = cfg["zarr_chunk"]
     for r in range(0, shape[2], rows):
