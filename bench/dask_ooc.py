@@ -166,12 +166,14 @@ def dask_input(cfg, tasks):
     shape = (1, widest) + tuple(source.shape[2:])
     storage = None if cfg["format"] == "memmap" else source.chunks
     # A chain is fused (conv2d_chain): tiles whose windows widened by its reach fit. One
-    # layer's tasks read the file and write `out` themselves (streamed); a copy's blocks are
-    # dask arrays.
+    # layer's tasks read a file or raw zarr store and write `out` themselves (streamed);
+    # a copy's blocks are dask arrays, and zarr's codec pipeline copies each block it
+    # writes.
+    streamed = cfg["kind"] != "copy" and (cfg["format"] == "memmap" or cfg["store"] == "raw")
     chunks = dilconv.dask.block_chunks(shape, np.float32, cfg["budget_mb"] * MB, tasks=tasks,
                                        storage_chunks=storage,
                                        halo=reach(cfg) if cfg.get("chain") else 0,
-                                       streamed=cfg["kind"] != "copy")
+                                       streamed=streamed)
     chunks = (1, cfg["channels"]) + chunks[2:]
     if cfg["format"] == "memmap":
         return dilconv.dask.from_npy(cfg["input"], chunks=chunks)
