@@ -176,6 +176,18 @@ def test_conv2d_out_writes_every_block(tmp_path, rng, monkeypatch, target, paddi
     _within(out[...], expected, bound)
 
 
+def test_stripes_are_written_in_whole_requests(tmp_path):
+    """A file's stripes hold STRIPE_BYTES of each channel's rows (one write request per
+    channel); a zarr array's, STRIPE_BYTES of its stored chunks, which hold all channels."""
+    rows = dd.STRIPE_BYTES // (16384 * 4)                      # of one channel: 64
+    y = dd.MemmapArray.create_npy(tmp_path / "y.npy", (1, 4, 4 * rows, 16384), np.float32)
+    assert dd._stripes(dd._Store(y, (), (1, 4, rows, 16384), np.float32)) is None
+    assert dd._stripes(dd._Store(y, (), (1, 4, 3 * rows - 22, 16384), np.float32)) == (
+        2, rows - 22 // 3)
+    z = _zarr(tmp_path / "y.zarr", (1, 4, 512, 2048), (1, 4, 512, 512))
+    assert dd._stripes(dd._Store(z, (), (1, 4, 512, 2048), np.float32)) == (3, 512)
+
+
 def test_blocks_are_striped_only_where_a_core_is_free(monkeypatch):
     monkeypatch.setattr(dd, "_cores", lambda: 4)
     assert dd._writer_helps(1, 1) and dd._writer_helps(3, 1) and dd._writer_helps(1, 3)
