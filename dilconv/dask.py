@@ -1243,13 +1243,8 @@ class MemmapArray:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for lead, at in runs:
-                data = memoryview(out[lead]).cast("B")
-                while data:
-                    done = os.preadv(fd, [data], at)
-                    if not done:
-                        raise ValueError(f"{self.path} ends before byte {at}: shorter than "
-                                         f"its shape {self.shape}")
-                    data, at = data[done:], at + done
+                if not _read(fd, memoryview(out[lead]).cast("B"), at):
+                    raise ValueError(f"{self.path} is shorter than its shape {self.shape}")
         finally:
             os.close(fd)
         return out
@@ -1324,6 +1319,16 @@ def _write(path, fds: dict, direct: bool, data: memoryview, at: int) -> None:
             fds["buffered"] = fd
             continue
         data, at = data[done:], at + done
+
+
+def _read(fd: int, data: memoryview, at: int) -> bool:
+    """pread all of `data` from `at`; False where the file ends first."""
+    while data:
+        done = os.preadv(fd, [data], at)
+        if not done:
+            return False
+        data, at = data[done:], at + done
+    return True
 
 
 def _contiguous_tail(view) -> int:
@@ -1636,13 +1641,9 @@ class RawZarrArray:
         try:
             with open(self._path(chunk), "rb", buffering=0) as f:
                 for at, size in runs:
-                    data = flat[at:at + size]
-                    while data:
-                        done = os.preadv(f.fileno(), [data], at)
-                        if not done:
-                            raise ValueError(f"chunk {chunk} of {self.root} is shorter than "
-                                             f"{buf.nbytes} bytes: not an uncompressed chunk")
-                        data, at = data[done:], at + done
+                    if not _read(f.fileno(), flat[at:at + size], at):
+                        raise ValueError(f"chunk {chunk} of {self.root} is shorter than "
+                                         f"{buf.nbytes} bytes: not an uncompressed chunk")
         except FileNotFoundError:                  # never written: the fill value
             buf[...] = self.fill_value
         return buf
@@ -1668,13 +1669,13 @@ class RawZarrArray:
             part = value[region]
             if whole and part.shape == self.chunks and part.flags.c_contiguous:
                 buf = part                         # already the chunk's bytes
-            elif whole:
-                buf = _scratch("zarr-chunk", self.chunks, self.dtype)
-                if any(s.stop < c for s, c in zip(inner, self.chunks)):
-                    buf[...] = self.fill_value     # an edge chunk is stored whole
-                np.copyto(buf[inner], part)
             else:
-                buf = self._read_chunk(chunk)
+                if whole:
+                    buf = _scratch("zarr-chunk", self.chunks, self.dtype)
+                    if any(s.stop < c for s, c in zip(inner, self.chunks)):
+                        buf[...] = self.fill_value     # an edge chunk is stored whole
+                else:
+                    buf = self._read_chunk(chunk)
                 np.copyto(buf[inner], part)
             _put_direct(self._path(chunk), memoryview(buf.reshape(-1).view(np.uint8)))
 
