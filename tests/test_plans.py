@@ -171,6 +171,30 @@ def test_tuning_set_in_one_thread_is_not_seen_in_another():
     assert seen == {"forcing": "direct", "other": ("panel", Tuning())}
 
 
+@pytest.mark.parametrize("cin, cout", [(1, 9), (9, 1), (3, 16)])
+def test_panel_group_knob_costs_no_more_than_the_tiles(cin, cout, rng):
+    """Panels packed in groups of 1 GiB, taps one at a time: a group is never larger than
+    a tile's panels, so the scratch stays that of a small image (it asked for 50 GiB)."""
+    x = rng.standard_normal((1, cin, 1, 40))
+    w = rng.standard_normal((cout, cin, 1, 2))
+    gy = rng.standard_normal((1, cout, 1, 39))
+    tracemalloc.start()
+    try:
+        with tuning(path="panel", panel_group_bytes=1 << 30, panel_chunk_bytes=1):
+            y = dilconv.conv2d(x, w)
+            gx = dilconv.conv2d_backward(gy, x, w, needs=("input",)).input
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2 ** 20, peak
+    spec = make_spec(x.shape, w.shape, 1, 0, 1, 1)
+    args = (spec.stride, spec.padding, spec.dilation, spec.groups)
+    expected = reference.conv2d_reference(x, w, None, *args)
+    assert tolerance.worst_ratio(y, expected, forward_bound(x, w, None, spec)) <= 1
+    exp_gx = reference.conv2d_backward_reference(gy, x, w, *args)[0]
+    assert tolerance.worst_ratio(gx, exp_gx, backward_bounds(gy, x, w, spec)[0]) <= 1
+
+
 # Dilations and paddings so large that, of a 3x3 kernel on a 32x32 image, only the centre
 # tap ever reads the image: the result is the 1x1 convolution with the centre weights.
 HUGE = [(10 ** 4, 10 ** 4), (10 ** 5, 10 ** 5), (10 ** 9, "same")]
