@@ -47,23 +47,25 @@ static inline __attribute__((always_inline)) void NAME##_body(                  
         const ptrdiff_t *w_off, T *restrict acc, const int ur, const int nv) {           \
     enum { L = DILCONV_VEC_BYTES / sizeof(T), OB = 2 * L };                              \
     NAME##_v a[UR_MAX][2];                                                               \
-    for (int p = 0; p < ur; p++)                                                         \
-        for (int v = 0; v < nv; v++) a[p][v] = *(const NAME##_vu *)(acc + p * OB + v * L); \
+    DILCONV_UNROLL for (int p = 0; p < ur; p++)                                          \
+        DILCONV_UNROLL for (int v = 0; v < nv; v++)                                      \
+            a[p][v] = *(const NAME##_vu *)(acc + p * OB + v * L);                        \
     for (ptrdiff_t t = 0; t < n_taps; t++) {                                             \
         const T *xt = x + x_off[t], *wt = w + w_off[t];                                  \
         for (ptrdiff_t cb = 0; cb < n_cb; cb++, xt += cb_step)                           \
             for (int c = 0; c < L; c++, wt += OB) {                                      \
                 NAME##_v w0 = *(const NAME##_vu *)wt, w1 = w0;                           \
                 if (nv > 1) w1 = *(const NAME##_vu *)(wt + L);                           \
-                for (int p = 0; p < ur; p++) {                                           \
+                DILCONV_UNROLL for (int p = 0; p < ur; p++) {                            \
                     T b = xt[p * px_step + c];                                           \
                     a[p][0] += b * w0;                                                   \
                     if (nv > 1) a[p][1] += b * w1;                                       \
                 }                                                                        \
             }                                                                            \
     }                                                                                    \
-    for (int p = 0; p < ur; p++)                                                         \
-        for (int v = 0; v < nv; v++) *(NAME##_vu *)(acc + p * OB + v * L) = a[p][v];     \
+    DILCONV_UNROLL for (int p = 0; p < ur; p++)                                          \
+        DILCONV_UNROLL for (int v = 0; v < nv; v++)                                      \
+            *(NAME##_vu *)(acc + p * OB + v * L) = a[p][v];                              \
 }
 
 /* One ur of the switch: its own inlined body. */
