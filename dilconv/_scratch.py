@@ -11,11 +11,11 @@ CACHE_LINE = 64
 ALIGN_FROM_BYTES = 1 << 14
 
 
-def aligned_empty(shape, dtype) -> np.ndarray:
+def aligned_empty(shape, dtype, always: bool = False) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on a cache line (if it
-    holds at least ALIGN_FROM_BYTES)."""
+    holds at least ALIGN_FROM_BYTES, or `always`)."""
     array = np.empty(shape, dtype)
-    if array.nbytes < ALIGN_FROM_BYTES:
+    if array.nbytes < ALIGN_FROM_BYTES and not always:
         return array
     raw = np.empty(array.nbytes + CACHE_LINE, np.uint8)
     start = -raw.__array_interface__["data"][0] % CACHE_LINE
@@ -23,6 +23,9 @@ def aligned_empty(shape, dtype) -> np.ndarray:
 
 
 def thread_scratch(threads: int, length: int, dtype) -> np.ndarray:
-    """(threads, >= length) scratch, each thread's row a whole number of cache lines."""
+    """(threads, >= length) scratch, each thread's row whole cache lines of its own:
+    aligned however small it is when several threads share it (rows of tap offsets
+    sharing a line, rewritten per tap by two threads, slowed aspp_r6's weight gradient)."""
     per_line = CACHE_LINE // np.dtype(dtype).itemsize
-    return aligned_empty((threads, -(-max(length, 1) // per_line) * per_line), dtype)
+    return aligned_empty((threads, -(-max(length, 1) // per_line) * per_line), dtype,
+                         always=threads > 1)

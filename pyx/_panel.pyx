@@ -935,8 +935,8 @@ def _forward_lanes(const floating[:, :, :, :] x, weight, bias,
     cdef floating[:, ::1] scratch = thread_scratch(
         n_threads, acc_len + (0 if shared else pack_len), dtype)
     # Per thread: row slots, segments and marks of the row taps (5 kH), tap offsets.
-    cdef Py_ssize_t[:, ::1] rows_scratch = np.empty(
-        (n_threads, 5 * g.kH + 2 * g.kH * g.kW), dtype=np.intp)
+    cdef Py_ssize_t[:, ::1] rows_scratch = thread_scratch(
+        n_threads, 5 * g.kH + 2 * g.kH * g.kW, np.intp)
     cdef unsigned char[::1] nonfinite = np.zeros(n_threads, dtype=np.uint8)
     cdef floating[:, :, :, :, ::1] wl = aligned_empty(
         (g.groups, nob, g.kH * g.kW, cpad, OB), dtype)
@@ -1075,7 +1075,7 @@ def forward(const floating[:, :, :, :] x, weight, bias, floating[:, :, :, ::1] o
     cdef floating[:, ::1] scratch = thread_scratch(n_threads,
                                                    block_offset + group * blocks
                                                    * DILCONV_MR * nr, dtype)
-    cdef Py_ssize_t[:, ::1] tap_scratch = np.empty((n_threads, 4 * taps), dtype=np.intp)
+    cdef Py_ssize_t[:, ::1] tap_scratch = thread_scratch(n_threads, 4 * taps, np.intp)
     cdef floating[:, :, :, :, ::1] wp = aligned_empty(
         (g.groups, blocks, taps, g.Cg, DILCONV_MR), dtype)
     cdef floating[:, :, ::1] bp = np.empty((g.groups, blocks, DILCONV_MR), dtype=dtype)
@@ -1244,8 +1244,13 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
         pack_pixels = max(pack_pixels, f.fh * f.fw)
     dtype = np.float32 if floating is float else np.float64
     cdef floating[:, ::1] scratch = thread_scratch(n_threads, nr * pack_pixels, dtype)
-    cdef Py_ssize_t[:, ::1] offset_scratch = np.empty((n_threads, 2 * rows), dtype=np.intp)
-    gwt = np.zeros((parts, taps, g.O, c_blocks * nr), dtype=dtype)
+    cdef Py_ssize_t[:, ::1] offset_scratch = thread_scratch(n_threads, 2 * rows, np.intp)
+    # Aligned: each task's NR channels of a row are then whole cache lines of their own
+    # (numpy's 16-byte alignment put every block's edges on lines shared with the
+    # neighbouring tasks', which two threads wrote at once: aspp_r6's weight gradient
+    # took as long at two threads as at one).
+    gwt = aligned_empty((parts, taps, g.O, c_blocks * nr), dtype)
+    gwt.fill(0)
     cdef floating[:, :, :, ::1] gwt_view = gwt
     cdef floating[:, :, :, :] gw_view = gw
     cdef Py_ssize_t task, tid, part, o
