@@ -66,6 +66,10 @@ cdef extern from "_microkernel.h":
     void dilconv_copy_block_d(const double* src, double* dst) noexcept nogil
     void dilconv_gather2_block_f(const float* src, float* dst) noexcept nogil
     void dilconv_gather2_block_d(const double* src, double* dst) noexcept nogil
+    void dilconv_copy_part_f(const float* src, float* dst, Py_ssize_t n,
+                               Py_ssize_t room) noexcept nogil
+    void dilconv_copy_part_d(const double* src, double* dst, Py_ssize_t n,
+                               Py_ssize_t room) noexcept nogil
 
 
 cdef extern from "_axpy.h":
@@ -334,6 +338,11 @@ cdef inline void pack_run(const floating* src, Py_ssize_t step, Py_ssize_t count
                 dilconv_gather2_block_f(src + 2 * j, dst)
             else:
                 dilconv_gather2_block_d(src + 2 * j, dst)
+        elif step == 1:
+            if floating is float:
+                dilconv_copy_part_f(src + j, dst + lane, run, nr - lane)
+            else:
+                dilconv_copy_part_d(src + j, dst + lane, run, nr - lane)
         else:
             gather(run, src + j * step, step, dst + lane)
         j = j + run
