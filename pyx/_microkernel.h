@@ -205,31 +205,30 @@ static inline void NAME(const T *src, T *dst) { memcpy(dst, src, DILCONV_BLOCK_B
    EPYC they took 40% of that forward. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-static inline void dilconv_copy_part_f(const float *src, float *dst, ptrdiff_t n,
-                                       ptrdiff_t room) {
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_loadu_ps(src + i));
-    if (i == n) return;
-    if (i + 16 <= room)
-        _mm512_storeu_ps(dst + i, _mm512_maskz_loadu_ps((__mmask16)((1u << (n - i)) - 1),
-                                                        src + i));
-    else if (n >= 16)
-        _mm512_storeu_ps(dst + n - 16, _mm512_loadu_ps(src + n - 16));
-    else
-        for (; i < n; i++) dst[i] = src[i];
+#define DILCONV_COPY_PART(NAME, T)                                                        \
+static inline void NAME(const T *restrict src, T *restrict dst, ptrdiff_t n,             \
+                        ptrdiff_t room) {                                                \
+    enum { L = 64 / sizeof(T) };                                                         \
+    ptrdiff_t i = 0;                                                                     \
+    for (; i + L <= n; i += L) NAME##_move(src + i, dst + i, L);                         \
+    if (i == n) return;                                                                  \
+    if (i + L <= room)                                                                   \
+        NAME##_move(src + i, dst + i, n - i);                                            \
+    else if (n >= L)                                                                     \
+        NAME##_move(src + n - L, dst + n - L, L);                                        \
+    else                                                                                 \
+        for (; i < n; i++) dst[i] = src[i];                                              \
 }
-static inline void dilconv_copy_part_d(const double *src, double *dst, ptrdiff_t n,
-                                       ptrdiff_t room) {
-    ptrdiff_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm512_storeu_pd(dst + i, _mm512_loadu_pd(src + i));
-    if (i == n) return;
-    if (i + 8 <= room)
-        _mm512_storeu_pd(dst + i, _mm512_maskz_loadu_pd((__mmask8)((1u << (n - i)) - 1),
-                                                        src + i));
-    else if (n >= 8)
-        _mm512_storeu_pd(dst + n - 8, _mm512_loadu_pd(src + n - 8));
-    else
-        for (; i < n; i++) dst[i] = src[i];
+/* A whole vector stored from the first `count` values of src (a masked load below L). */
+static inline void dilconv_copy_part_f_move(const float *src, float *dst,
+                                            ptrdiff_t count) {
+    _mm512_storeu_ps(dst, count == 16 ? _mm512_loadu_ps(src)
+                          : _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), src));
+}
+static inline void dilconv_copy_part_d_move(const double *src, double *dst,
+                                            ptrdiff_t count) {
+    _mm512_storeu_pd(dst, count == 8 ? _mm512_loadu_pd(src)
+                          : _mm512_maskz_loadu_pd((__mmask8)((1u << count) - 1), src));
 }
 #else
 #define DILCONV_COPY_PART(NAME, T)                                                        \
@@ -238,9 +237,9 @@ static inline void NAME(const T *restrict src, T *restrict dst, ptrdiff_t n,    
     (void)room;                                                                          \
     for (ptrdiff_t i = 0; i < n; i++) dst[i] = src[i];                                   \
 }
+#endif
 DILCONV_COPY_PART(dilconv_copy_part_f, float)
 DILCONV_COPY_PART(dilconv_copy_part_d, double)
-#endif
 
 /* One block of pixels from every other value (stride 2): whole-vector shuffles, where a
    loop over a run of any length pays its tail and set-up on every block. */
