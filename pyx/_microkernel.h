@@ -208,7 +208,7 @@ static inline void NAME(const T *src, T *dst) { memcpy(dst, src, DILCONV_BLOCK_B
 #define DILCONV_COPY_PART(NAME, T)                                                        \
 static inline void NAME(const T *restrict src, T *restrict dst, ptrdiff_t n,             \
                         ptrdiff_t room) {                                                \
-    enum { L = 64 / sizeof(T) };                                                         \
+    enum { L = DILCONV_VEC_BYTES / sizeof(T) };                                          \
     ptrdiff_t i = 0;                                                                     \
     for (; i + L <= n; i += L) NAME##_move(src + i, dst + i, L);                         \
     if (i == n) return;                                                                  \

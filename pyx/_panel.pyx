@@ -1074,11 +1074,7 @@ def forward(const floating[:, :, :, :] x, weight, bias, floating[:, :, :, ::1] o
                                 // (DILCONV_BLOCK_BYTES * chunk_taps * g.Cg))
     # No more panels in a group than the largest tile has: the scratch below is bounded by
     # the tiles, not by the knob (a group of 1 GiB of one-channel panels asked for 50 GiB).
-    cdef Py_ssize_t i_tile, most = 0
-    for i_tile in range(tiles.shape[0]):
-        most = max(most, (tiles[i_tile, 1] - tiles[i_tile, 0])
-                   * (tiles[i_tile, 3] - tiles[i_tile, 2]))
-    group = min(group, max(1, ceil_div(most, nr)))
+    group = min(group, max(1, ceil_div(largest_tile(tiles), nr)))
     dtype = np.float32 if floating is float else np.float64
     cdef Py_ssize_t block_offset = group * nr * chunk_taps * g.Cg
     cdef floating[:, ::1] scratch = thread_scratch(n_threads,

@@ -33,6 +33,8 @@ GEOMETRIES = {
     "rgb_same": (1, 3, 31, 37, 5, 5, 5, 1, "same", 2, 1),
     "wide_tail": (1, 32, 9, 71, 40, 1, 3, 1, ((0, 0), (3, 2)), 3, 1),
     "lanes": (1, 32, 13, 17, 32, 3, 3, 1, 3, 3, 1),       # v4's output channels in lanes
+    # Packed panels of rows 65 wide: runs of every length and lane (partial-block copies).
+    "packed_rows": (1, 16, 7, 65, 16, 3, 3, 1, 2, 2, 2),
 }
 PATH_CHOICES = (None,) + PATHS
 
