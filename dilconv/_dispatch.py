@@ -90,9 +90,23 @@ def select(spec, op: str = "forward", weight=None, tuning=None) -> str:
     "grad_bias") on this geometry, with the weights `weight` (None: taken as finite) and
     `tuning` (None: the one in force)."""
     tuning = current() if tuning is None else tuning
-    forced = os.environ.get("DILCONV_PATH") or None
-    path = memoised(spec, ("select", op, forced), tuning, _geometry_choice, spec, op, tuning,
+    return _with_weights(geometry_path(spec, op, tuning, forced_path()), spec, weight,
+                         tuning)
+
+
+def forced_path():
+    """The family DILCONV_PATH forces, or None."""
+    return os.environ.get("DILCONV_PATH") or None
+
+
+def geometry_path(spec, op: str, tuning, forced) -> str:
+    """select's choice before the weights are seen (`forced`: forced_path()), remembered
+    on the spec."""
+    return memoised(spec, ("select", op, forced), tuning, _geometry_choice, spec, op, tuning,
                     forced)
+
+
+def _with_weights(path: str, spec, weight, tuning) -> str:
     # The weights change from call to call: flat's check of them is not remembered.
     if path == "flat" and weight is not None and not _flat.applies(spec, weight, tuning):
         return "direct"
@@ -263,10 +277,12 @@ def transposed_weight(weight, groups):
     return w.transpose(0, 2, 1, 3, 4).reshape(groups * cg, o // groups, kh, kw)
 
 
-def forward(x, weight, bias, out, spec) -> None:
-    """out[...] = conv2d(x, weight) + bias for a batched spec with N > 0."""
-    tuning = current()
-    path = select(spec, "forward", weight, tuning)
+def forward(x, weight, bias, out, spec, tuning=None, path=None) -> None:
+    """out[...] = conv2d(x, weight) + bias for a batched spec with N > 0 (`tuning`: the one
+    in force, if already read; `path`: geometry_path's choice for it, if known)."""
+    tuning = current() if tuning is None else tuning
+    path = (select(spec, "forward", weight, tuning) if path is None
+            else _with_weights(path, spec, weight, tuning))
     if path != "panel" and not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)   # only the panels read channel planes lying apart
     if path == "panel":

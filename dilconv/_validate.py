@@ -368,6 +368,35 @@ def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mo
     return call, extra_arrays
 
 
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _as_is(arr, dtype) -> bool:
+    """An ndarray the kernels take as it is: `dtype`, C-contiguous and aligned."""
+    if type(arr) is not np.ndarray or arr.dtype != dtype:
+        return False
+    flags = arr.flags
+    return flags.c_contiguous and flags.aligned
+
+
+def repeat_key(input, weight, bias, stride, padding, dilation, groups, padding_mode):
+    """A hashable key of a conv2d call whose arrays `conv_call` would pass on as they are
+    (ndarrays of float32 or float64, one dtype, C-contiguous, aligned), with zero padding
+    and arguments of plain ints and strings; None for any other call. Calls with equal
+    keys are valid or invalid together, with the same spec: a layer's repeated calls skip
+    the checks once one has passed them (see dilconv._api)."""
+    if type(input) is not np.ndarray:
+        return None
+    dtype = input.dtype
+    if (dtype not in _KERNEL_DTYPES or not _as_is(input, dtype)
+            or not _as_is(weight, dtype) or (bias is not None and not _as_is(bias, dtype))):
+        return None
+    args = (stride, padding, dilation, groups, padding_mode)
+    if not _plain(args) or padding_mode != "zeros":
+        return None
+    return (input.shape, weight.shape, None if bias is None else bias.shape, dtype, args)
+
+
 def as_operand(name: str, arr: np.ndarray, shape: tuple, dtype: np.dtype) -> np.ndarray:
     """A C-contiguous `dtype` copy (or view) of `arr`, which must have `shape`."""
     if arr.shape != tuple(shape):

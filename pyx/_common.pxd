@@ -1,5 +1,6 @@
 # Shared declarations for the kernels: the geometry the Python layer validated.
 from cython cimport floating
+from libc.stdint cimport uint32_t, uint64_t
 
 
 cdef struct Geom:
@@ -58,6 +59,24 @@ cdef inline floating dot(const floating* a, const floating* b, Py_ssize_t n,
         s0 = s0 + a[i] * b[i * b_step]
         i = i + 1
     return (s0 + s1) + (s2 + s3)
+
+
+cdef inline bint all_finite(const floating* v, Py_ssize_t count) noexcept nogil:
+    """No inf or nan in v[:count]: every exponent short of all ones (integer tests
+    vectorise)."""
+    cdef Py_ssize_t i
+    cdef const uint32_t* u32 = <const uint32_t*> v
+    cdef const uint64_t* u64 = <const uint64_t*> v
+    cdef uint32_t seen32 = 0
+    cdef uint64_t seen64 = 0
+    if floating is float:
+        for i in range(count):
+            seen32 = seen32 | ((u32[i] & 0x7f800000u) == 0x7f800000u)
+        return seen32 == 0
+    else:
+        for i in range(count):
+            seen64 = seen64 | ((u64[i] & 0x7ff0000000000000u) == 0x7ff0000000000000u)
+        return seen64 == 0
 
 
 cdef extern from "_axpy.h":

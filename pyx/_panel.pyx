@@ -23,9 +23,8 @@ and channels added in the same order as in the panels, so the bits are the same.
 from cython.parallel cimport prange, parallel, threadid
 from cython cimport floating
 from libc.string cimport memset
-from libc.stdint cimport uint32_t, uint64_t
 
-from _common cimport Geom, make_geom
+from _common cimport Geom, all_finite, make_geom
 from _plan cimport ceil_div, largest_tile, range_edges, rect_tiles
 
 import functools
@@ -554,23 +553,6 @@ def _merged_spec(spec, Py_ssize_t k):
                     spec.dilation, spec.padding, spec.groups // k)
 
 
-cdef inline bint _finite(const floating* v, Py_ssize_t count) noexcept nogil:
-    # Every exponent short of all ones (integer tests vectorise).
-    cdef Py_ssize_t i
-    cdef const uint32_t* u32 = <const uint32_t*> v
-    cdef const uint64_t* u64 = <const uint64_t*> v
-    cdef uint32_t seen32 = 0
-    cdef uint64_t seen64 = 0
-    if floating is float:
-        for i in range(count):
-            seen32 = seen32 | ((u32[i] & 0x7f800000u) == 0x7f800000u)
-        return seen32 == 0
-    else:
-        for i in range(count):
-            seen64 = seen64 | ((u64[i] & 0x7ff0000000000000u) == 0x7ff0000000000000u)
-        return seen64 == 0
-
-
 def _merged_weight(spec, weight, Py_ssize_t k):
     """The weights of _merged_spec(spec, k), block-diagonal: output o of a merged group
     reads its own group's channels, zeros elsewhere."""
@@ -726,8 +708,8 @@ cdef bint _pack_band(const floating[:, :, :, :] x, Geom g, Py_ssize_t unit,
             dst = packed + cb * cb_step + segments[3 * s + 2] * row_w * lanes
             if check:
                 for c in range(channels):
-                    finite = finite & _finite(&x[n, grp * g.Cg + cb * lanes + c, first, 0],
-                                              (stop - first) * g.W)
+                    finite = finite & all_finite(
+                        &x[n, grp * g.Cg + cb * lanes + c, first, 0], (stop - first) * g.W)
             if row_w == g.W and pad_l == 0:
                 lanes_pack(&x[n, grp * g.Cg + cb * lanes, first, 0], g.plane,
                            (stop - first) * g.W, channels, dst)

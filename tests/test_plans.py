@@ -13,7 +13,7 @@ from dilconv._dispatch import PATHS, select
 from dilconv._tuning import KNOBS, Tuning, current, tuning
 from dilconv._validate import make_spec
 
-from _helpers import backward_bounds, forward_bound
+from _helpers import backward_bounds, check_forward, forward_bound
 
 # Entry points of the kernel modules dispatch calls, by the family they belong to.
 ENTRIES = {"_forward": ("direct", ("forward",)),
@@ -73,6 +73,53 @@ def test_select_names_the_family_that_runs(geometry, finite, forced, ran):
         # The panel family leaves input gradients with padding past the kernel to BLAS.
         assert set().union(*families) <= ({forced, "direct"}
                                           | ({"gemm"} if forced == "panel" else set()))
+
+
+def test_repeated_conv2d_calls_run_the_family_in_force(ran, monkeypatch):
+    # conv2d remembers a validated call (dilconv._api._REPEATS); its repeats still follow
+    # the tuning and DILCONV_PATH in force and check the weights each time.
+    xs, ws = (1, 3, 12, 12), (8, 3, 3, 3)
+    spec = make_spec(xs, ws, 1, 2, 2, 1)
+    x, weight = np.zeros(xs, np.float32), np.ones(ws, np.float32)
+
+    def families(w=weight):
+        ran.clear()
+        dilconv.conv2d(x, w, None, 1, 2, 2)
+        return set(ran)
+
+    for forced in (None,) + PATHS:
+        with tuning(path=forced):
+            expected = {select(spec, "forward", weight)}
+            assert [families(), families()] == [expected, expected]
+    assert families() == {"flat"}
+    monkeypatch.setenv("DILCONV_PATH", "gemm")
+    assert families() == {"gemm"}
+    monkeypatch.delenv("DILCONV_PATH")
+    inf = weight.copy()
+    inf[0, 0, 0, 0] = np.inf                      # padding taps would multiply it
+    assert [families(), families(inf), families()] == [{"flat"}, {"direct"}, {"flat"}]
+    # Other dtypes, layouts and argument types than the remembered call's are checked
+    # and converted afresh.
+    assert families(weight.astype(np.float64).astype(np.float32)) == {"flat"}
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        dilconv.conv2d(x, weight.astype(np.float64), None, 1, 2, 2)
+    with pytest.raises(TypeError, match="stride"):
+        dilconv.conv2d(x, weight, None, True, 2, 2)
+    with pytest.raises(ValueError, match="bias"):
+        dilconv.conv2d(x, weight, np.ones(3, np.float32), 1, 2, 2)
+
+
+def test_repeated_conv2d_calls_match_the_oracle(rng):
+    # The second call of each takes the remembered path: inputs that are views, unbatched
+    # or of the other dtype give the oracle's values as the first call does.
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((2, 3, 9, 11)).astype(dtype)
+        w = rng.standard_normal((4, 3, 2, 3)).astype(dtype)
+        b = rng.standard_normal(4).astype(dtype)
+        for args in ((x, w, b), (x[:, :, 1:], w, b), (x[0], w, None), (x[1], w, b),
+                     (x[:, ::-1], w, b), (np.asfortranarray(x), w, b)):
+            first = check_forward(*args, 1, 1, (2, 1))
+            assert np.array_equal(check_forward(*args, 1, 1, (2, 1)), first)
 
 
 def test_select_falls_back_where_the_forced_family_does_not_apply():
