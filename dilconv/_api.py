@@ -93,7 +93,7 @@ def conv2d(input: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None
     call, _ = _padding.materialise(call)
     spec = call.spec
     if key is not None:
-        _remember_forward(key, spec, call.batched)
+        _remember(key, spec, call.batched, ("forward",))
     shape = spec.output_shape if call.batched else spec.output_shape[1:]
     if out is not None:
         _validate.check_out(out, shape, call.dtype,
@@ -115,43 +115,71 @@ def conv2d(input: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None
 
 
 class _Repeat(NamedTuple):
-    """What conv2d found for a repeat_key: its spec and kernel family, under a tuning and
-    DILCONV_PATH."""
+    """What a call with a repeat_key found: its spec and the kernel family of each op it
+    runs, under a tuning and DILCONV_PATH."""
 
     spec: object
     batched: bool
     tuning: object
     forced: Optional[str]
-    path: str
+    paths: dict
 
 
-# repeat_key -> _Repeat: a layer called again and again skips validation and planning.
+# repeat key -> _Repeat: a layer called again and again skips validation and planning.
 _REPEATS: dict = {}
 REPEAT_ENTRIES = 256
 
 
-def _remember_forward(key, spec, batched: bool) -> None:
+def _remember(key, spec, batched: bool, ops) -> None:
     tuning, forced = _tuning.current(), _dispatch.forced_path()
     if len(_REPEATS) >= REPEAT_ENTRIES:
         _REPEATS.clear()
     _REPEATS[key] = _Repeat(spec, batched, tuning, forced,
-                            _dispatch.geometry_path(spec, "forward", tuning, forced))
+                            {op: _dispatch.geometry_path(spec, op, tuning, forced)
+                             for op in ops})
 
 
-def _repeat_forward(key, input, weight, bias) -> Optional[np.ndarray]:
-    """conv2d of a call whose key was remembered under the tuning and DILCONV_PATH in
-    force now; None otherwise."""
+def _repeat(key) -> Optional[_Repeat]:
+    """The entry remembered for `key` if it holds for the tuning and DILCONV_PATH in force."""
     entry = _REPEATS.get(key)
     if (entry is None or entry.tuning is not _tuning.current()
             or entry.forced != _dispatch.forced_path()):
+        return None
+    return entry
+
+
+def _repeat_forward(key, input, weight, bias) -> Optional[np.ndarray]:
+    """conv2d of a call whose key was remembered (see _repeat); None otherwise."""
+    entry = _repeat(key)
+    if entry is None:
         return None
     spec = entry.spec
     y = np.empty(spec.output_shape, dtype=input.dtype)
     if spec.n:
         _dispatch.forward(input if entry.batched else input[None], weight,
                           _no_bias(input.dtype) if bias is None else bias, y, spec,
-                          entry.tuning, entry.path)
+                          entry.tuning, entry.paths["forward"])
     return y if entry.batched else y[0]
+
+
+def _backward_key(grad_output, input, weight, stride, padding, dilation, groups,
+                  padding_mode, needs):
+    """conv2d_backward's repeat key (see _validate.repeat_key), or None."""
+    key = _validate.repeat_key(input, weight, None, stride, padding, dilation, groups,
+                               padding_mode)
+    if (key is None or not _validate.is_plain(needs)
+            or not _validate.as_is(grad_output, input.dtype)):
+        return None
+    return ("backward", key, grad_output.shape, needs)
+
+
+def _repeat_backward(key, grad_output, input, weight) -> Optional[Conv2dGrads]:
+    """conv2d_backward of a call whose key was remembered (see _repeat); None otherwise."""
+    entry = _repeat(key)
+    if entry is None:
+        return None
+    x, gy = (input, grad_output) if entry.batched else (input[None], grad_output[None])
+    return _gradients(gy, x, weight, entry.spec, entry.batched, entry.paths, entry.tuning)
 
 
 def conv2d_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike,
@@ -185,6 +213,12 @@ def conv2d_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike,
     (array([4.]), array([[4., 4.],
            [4., 4.]]))
     """
+    key = _backward_key(grad_output, input, weight, stride, padding, dilation, groups,
+                        padding_mode, needs)
+    if key is not None:
+        grads = _repeat_backward(key, grad_output, input, weight)
+        if grads is not None:
+            return grads
     needs = _validate.check_needs(needs)
     call, extra = _validate.conv_call(input, weight, None, stride, padding, dilation, groups,
                                       padding_mode, extra={"grad_output": grad_output})
@@ -194,23 +228,36 @@ def conv2d_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike,
     gy = _validate.as_operand("grad_output", extra["grad_output"], expected, dtype)
     if not call.batched:
         gy = gy[None]
+    ops = tuple(op for op, name in (("grad_input", "input"), ("grad_weight", "weight"),
+                                    ("grad_bias", "bias")) if name in needs)
+    if key is not None:
+        _remember(key, spec, call.batched, ops)
+    return _gradients(gy, call.x, call.weight, spec, call.batched, dict.fromkeys(ops),
+                      None, pads, call.padding_mode)
+
+
+def _gradients(gy, x, weight, spec, batched: bool, paths: dict, tuning,
+               pads: Optional[tuple] = None, padding_mode: str = "zeros") -> Conv2dGrads:
+    """The gradients of the ops in `paths` (op -> kernel family, None: select's) of a
+    validated call on batched arrays; `pads`: a padding mode's padding to fold back."""
+    dtype = x.dtype
     grad_input = grad_weight = grad_bias = None
-    if "input" in needs:
-        grad_input = np.zeros(call.x.shape, dtype=dtype)
+    if "grad_input" in paths:
+        grad_input = np.zeros(x.shape, dtype=dtype)
         if spec.n:
-            _dispatch.grad_input(gy, call.weight, grad_input, spec)
+            _dispatch.grad_input(gy, weight, grad_input, spec, tuning, paths["grad_input"])
         if pads is not None:
-            grad_input = _padding.fold(grad_input, pads, call.padding_mode)
-        if not call.batched:
+            grad_input = _padding.fold(grad_input, pads, padding_mode)
+        if not batched:
             grad_input = grad_input[0]
-    if "weight" in needs:
-        grad_weight = np.zeros(call.weight.shape, dtype=dtype)
+    if "grad_weight" in paths:
+        grad_weight = np.zeros(weight.shape, dtype=dtype)
         if spec.n:
-            _dispatch.grad_weight(gy, call.x, grad_weight, spec)
-    if "bias" in needs:
+            _dispatch.grad_weight(gy, x, grad_weight, spec, tuning, paths["grad_weight"])
+    if "grad_bias" in paths:
         grad_bias = np.zeros(spec.o, dtype=dtype)
         if spec.n:
-            _dispatch.grad_bias(gy, grad_bias, spec)
+            _dispatch.grad_bias(gy, grad_bias, spec, tuning)
     return Conv2dGrads(grad_input, grad_weight, grad_bias)
 
 

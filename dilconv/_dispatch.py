@@ -297,9 +297,11 @@ def forward(x, weight, bias, out, spec, tuning=None, path=None) -> None:
         _forward.forward(x, weight, bias, out, spec, tuning)
 
 
-def grad_input(grad_output, weight, grad_x, spec) -> None:
-    tuning = current()
-    path = select(spec, "grad_input", weight, tuning)
+def grad_input(grad_output, weight, grad_x, spec, tuning=None, path=None) -> None:
+    """grad_x[...] = the input gradient (`tuning`, `path`: as for `forward`)."""
+    tuning = current() if tuning is None else tuning
+    path = (select(spec, "grad_input", weight, tuning) if path is None
+            else _with_weights(path, spec, weight, tuning))
     if path == "panel" and spec.stride == (1, 1):
         # Unit stride: grad_input is the forward convolution of grad_output with the
         # transposed, turned kernel, on the panel kernel.
@@ -333,9 +335,10 @@ def grad_input(grad_output, weight, grad_x, spec) -> None:
         _backward.grad_input(grad_output, weight, grad_x, spec, tuning)
 
 
-def grad_weight(grad_output, x, grad_w, spec) -> None:
-    tuning = current()
-    path = select(spec, "grad_weight", None, tuning)
+def grad_weight(grad_output, x, grad_w, spec, tuning=None, path=None) -> None:
+    """grad_w[...] = the weight gradient (`tuning`, `path`: as for `forward`)."""
+    tuning = current() if tuning is None else tuning
+    path = select(spec, "grad_weight", None, tuning) if path is None else path
     if path == "panel":
         _panel.grad_weight(grad_output, x, grad_w, spec, tuning)
     elif path == "depthwise":
@@ -346,5 +349,5 @@ def grad_weight(grad_output, x, grad_w, spec) -> None:
         _backward.grad_weight(grad_output, x, grad_w, spec, tuning)
 
 
-def grad_bias(grad_output, grad_b, spec) -> None:
-    _backward.grad_bias(grad_output, grad_b, spec, current())
+def grad_bias(grad_output, grad_b, spec, tuning=None) -> None:
+    _backward.grad_bias(grad_output, grad_b, spec, current() if tuning is None else tuning)

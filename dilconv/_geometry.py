@@ -106,8 +106,15 @@ class ConvSpec:
 
     @functools.cached_property
     def memo(self) -> dict:
-        """Choices made for this geometry (see `memoised`)."""
+        """Choices made for this geometry (see `memoised`), and the kernels' view of it
+        (pyx/_common.pxd's make_geom)."""
         return {}
+
+    def __getstate__(self):
+        # The memo is this process's: plans hold its objects, make_geom its pointers.
+        state = dict(self.__dict__)
+        state.pop("memo", None)
+        return state
 
     @property
     def output_shape(self):

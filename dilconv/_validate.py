@@ -277,12 +277,13 @@ def make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilation
     # strings are remembered (specs are immutable). Anything else (bools, numpy ints,
     # lists) is checked afresh, so it gets its own error or conversion every time.
     args = (tuple(input_shape), tuple(weight_shape), stride, padding, dilation, groups)
-    if _plain(args):
+    if is_plain(args):
         return _cached_spec(*args)
     return _make_spec(*args)
 
 
-def _plain(value) -> bool:
+def is_plain(value) -> bool:
+    """Made of ints, strings and tuples of them only (hashable, no conversions to check)."""
     kind = type(value)
     if kind is int or kind is str:
         return True
@@ -290,7 +291,7 @@ def _plain(value) -> bool:
         return False
     for item in value:                # a loop, not a call per item: this runs every call
         kind = type(item)
-        if kind is not int and kind is not str and not (kind is tuple and _plain(item)):
+        if kind is not int and kind is not str and not (kind is tuple and is_plain(item)):
             return False
     return True
 
@@ -371,7 +372,7 @@ def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mo
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _as_is(arr, dtype) -> bool:
+def as_is(arr, dtype) -> bool:
     """An ndarray the kernels take as it is: `dtype`, C-contiguous and aligned."""
     if type(arr) is not np.ndarray or arr.dtype != dtype:
         return False
@@ -388,11 +389,11 @@ def repeat_key(input, weight, bias, stride, padding, dilation, groups, padding_m
     if type(input) is not np.ndarray:
         return None
     dtype = input.dtype
-    if (dtype not in _KERNEL_DTYPES or not _as_is(input, dtype)
-            or not _as_is(weight, dtype) or (bias is not None and not _as_is(bias, dtype))):
+    if (dtype not in _KERNEL_DTYPES or not as_is(input, dtype)
+            or not as_is(weight, dtype) or (bias is not None and not as_is(bias, dtype))):
         return None
     args = (stride, padding, dilation, groups, padding_mode)
-    if not _plain(args) or padding_mode != "zeros":
+    if not is_plain(args) or padding_mode != "zeros":
         return None
     return (input.shape, weight.shape, None if bias is None else bias.shape, dtype, args)
 

@@ -1,6 +1,7 @@
 # Shared declarations for the kernels: the geometry the Python layer validated.
 from cython cimport floating
 from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy
 
 
 cdef struct Geom:
@@ -21,7 +22,14 @@ cdef struct Geom:
 
 
 cdef inline Geom make_geom(spec):
+    # Remembered on the spec (whose memo never leaves the process: see ConvSpec), as
+    # filling it (the tap ranges as memoryviews) costs microseconds on every call.
     cdef Geom g
+    cdef dict memo = spec.memo
+    cached = memo.get("geom")
+    if cached is not None:
+        memcpy(&g, <const char*> (<bytes> cached), sizeof(Geom))
+        return g
     g.N, g.C, g.H, g.W = spec.n, spec.c, spec.h, spec.w
     g.O, g.kH, g.kW = spec.o, spec.kh, spec.kw
     g.sh, g.sw = spec.stride
@@ -36,6 +44,7 @@ cdef inline Geom make_geom(spec):
     cdef const Py_ssize_t[::1] ow_lo = spec.ow_lo, ow_hi = spec.ow_hi
     g.oh_lo, g.oh_hi = &oh_lo[0], &oh_hi[0]
     g.ow_lo, g.ow_hi = &ow_lo[0], &ow_hi[0]
+    memo["geom"] = (<char*> &g)[:sizeof(Geom)]
     return g
 
 

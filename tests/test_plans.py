@@ -1,5 +1,7 @@
 """Kernel selection and plans: `select` names the family that really runs, the tuning
 context is per thread and strict, and no path pays for padding (huge dilations)."""
+import copy
+import pickle
 import threading
 import time
 import tracemalloc
@@ -13,7 +15,7 @@ from dilconv._dispatch import PATHS, select
 from dilconv._tuning import KNOBS, Tuning, current, tuning
 from dilconv._validate import make_spec
 
-from _helpers import backward_bounds, check_forward, forward_bound
+from _helpers import backward_bounds, check_backward, check_forward, forward_bound
 
 # Entry points of the kernel modules dispatch calls, by the family they belong to.
 ENTRIES = {"_forward": ("direct", ("forward",)),
@@ -98,6 +100,25 @@ def test_repeated_conv2d_calls_run_the_family_in_force(ran, monkeypatch):
     inf = weight.copy()
     inf[0, 0, 0, 0] = np.inf                      # padding taps would multiply it
     assert [families(), families(inf), families()] == [{"flat"}, {"direct"}, {"flat"}]
+    # The backward likewise, for the gradients asked for.
+    gy = np.zeros((1, 8, 12, 12), np.float32)
+
+    def backward_families(needs=("input", "weight", "bias")):
+        ran.clear()
+        dilconv.conv2d_backward(gy, x, weight, 1, 2, 2, needs=needs)
+        return set(ran)
+
+    for forced in (None,) + PATHS:
+        with tuning(path=forced):
+            expected = {select(spec, op, weight) for op in ("grad_input", "grad_weight")}
+            expected.add("direct")                 # grad_bias
+            assert [backward_families(), backward_families()] == [expected, expected]
+            alone = {select(spec, "grad_weight")}
+            assert [backward_families(("weight",)), backward_families(("weight",))] == [
+                alone, alone]
+    monkeypatch.setenv("DILCONV_PATH", "direct")
+    assert backward_families() == {"direct"}
+    monkeypatch.delenv("DILCONV_PATH")
     # Other dtypes, layouts and argument types than the remembered call's are checked
     # and converted afresh.
     assert families(weight.astype(np.float64).astype(np.float32)) == {"flat"}
@@ -120,6 +141,28 @@ def test_repeated_conv2d_calls_match_the_oracle(rng):
                      (x[:, ::-1], w, b), (np.asfortranarray(x), w, b)):
             first = check_forward(*args, 1, 1, (2, 1))
             assert np.array_equal(check_forward(*args, 1, 1, (2, 1)), first)
+            gy = rng.standard_normal(first.shape).astype(dtype)
+            for gy_given in (gy, gy[..., ::-1].copy()[..., ::-1]):
+                grads = [check_backward(gy_given, args[0], w, 1, 1, (2, 1))
+                         for _ in range(2)]
+                for a, b in zip(*grads):
+                    assert np.array_equal(a, b)
+
+
+def test_a_spec_leaves_its_memo_in_its_process(rng):
+    # Plans and the kernels' geometry (with pointers into the spec's tap ranges) are
+    # remembered on the spec: a pickled or copied spec starts afresh and runs correctly.
+    x = rng.standard_normal((1, 3, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    spec = make_spec(x.shape, w.shape, 1, 2, 2, 1)
+    expected = np.empty(spec.output_shape, np.float32)
+    _dispatch.forward(x, w, np.empty(0, np.float32), expected, spec)
+    assert "geom" in spec.memo
+    for other in (pickle.loads(pickle.dumps(spec)), copy.copy(spec), copy.deepcopy(spec)):
+        assert other == spec and other.memo == {}
+        y = np.empty_like(expected)
+        _dispatch.forward(x, w, np.empty(0, np.float32), y, other)
+        assert np.array_equal(y, expected)
 
 
 def test_select_falls_back_where_the_forced_family_does_not_apply():
