@@ -17,6 +17,7 @@ cdef extern from "_fma_probe.h":
     double dilconv_fma_probe(int is_double, int kind, long iters) nogil
     int dilconv_cpu_has(const char *name) nogil
     const char *dilconv_cpu_vendor() nogil
+    int dilconv_cpu_family() nogil
 
 cdef extern from "_omp_compat.h":
     int DILCONV_OPENMP
@@ -36,6 +37,11 @@ def cpu_vendor():
     """"amd", "intel" or "" (another vendor or architecture): some plans were measured
     to differ between them."""
     return dilconv_cpu_vendor().decode()
+
+
+def cpu_family():
+    """The x86 family number (AMD: 25 for Zen 3 and 4, 26 for Zen 5), 0 elsewhere."""
+    return dilconv_cpu_family()
 
 
 def _kinds():

@@ -15,6 +15,10 @@
 #define DILCONV_X86 0
 #endif
 
+#if DILCONV_X86
+#include <cpuid.h>
+#endif
+
 #define DILCONV_PROBE_NACC 16
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -100,6 +104,19 @@ static int dilconv_cpu_has(const char *name) {
 }
 
 /* "amd", "intel" or "" (any other CPU, or another architecture). */
+/* The x86 family number, extended family included (AMD's Zen 4 is 25, Zen 5 26); 0 on
+   other architectures. */
+static int dilconv_cpu_family(void) {
+#if (defined(__GNUC__) || defined(__clang__)) && DILCONV_X86
+    unsigned int a, b, c, d, family;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    family = (a >> 8) & 0xf;
+    return (int)(family == 0xf ? family + ((a >> 20) & 0xff) : family);
+#else
+    return 0;
+#endif
+}
+
 static const char *dilconv_cpu_vendor(void) {
 #if (defined(__GNUC__) || defined(__clang__)) && DILCONV_X86
     __builtin_cpu_init();

@@ -31,7 +31,7 @@ import functools
 
 import numpy as np
 
-from dilconv._cpu import cpu_vendor
+from dilconv._cpu import cpu_family, cpu_vendor
 from dilconv._geometry import ConvSpec, fills_zero_columns
 from dilconv._scratch import aligned_empty, thread_scratch
 from dilconv._threads import kernel_threads
@@ -476,8 +476,14 @@ LANES_MAX_PADDING = 0.25
 # 1.12x, 192 (1x3) 1.03x, 288 1.10-1.14x, 576 1.18x, 2304 1.30x; v3's code there: 0.97x,
 # 1.08x, 0.99x, 1.00-1.03x, 1.14x, 1.20x). On an AVX-512 EPYC (v4, one / two threads)
 # the lanes are faster from fewer terms: 128 (1x2) 1.13x / 1.08x, 96 (1x3) 1.10x /
-# 1.08x, 48 (3x1) 1.13x / 1.05x, 64 (1x2) 1.05x / 0.95x, 32 (1x2) 0.61x / 0.68x.
-LANES_MIN_TERMS = {"amd": 96}.get(cpu_vendor(), 144)
+# 1.08x, 48 (3x1) 1.13x / 1.05x, 64 (1x2) 1.05x / 0.95x, 32 (1x2) 0.61x / 0.68x. On an
+# EPYC of family 26 (Zen 5: 512-bit multiply-adds at full width, not in two halves) the
+# panels' v4 code is faster up to 192 terms (float32, one / two threads: 96 (1x3) 0.71x /
+# 0.87x, 128 (1x2) 0.85x / 0.84x, 144 (3x3) 0.85x / 0.83x, 192 (1x2) 0.97x / 0.87x;
+# 288 (3x3) 1.00x / 1.04x, 384 (1x3) 0.99x / 1.00x; float64 alike), its v3 code is not
+# (128: 1.14x, 144: 1.05x).
+LANES_MIN_TERMS = (288 if cpu_vendor() == "amd" and cpu_family() >= 26
+                   and DILCONV_VEC_BYTES == 64 else {"amd": 96}.get(cpu_vendor(), 144))
 # Where one output block's weights exceed this, every run would read them from L2 or
 # L3: a sub-tile instead takes the taps one at a time, each in chunks of channels with at
 # most LANES_CHUNK_BYTES of weights per block, every block's partial sums (at most
