@@ -23,16 +23,27 @@ def test_features_are_consistent():
     assert (256 in widths) == (f["avx2"] and f["fma"])
 
 
-def test_vendor_is_the_one_in_cpuinfo():
-    vendor = _cpu.cpu_vendor()
-    assert vendor in ("amd", "intel", "")
+def _cpuinfo(field):
     try:
         with open("/proc/cpuinfo") as f:
-            ids = {line.split(":")[1].strip() for line in f if line.startswith("vendor_id")}
+            return {line.split(":")[1].strip() for line in f
+                    if line.split(":")[0].strip() == field}
     except OSError:
         pytest.skip("no /proc/cpuinfo")
-    if platform.machine() in ("x86_64", "AMD64") and ids:
+
+
+def test_vendor_and_family_are_the_ones_in_cpuinfo():
+    vendor, family = _cpu.cpu_vendor(), _cpu.cpu_family()
+    assert vendor in ("amd", "intel", "")
+    assert isinstance(family, int) and family >= 0
+    if platform.machine() not in ("x86_64", "AMD64"):
+        assert family == 0
+        return
+    ids, families = _cpuinfo("vendor_id"), _cpuinfo("cpu family")
+    if ids:
         assert vendor == {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(ids.pop(), "")
+    if families:
+        assert family == int(families.pop())
 
 
 def _matmul_gflops(dtype, n=512, repeat=5):
