@@ -39,7 +39,7 @@ def memoised(spec, key, tuning, compute, *args):
     tunings are immutable, and specs of plain arguments are shared by equal calls (see
     dilconv._validate.make_spec), so a layer called again skips its plans' Python work.
     The entry holds the tuning, so its id is not reused while the entry lives (and is
-    checked: a spec unpickled in another process brings ids of that process's objects)."""
+    checked all the same: an entry put there by other code may hold another tuning)."""
     memo = spec.memo
     full_key = (key, id(tuning))
     entry = memo.get(full_key)

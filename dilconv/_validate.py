@@ -369,7 +369,8 @@ def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mo
     return call, extra_arrays
 
 
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# The dtypes the kernels compute in.
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def as_is(arr, dtype) -> bool:
@@ -389,7 +390,7 @@ def repeat_key(input, weight, bias, stride, padding, dilation, groups, padding_m
     if type(input) is not np.ndarray:
         return None
     dtype = input.dtype
-    if (dtype not in _KERNEL_DTYPES or not as_is(input, dtype)
+    if (dtype not in KERNEL_DTYPES or not as_is(input, dtype)
             or not as_is(weight, dtype) or (bias is not None and not as_is(bias, dtype))):
         return None
     args = (stride, padding, dilation, groups, padding_mode)
@@ -412,8 +413,7 @@ def kernel_array(arr: np.ndarray, dtype: np.dtype, planes: bool = False) -> np.n
     planes (last two axes) are C-contiguous and aligned, however far apart they lie, as
     it is (the panel forward reads it in place; `_dispatch.forward` copies it for the
     others)."""
-    flags = arr.flags
-    if arr.dtype == dtype and flags.c_contiguous and flags.aligned:
+    if as_is(arr, dtype):
         return arr
     if planes and planes_contiguous(arr, dtype):
         return arr

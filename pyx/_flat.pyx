@@ -21,6 +21,7 @@ import numpy as np
 from dilconv._geometry import memoised
 from dilconv._threads import kernel_threads
 from dilconv._scratch import thread_scratch
+from dilconv._validate import KERNEL_DTYPES
 
 # Output channels of a block share the packed input bands.
 FLAT_MAX_O_BLOCK = 16
@@ -67,12 +68,9 @@ def finite(weight):
     """No inf or nan in `weight`: in C for the kernels' arrays (np.isfinite takes
     microseconds, as long as this layer's whole forward with a tiny kernel)."""
     if (type(weight) is np.ndarray and weight.ndim == 4 and weight.flags.c_contiguous
-            and weight.dtype in _FLOAT_DTYPES):
+            and weight.dtype in KERNEL_DTYPES):
         return _all_finite(weight)
     return bool(np.isfinite(weight).all())
-
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _all_finite(const floating[:, :, :, ::1] w):

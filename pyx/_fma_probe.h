@@ -103,7 +103,6 @@ static int dilconv_cpu_has(const char *name) {
 #endif
 }
 
-/* "amd", "intel" or "" (any other CPU, or another architecture). */
 /* The x86 family number, extended family included (AMD's Zen 4 is 25, Zen 5 26); 0 on
    other architectures. */
 static int dilconv_cpu_family(void) {
@@ -117,6 +116,7 @@ static int dilconv_cpu_family(void) {
 #endif
 }
 
+/* "amd", "intel" or "" (any other CPU, or another architecture). */
 static const char *dilconv_cpu_vendor(void) {
 #if (defined(__GNUC__) || defined(__clang__)) && DILCONV_X86
     __builtin_cpu_init();

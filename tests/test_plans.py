@@ -204,8 +204,7 @@ def test_select_remembers_a_geometry_for_its_tuning_and_environment_only(monkeyp
         with tuning(max_tile_pixels=pixels):
             assert select(spec, "forward", weight) == "flat"
     assert len(spec.memo) <= _geometry.MEMO_ENTRIES
-    # An entry under this tuning's id but for another tuning object (as a spec unpickled
-    # from another process can bring) is not taken.
+    # An entry under this tuning's id but for another tuning object is not taken.
     spec.memo[(("select", "forward", None), id(current()))] = (Tuning(path="gemm"), "gemm")
     assert select(spec, "forward", weight) == "flat"
 
