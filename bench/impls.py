@@ -145,7 +145,8 @@ class Dilconv(Impl):
         if op == "forward":
             return {"path": select(case.spec, "forward", case.weight)}
         # The input and the weight gradient may take different kernel families.
-        paths = [select(case.spec, "grad_input"), select(case.spec, "grad_weight")]
+        paths = [select(case.spec, "grad_input", case.weight),
+                 select(case.spec, "grad_weight", dtype=case.weight.dtype)]
         return {"path": paths[0] if paths[0] == paths[1] else "+".join(paths)}
 
 

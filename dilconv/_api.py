@@ -93,7 +93,7 @@ def conv2d(input: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None
     call, _ = _padding.materialise(call)
     spec = call.spec
     if key is not None:
-        _remember(key, spec, call.batched, ("forward",))
+        _remember(key, spec, call.batched, ("forward",), call.dtype)
     shape = spec.output_shape if call.batched else spec.output_shape[1:]
     if out is not None:
         _validate.check_out(out, shape, call.dtype,
@@ -130,12 +130,13 @@ _REPEATS: dict = {}
 REPEAT_ENTRIES = 256
 
 
-def _remember(key, spec, batched: bool, ops) -> None:
+def _remember(key, spec, batched: bool, ops, dtype) -> None:
     tuning, forced = _tuning.current(), _dispatch.forced_path()
     if len(_REPEATS) >= REPEAT_ENTRIES:
         _REPEATS.clear()
     _REPEATS[key] = _Repeat(spec, batched, tuning, forced,
-                            {op: _dispatch.geometry_path(spec, op, tuning, forced)
+                            {op: _dispatch.geometry_path(spec, op, tuning, forced,
+                                                         dtype.itemsize)
                              for op in ops})
 
 
@@ -231,7 +232,7 @@ def conv2d_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike,
     ops = tuple(op for op, name in (("grad_input", "input"), ("grad_weight", "weight"),
                                     ("grad_bias", "bias")) if name in needs)
     if key is not None:
-        _remember(key, spec, call.batched, ops)
+        _remember(key, spec, call.batched, ops, dtype)
     return _gradients(gy, call.x, call.weight, spec, call.batched, dict.fromkeys(ops),
                       None, pads, call.padding_mode)
 

@@ -16,7 +16,7 @@ Kernel families:
   weight gradient runs on the same micro-kernel; in v4 and v3 the forward of layers with
   long sums puts output channels in the vector lanes instead (the same bits);
 - "gemm": per tile and tap, one BLAS matrix product (the forward of many channels into
-  one to three, and its like as an input gradient into two or three: see
+  one to three, and its like as a float32 input gradient into two or three: see
   GEMM_FORWARD_MIN_PAIRS; the input gradient where padding goes past the dilated kernel,
   the weight gradient of 8 to 15 input channels per group; everything else when forced);
 - "depthwise": layers with one input channel per group (depthwise, any channel
@@ -85,13 +85,16 @@ PANEL_FORWARD_MIN_ROW_STRIDED = 256
 GEMM_FORWARD_MIN_PAIRS = 32
 
 
-def select(spec, op: str = "forward", weight=None, tuning=None) -> str:
+def select(spec, op: str = "forward", weight=None, tuning=None, dtype=None) -> str:
     """The kernel family that runs `op` ("forward", "grad_input", "grad_weight" or
-    "grad_bias") on this geometry, with the weights `weight` (None: taken as finite) and
-    `tuning` (None: the one in force)."""
+    "grad_bias") on this geometry, with the weights `weight` (None: taken as finite),
+    `tuning` (None: the one in force) and operands of `dtype` (None: the weight's, else
+    float64)."""
     tuning = current() if tuning is None else tuning
-    return _with_weights(geometry_path(spec, op, tuning, forced_path()), spec, weight,
-                         tuning)
+    dtype = np.dtype(dtype if dtype is not None else
+                     weight.dtype if weight is not None else np.float64)
+    return _with_weights(geometry_path(spec, op, tuning, forced_path(), dtype.itemsize),
+                         spec, weight, tuning)
 
 
 def forced_path():
@@ -99,11 +102,11 @@ def forced_path():
     return os.environ.get("DILCONV_PATH") or None
 
 
-def geometry_path(spec, op: str, tuning, forced) -> str:
-    """select's choice before the weights are seen (`forced`: forced_path()), remembered
-    on the spec."""
-    return memoised(spec, ("select", op, forced), tuning, _geometry_choice, spec, op, tuning,
-                    forced)
+def geometry_path(spec, op: str, tuning, forced, itemsize: int) -> str:
+    """select's choice before the weights are seen (`forced`: forced_path(); `itemsize`:
+    the operands' dtype's), remembered on the spec."""
+    return memoised(spec, ("select", op, forced, itemsize), tuning, _geometry_choice, spec,
+                    op, tuning, forced, itemsize)
 
 
 def _with_weights(path: str, spec, weight, tuning) -> str:
@@ -113,9 +116,9 @@ def _with_weights(path: str, spec, weight, tuning) -> str:
     return path
 
 
-def _geometry_choice(spec, op: str, tuning, forced) -> str:
+def _geometry_choice(spec, op: str, tuning, forced, itemsize: int) -> str:
     """select's choice before the weights are seen."""
-    path = _preferred(spec, op, tuning, forced)
+    path = _preferred(spec, op, tuning, forced, itemsize)
     if op == "forward":
         if path == "depthwise" and not _depthwise.applies(spec):
             return "direct"
@@ -138,7 +141,7 @@ def _geometry_choice(spec, op: str, tuning, forced) -> str:
     return "direct" if path == "gemm" and not _gemm.applies(spec, tuning) else path
 
 
-def _preferred(spec, op: str, tuning, forced) -> str:
+def _preferred(spec, op: str, tuning, forced, itemsize: int) -> str:
     """The family forced (by the tuning, else `forced`: DILCONV_PATH), or the best one for
     this geometry if it applies."""
     if op not in OPS:
@@ -155,10 +158,9 @@ def _preferred(spec, op: str, tuning, forced) -> str:
         if _panel_forward(cg, og, spec.wo, spec.stride):
             return "panel"
         return "gemm" if _gemm_forward(cg, og, spec.stride) else "flat"
-    if op == "grad_input" and _panel_grad_input(spec, cg, og):
+    if op == "grad_input" and _panel_grad_input(spec, cg, og, itemsize):
         return "panel"
-    # The transposed forward (og -> cg channels) into two or three input channels.
-    if op == "grad_input" and cg > 1 and _gemm_forward(og, cg, spec.stride):
+    if op == "grad_input" and _gemm_grad_input(spec, cg, og, itemsize):
         return "gemm"                  # select falls back to direct where it does not apply
     # One input channel in all (not a depthwise layer): direct loops, 2x the depthwise
     # weight gradient's speed with 1 -> 8 channels.
@@ -188,16 +190,29 @@ def _gemm_forward(in_channels, out_channels, stride) -> bool:
             and in_channels * out_channels >= GEMM_FORWARD_MIN_PAIRS)
 
 
-def _panel_grad_input(spec, cg, og) -> bool:
+def _panel_grad_input(spec, cg, og, itemsize: int) -> bool:
     """The input gradient as a panel forward of grad_output (og -> cg channels, rows as
     wide as the input), where the forward rule would take the panels for it or it has
-    PANEL_GRAD_INPUT_MIN_CHANNELS output channels; at a stride (one such forward per
-    stride phase), from PANEL_GRAD_INPUT_MIN_TERMS_STRIDED channels in and out."""
+    PANEL_GRAD_INPUT_MIN_CHANNELS output channels, unless _gemm_grad_input takes BLAS; at
+    a stride (one such forward per stride phase), from PANEL_GRAD_INPUT_MIN_TERMS_STRIDED
+    channels in and out."""
     if spec.stride != (1, 1):
         return cg * og >= PANEL_GRAD_INPUT_MIN_TERMS_STRIDED
     # Into one input channel, the direct loops: 1.7-2.8x faster with 1 -> 8 or 16.
-    return cg > 1 and not _gemm_forward(og, cg, spec.stride) and (
-        og >= PANEL_GRAD_INPUT_MIN_CHANNELS or _panel_forward(og, cg, spec.w, spec.stride))
+    if cg == 1:
+        return False
+    if _gemm_forward(og, cg, spec.stride):
+        return not _gemm_grad_input(spec, cg, og, itemsize)
+    return og >= PANEL_GRAD_INPUT_MIN_CHANNELS or _panel_forward(og, cg, spec.w, spec.stride)
+
+
+def _gemm_grad_input(spec, cg, og, itemsize: int) -> bool:
+    """BLAS for the input gradient into two or three input channels (the transposed
+    forward, og -> cg, that the forward rule gives to BLAS), in float32 only: in float64
+    the panels were 1.2-2.9x BLAS's speed (AVX-512 Xeon, 1 and 2 threads, 2 or 3 -> 16 to
+    64 channels); in float32 BLAS 1.2-1.5x theirs with 16 output channels, 0.9-1.15x
+    with 32 or 64."""
+    return itemsize == 4 and cg > 1 and _gemm_forward(og, cg, spec.stride)
 
 
 def _depthwise_grad_input(spec) -> bool:
@@ -338,7 +353,8 @@ def grad_input(grad_output, weight, grad_x, spec, tuning=None, path=None) -> Non
 def grad_weight(grad_output, x, grad_w, spec, tuning=None, path=None) -> None:
     """grad_w[...] = the weight gradient (`tuning`, `path`: as for `forward`)."""
     tuning = current() if tuning is None else tuning
-    path = select(spec, "grad_weight", None, tuning) if path is None else path
+    path = (select(spec, "grad_weight", None, tuning, grad_w.dtype) if path is None
+            else path)
     if path == "panel":
         _panel.grad_weight(grad_output, x, grad_w, spec, tuning)
     elif path == "depthwise":

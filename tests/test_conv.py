@@ -89,11 +89,13 @@ def test_dispatch_picks_panel_for_many_channels_and_flat_or_direct_for_few():
     assert select(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 2, 1, 1, 4)) == "direct"
     # Few input channels: the weight gradient loops directly, while the input gradient
     # (a forward over the many output channels into three at unit stride) is a BLAS
-    # product per tap, as is the forward of many channels into one to three; with fewer
-    # channel pairs, or at a stride, the panels.
+    # product per tap in float32 (float64 takes the panels), as is the forward of many
+    # channels into one to three; with fewer channel pairs, or at a stride, the panels.
     stem = make_spec((1, 3, 32, 32), (16, 3, 3, 3), 1, 0, 2, 1)
     assert select(stem, "grad_weight") == "direct"
-    assert select(stem, "grad_input") == "gemm"
+    assert select(stem, "grad_input", dtype=np.float32) == "gemm"
+    assert select(stem, "grad_input", np.ones((16, 3, 3, 3), np.float32)) == "gemm"
+    assert select(stem, "grad_input", dtype=np.float64) == select(stem, "grad_input") == "panel"
     assert select(make_spec((1, 3, 32, 32), (8, 3, 3, 3), 1, 0, 2, 1), "grad_input") == "panel"
     assert select(make_spec((1, 64, 32, 32), (3, 64, 3, 3), 1, 1, 1, 1)) == "gemm"
     assert select(make_spec((1, 16, 32, 32), (2, 16, 3, 3), 1, 1, 1, 1)) == "gemm"

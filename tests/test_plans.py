@@ -205,7 +205,9 @@ def test_select_remembers_a_geometry_for_its_tuning_and_environment_only(monkeyp
             assert select(spec, "forward", weight) == "flat"
     assert len(spec.memo) <= _geometry.MEMO_ENTRIES
     # An entry under this tuning's id but for another tuning object is not taken.
-    spec.memo[(("select", "forward", None), id(current()))] = (Tuning(path="gemm"), "gemm")
+    key = (("select", "forward", None, weight.itemsize), id(current()))
+    assert select(spec, "forward", weight) == "flat" and key in spec.memo
+    spec.memo[key] = (Tuning(path="gemm"), "gemm")
     assert select(spec, "forward", weight) == "flat"
 
 
