@@ -210,7 +210,7 @@ def _gemm_grad_input(spec, cg, og, itemsize: int) -> bool:
     """BLAS for the input gradient into two or three input channels (the transposed
     forward, og -> cg, that the forward rule gives to BLAS), in float32 only: in float64
     the panels were 1.2-2.9x BLAS's speed (AVX-512 Xeon, 1 and 2 threads, 2 or 3 -> 16 to
-    64 channels); in float32 BLAS 1.2-1.5x theirs with 16 output channels, 0.9-1.15x
+    64 channels); in float32 BLAS 1.2-1.5x theirs with 16 output channels, 0.87-1.05x
     with 32 or 64."""
     return itemsize == 4 and cg > 1 and _gemm_forward(og, cg, spec.stride)
 
