@@ -3,7 +3,9 @@
    (target attributes), so one baseline build can run all the widths the CPU has; the
    caller checks the CPU supports a width before calling it.
 
-   NACC independent accumulators hide the FMA latency (4-5 cycles x 2 ports needs >= 10);
+   NACC independent accumulators hide the FMA latency (4-5 cycles x 2 ports needs >= 10),
+   and with the two constants they fit the 16 xmm/ymm registers: 16 accumulators made GCC
+   spill two to the stack, and their store-to-load chain halved the 128- and 256-bit peaks.
    acc = acc * m + a with m just under 1 converges to a/(1-m), so values stay normal. */
 #ifndef DILCONV_FMA_PROBE_H
 #define DILCONV_FMA_PROBE_H
@@ -19,7 +21,7 @@
 #include <cpuid.h>
 #endif
 
-#define DILCONV_PROBE_NACC 16
+#define DILCONV_PROBE_NACC 12
 
 #if defined(__GNUC__) || defined(__clang__)
 #define DILCONV_PROBE(NAME, T, BYTES, TARGET, FUSED)                                    \
