@@ -1,5 +1,8 @@
 """The CPU yardsticks (dilconv._cpu): features, the multiply-add peak probe, copy bandwidth."""
 import platform
+import re
+import shutil
+import subprocess
 import time
 
 import numpy as np
@@ -72,6 +75,27 @@ def test_probe_is_at_least_a_matmul(dtype):
             matmul = max(matmul, _matmul_gflops(dtype))
             peak = max(peak, _cpu.fma_peak(dtype, 1, seconds=0.05))
     assert peak >= 0.8 * matmul, (peak, matmul)
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
+def test_probe_loops_keep_their_accumulators_in_registers():
+    # Every width's loop: an accumulator spilled to the stack puts a store-to-load chain
+    # in it and the probe reads about half the peak (at every width, not only the widest
+    # that the matmul test above checks).
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", _cpu.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    loops = re.findall(r"<(dilconv_probe_\w+?)(?:\.\w+)*>:\n(.*?)\n\n", asm, re.S)
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the probes' loops are checked on x86-64")
+    names = {name for name, _ in loops}
+    assert {"dilconv_probe_f32_256", "dilconv_probe_f64_256"} <= names, names
+    for name, body in loops:
+        lines = body.splitlines()
+        arith = [i for i, line in enumerate(lines)
+                 if re.search(r"\tv?(fmadd\d*|mul|add)p[sd]", line)]
+        loop = lines[arith[0]:arith[-1] + 1]
+        spills = [line for line in loop if "(%rsp)" in line or "(%rbp)" in line]
+        assert not spills, (name, spills[:3])
 
 
 def test_wider_vectors_are_not_slower():
