@@ -37,6 +37,7 @@ import os
 
 import numpy as np
 
+from . import _tiers
 from ._tiers import _backward, _depthwise, _flat, _forward, _gemm, _panel
 from ._geometry import ConvSpec, memoised
 from ._tuning import PATHS, current
@@ -81,8 +82,13 @@ PANEL_FORWARD_MIN_ROW_STRIDED = 256
 # where the panels' blocks of MR output channels are mostly empty. Measured, float32, 1 and
 # 2 threads, AVX-512 EPYC: forward of 16 to 512 -> 2 or 3 channels 1.1-1.9x the panels'
 # speed (256 -> 1 at 33 x 33: 1.2x at one thread, 0.89x at two); input gradient of
-# 2 or 3 -> 16 to 64 channels 1.3-1.9x.
+# 2 or 3 -> 16 to 64 channels 1.3-1.9x. Only on CPUs with AVX-512, where OpenBLAS runs its
+# AVX-512 kernels: on an AVX2 Zen 3 its Haswell kernel spends its time packing the large
+# operand (used by only 1-3 rows), and the flat kernel took such forwards at 2.4-5x BLAS's
+# speed, the panels the input gradients at 1.8-3.4x (float32 and float64, 1 and 2 threads).
+# A choice by the CPU, not by the tier: every tier of one CPU runs the same family.
 GEMM_FORWARD_MIN_PAIRS = 32
+GEMM_FEW_OUTPUT_CHANNELS = _tiers.FEATURES.get("avx512f", False)
 
 
 def select(spec, op: str = "forward", weight=None, tuning=None, dtype=None) -> str:
@@ -186,7 +192,8 @@ def _panel_forward(in_channels, out_channels, out_width, stride) -> bool:
 
 def _gemm_forward(in_channels, out_channels, stride) -> bool:
     """BLAS for a forward with these channels per group (see GEMM_FORWARD_MIN_PAIRS)."""
-    return (stride == (1, 1) and out_channels < PANEL_FORWARD_MIN_OUT_CHANNELS
+    return (GEMM_FEW_OUTPUT_CHANNELS and stride == (1, 1)
+            and out_channels < PANEL_FORWARD_MIN_OUT_CHANNELS
             and in_channels * out_channels >= GEMM_FORWARD_MIN_PAIRS)
 
 
@@ -208,7 +215,8 @@ def _panel_grad_input(spec, cg, og, itemsize: int) -> bool:
 
 def _gemm_grad_input(spec, cg, og, itemsize: int) -> bool:
     """BLAS for the input gradient into two or three input channels (the transposed
-    forward, og -> cg, that the forward rule gives to BLAS), in float32 only: in float64
+    forward, og -> cg, that the forward rule gives to BLAS, on CPUs with AVX-512 only:
+    see GEMM_FORWARD_MIN_PAIRS), in float32 only: in float64
     the panels were 1.2-2.9x BLAS's speed (AVX-512 Xeon, 1 and 2 threads, 2 or 3 -> 16 to
     64 channels); in float32 BLAS 1.2-1.5x theirs with 16 output channels, 0.87-1.05x
     with 32 or 64."""

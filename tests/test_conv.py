@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import dilconv
+from dilconv import _cpu, _dispatch, _validate
 from dilconv._dispatch import PATHS, select
 from dilconv._threads import kernel_threads
 from dilconv._tuning import Tuning, tuning
@@ -81,28 +82,50 @@ def test_forward_and_backward_match_oracle(case, dtype, bias, path, rng):
         check_backward(gy, x, wt, stride, padding, dilation, groups)
 
 
+@pytest.fixture
+def fresh_specs():
+    # Shared specs remember select's choices: none made under a patched rule outlive it.
+    _validate._cached_spec.cache_clear()
+    yield
+    _validate._cached_spec.cache_clear()
+
+
+@pytest.mark.parametrize("avx512", [False, True])
+def test_few_output_channels(monkeypatch, fresh_specs, avx512):
+    # Many channels into one to three at unit stride (and the input gradient of RGB stems,
+    # a forward of many channels into three): a BLAS product per tap only on CPUs with
+    # AVX-512 (the input gradient in float32 only), else the panels; with fewer channel
+    # pairs, or at a stride, the panels on every CPU.
+    monkeypatch.setattr(_dispatch, "GEMM_FEW_OUTPUT_CHANNELS", avx512)
+    blas = "gemm" if avx512 else "panel"
+    stem = make_spec((1, 3, 32, 32), (16, 3, 3, 3), 1, 0, 2, 1)
+    assert select(stem, "grad_input", dtype=np.float32) == blas
+    assert select(stem, "grad_input", np.ones((16, 3, 3, 3), np.float32)) == blas
+    assert select(stem, "grad_input", dtype=np.float64) == select(stem, "grad_input") == "panel"
+    assert select(make_spec((1, 3, 32, 32), (8, 3, 3, 3), 1, 0, 2, 1), "grad_input") == "panel"
+    assert select(make_spec((1, 64, 32, 32), (3, 64, 3, 3), 1, 1, 1, 1)) == blas
+    assert select(make_spec((1, 16, 32, 32), (2, 16, 3, 3), 1, 1, 1, 1)) == blas
+    assert select(make_spec((1, 64, 32, 32), (3, 64, 3, 3), 2, 1, 1, 1)) == "panel"
+    assert select(make_spec((1, 3, 32, 32), (16, 3, 3, 3), 2, 0, 2, 1),
+                  "grad_input") == "panel"
+
+
+def test_few_output_channels_follow_the_cpu():
+    assert _dispatch.GEMM_FEW_OUTPUT_CHANNELS == _cpu.cpu_features()["avx512f"]
+
+
 def test_dispatch_picks_panel_for_many_channels_and_flat_or_direct_for_few():
     many = make_spec((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 1, 1)
     assert select(many) == "panel"
     assert select(many, "grad_weight") == "panel"
     assert select(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 1, 1, 1, 4)) == "flat"
     assert select(make_spec((1, 8, 32, 32), (8, 2, 3, 3), 2, 1, 1, 4)) == "direct"
-    # Few input channels: the weight gradient loops directly, while the input gradient
-    # (a forward over the many output channels into three at unit stride) is a BLAS
-    # product per tap in float32 (float64 takes the panels), as is the forward of many
-    # channels into one to three; with fewer channel pairs, or at a stride, the panels.
+    # Few input channels: the weight gradient loops directly; the input gradient into
+    # them (a forward of many channels into few) as test_few_output_channels says.
     stem = make_spec((1, 3, 32, 32), (16, 3, 3, 3), 1, 0, 2, 1)
     assert select(stem, "grad_weight") == "direct"
-    assert select(stem, "grad_input", dtype=np.float32) == "gemm"
-    assert select(stem, "grad_input", np.ones((16, 3, 3, 3), np.float32)) == "gemm"
-    assert select(stem, "grad_input", dtype=np.float64) == select(stem, "grad_input") == "panel"
-    assert select(make_spec((1, 3, 32, 32), (8, 3, 3, 3), 1, 0, 2, 1), "grad_input") == "panel"
-    assert select(make_spec((1, 64, 32, 32), (3, 64, 3, 3), 1, 1, 1, 1)) == "gemm"
-    assert select(make_spec((1, 16, 32, 32), (2, 16, 3, 3), 1, 1, 1, 1)) == "gemm"
     assert select(make_spec((1, 64, 32, 32), (3, 64, 3, 3), 2, 1, 1, 1)) == "panel"
     assert select(make_spec((1, 64, 32, 32), (4, 64, 3, 3), 1, 1, 1, 1)) == "panel"
-    assert select(make_spec((1, 3, 32, 32), (16, 3, 3, 3), 2, 0, 2, 1),
-                  "grad_input") == "panel"
     # Few channels in long rows of several output channels: the panels (4 -> 4 at 256
     # columns is one row of 1024 outputs; strided, rows of 256 are enough).
     assert select(make_spec((1, 4, 8, 256), (4, 4, 3, 3), 1, 1, 1, 1)) == "panel"
