@@ -494,13 +494,18 @@ LANES_MIN_TERMS = (288 if cpu_vendor() == "amd" and cpu_family() >= 26
 # Xeon, v4: DeepLab's 2048 -> 256 ASPP branch at 33 x 33, rate 6, 1.54x the speed of its
 # taps summed in registers and 1.32x the panels'; 512 -> 512 at 48 x 64, 1.08-1.16x the
 # registers'; at 64 x 64 (dilation 4) 0.98-1.07x, the same as the panels.
+# v3's blocks of 16 float32 channels take chunks of 4 KB, however many blocks: a chunk's
+# input for a sub-tile then stays in L2 for every block (float32 on an AVX2 Zen 3, against
+# 64 KB: 2048 -> 21 at 41 x 41 2.9x / 1.4x the speed at one / two threads, 1024 -> 48 at
+# 64 x 64 1.4x / 1.3x, 1024 -> 21 1.15x / 1.2x, 2048 -> 256 at 33 x 33 1.27x at one;
+# float64 0.95-1.1x, within the noise).
 LANES_BLOCK_WEIGHT_BYTES = 512 * 1024
-LANES_CHUNK_BYTES = 64 * 1024
+LANES_CHUNK_BYTES = 64 * 1024 if DILCONV_VEC_BYTES == 64 else 4 * 1024
 # With one output block, no other block shares a chunk's input: smaller chunks, whose
 # weights stay in L1 while each run of pixels reads them (one thread on an AVX-512 EPYC,
 # v4, against 64 KB: 2048 -> 21 and 2048 -> 32 at 41 x 41, 512 -> 19 at 64 x 64, 1.18-1.29x;
 # with two blocks, 1024 -> 48 at 64 x 64, 16 KB was 0.98x).
-LANES_ONE_BLOCK_CHUNK_BYTES = 16 * 1024
+LANES_ONE_BLOCK_CHUNK_BYTES = 16 * 1024 if DILCONV_VEC_BYTES == 64 else 4 * 1024
 LANES_TAP_MAJOR_BAND_BYTES = 16 * 1024 * 1024
 LANES_TAP_MAJOR_TILE_BYTES = 1024 * 1024
 
