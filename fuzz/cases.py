@@ -275,7 +275,8 @@ def _draw_geometry(rng, cfg: GenConfig, kind: str) -> dict:
             rng.integers(4, 9))
     elif r < 0.85:
         # Many channel pairs with one to three channels on one side: a segmentation head's
-        # forward, an RGB stem's input gradient (BLAS by default: GEMM_FORWARD_MIN_PAIRS).
+        # forward, an RGB stem's input gradient (BLAS by default on CPUs with AVX-512:
+        # GEMM_FORWARD_MIN_PAIRS).
         few, many = int(rng.integers(1, 4)), int(rng.integers(11, 33))
         groups, cg, og = (1, many, few) if rng.random() < 0.5 else (1, few, many)
     else:

@@ -481,9 +481,13 @@ LANES_MAX_PADDING = 0.25
 # panels' v4 code is faster up to 192 terms (float32, one / two threads: 96 (1x3) 0.71x /
 # 0.87x, 128 (1x2) 0.85x / 0.84x, 144 (3x3) 0.85x / 0.83x, 192 (1x2) 0.97x / 0.87x;
 # 288 (3x3) 1.00x / 1.04x, 384 (1x3) 0.99x / 1.00x; float64 alike), its v3 code is not
-# (128: 1.14x, 144: 1.05x).
+# (128: 1.14x, 144: 1.05x). On an AVX2 EPYC (Zen 3, v3, one / two threads) from 64:
+# 32 terms (1x2, 2x2) 0.96x / 0.63-0.93x, 48 (1x3) 1.02-1.27x / 0.93-1.0x, 64 (1x2)
+# 1.09x / 1.13x, 72 (3x3 x 8 channels) 1.04-1.18x / 1.08-1.11x, 32 groups of 8 1.3-2.1x.
 LANES_MIN_TERMS = (288 if cpu_vendor() == "amd" and cpu_family() >= 26
-                   and DILCONV_VEC_BYTES == 64 else {"amd": 96}.get(cpu_vendor(), 144))
+                   and DILCONV_VEC_BYTES == 64
+                   else 64 if cpu_vendor() == "amd" and DILCONV_VEC_BYTES == 32
+                   else {"amd": 96}.get(cpu_vendor(), 144))
 # Where one output block's weights exceed this, every run would read them from L2 or
 # L3: a sub-tile instead takes the taps one at a time, each in chunks of channels with at
 # most LANES_CHUNK_BYTES of weights per block, every block's partial sums (at most
