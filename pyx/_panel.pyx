@@ -488,6 +488,11 @@ LANES_MIN_TERMS = (288 if cpu_vendor() == "amd" and cpu_family() >= 26
                    and DILCONV_VEC_BYTES == 64
                    else 64 if cpu_vendor() == "amd" and DILCONV_VEC_BYTES == 32
                    else {"amd": 96}.get(cpu_vendor(), 144))
+# Column kernels (kH x 1, as ERFNet's 3 x 1) take the panels in v3 on AMD CPUs: each run
+# of pixels reads kH rows apart, where a row's taps reuse the lines they share (an AVX2
+# Zen 3, one / two threads, lanes against panels: 3 x 1 with 64 to 256 channels 0.69-0.94x
+# / 0.70-0.89x; 1 x 3 and 3 x 3 alike 0.97-1.13x / 0.97-1.03x).
+LANES_COLUMN_KERNELS = not (cpu_vendor() == "amd" and DILCONV_VEC_BYTES == 32)
 # Where one output block's weights exceed this, every run would read them from L2 or
 # L3: a sub-tile instead takes the taps one at a time, each in chunks of channels with at
 # most LANES_CHUNK_BYTES of weights per block, every block's partial sums (at most
@@ -531,7 +536,8 @@ def lanes_layout(spec, Py_ssize_t itemsize):
 def uses_lanes(spec, Py_ssize_t itemsize, tuning):
     """Whether the forward takes the lanes scheme: the `panel_lanes` knob if set; else, in
     tiers that prefer it, where input channel padding adds little, the sums are long
-    enough and kH input rows of a band fit its packed rows."""
+    enough, the kernel is not a column where the tier's plans say so, and kH input rows
+    of a band fit its packed rows."""
     if tuning.panel_lanes is not None:
         return tuning.panel_lanes
     if not DILCONV_LANES_DEFAULT:
@@ -540,6 +546,7 @@ def uses_lanes(spec, Py_ssize_t itemsize, tuning):
     cg = spec.c // spec.groups
     return (cpad <= (1 + LANES_MAX_PADDING) * cg
             and spec.kh * spec.kw * cpad >= LANES_MIN_TERMS
+            and (LANES_COLUMN_KERNELS or spec.kw > 1 or spec.kh == 1)
             and spec.kh * spec.w * cpad * itemsize <= LANES_BAND_BYTES)
 
 

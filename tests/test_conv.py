@@ -274,6 +274,28 @@ def _merged_groups_case(dtype, og, groups=4, n=2, h=13, w=17):
     return (n, groups * lanes // 2, h, w, groups * og, k, k, 1, 2, 2, groups)
 
 
+def test_lanes_rule_follows_the_tier_plans():
+    # Which forwards the tier's plans give the lanes scheme: long enough sums of whole
+    # vectors of input channels, column kernels (kH x 1) where the tier says so; the knob
+    # overrides both ways.
+    panel = dilconv._tiers._panel
+    f32 = np.dtype(np.float32).itemsize
+    lanes = panel.lanes_layout(make_spec((1, 1, 1, 1), (1, 1, 1, 1), 1, 0, 1, 1), f32)[0]
+    c = lanes * int(np.ceil(panel.LANES_MIN_TERMS / (3 * lanes)))    # 3 taps reach the minimum
+    row = make_spec((1, c, 16, 64), (c, c, 1, 3), 1, 0, 1, 1)
+    column = make_spec((1, c, 64, 16), (c, c, 3, 1), 1, 0, 1, 1)
+    short = make_spec((1, lanes, 16, 64), (c, lanes, 1, 1), 1, 0, 1, 1)
+    default = Tuning()
+    assert panel.uses_lanes(row, f32, default) == panel.LANES_DEFAULT
+    assert panel.uses_lanes(column, f32, default) == (panel.LANES_DEFAULT
+                                                       and panel.LANES_COLUMN_KERNELS)
+    assert panel.uses_lanes(short, f32, default) == (panel.LANES_DEFAULT
+                                                      and lanes >= panel.LANES_MIN_TERMS)
+    for forced in (True, False):
+        assert all(panel.uses_lanes(s, f32, Tuning(panel_lanes=forced)) == forced
+                   for s in (row, column, short))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("og", [8, 12])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
