@@ -201,6 +201,15 @@ def _fma_peaks(dtypes: list, thread_counts: list) -> dict:
             for dtype in dtypes}
 
 
+def peak_notes(fma: dict, matmul: dict) -> list:
+    """Notes where numpy's matmul ran faster than the multiply-add peak ({dtype: {threads:
+    GFLOP/s}} each): no product beats the arithmetic it is made of, so the probe did not
+    reach the peak there, and %peak reads high."""
+    return [f"numpy's matmul ({matmul[dtype][n]:.1f} GFLOP/s, {dtype}, {n} thread(s)) "
+            f"beat the FMA peak probe ({fma[dtype][n]:.1f}): %peak overstates"
+            for dtype in fma for n in fma[dtype] if matmul[dtype][n] > 1.05 * fma[dtype][n]]
+
+
 def _bandwidths(thread_counts: list) -> dict:
     return {str(n): _cpu.copy_bandwidth(n) for n in thread_counts}
 
@@ -280,6 +289,7 @@ def run(layers: list, ops: list, dtypes: list, thread_counts: list, peers: list,
     yard = _best(list(yard_runs.values()))
     widest = str(max(_cpu.vector_widths()))
     fma = {dtype: by_width[widest] for dtype, by_width in yard["fma"].items()}
+    notes.extend(peak_notes(fma, yard["matmul"]))
     specs = {layer.name: layer.spec() for layer in layers}
     for row in results:
         if "gflops_effective" in row:

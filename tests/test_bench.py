@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import im2col, layers, timing  # noqa: E402
+from bench import im2col, layers, run, timing  # noqa: E402
 from bench.cli import main  # noqa: E402
 from bench.impls import Case, Dilconv, Torch, check  # noqa: E402
 from bench.layers import Layer  # noqa: E402
@@ -99,6 +99,13 @@ def test_suite_layers_are_valid():
         assert all(layer.spec().ho >= 1 for layer in layers.select(name))
     assert [layer.name for layer in layers.select("all", ["dw_d4"])] == ["dw_d4"]
     assert set(layers.SUITES["all"].dtypes) == {"float32", "float64"}
+
+
+def test_a_matmul_above_the_fma_peak_is_noted():
+    fma = {"float32": {"1": 100.0, "2": 200.0}}
+    assert run.peak_notes(fma, {"float32": {"1": 90.0, "2": 204.0}}) == []
+    notes = run.peak_notes(fma, {"float32": {"1": 90.0, "2": 260.0}})
+    assert len(notes) == 1 and "260.0" in notes[0] and "2 thread" in notes[0]
 
 
 def test_statistics():
