@@ -488,10 +488,10 @@ LANES_MIN_TERMS = (288 if cpu_vendor() == "amd" and cpu_family() >= 26
                    and DILCONV_VEC_BYTES == 64
                    else 64 if cpu_vendor() == "amd" and DILCONV_VEC_BYTES == 32
                    else {"amd": 96}.get(cpu_vendor(), 144))
-# Column kernels (kH x 1, as ERFNet's 3 x 1) take the panels in v3 on AMD CPUs: each run
-# of pixels reads kH rows apart, where a row's taps reuse the lines they share (an AVX2
-# Zen 3, one / two threads, lanes against panels: 3 x 1 with 64 to 256 channels 0.69-0.94x
-# / 0.70-0.89x; 1 x 3 and 3 x 3 alike 0.97-1.13x / 0.97-1.03x).
+# Column kernels (kH x 1, as ERFNet's 3 x 1) take the panels in v3 on AMD CPUs, where the
+# lanes measured slower (an AVX2 Zen 3, one / two threads, lanes against panels: 3 x 1
+# with 8 to 256 input channels 0.84-0.93x / 0.70-0.89x; 1 x 3 and 3 x 3 with 64 or 128
+# 1.10-1.16x / 0.98-1.03x).
 LANES_COLUMN_KERNELS = not (cpu_vendor() == "amd" and DILCONV_VEC_BYTES == 32)
 # Where one output block's weights exceed this, every run would read them from L2 or
 # L3: a sub-tile instead takes the taps one at a time, each in chunks of channels with at
