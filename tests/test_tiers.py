@@ -16,7 +16,7 @@ from dilconv import _cpu, _dispatch, _tiers
 from dilconv._tier_table import TIERS
 from dilconv._tuning import PATHS, tuning
 
-from _helpers import check_backward, check_forward, random_case
+from _helpers import assert_conv_close, check_backward, check_forward, random_case
 
 # Tiers with fused multiply-adds: they must agree bit for bit.
 FMA_TIERS = [t for t in _tiers.SUPPORTED if "fma" in TIERS[t][1]]
@@ -235,28 +235,27 @@ def test_tier_objects_hold_only_their_registers(tier):
     assert tier == "baseline" or any(uses_ymm)
 
 
+# Under emulation only dilconv runs (the oracle, and scipy's import, would take most of
+# an emulated run's time): its results go to a file, checked natively.
 QEMU_SCRIPT = """
+import sys
 import numpy as np
 import dilconv
-from dilconv import _tiers, reference, tolerance
-from dilconv._validate import make_spec
+from dilconv import _tiers
 rng = np.random.default_rng(0)
-worst = 0.0
+results = {}
 # Panel (many channels), depthwise and flat (few channels): each family's code runs.
-for (c, o, groups) in ((16, 24, 1), (8, 8, 8), (3, 4, 1)):
+for i, (c, o, groups) in enumerate(QEMU_CASES):
     x = rng.standard_normal((1, c, 21, 30)).astype(np.float32)
     w = rng.standard_normal((o, c // groups, 3, 3)).astype(np.float32)
     y = dilconv.conv2d(x, w, None, 1, 2, 2, groups)
-    spec = make_spec(x.shape, w.shape, 1, 2, 2, groups)
-    args = (spec.stride, spec.padding, spec.dilation, groups)
-    bound = tolerance.error_bound(reference.conv2d_reference_abs(x, w, *args),
-                                  tolerance.forward_terms(spec, False), x.dtype)
-    worst = max(worst, tolerance.worst_ratio(y, reference.conv2d_reference(x, w, None, *args),
-                                             bound))
     g = dilconv.conv2d_backward(np.ones_like(y), x, w, 1, 2, 2, groups)
-    assert all(np.isfinite(a).all() for a in g)
-print(_tiers.current(), worst)
+    results.update({f"x{i}": x, f"w{i}": w, f"y{i}": y,
+                    **{f"g{k}{i}": a for k, a in zip("iwb", g)}})
+np.savez(sys.argv[1], **results)
+print(_tiers.current())
 """
+QEMU_CASES = ((16, 24, 1), (8, 8, 8), (3, 4, 1))
 
 
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
@@ -265,21 +264,33 @@ print(_tiers.current(), worst)
                                                ("Haswell", "v4_on_v3", "v4_on_v3"),
                                                ("SandyBridge", "", "baseline"),
                                                ("Nehalem", "", "baseline")])
-def test_runs_on_cpus_without_avx512_or_avx(cpu, forced, tier):
+def test_runs_on_cpus_without_avx512_or_avx(cpu, forced, tier, tmp_path):
     # SandyBridge has AVX but neither AVX2 nor FMA; Nehalem has no AVX at all.
     if tier not in _tiers.BUILT:
         pytest.skip(f"no {tier} in this build")
     env = dict(os.environ, **{_tiers.ENV: forced})
-    # Some numpy builds need more than the emulated CPU has: then nothing of ours can run.
-    probe = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", "import numpy"],
-                           capture_output=True, text=True, timeout=600, env=env)
-    if probe.returncode < 0:
-        pytest.skip(f"numpy {np.__version__} itself dies on an emulated {cpu} "
-                    f"(signal {-probe.returncode})")
-    r = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", QEMU_SCRIPT],
+    saved = tmp_path / "results.npz"
+    script = f"QEMU_CASES = {QEMU_CASES!r}\n" + QEMU_SCRIPT
+    r = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", script, str(saved)],
                        capture_output=True, text=True, timeout=600, env=env)
+    if r.returncode < 0:
+        # Some numpy builds need more than the emulated CPU has: then nothing of ours runs.
+        probe = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-c",
+                                "import numpy"], capture_output=True, timeout=600, env=env)
+        if probe.returncode < 0:
+            pytest.skip(f"numpy {np.__version__} itself dies on an emulated {cpu} "
+                        f"(signal {-probe.returncode})")
     # A signal (SIGILL: an instruction the CPU lacks) gives a negative return code.
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
-    chosen, worst = r.stdout.split()
-    assert chosen == tier
-    assert float(worst) <= 1.0
+    assert r.stdout.split() == [tier]
+    results = np.load(saved)
+    for i, (c, o, groups) in enumerate(QEMU_CASES):
+        x, w, y = results[f"x{i}"], results[f"w{i}"], results[f"y{i}"]
+        grads = tuple(results[f"g{k}{i}"] for k in "iwb")
+        assert_conv_close(y, "conv2d", x, w, None, 1, 2, 2, groups)
+        assert_conv_close(grads, "conv2d_backward", np.ones_like(y), x, w, 1, 2, 2, groups)
+        # The FMA tiers give this machine's bits for the same tier.
+        if tier in FMA_TIERS:
+            with _tiers.use(tier):
+                native = dilconv.conv2d_backward(np.ones_like(y), x, w, 1, 2, 2, groups)
+            assert all(np.array_equal(a, b) for a, b in zip(native, grads))
