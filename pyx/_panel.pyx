@@ -484,15 +484,16 @@ LANES_MAX_PADDING = 0.25
 # (128: 1.14x, 144: 1.05x). On an AVX2 EPYC (Zen 3, v3, one / two threads) from 64:
 # 32 terms (1x2, 2x2) 0.96x / 0.63-0.93x, 48 (1x3) 1.02-1.27x / 0.93-1.0x, 64 (1x2)
 # 1.09x / 1.13x, 72 (3x3 x 8 channels) 1.04-1.18x / 1.08-1.11x, 32 groups of 8 1.3-2.1x.
-LANES_MIN_TERMS = (288 if cpu_vendor() == "amd" and cpu_family() >= 26
+_V3_ON_AMD = cpu_vendor() == "amd" and DILCONV_VEC_BYTES == 32
+LANES_MIN_TERMS = (64 if _V3_ON_AMD
+                   else 288 if cpu_vendor() == "amd" and cpu_family() >= 26
                    and DILCONV_VEC_BYTES == 64
-                   else 64 if cpu_vendor() == "amd" and DILCONV_VEC_BYTES == 32
                    else {"amd": 96}.get(cpu_vendor(), 144))
 # Column kernels (kH x 1, as ERFNet's 3 x 1) take the panels in v3 on AMD CPUs, where the
 # lanes measured slower (an AVX2 Zen 3, one / two threads, lanes against panels: 3 x 1
 # with 8 to 256 input channels 0.84-0.93x / 0.70-0.89x; 1 x 3 and 3 x 3 with 64 or 128
 # 1.10-1.16x / 0.98-1.03x).
-LANES_COLUMN_KERNELS = not (cpu_vendor() == "amd" and DILCONV_VEC_BYTES == 32)
+LANES_COLUMN_KERNELS = not _V3_ON_AMD
 # Where one output block's weights exceed this, every run would read them from L2 or
 # L3: a sub-tile instead takes the taps one at a time, each in chunks of channels with at
 # most LANES_CHUNK_BYTES of weights per block, every block's partial sums (at most
@@ -503,12 +504,13 @@ LANES_COLUMN_KERNELS = not (cpu_vendor() == "amd" and DILCONV_VEC_BYTES == 32)
 # Xeon, v4: DeepLab's 2048 -> 256 ASPP branch at 33 x 33, rate 6, 1.54x the speed of its
 # taps summed in registers and 1.32x the panels'; 512 -> 512 at 48 x 64, 1.08-1.16x the
 # registers'; at 64 x 64 (dilation 4) 0.98-1.07x, the same as the panels.
-# v3's blocks of 16 float32 channels take chunks of 4 KB, however many blocks: a chunk's
-# input for a sub-tile then stays in L2 for every block (float32 on an AVX2 Zen 3, against
-# 64 KB: 2048 -> 21 at 41 x 41 2.9x / 1.4x the speed at one / two threads, 1024 -> 48 at
-# 64 x 64 1.4x / 1.3x, 1024 -> 21 1.15x / 1.2x, 2048 -> 256 at 33 x 33 1.27x at one;
-# float64 0.95-1.1x, within the noise).
 LANES_BLOCK_WEIGHT_BYTES = 512 * 1024
+# Narrower tiers' blocks (v3's 16 float32 channels; SSE2's, whose lanes run only where the
+# knob forces them) take chunks of 4 KB, however many blocks: a chunk's input for a
+# sub-tile then stays in L2 for every block (float32 on an AVX2 Zen 3, against 64 KB:
+# 2048 -> 21 at 41 x 41 2.9x / 1.4x the speed at one / two threads, 1024 -> 48 at 64 x 64
+# 1.4x / 1.3x, 1024 -> 21 1.15x / 1.2x, 2048 -> 256 at 33 x 33 1.27x at one; float64
+# 0.95-1.1x, within the noise).
 LANES_CHUNK_BYTES = 64 * 1024 if DILCONV_VEC_BYTES == 64 else 4 * 1024
 # With one output block, no other block shares a chunk's input: smaller chunks, whose
 # weights stay in L1 while each run of pixels reads them (one thread on an AVX-512 EPYC,
