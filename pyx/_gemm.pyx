@@ -30,8 +30,9 @@ BLAS_INT_MAX = 2 ** 31 - 1
 
 
 def applies(spec, tuning):
-    """True where BLAS's 32-bit sizes hold this geometry (the forward also passes the
-    output plane size as a leading dimension); larger ones run elsewhere."""
+    """True where BLAS's 32-bit sizes hold this geometry (the forward and the input
+    gradient also pass the output plane size as a leading dimension); larger ones run
+    elsewhere."""
     return (max(spec.c, spec.o) * tuning.max_tile_pixels <= BLAS_INT_MAX
             and spec.ho * spec.wo <= BLAS_INT_MAX)
 
@@ -225,12 +226,13 @@ cdef void _grad_input_tile(const floating[:, :, :, ::1] gy,     # IN  (N, O, Ho,
                            const floating[:, :, ::1] wt,        # IN  (kH*kW, C, O/groups)
                            floating[:, :, :, ::1] gx,           # OUT (N, C, H, W)
                            const Py_ssize_t[:, ::1] tiles,      # IN  (T, 4) of input pixels
-                           Geom g, Py_ssize_t task,
+                           Geom g, Py_ssize_t task, Py_ssize_t tile_pixels,
                            floating* pack, floating* tmp) noexcept nogil:   # SCRATCH
     cdef TileTask tt = tile_task(tiles, g, task)
     cdef Py_ssize_t n = tt.n, grp = tt.grp, r0 = tt.r0, r1 = tt.r1, c0 = tt.c0, c1 = tt.c1
     cdef Py_ssize_t o0 = grp * g.Og, ci0 = grp * g.Cg
-    cdef Py_ssize_t oi, ci, kh, kw, r, j, a, b, c, d, rows, cols, pixels, off_h, off_w
+    cdef Py_ssize_t oi, ci, kh, kw, r, j, a, b, c, d, rows, cols, span, row_len, off_h, off_w
+    cdef bint in_place
     cdef floating* gxrow
     cdef const floating* src
 
@@ -252,16 +254,26 @@ cdef void _grad_input_tile(const floating[:, :, :, ::1] gy,     # IN  (N, O, Ho,
                 continue
             rows = b - a
             cols = d - c
-            pixels = rows * cols
-            for oi in range(g.Og):
-                pack_rect(&gy[n, o0 + oi, 0, 0], g.Wo, a, 1, c, 1, rows, cols,
-                          pack + oi * pixels)
-            gemm(c'N', c'N', g.Cg, pixels, g.Og, &wt[kh * g.kW + kw, ci0, 0], g.Og,
-                 pack, pixels, 0, tmp, pixels)
+            # The rect's pixels as one run of grad_output's rows, read in place (no
+            # copy of O/g planes per tap), where the columns outside it that the run
+            # takes in add little work and it fits the tile's buffer; else packed.
+            span = (rows - 1) * g.Wo + cols
+            in_place = span <= tile_pixels and 8 * span <= 9 * rows * cols
+            if in_place:
+                row_len = g.Wo
+                gemm(c'N', c'N', g.Cg, span, g.Og, &wt[kh * g.kW + kw, ci0, 0], g.Og,
+                     &gy[n, o0, a, c], g.Ho * g.Wo, 0, tmp, span)
+            else:
+                span, row_len = rows * cols, cols
+                for oi in range(g.Og):
+                    pack_rect(&gy[n, o0 + oi, 0, 0], g.Wo, a, 1, c, 1, rows, cols,
+                              pack + oi * span)
+                gemm(c'N', c'N', g.Cg, span, g.Og, &wt[kh * g.kW + kw, ci0, 0], g.Og,
+                     pack, span, 0, tmp, span)
             for ci in range(g.Cg):
                 for r in range(rows):
                     gxrow = &gx[n, ci0 + ci, (a + r) * g.sh + off_h, c * g.sw + off_w]
-                    src = tmp + ci * pixels + r * cols
+                    src = tmp + ci * span + r * row_len
                     if g.sw == 1:
                         for j in range(cols):
                             gxrow[j] = gxrow[j] + src[j]
@@ -290,8 +302,8 @@ def grad_input(const floating[:, :, :, ::1] gy, weight,
         with nogil, parallel(num_threads=n_threads):
             tid = threadid()
             for task in prange(n_tasks, schedule='static'):
-                _grad_input_tile(gy, wt, gx, tiles, g, task, &scratch[tid, 0],
-                                 &scratch[tid, tmp])
+                _grad_input_tile(gy, wt, gx, tiles, g, task, tile_pixels,
+                                 &scratch[tid, 0], &scratch[tid, tmp])
 
 
 cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho, Wo)

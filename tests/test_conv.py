@@ -175,6 +175,20 @@ def test_gemm_forward_per_tap_and_per_kernel_row(case, row_products, rng):
         check_forward(x, wt, b, stride, padding, dilation, groups)
 
 
+@pytest.mark.parametrize("tile_pixels", [5, 64, 4096])
+@pytest.mark.parametrize("case", GRID[:7] + [(1, 3, 20, 20, 7, 3, 3, 1, 0, 2, 1),
+                                             (1, 5, 20, 20, 7, 3, 3, 1, 2, 2, 1)])
+def test_gemm_input_gradient_in_place_and_packed(case, tile_pixels, rng):
+    # The GEMM input gradient reads grad_output in place where a tap's rect spans whole
+    # rows of it (large tiles), and packs narrower rects (small tiles, border taps).
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    x, wt, _ = random_case(rng, n, c, h, w, o, kh, kw, groups, np.float64)
+    spec = make_spec(x.shape, wt.shape, stride, padding, dilation, groups)
+    gy = rng.standard_normal(spec.output_shape)
+    with tuning(path="gemm", min_tile_pixels=1, max_tile_pixels=tile_pixels):
+        check_backward(gy, x, wt, stride, padding, dilation, groups)
+
+
 @pytest.mark.parametrize("in_place, zero_fill", [(True, False), (False, False),
                                                   (False, True)])
 @pytest.mark.parametrize("tile_pixels", [5, 4096])
