@@ -41,6 +41,7 @@ import operator
 import os
 import sys
 import threading
+import time
 import warnings
 import dataclasses
 from dataclasses import dataclass
@@ -240,9 +241,8 @@ def _contiguous(a: np.ndarray, slot: str, planes=False) -> np.ndarray:
     """`a` itself when C-contiguous, or with `planes` when its channel planes are (conv2d
     reads those in place: `_validate.kernel_array`), else its copy in this thread's buffer
     `slot` (a fresh array per call would cost a page fault per page). A view of a
-    memory-mapped file is always copied: the kernels read each input value several times,
-    and in the file's mapping (4 KiB pages, faulted in afresh by each task's mapping) they
-    ran at 0.55x their speed on the copy, which costs less than that difference."""
+    memory-mapped file from a dask block is always copied: on some machines the kernels
+    ran at 0.55x their speed in the file's mapping (see WINDOW_VIEWS)."""
     if not isinstance(a, np.memmap) and (
             a.flags.c_contiguous or (planes and _validate.planes_contiguous(a, a.dtype))):
         return a
@@ -251,9 +251,60 @@ def _contiguous(a: np.ndarray, slot: str, planes=False) -> np.ndarray:
     return buf
 
 
-def _read_window(direct: _Direct, slot="window"):
-    """The window read into this thread's buffer `slot`."""
+# A forward's window of a `MemmapArray` goes to the kernels either as a view of the file's
+# mapping (no copy) or read with pread into the task's buffer, whichever costs this machine
+# less: on an AVX-512 EPYC under KVM the kernels ran at 0.55x their speed on the mapping
+# (populated or not), so the copy cost less; on an AVX-512 Xeon under Firecracker they ran
+# as fast on it, and the bench layer's threaded job took 0.7x the CPU with views. Each
+# process measures: its first windows alternate (WINDOW_TRIALS of each), each timed in the
+# task thread's CPU time per value from the read to the end of its first kernel call, and
+# it keeps the cheaper. WINDOW_VIEWS = True or False decides instead (tests).
+WINDOW_VIEWS: Optional[bool] = None
+WINDOW_TRIALS = 2
+
+
+class _WindowCost:
+    """The measured choice between views and copies of a file's windows (one per process)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.costs = {True: [], False: []}
+        self.choice: Optional[bool] = None
+
+    def views(self) -> bool:
+        if WINDOW_VIEWS is not None:
+            return WINDOW_VIEWS
+        with self.lock:
+            if self.choice is not None:
+                return self.choice
+            return len(self.costs[True]) <= len(self.costs[False])
+
+    def record(self, views: bool, seconds: float, values: int) -> None:
+        with self.lock:
+            if self.choice is not None:
+                return
+            self.costs[views].append(seconds / max(values, 1))
+            if min(len(c) for c in self.costs.values()) >= WINDOW_TRIALS:
+                self.choice = min(self.costs[True]) < min(self.costs[False])
+
+
+_window_cost = _WindowCost()
+
+
+def _read_window(direct: _Direct, slot="window", planes=False):
+    """The window read into this thread's buffer `slot`; with `planes` (for conv2d), a
+    `MemmapArray`'s window may be a view of the file instead (see WINDOW_VIEWS)."""
     source = direct.source
+    if isinstance(source, MemmapArray) and planes:
+        trial = WINDOW_VIEWS is None and _window_cost.choice is None
+        start = time.thread_time() if trial else 0.0
+        views = _window_cost.views()
+        window = source[direct.region] if views else None
+        if window is None or not _validate.planes_contiguous(window, window.dtype):
+            window, views = source.read_into(direct.region, slot), False
+        if trial:
+            _local.window_trial = (views, start, window.size)
+        return window
     if isinstance(source, (MemmapArray, RawZarrArray)):
         return source.read_into(direct.region, slot)
     # A zarr array decodes the chunks the window overlaps straight into the buffer.
@@ -270,7 +321,7 @@ def _assemble(blocks, slices: _Slices, planes=False):
     buffer (valid until the thread's next window). With `planes` (for conv2d), a piece
     whose channel planes are C-contiguous is read in place too."""
     if isinstance(blocks, _Direct):
-        return _read_window(blocks)
+        return _read_window(blocks, planes=planes)
     grid = [[b[:, :, sh, sw] for b, (sh, sw) in zip(brow, srow)]
             for brow, srow in zip(blocks, slices.grid)]
     if len(grid) == 1 and len(grid[0]) == 1:
@@ -292,8 +343,13 @@ def _assemble(blocks, slices: _Slices, planes=False):
 def _conv_call(x, weight, bias, conv: _Conv, out=None):
     """One block's in-memory call on its window `x`, on the task's threads."""
     with limited_threads(conv.threads):
-        return _api.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation,
-                           conv.groups, out=out)
+        y = _api.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation,
+                        conv.groups, out=out)
+    trial = getattr(_local, "window_trial", None)
+    if trial is not None:                  # the window's read and kernel, timed
+        _local.window_trial = None
+        _window_cost.record(trial[0], time.thread_time() - trial[1], trial[2])
+    return y
 
 
 def _forward_block(blocks, slices, weight, bias, conv: _Conv):
@@ -392,7 +448,7 @@ def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axi
 
         def stripe_input(r0, r1):
             region = blocks.region[:axis] + (slice(extent.start + r0, extent.start + r1),)
-            return _read_window(_Direct(blocks.source, region), "stripe-input")
+            return _read_window(_Direct(blocks.source, region), "stripe-input", planes=True)
     else:
         x = _assemble(blocks, slices, planes=True)
         size = x.shape[axis]
@@ -1228,10 +1284,9 @@ class MemmapArray:
 
     def read_into(self, index, slot=None):
         """``self[index]`` copied into a new array or (slot) this thread's buffer of that
-        name, read with pread: a task's window is read this way, not used as a view of the
-        mapping, where the kernels ran at 0.55x (each value is read several times, from 4 KiB
-        pages faulted in afresh by each task's mapping), and pread's copy costs less than
-        faulting the pages in."""
+        name, read with pread (less CPU than copying through a mapping, whose pages each
+        task's mapping faults in afresh): a task's window where the kernels run slower on a
+        view of the mapping (see WINDOW_VIEWS)."""
         mapped = self._map("r")
         view = mapped[index]
         out = np.empty(view.shape, self.dtype) if slot is None else _scratch(slot, view.shape,

@@ -495,8 +495,9 @@ def test_column_stripes_read_from_the_source(tmp_path, rng, monkeypatch, source)
     assert dd._stripes(dd._Store(out, (), (1, 5, 8, 36), np.float32)) == (3, 12)
     reads = []
     read_window = dd._read_window
-    monkeypatch.setattr(dd, "_read_window", lambda direct, slot="window": reads.append(
-        (direct.region[3], slot)) or read_window(direct, slot))
+    monkeypatch.setattr(dd, "_read_window", lambda direct, slot="window", planes=False:
+                        reads.append((direct.region[3], slot))
+                        or read_window(direct, slot, planes))
     dd.conv2d(xd, w, b, dilation=d, padding=p, out=out).compute(scheduler="sync")
     _within(zarr.open_array(str(tmp_path / "y.zarr"), mode="r")[...], expected, bound)
     assert {slot for _, slot in reads} == {"stripe-input"} and len(reads) == 5 * 3
@@ -526,3 +527,61 @@ def test_windows_read_from_the_source_by_the_tasks(tmp_path, rng, source, chunks
     for result, stack in ((y, [(w, b, d, p)]), (fused, layers)):
         assert xd.name not in dict(result.__dask_graph__().layers)
         _within(result.compute(scheduler="threads"), *_chain_expected(x, stack, False))
+
+
+def test_window_cost_alternates_then_keeps_the_cheaper(monkeypatch):
+    """A process's first windows alternate between views and copies, WINDOW_TRIALS of
+    each; then the one with the lower cost per value is kept, and later costs change
+    nothing. WINDOW_VIEWS decides instead where set."""
+    monkeypatch.setattr(dd, "WINDOW_TRIALS", 2)
+    for view_costs, copy_costs, kept in (((2.0, 3.0), (1.0, 1.5), False),
+                                         ((0.5, 3.0), (1.0, 0.6), True)):
+        cost, seen = dd._WindowCost(), []
+        for view_cost, copy_cost in zip(view_costs, copy_costs):
+            for seconds in (view_cost, copy_cost):
+                views = cost.views()
+                seen.append(views)
+                cost.record(views, seconds * 100, 100)
+        assert seen == [True, False, True, False] and cost.choice is kept
+        cost.record(not kept, 0.0, 100)
+        assert cost.views() is kept
+        monkeypatch.setattr(dd, "WINDOW_VIEWS", not kept)
+        assert cost.views() is (not kept)
+        monkeypatch.setattr(dd, "WINDOW_VIEWS", None)
+
+
+@pytest.mark.parametrize("striped", [False, True])
+def test_npy_windows_as_views_or_copies_give_the_same_bits(tmp_path, rng, monkeypatch,
+                                                           striped):
+    """A forward's windows of a .npy file go to the kernels as views of the mapping (no
+    pread) or as copies, with the same bits; undecided, the process times both."""
+    x = rng.standard_normal((2, 3, 40, 36)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    if striped:
+        monkeypatch.setattr(dd, "STRIPE_BYTES", 48)
+        monkeypatch.setattr(dd, "_writer_helps", lambda tasks, threads: True)
+    reads = []
+    read_into = dd.MemmapArray.read_into
+    monkeypatch.setattr(dd.MemmapArray, "read_into", lambda self, index, slot=None:
+                        reads.append(index) or read_into(self, index, slot))
+    results = {}
+    for views in (True, False, None):
+        monkeypatch.setattr(dd, "WINDOW_VIEWS", views)
+        monkeypatch.setattr(dd, "_window_cost", dd._WindowCost())
+        reads.clear()
+        xd = dd.from_npy(tmp_path / "x.npy", chunks=(1, 3, 8, 36))
+        out = dd.MemmapArray.create_npy(tmp_path / f"y{views}.npy", (2, 4, 40, 36),
+                                        np.float32)
+        dd.conv2d(xd, w, b, dilation=2, padding=2, out=out).compute(scheduler="sync")
+        results[views] = np.load(tmp_path / f"y{views}.npy")
+        assert (len(reads) == 0) if views else len(reads) > 0
+        if views is None:
+            assert dd._window_cost.choice is not None
+            assert all(len(c) == dd.WINDOW_TRIALS for c in dd._window_cost.costs.values())
+    expected = dilconv.conv2d(x, w, b, dilation=2, padding=2)
+    _within(results[True], expected, forward_bound(x, w, b, make_spec(
+        x.shape, w.shape, 1, 2, 2, 1)))
+    assert np.array_equal(results[True], results[False])
+    assert np.array_equal(results[True], results[None])
