@@ -190,6 +190,7 @@ def test_stripes_are_written_in_whole_requests(tmp_path):
 
 def test_blocks_are_striped_only_where_a_core_is_free(monkeypatch):
     monkeypatch.setattr(dd, "_cores", lambda: 4)
+    monkeypatch.setattr(dd, "_sibling_workers", lambda: 0)
     assert dd._writer_helps(1, 1) and dd._writer_helps(3, 1) and dd._writer_helps(1, 3)
     assert not dd._writer_helps(4, 1) and not dd._writer_helps(2, 2)
     with dd._counted() as first, dd._counted() as second:
@@ -585,3 +586,23 @@ def test_npy_windows_as_views_or_copies_give_the_same_bits(tmp_path, rng, monkey
         x.shape, w.shape, 1, 2, 2, 1)))
     assert np.array_equal(results[True], results[False])
     assert np.array_equal(results[True], results[None])
+
+
+def test_workers_beside_each_other_count_as_tasks(monkeypatch):
+    """Workers of one machine keep its cores busy together: one worker beside another
+    writes its blocks whole on two cores, alone it writes in stripes."""
+    dd._sibling_workers.cache_clear()
+    assert dd._sibling_workers() == 0          # not in a worker
+    monkeypatch.setattr(dd, "_cores", lambda: 2)
+    for siblings, helps in ((0, True), (1, False)):
+        monkeypatch.setattr(dd, "_sibling_workers", lambda: siblings)
+        assert dd._writer_helps(1, 1) is helps
+
+
+def test_two_local_workers_see_each_other():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        counts = client.gather(client.map(lambda i: dd._sibling_workers(), range(4), pure=False))
+    assert set(counts) == {1}
