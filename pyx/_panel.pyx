@@ -505,6 +505,13 @@ LANES_COLUMN_KERNELS = not _V3_ON_AMD
 # taps summed in registers and 1.32x the panels'; 512 -> 512 at 48 x 64, 1.08-1.16x the
 # registers'; at 64 x 64 (dilation 4) 0.98-1.07x, the same as the panels.
 LANES_BLOCK_WEIGHT_BYTES = 512 * 1024
+# Taps one at a time too, in v4 on Intel CPUs, where that makes the runs of pixels this many
+# times longer on average (runs, each of its taps weighted, between the column taps' range
+# ends): borders of thin segments that only some taps reach (an AVX-512 Xeon, float32, one
+# / two threads: aspp_r6, runs 1.4x longer, 1.08x / 1.0-1.03x the speed; aspp_r18, 1.3x,
+# 1.14x / 1.11x; where runs were as long either way, 128 to 384 channels at 17 x 17 to
+# 65 x 65, 0.95-1.01x / 0.92-1.1x). None: not measured elsewhere.
+LANES_TAP_MAJOR_RUN_GAIN = 1.2 if cpu_vendor() == "intel" and DILCONV_VEC_BYTES == 64 else None
 # Narrower tiers' blocks (v3's 16 float32 channels; SSE2's, whose lanes run only where the
 # knob forces them) take chunks of 4 KB, however many blocks: a chunk's input for a
 # sub-tile then stays in L2 for every block (float32 on an AVX2 Zen 3, against 64 KB:
@@ -586,6 +593,22 @@ def _merged_weight(spec, weight, Py_ssize_t k):
     for j in range(k):
         merged[:, j, :, j] = w[:, j]
     return merged.reshape(spec.o, k * cg, spec.kh, spec.kw)
+
+
+def lanes_tap_major_runs_longer(spec, bint zero_fill):
+    """Whether a tap at a time makes the runs of pixels LANES_TAP_MAJOR_RUN_GAIN times
+    longer on average than the taps that reach a segment of columns summed together, each
+    run weighted by its taps (the same pixels either way: fewer runs, longer ones). With
+    `zero_fill`, a row is one run of every column tap either way."""
+    if LANES_TAP_MAJOR_RUN_GAIN is None or zero_fill:
+        return False
+    cdef Py_ssize_t ur = DILCONV_LANES_UR
+    reach = [(lo, hi) for lo, hi in zip(spec.ow_lo.tolist(), spec.ow_hi.tolist()) if lo < hi]
+    edges = range_edges(spec.ow_lo, spec.ow_hi, spec.wo)
+    runs = sum(sum(lo <= a and b <= hi for lo, hi in reach) * ceil_div(b - a, ur)
+               for a, b in zip(edges, edges[1:]))
+    tap_runs = sum(ceil_div(hi - lo, ur) for lo, hi in reach)
+    return tap_runs > 0 and runs >= LANES_TAP_MAJOR_RUN_GAIN * tap_runs
 
 
 def lanes_band_rows(spec, Py_ssize_t row_bytes, Py_ssize_t budget):
@@ -897,8 +920,9 @@ def _forward_lanes(const floating[:, :, :, :] x, weight, bias,
     bands one at a time, each packed once by all threads, its output blocks the tasks
     (and its rows, where blocks alone give fewer than two tasks per thread).
     Sub-tiles of LANES_TILE_BYTES of partial sums. Where a block's weights pass
-    LANES_BLOCK_WEIGHT_BYTES, taps one at a time in chunks: bands of
-    LANES_TAP_MAJOR_BAND_BYTES, sub-tiles of LANES_TAP_MAJOR_TILE_BYTES for every block,
+    LANES_BLOCK_WEIGHT_BYTES (or lanes_tap_major_runs_longer), taps one at a time in
+    chunks: bands of LANES_TAP_MAJOR_BAND_BYTES, sub-tiles of LANES_TAP_MAJOR_TILE_BYTES
+    for every block,
     and a shared band's tasks are its rows, not its blocks. The weights are packed as
     (groups, blocks, kH*kW, C/g padded, OB), zero past C/g and O/g. With
     `check_finite`, returns whether the input was finite (else `out` is not the
@@ -919,7 +943,8 @@ def _forward_lanes(const floating[:, :, :, :] x, weight, bias,
         row_w = max(g.pl + g.W, (g.Wo - 1) * g.sw + (g.kW - 1) * g.dw + 1)
     cdef Py_ssize_t cb_bytes = L * OB * sizeof(floating), chunk_cb = 0
     chunk_bytes = tuning.panel_lanes_chunk_bytes
-    if chunk_bytes is None and g.kH * g.kW * n_cb * cb_bytes > LANES_BLOCK_WEIGHT_BYTES:
+    if chunk_bytes is None and (g.kH * g.kW * n_cb * cb_bytes > LANES_BLOCK_WEIGHT_BYTES
+                                or lanes_tap_major_runs_longer(spec, pad_l > 0 or row_w > g.W)):
         chunk_bytes = LANES_CHUNK_BYTES if nob > 1 else LANES_ONE_BLOCK_CHUNK_BYTES
     if chunk_bytes is not None:
         chunk_cb = ceil_div(n_cb, ceil_div(n_cb, max(1, chunk_bytes // cb_bytes)))

@@ -310,6 +310,28 @@ def test_lanes_rule_follows_the_tier_plans():
                    for s in (row, column, short))
 
 
+@pytest.mark.parametrize("tier", dilconv._tiers.SUPPORTED)
+def test_lanes_tap_major_where_runs_get_longer(tier, monkeypatch, rng):
+    # Thin border segments that only some column taps reach (dilation 2 on 7 columns: 2,
+    # 3 and 2 columns) take the taps one at a time where that lengthens the runs, with the
+    # same bits as the taps summed together; rows of whole runs either way do not.
+    panel = dilconv._tiers.kernels(tier)._panel
+    thin = make_spec((2, 16, 7, 7), (32, 16, 3, 3), 1, 2, 2, 1)
+    wide = make_spec((1, 16, 8, 40), (32, 16, 1, 3), 1, 0, (1, 2), 1)
+    monkeypatch.setattr(panel, "LANES_TAP_MAJOR_RUN_GAIN", 1.2)
+    assert panel.lanes_tap_major_runs_longer(thin, False)
+    assert not panel.lanes_tap_major_runs_longer(thin, True)
+    assert not panel.lanes_tap_major_runs_longer(wide, False)
+    x, wt, b = random_case(rng, 2, 16, 7, 7, 32, 3, 3, 1, np.float32)
+    results = []
+    for gain in (1.2, None):
+        monkeypatch.setattr(panel, "LANES_TAP_MAJOR_RUN_GAIN", gain)
+        with dilconv._tiers.use(tier), tuning(path="panel", panel_lanes=True,
+                                              zero_fill_max=0.0):
+            results.append(check_forward(x, wt, b, 1, 2, 2, 1))
+    assert np.array_equal(*results)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("og", [8, 12])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
