@@ -253,11 +253,14 @@ def _contiguous(a: np.ndarray, slot: str, planes=False) -> np.ndarray:
 
 
 # A forward's window of a `MemmapArray` goes to the kernels either as a view of the file's
-# mapping (no copy) or read with pread into the task's buffer, whichever costs this machine
-# less: on an AVX-512 EPYC under KVM the kernels ran at 0.55x their speed on the mapping
-# (populated or not), so the copy cost less; on an AVX-512 Xeon under Firecracker they ran
-# as fast on it, and the bench layer's threaded job took 0.7x the CPU with views. Each
-# process measures: its first windows alternate (WINDOW_TRIALS of each), each timed in the
+# mapping (no copy) or read with pread into the task's buffer, and a `RawZarrArray`'s is
+# copied into that buffer from its chunk files' mappings or read with pread into a chunk
+# buffer first, whichever costs this machine less: on an AVX-512 EPYC under KVM the
+# kernels ran at 0.55x their speed on a mapping (populated or not), and copies through
+# one cost more than pread; on an AVX-512 Xeon under Firecracker the kernels ran as fast
+# on it, the bench layer's threaded job took 0.7x the CPU with views, and chunks copied
+# from their mappings 0.5-0.6x the CPU of pread and a copy. Each process measures, per
+# kind of source: its first windows alternate (WINDOW_TRIALS of each), each timed in the
 # task thread's CPU time per value from the read to the end of its first kernel call, and
 # it keeps the cheaper. WINDOW_VIEWS = True or False decides instead (tests).
 WINDOW_VIEWS: Optional[bool] = None
@@ -289,22 +292,28 @@ class _WindowCost:
                 self.choice = min(self.costs[True]) < min(self.costs[False])
 
 
-_window_cost = _WindowCost()
+# Per kind of source (its class name): the choice measured in this process.
+_window_costs = {"MemmapArray": _WindowCost(), "RawZarrArray": _WindowCost()}
 
 
 def _read_window(direct: _Direct, slot="window", planes=False):
     """The window read into this thread's buffer `slot`; with `planes` (for conv2d), a
-    `MemmapArray`'s window may be a view of the file instead (see WINDOW_VIEWS)."""
+    `MemmapArray`'s window may be a view of the file instead, a `RawZarrArray`'s copied
+    from its chunk files' mappings (see WINDOW_VIEWS)."""
     source = direct.source
-    if isinstance(source, MemmapArray) and planes:
-        trial = WINDOW_VIEWS is None and _window_cost.choice is None
+    if isinstance(source, (MemmapArray, RawZarrArray)) and planes:
+        cost = _window_costs[type(source).__name__]
+        trial = WINDOW_VIEWS is None and cost.choice is None
         start = time.thread_time() if trial else 0.0
-        views = _window_cost.views()
-        window = source[direct.region] if views else None
-        if window is None or not _validate.planes_contiguous(window, window.dtype):
-            window, views = source.read_into(direct.region, slot), False
+        views = cost.views()
+        if isinstance(source, RawZarrArray):
+            window = source.read_into(direct.region, slot, mapped=views)
+        else:
+            window = source[direct.region] if views else None
+            if window is None or not _validate.planes_contiguous(window, window.dtype):
+                window, views = source.read_into(direct.region, slot), False
         if trial:
-            _local.window_trial = (views, start, window.size)
+            _local.window_trial = (cost, views, start, window.size)
         return window
     if isinstance(source, (MemmapArray, RawZarrArray)):
         return source.read_into(direct.region, slot)
@@ -349,7 +358,8 @@ def _conv_call(x, weight, bias, conv: _Conv, out=None):
     trial = getattr(_local, "window_trial", None)
     if trial is not None:                  # the window's read and kernel, timed
         _local.window_trial = None
-        _window_cost.record(trial[0], time.thread_time() - trial[1], trial[2])
+        cost, views, start, values = trial
+        cost.record(views, time.thread_time() - start, values)
     return y
 
 
@@ -1733,14 +1743,28 @@ class RawZarrArray:
     def __getitem__(self, index):
         return self.read_into(index)
 
-    def read_into(self, index, slot=None):
-        """``self[index]``, in a new array or (slot) in this thread's buffer of that name."""
+    def read_into(self, index, slot=None, mapped=False):
+        """``self[index]``, in a new array or (slot) in this thread's buffer of that name:
+        each chunk's part read into a chunk buffer, then copied; with `mapped`, copied
+        from a mapping of the chunk file (one copy fewer; see WINDOW_VIEWS)."""
         shape, result, pieces = self._pieces(index)
         out = np.empty(shape, self.dtype) if slot is None else _scratch(slot, shape,
                                                                          self.dtype)
         for region, chunk, inner in pieces:
-            np.copyto(out[region], self._read_chunk(chunk, inner)[inner])
+            np.copyto(out[region], (self._map_chunk(chunk) if mapped
+                                    else self._read_chunk(chunk, inner))[inner])
         return out.reshape(result)
+
+    def _map_chunk(self, chunk):
+        """The chunk as a read-only view of its file (the fill value where none is)."""
+        try:
+            return np.memmap(self._path(chunk), self.dtype, "r", shape=self.chunks)
+        except FileNotFoundError:                  # never written: the fill value
+            return np.broadcast_to(np.asarray(self.fill_value, self.dtype), self.chunks)
+        except ValueError:                         # the file is shorter than the chunk
+            raise ValueError(f"chunk {chunk} of {self.root} is shorter than "
+                             f"{math.prod(self.chunks) * self.dtype.itemsize} bytes: not an "
+                             f"uncompressed chunk") from None
 
     def __setitem__(self, index, value):
         shape, result, pieces = self._pieces(index)

@@ -435,6 +435,24 @@ def test_raw_zarr_array_reads_and_writes_like_zarr(tmp_path, rng):
         raw[2]
 
 
+def test_raw_zarr_array_reads_from_chunk_mappings_alike(tmp_path, rng):
+    """Windows copied from the chunk files' mappings equal those read with pread, the
+    fill value where a chunk was never written; a chunk file too short is an error."""
+    shape, chunks = (2, 3, 21, 19), (1, 3, 8, 5)
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=shape, chunks=chunks,
+                          dtype="float32", compressors=None, fill_value=-2.5)
+    z[:, :, :16] = rng.standard_normal((2, 3, 16, 19)).astype(np.float32)
+    raw = dd.RawZarrArray.open(str(tmp_path / "a.zarr"))
+    for index in [(slice(None),), (slice(1, 2), slice(None), slice(3, 20), slice(2, 17))]:
+        np.testing.assert_array_equal(raw.read_into(index, mapped=True), z[index])
+        np.testing.assert_array_equal(raw.read_into(index, mapped=True),
+                                      raw.read_into(index))
+    with open(raw._path((0, 0, 0, 0)), "r+b") as f:
+        f.truncate(12)
+    with pytest.raises(ValueError, match="not an uncompressed chunk"):
+        raw.read_into((0,), mapped=True)
+
+
 def test_raw_zarr_array_reads_only_the_rows_it_needs(tmp_path, rng, monkeypatch):
     """A window's halo (two rows of the chunks below a band) reads those rows of each
     channel, not the chunks."""
@@ -570,7 +588,7 @@ def test_npy_windows_as_views_or_copies_give_the_same_bits(tmp_path, rng, monkey
     results = {}
     for views in (True, False, None):
         monkeypatch.setattr(dd, "WINDOW_VIEWS", views)
-        monkeypatch.setattr(dd, "_window_cost", dd._WindowCost())
+        monkeypatch.setitem(dd._window_costs, "MemmapArray", dd._WindowCost())
         reads.clear()
         xd = dd.from_npy(tmp_path / "x.npy", chunks=(1, 3, 8, 36))
         out = dd.MemmapArray.create_npy(tmp_path / f"y{views}.npy", (2, 4, 40, 36),
@@ -579,8 +597,9 @@ def test_npy_windows_as_views_or_copies_give_the_same_bits(tmp_path, rng, monkey
         results[views] = np.load(tmp_path / f"y{views}.npy")
         assert (len(reads) == 0) if views else len(reads) > 0
         if views is None:
-            assert dd._window_cost.choice is not None
-            assert all(len(c) == dd.WINDOW_TRIALS for c in dd._window_cost.costs.values())
+            cost = dd._window_costs["MemmapArray"]
+            assert cost.choice is not None
+            assert all(len(c) == dd.WINDOW_TRIALS for c in cost.costs.values())
     expected = dilconv.conv2d(x, w, b, dilation=2, padding=2)
     _within(results[True], expected, forward_bound(x, w, b, make_spec(
         x.shape, w.shape, 1, 2, 2, 1)))
@@ -606,3 +625,23 @@ def test_two_local_workers_see_each_other():
             distributed.Client(cluster) as client:
         counts = client.gather(client.map(lambda i: dd._sibling_workers(), range(4), pure=False))
     assert set(counts) == {1}
+
+
+def test_raw_zarr_windows_mapped_or_read_give_the_same_bits(tmp_path, rng, monkeypatch):
+    """A forward's windows of a raw zarr array, copied from the chunk files' mappings or
+    read with pread, give the same bits; undecided, the process times both."""
+    x = rng.standard_normal((1, 3, 40, 36)).astype(np.float32)
+    _zarr(tmp_path / "x.zarr", x.shape, (1, 3, 8, 12))[...] = x
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    results = {}
+    for views in (True, False, None):
+        monkeypatch.setattr(dd, "WINDOW_VIEWS", views)
+        monkeypatch.setitem(dd._window_costs, "RawZarrArray", dd._WindowCost())
+        xd = dd.from_zarr(str(tmp_path / "x.zarr"), chunks=(1, 3, 8, 36))
+        results[views] = dd.conv2d(xd, w, dilation=2, padding=2).compute(scheduler="sync")
+        if views is None:
+            assert dd._window_costs["RawZarrArray"].choice is not None
+    _within(results[True], dilconv.conv2d(x, w, dilation=2, padding=2), forward_bound(
+        x, w, None, make_spec(x.shape, w.shape, 1, 2, 2, 1)))
+    assert np.array_equal(results[True], results[False])
+    assert np.array_equal(results[True], results[None])
