@@ -268,7 +268,7 @@ WINDOW_TRIALS = 2
 
 
 class _WindowCost:
-    """The measured choice between views and copies of a file's windows (one per process)."""
+    """The measured choice between views and copies of windows (per kind of source)."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -313,7 +313,7 @@ def _read_window(direct: _Direct, slot="window", planes=False):
             if window is None or not _validate.planes_contiguous(window, window.dtype):
                 window, views = source.read_into(direct.region, slot), False
         if trial:
-            _local.window_trial = (cost, views, start, window.size)
+            _local.window_trial = (window, cost, views, start)
         return window
     if isinstance(source, (MemmapArray, RawZarrArray)):
         return source.read_into(direct.region, slot)
@@ -356,10 +356,10 @@ def _conv_call(x, weight, bias, conv: _Conv, out=None):
         y = _api.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation,
                         conv.groups, out=out)
     trial = getattr(_local, "window_trial", None)
-    if trial is not None:                  # the window's read and kernel, timed
+    if trial is not None and trial[0] is x:    # the window's read and kernel, timed
         _local.window_trial = None
-        cost, views, start, values = trial
-        cost.record(views, time.thread_time() - start, values)
+        window, cost, views, start = trial
+        cost.record(views, time.thread_time() - start, window.size)
     return y
 
 
@@ -1734,8 +1734,7 @@ class RawZarrArray:
             with open(self._path(chunk), "rb", buffering=0) as f:
                 for at, size in runs:
                     if not _read(f.fileno(), flat[at:at + size], at):
-                        raise ValueError(f"chunk {chunk} of {self.root} is shorter than "
-                                         f"{buf.nbytes} bytes: not an uncompressed chunk")
+                        raise self._short(chunk)
         except FileNotFoundError:                  # never written: the fill value
             buf[...] = self.fill_value
         return buf
@@ -1762,9 +1761,12 @@ class RawZarrArray:
         except FileNotFoundError:                  # never written: the fill value
             return np.broadcast_to(np.asarray(self.fill_value, self.dtype), self.chunks)
         except ValueError:                         # the file is shorter than the chunk
-            raise ValueError(f"chunk {chunk} of {self.root} is shorter than "
-                             f"{math.prod(self.chunks) * self.dtype.itemsize} bytes: not an "
-                             f"uncompressed chunk") from None
+            raise self._short(chunk) from None
+
+    def _short(self, chunk) -> ValueError:
+        nbytes = math.prod(self.chunks) * self.dtype.itemsize
+        return ValueError(f"chunk {chunk} of {self.root} is shorter than {nbytes} bytes: "
+                          f"not an uncompressed chunk")
 
     def __setitem__(self, index, value):
         shape, result, pieces = self._pieces(index)
