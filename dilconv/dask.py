@@ -309,7 +309,9 @@ def _read_window(direct: _Direct, slot="window", planes=False):
         if isinstance(source, RawZarrArray):
             window = source.read_into(direct.region, slot, mapped=views)
         else:
-            window = source[direct.region] if views else None
+            # A plain view (the mapping lives as its base): no np.memmap, which
+            # _contiguous would copy.
+            window = np.asarray(source[direct.region]) if views else None
             if window is None or not _validate.planes_contiguous(window, window.dtype):
                 window, views = source.read_into(direct.region, slot), False
         if trial:
@@ -356,7 +358,7 @@ def _conv_call(x, weight, bias, conv: _Conv, out=None):
         y = _api.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation,
                         conv.groups, out=out)
     trial = getattr(_local, "window_trial", None)
-    if trial is not None and trial[0] is x:    # the window's read and kernel, timed
+    if trial is not None and np.may_share_memory(trial[0], x):   # its read and kernel
         _local.window_trial = None
         window, cost, views, start = trial
         cost.record(views, time.thread_time() - start, window.size)
