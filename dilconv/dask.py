@@ -1323,9 +1323,9 @@ class MemmapArray:
 
     def read_into(self, index, slot=None):
         """``self[index]`` copied into a new array or (slot) this thread's buffer of that
-        name, read with pread (less CPU than copying through a mapping, whose pages each
-        task's mapping faults in afresh): a task's window where the kernels run slower on a
-        view of the mapping (see WINDOW_VIEWS)."""
+        name, read with pread (on an AVX-512 EPYC under KVM, less CPU than copying
+        through a mapping, whose pages each task's mapping faults in afresh): a task's
+        window where a view of the mapping costs more (see WINDOW_VIEWS)."""
         mapped = self._map("r")
         view = mapped[index]
         out = np.empty(view.shape, self.dtype) if slot is None else _scratch(slot, view.shape,

@@ -922,9 +922,8 @@ def _forward_lanes(const floating[:, :, :, :] x, weight, bias,
     Sub-tiles of LANES_TILE_BYTES of partial sums. Where a block's weights pass
     LANES_BLOCK_WEIGHT_BYTES (or lanes_tap_major_runs_longer), taps one at a time in
     chunks: bands of LANES_TAP_MAJOR_BAND_BYTES, sub-tiles of LANES_TAP_MAJOR_TILE_BYTES
-    for every block,
-    and a shared band's tasks are its rows, not its blocks. The weights are packed as
-    (groups, blocks, kH*kW, C/g padded, OB), zero past C/g and O/g. With
+    for every block, and a shared band's tasks are its rows, not its blocks. The weights
+    are packed as (groups, blocks, kH*kW, C/g padded, OB), zero past C/g and O/g. With
     `check_finite`, returns whether the input was finite (else `out` is not the
     convolution); else True."""
     cdef Geom g = make_geom(spec)
@@ -943,8 +942,9 @@ def _forward_lanes(const floating[:, :, :, :] x, weight, bias,
         row_w = max(g.pl + g.W, (g.Wo - 1) * g.sw + (g.kW - 1) * g.dw + 1)
     cdef Py_ssize_t cb_bytes = L * OB * sizeof(floating), chunk_cb = 0
     chunk_bytes = tuning.panel_lanes_chunk_bytes
+    zero_fill = row_w != g.W or pad_l != 0
     if chunk_bytes is None and (g.kH * g.kW * n_cb * cb_bytes > LANES_BLOCK_WEIGHT_BYTES
-                                or lanes_tap_major_runs_longer(spec, pad_l > 0 or row_w > g.W)):
+                                or lanes_tap_major_runs_longer(spec, zero_fill)):
         chunk_bytes = LANES_CHUNK_BYTES if nob > 1 else LANES_ONE_BLOCK_CHUNK_BYTES
     if chunk_bytes is not None:
         chunk_cb = ceil_div(n_cb, ceil_div(n_cb, max(1, chunk_bytes // cb_bytes)))

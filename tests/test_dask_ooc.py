@@ -623,7 +623,8 @@ def test_two_local_workers_see_each_other():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
-        counts = client.gather(client.map(lambda i: dd._sibling_workers(), range(4), pure=False))
+        counts = client.gather(client.map(lambda i: dd._sibling_workers(), range(4),
+                                          pure=False))
     assert set(counts) == {1}
 
 
