@@ -33,11 +33,10 @@ to reach every path); where the forced one does not apply, "direct" runs.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from . import _tiers
+from ._openmp_helpers import environ_value
 from ._tiers import _backward, _depthwise, _flat, _forward, _gemm, _panel
 from ._geometry import ConvSpec, memoised
 from ._tuning import PATHS, current
@@ -105,7 +104,7 @@ def select(spec, op: str = "forward", weight=None, tuning=None, dtype=None) -> s
 
 def forced_path():
     """The family DILCONV_PATH forces, or None."""
-    return os.environ.get("DILCONV_PATH") or None
+    return environ_value(b"DILCONV_PATH") or None
 
 
 def geometry_path(spec, op: str, tuning, forced, itemsize: int) -> str:
@@ -116,8 +115,9 @@ def geometry_path(spec, op: str, tuning, forced, itemsize: int) -> str:
 
 
 def _with_weights(path: str, spec, weight, tuning) -> str:
-    # The weights change from call to call: flat's check of them is not remembered.
-    if path == "flat" and weight is not None and not _flat.applies(spec, weight, tuning):
+    # The weights change from call to call: flat's check of them is not remembered (its
+    # check of the geometry is: geometry_path chose "flat" only where that applies).
+    if path == "flat" and weight is not None and not _tiers.of(tuning)._flat.finite(weight):
         return "direct"
     return path
 
@@ -308,16 +308,17 @@ def forward(x, weight, bias, out, spec, tuning=None, path=None) -> None:
             else _with_weights(path, spec, weight, tuning))
     if path != "panel" and not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)   # only the panels read channel planes lying apart
+    kernels = _tiers.of(tuning)       # once: a layer of tiny calls spends its time here
     if path == "panel":
-        _panel.forward(x, weight, bias, out, spec, tuning)
+        kernels._panel.forward(x, weight, bias, out, spec, tuning)
     elif path == "depthwise":
-        _depthwise.forward(x, weight, bias, out, spec, tuning)
+        kernels._depthwise.forward(x, weight, bias, out, spec, tuning)
     elif path == "flat":
-        _flat.forward(x, weight, bias, out, spec, tuning)
+        kernels._flat.forward(x, weight, bias, out, spec, tuning)
     elif path == "gemm":
-        _gemm.forward(x, weight, bias, out, spec, tuning)
+        kernels._gemm.forward(x, weight, bias, out, spec, tuning)
     else:
-        _forward.forward(x, weight, bias, out, spec, tuning)
+        kernels._forward.forward(x, weight, bias, out, spec, tuning)
 
 
 def grad_input(grad_output, weight, grad_x, spec, tuning=None, path=None) -> None:

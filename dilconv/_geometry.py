@@ -127,3 +127,8 @@ class ConvSpec:
         rows = int((self.oh_hi - self.oh_lo).sum())
         cols = int((self.ow_hi - self.ow_lo).sum())
         return rows * cols
+
+    @functools.cached_property
+    def macs(self) -> int:
+        """Multiply-adds of the whole call that touch the image."""
+        return self.n * self.o * (self.c // self.groups) * self.effective_taps

@@ -93,8 +93,10 @@ def threads_for(tasks: int) -> int:
 def kernel_threads(spec, tasks: int, tuning) -> int:
     """Threads for a kernel with `tasks` parallel tasks on this geometry: at least
     `tuning.min_macs_per_thread` multiply-adds each."""
-    macs = spec.n * spec.o * (spec.c // spec.groups) * spec.effective_taps
-    return min(threads_for(tasks), max(1, macs // tuning.min_macs_per_thread))
+    most = spec.macs // tuning.min_macs_per_thread
+    if most <= 1 or tasks <= 1:
+        return 1                  # without asking OpenMP (a layer of tiny calls)
+    return min(threads_for(tasks), most)
 
 
 @contextlib.contextmanager

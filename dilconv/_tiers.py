@@ -105,6 +105,11 @@ def kernels(tier: Optional[str] = None) -> types.SimpleNamespace:
     return found
 
 
+def of(tuning) -> types.SimpleNamespace:
+    """The kernel modules of `tuning`'s tier (None: DEFAULT), as `kernels` gives them."""
+    return kernels(DEFAULT if tuning.tier is None else tuning.tier)
+
+
 @contextlib.contextmanager
 def use(tier: Optional[str]) -> Iterator[str]:
     """Run the enclosed calls of this thread (or asyncio task) on `tier` (None: the
