@@ -18,8 +18,15 @@ class Conv2dGrads(NamedTuple):
     bias: Optional[np.ndarray]
 
 
+# The kernels' bias argument of a call without one: empty, so one array per dtype serves
+# every call (read-only, as the kernels read it).
+_NO_BIAS = {dtype: np.empty(0, dtype) for dtype in _validate.KERNEL_DTYPES}
+for _empty in _NO_BIAS.values():
+    _empty.flags.writeable = False
+
+
 def _no_bias(dtype: np.dtype) -> np.ndarray:
-    return np.empty(0, dtype=dtype)
+    return _NO_BIAS[dtype]
 
 
 def conv2d(input: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,

@@ -117,7 +117,7 @@ def geometry_path(spec, op: str, tuning, forced, itemsize: int) -> str:
 def _with_weights(path: str, spec, weight, tuning) -> str:
     # The weights change from call to call: flat's check of them is not remembered (its
     # check of the geometry is: geometry_path chose "flat" only where that applies).
-    if path == "flat" and weight is not None and not _tiers.of(tuning)._flat.finite(weight):
+    if path == "flat" and weight is not None and not _flat.finite(weight):
         return "direct"
     return path
 
@@ -304,8 +304,8 @@ def forward(x, weight, bias, out, spec, tuning=None, path=None) -> None:
     """out[...] = conv2d(x, weight) + bias for a batched spec with N > 0 (`tuning`: the one
     in force, if already read; `path`: geometry_path's choice for it, if known)."""
     tuning = current() if tuning is None else tuning
-    path = (select(spec, "forward", weight, tuning) if path is None
-            else _with_weights(path, spec, weight, tuning))
+    if path is None:                  # the flat kernel checks the weights itself
+        path = geometry_path(spec, "forward", tuning, forced_path(), weight.dtype.itemsize)
     if path != "panel" and not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)   # only the panels read channel planes lying apart
     kernels = _tiers.of(tuning)       # once: a layer of tiny calls spends its time here
@@ -313,11 +313,9 @@ def forward(x, weight, bias, out, spec, tuning=None, path=None) -> None:
         kernels._panel.forward(x, weight, bias, out, spec, tuning)
     elif path == "depthwise":
         kernels._depthwise.forward(x, weight, bias, out, spec, tuning)
-    elif path == "flat":
-        kernels._flat.forward(x, weight, bias, out, spec, tuning)
     elif path == "gemm":
         kernels._gemm.forward(x, weight, bias, out, spec, tuning)
-    else:
+    elif path != "flat" or not kernels._flat.forward(x, weight, bias, out, spec, tuning):
         kernels._forward.forward(x, weight, bias, out, spec, tuning)
 
 

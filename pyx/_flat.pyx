@@ -74,6 +74,10 @@ def finite(weight):
 
 
 def _all_finite(const floating[:, :, :, ::1] w):
+    return _finite(w)
+
+
+cdef bint _finite(const floating[:, :, :, ::1] w) noexcept nogil:
     cdef Py_ssize_t count = w.shape[0] * w.shape[1] * w.shape[2] * w.shape[3]
     return count == 0 or all_finite(&w[0, 0, 0, 0], count)
 
@@ -141,9 +145,13 @@ cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
             const floating[::1] bias, floating[:, :, :, ::1] out, spec, tuning):
-    """Unit-stride conv2d into `out`, where `applies`, in tasks of one band of output rows
-    and one block of output channels (see `plan`); per thread, the bands of every input
-    channel of the group and one block's accumulators."""
+    """Unit-stride conv2d into `out` where the geometry `applies`, in tasks of one band of
+    output rows and one block of output channels (see `plan`); per thread, the bands of
+    every input channel of the group and one block's accumulators. True if it ran; False,
+    writing nothing, where `w` is not finite (checked here, not by a call of `finite`: a
+    layer of tiny calls spends its time in such calls)."""
+    if not _finite(w):
+        return False
     cdef Geom g = make_geom(spec)
     cdef Plan p
     p.rows, p.o_block, p.wp, p.band, p.n_tasks = memoised(spec, "flat", tuning, plan, spec,
@@ -159,3 +167,4 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
         band = &scratch[tid, 0]
         for task in prange(p.n_tasks, schedule='static'):
             _band(x, w, bias, out, g, &p, task, band, band + g.Cg * p.band)
+    return True
