@@ -387,14 +387,15 @@ def repeat_key(input, weight, bias, stride, padding, dilation, groups, padding_m
     and arguments of plain ints and strings; None for any other call. Calls with equal
     keys are valid or invalid together, with the same spec: a layer's repeated calls skip
     the checks once one has passed them (see dilconv._api)."""
-    if type(input) is not np.ndarray:
+    if type(input) is not np.ndarray or padding_mode != "zeros":
         return None
     dtype = input.dtype
-    if (dtype not in KERNEL_DTYPES or not as_is(input, dtype)
+    flags = input.flags
+    if (dtype not in KERNEL_DTYPES or not (flags.c_contiguous and flags.aligned)
             or not as_is(weight, dtype) or (bias is not None and not as_is(bias, dtype))):
         return None
     args = (stride, padding, dilation, groups, padding_mode)
-    if not is_plain(args) or padding_mode != "zeros":
+    if not is_plain(args):
         return None
     return (input.shape, weight.shape, None if bias is None else bias.shape, dtype, args)
 
