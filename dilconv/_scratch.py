@@ -26,9 +26,6 @@ def thread_scratch(threads: int, length: int, dtype) -> np.ndarray:
     """(threads, >= length) scratch, each thread's row whole cache lines of its own:
     aligned however small it is when several threads share it (rows of tap offsets
     sharing a line, rewritten per tap by two threads, slowed aspp_r6's weight gradient)."""
-    itemsize = np.dtype(dtype).itemsize
-    per_line = CACHE_LINE // itemsize
-    shape = (threads, -(-max(length, 1) // per_line) * per_line)
-    if threads == 1 and shape[1] * itemsize < ALIGN_FROM_BYTES:
-        return np.empty(shape, dtype)     # aligned_empty's answer, a call less (tiny layers)
-    return aligned_empty(shape, dtype, always=threads > 1)
+    per_line = CACHE_LINE // np.dtype(dtype).itemsize
+    return aligned_empty((threads, -(-max(length, 1) // per_line) * per_line), dtype,
+                         always=threads > 1)

@@ -83,8 +83,12 @@ _loaded: Dict[str, types.SimpleNamespace] = {}
 
 def current() -> str:
     """The tier the calling thread's kernels run on (the tuning's, else DEFAULT)."""
-    tier = _tuning.current().tier
-    return DEFAULT if tier is None else tier
+    return tier_of(_tuning.current())
+
+
+def tier_of(tuning) -> str:
+    """The tier `tuning` runs on: its own, else DEFAULT."""
+    return DEFAULT if tuning.tier is None else tuning.tier
 
 
 def kernels(tier: Optional[str] = None) -> types.SimpleNamespace:
@@ -106,8 +110,8 @@ def kernels(tier: Optional[str] = None) -> types.SimpleNamespace:
 
 
 def of(tuning) -> types.SimpleNamespace:
-    """The kernel modules of `tuning`'s tier (None: DEFAULT), as `kernels` gives them."""
-    return kernels(DEFAULT if tuning.tier is None else tuning.tier)
+    """The kernel modules of `tuning`'s tier (see tier_of), as `kernels` gives them."""
+    return kernels(tier_of(tuning))
 
 
 @contextlib.contextmanager

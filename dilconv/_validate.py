@@ -390,8 +390,7 @@ def repeat_key(input, weight, bias, stride, padding, dilation, groups, padding_m
     if type(input) is not np.ndarray or padding_mode != "zeros":
         return None
     dtype = input.dtype
-    flags = input.flags
-    if (dtype not in KERNEL_DTYPES or not (flags.c_contiguous and flags.aligned)
+    if (dtype not in KERNEL_DTYPES or not as_is(input, dtype)
             or not as_is(weight, dtype) or (bias is not None and not as_is(bias, dtype))):
         return None
     args = (stride, padding, dilation, groups, padding_mode)
