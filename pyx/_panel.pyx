@@ -517,8 +517,12 @@ LANES_TAP_MAJOR_RUN_GAIN = 1.2 if cpu_vendor() == "intel" and DILCONV_VEC_BYTES 
 # sub-tile then stays in L2 for every block (float32 on an AVX2 Zen 3, against 64 KB:
 # 2048 -> 21 at 41 x 41 2.9x / 1.4x the speed at one / two threads, 1024 -> 48 at 64 x 64
 # 1.4x / 1.3x, 1024 -> 21 1.15x / 1.2x, 2048 -> 256 at 33 x 33 1.27x at one; float64
-# 0.95-1.1x, within the noise).
-LANES_CHUNK_BYTES = 64 * 1024 if DILCONV_VEC_BYTES == 64 else 4 * 1024
+# 0.95-1.1x, within the noise). v4 on Intel CPUs takes 16 KB, a chunk's weights then in
+# L1 while its runs read them (an AVX-512 Xeon, float32, one / two threads, against 64 KB:
+# 2048 -> 256 at 33 x 33, rate 6, 1.10x / 1.06x; 512 -> 512 at 64 x 64, dilation 4,
+# 1.06x / 1.06x; 32 KB 1.04-1.09x; aspp_r6 and aspp_r18 1.00-1.02x).
+LANES_CHUNK_BYTES = (4 * 1024 if DILCONV_VEC_BYTES != 64
+                     else 16 * 1024 if cpu_vendor() == "intel" else 64 * 1024)
 # With one output block, no other block shares a chunk's input: smaller chunks, whose
 # weights stay in L1 while each run of pixels reads them (one thread on an AVX-512 EPYC,
 # v4, against 64 KB: 2048 -> 21 and 2048 -> 32 at 41 x 41, 512 -> 19 at 64 x 64, 1.18-1.29x;
