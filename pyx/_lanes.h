@@ -166,16 +166,18 @@ static inline __attribute__((always_inline)) void NAME##_transpose(NAME##_v *r) 
         for (int i = 0; i < L; i++) r[i] = t[i];                                         \
     }                                                                                    \
 }                                                                                        \
-/* Squares of `count` pixels from the first; returns the pixels done. */                 \
+/* Squares of `count` pixels from the first, pixel q's L channels at dst + q * step;     \
+   returns the pixels done. */                                                           \
 static inline ptrdiff_t NAME##_pack_squares(const T *restrict src, ptrdiff_t plane,      \
-                                            ptrdiff_t count, T *restrict dst) {          \
+                                            ptrdiff_t count, T *restrict dst,            \
+                                            ptrdiff_t step) {                            \
     enum { L = DILCONV_VEC_BYTES / sizeof(T) };                                          \
     ptrdiff_t q = 0;                                                                     \
     for (; q + L <= count; q += L) {                                                     \
         NAME##_v r[L];                                                                   \
         for (int i = 0; i < L; i++) r[i] = *(const NAME##_vu *)(src + i * plane + q);    \
         NAME##_transpose(r);                                                             \
-        for (int i = 0; i < L; i++) *(NAME##_vu *)(dst + (q + i) * L) = r[i];            \
+        for (int i = 0; i < L; i++) *(NAME##_vu *)(dst + (q + i) * step) = r[i];         \
     }                                                                                    \
     return q;                                                                            \
 }                                                                                        \
@@ -224,7 +226,8 @@ static inline ptrdiff_t NAME##_weight_squares(const T *w, ptrdiff_t ld, ptrdiff_
                                               ptrdiff_t cols, ptrdiff_t taps,            \
                                               ptrdiff_t cpad, T *dst) { return 0; }      \
 static inline ptrdiff_t NAME##_pack_squares(const T *src, ptrdiff_t plane,               \
-                                            ptrdiff_t count, T *dst) { return 0; }       \
+                                            ptrdiff_t count, T *dst,                     \
+                                            ptrdiff_t step) { return 0; }                \
 static inline ptrdiff_t NAME##_store_squares(const T *acc, ptrdiff_t count, ptrdiff_t m, \
                                              ptrdiff_t plane, T *out) { return 0; }
 #endif
@@ -232,7 +235,7 @@ static inline ptrdiff_t NAME##_store_squares(const T *acc, ptrdiff_t count, ptrd
 static inline void NAME##_pack(const T *restrict src, ptrdiff_t plane, ptrdiff_t count,  \
                                ptrdiff_t channels, T *restrict dst) {                    \
     enum { L = DILCONV_VEC_BYTES / sizeof(T) };                                          \
-    ptrdiff_t q = channels == L ? NAME##_pack_squares(src, plane, count, dst) : 0;       \
+    ptrdiff_t q = channels == L ? NAME##_pack_squares(src, plane, count, dst, L) : 0;    \
     for (; q < count; q++)                                                               \
         for (int c = 0; c < L; c++)                                                      \
             dst[q * L + c] = c < channels ? src[c * plane + q] : (T)0;                   \

