@@ -19,7 +19,7 @@
    b + b_off[s] + k*b_step. In the forward, a segment is a kernel tap in the image and a
    term an input channel: A is the packed weights, B a packed panel or the image itself.
    In the weight gradient, a segment is a row of pixels and a term one pixel: A is
-   grad_output in place, B packed input. A sum may be split over calls: one that
+   grad_output packed (MR_GW rows), B packed input. A sum may be split over calls: one that
    accumulates starts from the stored partial sums, so the terms are added in the same
    order and the bits do not change. */
 #ifndef DILCONV_MICROKERNEL_H
@@ -27,11 +27,13 @@
 #include <stddef.h>
 #include "_vec.h"
 
-/* DILCONV_MR_GW: rows of the weight gradient's blocks, whose A rows are MR planes of
-   grad_output read in place (16 such streams ran 1.8x slower than 8 in v4); a divisor
-   of MR. */
+/* DILCONV_MR_GW: rows of the weight gradient's blocks, whose A is grad_output packed
+   MR_GW output channels per term (one stream of broadcasts): 14 x 2 vectors in v4, the
+   lanes forward's block (28 accumulators, 16 loads per 28 multiply-adds, against 8 x 2's
+   10 per 16); blocks of at most MR rows sum MR. */
 #if defined(DILCONV_V4_SIZES)
 #define DILCONV_MR 8
+#define DILCONV_MR_GW 14
 #define DILCONV_BLOCK_BYTES 128
 #elif defined(__AVX__) || defined(__aarch64__)
 #define DILCONV_MR 6
@@ -41,9 +43,7 @@
 #ifndef DILCONV_MR_GW
 #define DILCONV_MR_GW DILCONV_MR
 #endif
-#if DILCONV_MR % DILCONV_MR_GW
-#error "the weight gradient's blocks must tile MR output channels"
-#endif
+#define DILCONV_MR_MAX (DILCONV_MR_GW > DILCONV_MR ? DILCONV_MR_GW : DILCONV_MR)
 #ifndef DILCONV_BLOCK_BYTES
 #define DILCONV_BLOCK_BYTES 64
 #endif
@@ -85,18 +85,16 @@ typedef T NAME##_vu __attribute__((vector_size(DILCONV_VEC_BYTES), aligned(sizeo
 static inline __attribute__((always_inline)) void NAME##_body(                           \
         const dilconv_terms *terms, const T *restrict a, const T *restrict b,            \
         const T *bias, int accumulate, T *restrict c, ptrdiff_t ldc, ptrdiff_t m,        \
-        const int packed) {                                                              \
+        const int packed, const int rows) {                                              \
     enum { L = DILCONV_VEC_BYTES / sizeof(T), MR = DILCONV_MR,                           \
            NV = DILCONV_BLOCK_BYTES / DILCONV_VEC_BYTES };                               \
-    /* Rows summed: in place (the weight gradient's A), fewer than MR in v4. */          \
-    const int rows = packed ? MR : DILCONV_MR_GW;                                        \
     const ptrdiff_t a_step = packed ? MR : terms->a_step;                                \
     const ptrdiff_t a_row = packed ? 1 : terms->a_row;                                   \
     const ptrdiff_t b_step = terms->b_step, seg_len = terms->seg_len;                    \
-    ptrdiff_t row[MR];                                                                   \
+    ptrdiff_t row[DILCONV_MR_MAX];                                                       \
     DILCONV_UNROLL for (int i = 0; i < rows; i++)                                        \
         row[i] = (packed || i < m ? i : m - 1) * a_row;                                  \
-    NAME##_v acc[MR][NV];                                                                \
+    NAME##_v acc[DILCONV_MR_MAX][NV];                                                    \
     DILCONV_UNROLL for (int i = 0; i < rows; i++)                                        \
         DILCONV_UNROLL for (int v = 0; v < NV; v++) {                                    \
             if (accumulate)                                                              \
@@ -125,32 +123,36 @@ static inline __attribute__((always_inline)) void NAME##_body(                  
 static inline __attribute__((always_inline)) void NAME##_any(                            \
         const dilconv_terms *terms, const T *restrict a, const T *restrict b,            \
         const T *bias, int accumulate, T *restrict c, ptrdiff_t ldc, ptrdiff_t m,        \
-        ptrdiff_t n, const int packed) {                                                 \
-    enum { MR = DILCONV_MR, NR = DILCONV_BLOCK_BYTES / sizeof(T) };                      \
+        ptrdiff_t n, const int packed, const int rows) {                                 \
+    enum { NR = DILCONV_BLOCK_BYTES / sizeof(T) };                                       \
     if (n == NR) {                                                                       \
-        NAME##_body(terms, a, b, bias, accumulate, c, ldc, m, packed);                   \
+        NAME##_body(terms, a, b, bias, accumulate, c, ldc, m, packed, rows);             \
         return;                                                                          \
     }                                                                                    \
-    T part[MR][NR];   /* read where the body wrote it, or loaded here to accumulate */   \
+    T part[DILCONV_MR_MAX][NR];   /* where the body wrote it, or loaded to accumulate */ \
     if (accumulate)                                                                      \
         for (ptrdiff_t i = 0; i < m; i++)                                                \
             for (ptrdiff_t j = 0; j < NR; j++) part[i][j] = j < n ? c[i * ldc + j] : (T)0; \
-    NAME##_body(terms, a, b, bias, accumulate, &part[0][0], NR, m, packed);              \
+    NAME##_body(terms, a, b, bias, accumulate, &part[0][0], NR, m, packed, rows);        \
     for (ptrdiff_t i = 0; i < m; i++)                                                    \
         for (ptrdiff_t j = 0; j < n; j++) c[i * ldc + j] = part[i][j];                   \
 }                                                                                        \
-/* Not inlined: inside the weight gradient's OpenMP body, gcc kept six of the eight A     \
-   rows' pointers on the stack, reloaded every term (1.18x slower: 2048 -> 256 at 33 x 33, \
-   float32, one thread on an AVX-512 Xeon). */                                            \
+/* The weight gradient's: m <= MR_GW rows, a block of MR rows where m fits one. Not      \
+   inlined: inside the weight gradient's OpenMP body, gcc kept A's pointers on the stack, \
+   reloaded every term (1.18x slower: 2048 -> 256 at 33 x 33, float32, one thread on an  \
+   AVX-512 Xeon). */                                                                      \
 static __attribute__((noinline)) void NAME(const dilconv_terms *terms, const T *a,      \
                         const T *b, const T *bias, int accumulate, T *c, ptrdiff_t ldc,  \
                         ptrdiff_t m, ptrdiff_t n) {                                      \
-    NAME##_any(terms, a, b, bias, accumulate, c, ldc, m, n, 0);                          \
+    if (m <= DILCONV_MR)                                                                 \
+        NAME##_any(terms, a, b, bias, accumulate, c, ldc, m, n, 0, DILCONV_MR);          \
+    else                                                                                 \
+        NAME##_any(terms, a, b, bias, accumulate, c, ldc, m, n, 0, DILCONV_MR_GW);       \
 }                                                                                        \
 static inline void NAME##_packed(const dilconv_terms *terms, const T *a, const T *b,     \
                                  const T *bias, int accumulate, T *c, ptrdiff_t ldc,     \
                                  ptrdiff_t m, ptrdiff_t n) {                             \
-    NAME##_any(terms, a, b, bias, accumulate, c, ldc, m, n, 1);                          \
+    NAME##_any(terms, a, b, bias, accumulate, c, ldc, m, n, 1, DILCONV_MR);              \
 }
 #else
 /* Other compilers: the same sums, in the same order, without vector types. */
@@ -158,7 +160,7 @@ static inline void NAME##_packed(const dilconv_terms *terms, const T *a, const T
 static inline void NAME(const dilconv_terms *terms, const T *a, const T *b,              \
                         const T *bias, int accumulate,                                   \
                         T *c, ptrdiff_t ldc, ptrdiff_t m, ptrdiff_t n) {                 \
-    enum { NR = DILCONV_NR(T), MR = DILCONV_MR };                                        \
+    enum { NR = DILCONV_NR(T), MR = DILCONV_MR_MAX };                                    \
     T acc[MR][NR];                                                                       \
     for (int i = 0; i < MR; i++)                                                         \
         for (int j = 0; j < NR; j++)                                                     \

@@ -91,6 +91,16 @@ PANEL_MIN_PIXELS = 256
 # output channels of grad_output (in L2 across the taps) within this many.
 PANEL_GRAD_WEIGHT_PACK_BYTES = 64 * 1024
 PANEL_GRAD_WEIGHT_O_CHUNK = 128
+# A task takes up to this many blocks of NR input channels while that leaves at least
+# MIN_TASKS tasks; where its tiles then take PACKED_TERMS taps x channel blocks or more,
+# grad_output is packed once per tile for them all, in blocks of MR_GW rows (v4: 14 x 2
+# vectors, against 8 x 2 read in place; an AVX-512 Xeon, float32, one / two threads:
+# 512 -> 512 at 64 x 64 1.12x / 1.13x, 2048 -> 256 at 33 x 33 1.04x / 1.01x). Fewer terms
+# per packed value cost more than the wider block saves (3-tap layers packed for each
+# channel block: 1.2-1.4x slower).
+PANEL_GRAD_WEIGHT_C_GROUP = 4
+PANEL_GRAD_WEIGHT_MIN_TASKS = 16
+PANEL_GRAD_WEIGHT_PACKED_TERMS = 12
 # The weight gradient's sum over images is split into up to this many parts of whole
 # images, summed into their own arrays and then added in part order: tasks for every
 # thread where channels alone give few (stride2_d2: one), and the same bits for any thread
@@ -1214,75 +1224,119 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
                              const floating[:, :, :, ::1] x,    # IN  (N, C, H, W)
                              floating[:, :, ::1] gwt,           # OUT (kH*kW, O, C/g padded)
                              const Py_ssize_t[:, ::1] tiles,    # IN  (T, 4) aligned tiles
-                             Py_ssize_t o_chunk, Geom g, Py_ssize_t task,
-                             Py_ssize_t n0, Py_ssize_t n1,
-                             floating* pack, Py_ssize_t* offsets) noexcept nogil:  # SCRATCH
-    # One task: NR input channels x o_chunk output channels of one group, for every tap,
-    # summed over images [n0, n1) and tiles. Per tile and tap, A is grad_output read in
-    # place (a term is a pixel, a segment a tile row: the tile stays in cache across the
-    # taps) and B the tap's input pixels of the NR channels, pixel by pixel: packed once
-    # per tile for all its taps (their footprint), or tap by tap where that is fewer
-    # pixels.
+                             Py_ssize_t o_chunk, Py_ssize_t c_group, bint packed_a,
+                             Geom g, Py_ssize_t task, Py_ssize_t n0, Py_ssize_t n1,
+                             floating* pack, floating* a_pack,                  # SCRATCH
+                             Py_ssize_t* offsets) noexcept nogil:
+    # One task: c_group blocks of NR input channels x o_chunk output channels of one
+    # group, for every tap, summed over images [n0, n1) and tiles. Per tile and tap, A is
+    # grad_output (a term is a pixel, a segment a tile row): with `packed_a`, packed once
+    # per tile for all the task's channel blocks, MR_GW output channels per pixel; else
+    # read in place, MR rows of planes. B is the tap's input pixels of the NR channels,
+    # pixel by pixel: packed once per tile for all its taps (their footprint), or tap by
+    # tap where that is fewer pixels.
     cdef Py_ssize_t nr = block_pixels(pack)
+    cdef Py_ssize_t mr = DILCONV_MR_GW if packed_a else DILCONV_MR
     cdef Py_ssize_t c_blocks = (g.Cg + nr - 1) // nr
+    cdef Py_ssize_t c_groups = (c_blocks + c_group - 1) // c_group
     cdef Py_ssize_t o_chunks = (g.Og + o_chunk - 1) // o_chunk
-    cdef Py_ssize_t cb = task % c_blocks
-    cdef Py_ssize_t oc = (task // c_blocks) % o_chunks
-    cdef Py_ssize_t grp = task // (c_blocks * o_chunks)
+    cdef Py_ssize_t cb0 = task % c_groups * c_group
+    cdef Py_ssize_t oc = (task // c_groups) % o_chunks
+    cdef Py_ssize_t grp = task // (c_groups * o_chunks)
     cdef Py_ssize_t o_first = grp * g.Og + oc * o_chunk
     cdef Py_ssize_t o_stop = grp * g.Og + min(g.Og, (oc + 1) * o_chunk)
-    cdef Py_ssize_t ci0 = grp * g.Cg + cb * nr
-    cdef Py_ssize_t lanes = min(nr, g.Cg - cb * nr)
-    cdef Py_ssize_t n, t, r0, r1, c0, c1, tw, th, rr, o, kh, kw, plane = g.H * g.W
+    cdef Py_ssize_t n, t, r0, r1, c0, c1, tw, th, rr, o, kh, kw, q, cb, ci0, lanes, i, m
+    cdef Py_ssize_t plane = g.H * g.W
+    cdef floating* a_row
+    cdef const floating* a
     cdef Footprint f
     cdef Terms terms
 
-    terms.a_step = 1
-    terms.a_row = g.Ho * g.Wo
+    terms.a_step = mr if packed_a else 1
+    terms.a_row = 1 if packed_a else g.Ho * g.Wo
     for n in range(n0, n1):
         for t in range(tiles.shape[0]):
             r0, r1, c0, c1 = tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3]
             tw = c1 - c0
             th = r1 - r0
             f = _footprint(g, r0, r1, c0, c1)
+            if packed_a:
+                # Block b: th * tw pixels, each its mr channels from o_first + b * mr,
+                # written in order (a channel at a time across the pixels, each store
+                # on another line, was 1.03x slower on 512 -> 512 at 64 x 64).
+                o = o_first
+                while o < o_stop:
+                    m = min(mr, o_stop - o)
+                    a_row = a_pack + (o - o_first) * th * tw
+                    for rr in range(th):
+                        for q in range(tw):
+                            for i in range(m):
+                                a_row[i] = gy[n, o + i, r0 + rr, c0 + q]
+                            a_row = a_row + mr
+                    o = o + mr
             for rr in range(th):
-                offsets[rr] = (r0 + rr) * g.Wo + c0
+                offsets[rr] = rr * tw * mr if packed_a else (r0 + rr) * g.Wo + c0
             terms.n_seg = th
             terms.seg_len = tw
             terms.a_off = offsets
             terms.b_off = offsets + th
             terms.b_step = g.sw * nr if f.fh else nr
-            for rr in range(f.fh):
-                _pack_pixels(&x[n, ci0, r0 * g.sh + f.kh0 * g.dh - g.pt + rr,
-                                c0 * g.sw + f.kw0 * g.dw - g.pl],
-                             1, f.fw, plane, lanes, nr, pack + rr * f.fw * nr)
-            # Aligned tiles: a tap reads the image for all of the tile or for none.
-            for kh in range(f.kh0, f.kh1):
-                for kw in range(f.kw0, f.kw1):
-                    for rr in range(th):
-                        if f.fh:
-                            offsets[th + rr] = ((rr * g.sh + (kh - f.kh0) * g.dh) * f.fw
-                                                + (kw - f.kw0) * g.dw) * nr
-                        else:
-                            offsets[th + rr] = rr * tw * nr
-                            _pack_pixels(&x[n, ci0, (r0 + rr) * g.sh + kh * g.dh - g.pt,
-                                            c0 * g.sw + kw * g.dw - g.pl],
-                                         g.sw, tw, plane, lanes, nr, pack + rr * tw * nr)
-                    o = o_first
-                    while o < o_stop:
-                        ukr(&terms, &gy[n, o, 0, 0], pack, NULL, 1,
-                            &gwt[kh * g.kW + kw, o, cb * nr], gwt.shape[2],
-                            min(<Py_ssize_t> DILCONV_MR_GW, o_stop - o), lanes)
-                        o = o + DILCONV_MR_GW
+            for cb in range(cb0, min(c_blocks, cb0 + c_group)):
+                ci0 = grp * g.Cg + cb * nr
+                lanes = min(nr, g.Cg - cb * nr)
+                for rr in range(f.fh):
+                    _pack_pixels(&x[n, ci0, r0 * g.sh + f.kh0 * g.dh - g.pt + rr,
+                                    c0 * g.sw + f.kw0 * g.dw - g.pl],
+                                 1, f.fw, plane, lanes, nr, pack + rr * f.fw * nr)
+                # Aligned tiles: a tap reads the image for all of the tile or for none.
+                for kh in range(f.kh0, f.kh1):
+                    for kw in range(f.kw0, f.kw1):
+                        for rr in range(th):
+                            if f.fh:
+                                offsets[th + rr] = ((rr * g.sh + (kh - f.kh0) * g.dh) * f.fw
+                                                    + (kw - f.kw0) * g.dw) * nr
+                            else:
+                                offsets[th + rr] = rr * tw * nr
+                                _pack_pixels(&x[n, ci0, (r0 + rr) * g.sh + kh * g.dh - g.pt,
+                                                c0 * g.sw + kw * g.dw - g.pl],
+                                             g.sw, tw, plane, lanes, nr, pack + rr * tw * nr)
+                        o = o_first
+                        while o < o_stop:
+                            a = (a_pack + (o - o_first) * th * tw if packed_a
+                                 else &gy[n, o, 0, 0])
+                            ukr(&terms, a, pack, NULL, 1, &gwt[kh * g.kW + kw, o, cb * nr],
+                                gwt.shape[2], min(mr, o_stop - o), lanes)
+                            o = o + mr
+
+
+def grad_weight_blocks(spec, Py_ssize_t itemsize):
+    """(o_chunk, c_group, packed) of grad_weight's tasks: output and input channel blocks
+    per task, and whether grad_output is packed (blocks of MR_GW rows, else MR)."""
+    cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // itemsize
+    cdef Py_ssize_t cg = spec.c // spec.groups, og = spec.o // spec.groups
+    cdef Py_ssize_t o_chunk = min(og, PANEL_GRAD_WEIGHT_O_CHUNK)
+    cdef Py_ssize_t parts = max(1, min(spec.n, PANEL_GRAD_WEIGHT_IMAGE_PARTS))
+    cdef Py_ssize_t c_group = max(1, min(
+        PANEL_GRAD_WEIGHT_C_GROUP,
+        parts * spec.groups * ceil_div(cg, nr) * ceil_div(og, o_chunk)
+        // PANEL_GRAD_WEIGHT_MIN_TASKS))
+    packed = (DILCONV_MR_GW > DILCONV_MR and og > DILCONV_MR
+              and spec.kh * spec.kw * c_group >= PANEL_GRAD_WEIGHT_PACKED_TERMS)
+    cdef Py_ssize_t mr = DILCONV_MR_GW if packed else DILCONV_MR
+    return ceil_div(o_chunk, mr) * mr, c_group, packed
 
 
 def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, gw, spec,
                 tuning):
     """Weight gradient into `gw`. The plan: tiles aligned with the tap ranges, whose NR
     channels of packed input take at most PANEL_GRAD_WEIGHT_PACK_BYTES per tap (scratch:
-    the larger of that and a tile's footprint, per thread); tasks of NR input
-    channels x o_chunk output channels (a multiple of MR) of one group and one part of the
-    images (PANEL_GRAD_WEIGHT_IMAGE_PARTS); each part's sums go into a
+    the larger of that and a tile's footprint, per thread, and with packed grad_output a
+    tile of its o_chunk channels); tasks of c_group blocks of NR input channels (up to
+    PANEL_GRAD_WEIGHT_C_GROUP, keeping PANEL_GRAD_WEIGHT_MIN_TASKS tasks) x o_chunk output
+    channels (a multiple of the block's rows) of one group and one part of the
+    images (PANEL_GRAD_WEIGHT_IMAGE_PARTS); grad_output packed for blocks of MR_GW rows
+    where the tier has them and a task's tiles take PANEL_GRAD_WEIGHT_PACKED_TERMS taps x
+    channel blocks or more (else read in place, MR rows); each part's sums go into a
     (kH*kW, O, ceil(C/g / NR) * NR) array of zeros, and the parts, added in order, into
     `gw`."""
     cdef Geom g = make_geom(spec)
@@ -1292,10 +1346,12 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
                                  max(1, PANEL_GRAD_WEIGHT_PACK_BYTES // DILCONV_BLOCK_BYTES))
     cdef const Py_ssize_t[:, ::1] tiles = aligned_tiles(spec, target)
     cdef Py_ssize_t c_blocks = (g.Cg + nr - 1) // nr
-    cdef Py_ssize_t o_chunk = min(g.Og, PANEL_GRAD_WEIGHT_O_CHUNK)
-    o_chunk = (o_chunk + DILCONV_MR - 1) // DILCONV_MR * DILCONV_MR
     cdef Py_ssize_t parts = max(1, min(g.N, PANEL_GRAD_WEIGHT_IMAGE_PARTS))
-    cdef Py_ssize_t part_tasks = g.groups * c_blocks * ((g.Og + o_chunk - 1) // o_chunk)
+    o_chunk_, c_group_, packed_a_ = grad_weight_blocks(spec, sizeof(floating))
+    cdef Py_ssize_t o_chunk = o_chunk_, c_group = c_group_
+    cdef bint packed_a = packed_a_
+    cdef Py_ssize_t part_tasks = (g.groups * ceil_div(c_blocks, c_group)
+                                  * ceil_div(g.Og, o_chunk))
     cdef Py_ssize_t n_tasks = parts * part_tasks
     cdef int n_threads = kernel_threads(spec, n_tasks, tuning)
     cdef Py_ssize_t t, rows = 0, pack_pixels = largest_tile(tiles)
@@ -1305,7 +1361,10 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
         f = _footprint(g, tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3])
         pack_pixels = max(pack_pixels, f.fh * f.fw)
     dtype = np.float32 if floating is float else np.float64
-    cdef floating[:, ::1] scratch = thread_scratch(n_threads, nr * pack_pixels, dtype)
+    # Per thread: B's packed input, then A's packed grad_output (o_chunk x a tile).
+    cdef Py_ssize_t a_at = ceil_div(nr * pack_pixels, nr) * nr
+    cdef floating[:, ::1] scratch = thread_scratch(
+        n_threads, a_at + (o_chunk * largest_tile(tiles) if packed_a else 0), dtype)
     cdef Py_ssize_t[:, ::1] offset_scratch = thread_scratch(n_threads, 2 * rows, np.intp)
     # Aligned: each task's NR channels of a row are then whole cache lines of their own
     # (numpy's 16-byte alignment put every block's edges on lines shared with the
@@ -1320,9 +1379,11 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
         tid = threadid()
         for task in prange(n_tasks, schedule='dynamic'):
             part = task // part_tasks
-            _grad_weight_block(gy, x, gwt_view[part], tiles, o_chunk, g, task % part_tasks,
-                               part * g.N // parts, (part + 1) * g.N // parts,
-                               &scratch[tid, 0], &offset_scratch[tid, 0])
+            _grad_weight_block(gy, x, gwt_view[part], tiles, o_chunk, c_group, packed_a, g,
+                               task % part_tasks, part * g.N // parts,
+                               (part + 1) * g.N // parts,
+                               &scratch[tid, 0], &scratch[tid, a_at],
+                               &offset_scratch[tid, 0])
         # The parts added in order, into gw's layout, an output channel per task (serial,
         # this took a tenth of aspp_r6's weight gradient at 2 threads).
         for o in prange(g.O, schedule='static'):

@@ -720,3 +720,41 @@ def test_panel_forward_refuses_planes_that_are_not_contiguous():
     with pytest.raises(ValueError, match="planes"):
         _panel.forward(x, np.ones((1, 2, 1, 1)), np.zeros(0), np.zeros((1, 1, 4, 6)), spec,
                        Tuning())
+
+
+@pytest.mark.parametrize("tier", dilconv._tiers.SUPPORTED)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", [
+    (3, 72, 9, 11, 30, 3, 3, 1, 2, 2, 1),         # 3 channel blocks, the last partial
+    (2, 40, 10, 13, 44, 3, 3, 2, 1, (1, 2), 2),   # groups of 20 -> 22, stride 2
+    (1, 64, 7, 37, 9, 1, 3, 1, (0, 3), 3, 1),     # 9 outputs: one block of MR rows
+])
+def test_weight_gradient_packed_grad_output_gives_the_same_bits(case, threads, tier, rng,
+                                                                monkeypatch):
+    # grad_output packed MR_GW channels per pixel, for tasks of two channel blocks (where
+    # the tier's MR_GW passes MR), against read in place by tasks of one: each weight's
+    # sum takes its pixels in the same order, so the same bits; the oracle checks one.
+    panel = dilconv._tiers.kernels(tier)._panel
+    n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    spec = make_spec((n, c, h, w), (o, c // groups, kh, kw), stride, padding, dilation,
+                     groups)
+    monkeypatch.setattr(panel, "PANEL_GRAD_WEIGHT_MIN_TASKS", 1)
+    for dtype in (np.float32, np.float64):
+        x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
+        gy = np.sin(np.arange(np.prod(spec.output_shape), dtype=dtype))
+        gy = gy.reshape(spec.output_shape)
+        results = []
+        for packed in (True, False):
+            monkeypatch.setattr(panel, "PANEL_GRAD_WEIGHT_C_GROUP", 2 if packed else 1)
+            monkeypatch.setattr(panel, "PANEL_GRAD_WEIGHT_PACKED_TERMS",
+                                1 if packed else 10 ** 9)
+            blocks = panel.grad_weight_blocks(spec, np.dtype(dtype).itemsize)
+            assert blocks[1:] == (2 if packed else 1, packed and panel.MR_GRAD_WEIGHT
+                                  > panel.MR and o // groups > panel.MR)
+            with dilconv._tiers.use(tier), tuning(path="panel", min_macs_per_thread=1), \
+                    num_threads(threads):
+                grads = (check_backward(gy, x, wt, **conv) if packed else
+                         dilconv.conv2d_backward(gy, x, wt, **conv))
+            results.append(grads.weight)
+        np.testing.assert_array_equal(*results)
