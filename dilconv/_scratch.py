@@ -3,6 +3,8 @@
 numpy aligns large arrays to 16 bytes only, so every 64-byte vector load from a packed
 panel would straddle two cache lines (read twice as slowly on some CPUs); rows of
 per-thread scratch also start on their own lines, so threads never share one."""
+import math
+
 import numpy as np
 
 CACHE_LINE = 64
@@ -15,7 +17,9 @@ def aligned_empty(shape, dtype, always: bool = False) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on a cache line (if it
     holds at least ALIGN_FROM_BYTES, or `always`)."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # math.prod, not np.prod: a tiny layer's call makes a few of these (1 us each).
+    count = math.prod(shape) if isinstance(shape, (tuple, list)) else int(shape)
+    nbytes = count * dtype.itemsize
     if nbytes < ALIGN_FROM_BYTES and not always:
         return np.empty(shape, dtype)
     # Sized without a first array of the shape: that one, alive until the return, moved
