@@ -1382,7 +1382,8 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
             _grad_weight_block(gy, x, gwt_view[part], tiles, o_chunk, c_group, packed_a, g,
                                task % part_tasks, part * g.N // parts,
                                (part + 1) * g.N // parts,
-                               &scratch[tid, 0], &scratch[tid, a_at],
+                               &scratch[tid, 0],
+                               &scratch[tid, a_at] if packed_a else NULL,
                                &offset_scratch[tid, 0])
         # The parts added in order, into gw's layout, an output channel per task (serial,
         # this took a tenth of aspp_r6's weight gradient at 2 threads).
