@@ -138,9 +138,9 @@ static inline __attribute__((always_inline)) void NAME##_any(                   
         for (ptrdiff_t j = 0; j < n; j++) c[i * ldc + j] = part[i][j];                   \
 }                                                                                        \
 /* The weight gradient's: m <= MR_GW rows, a block of MR rows where m fits one. Not      \
-   inlined: inside the weight gradient's OpenMP body, gcc kept A's pointers on the stack, \
-   reloaded every term (1.18x slower: 2048 -> 256 at 33 x 33, float32, one thread on an  \
-   AVX-512 Xeon). */                                                                      \
+   inlined, so that the block's loop has the registers to itself: inside the weight      \
+   gradient's OpenMP body gcc once kept six of A's eight row pointers on the stack,       \
+   reloaded every term. */                                                                \
 static __attribute__((noinline)) void NAME(const dilconv_terms *terms, const T *a,      \
                         const T *b, const T *bias, int accumulate, T *c, ptrdiff_t ldc,  \
                         ptrdiff_t m, ptrdiff_t n) {                                      \
