@@ -1310,8 +1310,9 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
 
 
 def grad_weight_blocks(spec, Py_ssize_t itemsize):
-    """(o_chunk, c_group, packed) of grad_weight's tasks: output and input channel blocks
-    per task, and whether grad_output is packed (blocks of MR_GW rows, else MR)."""
+    """(o_chunk, c_group, packed, parts) of grad_weight's tasks: output and input channel
+    blocks per task, whether grad_output is packed (blocks of MR_GW rows, else MR), and
+    the parts of the images."""
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // itemsize
     cdef Py_ssize_t cg = spec.c // spec.groups, og = spec.o // spec.groups
     cdef Py_ssize_t o_chunk = min(og, PANEL_GRAD_WEIGHT_O_CHUNK)
@@ -1323,7 +1324,7 @@ def grad_weight_blocks(spec, Py_ssize_t itemsize):
     packed = (DILCONV_MR_GW > DILCONV_MR and og > DILCONV_MR
               and spec.kh * spec.kw * c_group >= PANEL_GRAD_WEIGHT_PACKED_TERMS)
     cdef Py_ssize_t mr = DILCONV_MR_GW if packed else DILCONV_MR
-    return ceil_div(o_chunk, mr) * mr, c_group, packed
+    return ceil_div(o_chunk, mr) * mr, c_group, packed, parts
 
 
 def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, gw, spec,
@@ -1345,11 +1346,9 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     cdef Py_ssize_t target = min(tuning.max_tile_pixels,
                                  max(1, PANEL_GRAD_WEIGHT_PACK_BYTES // DILCONV_BLOCK_BYTES))
     cdef const Py_ssize_t[:, ::1] tiles = aligned_tiles(spec, target)
-    cdef Py_ssize_t c_blocks = (g.Cg + nr - 1) // nr
-    cdef Py_ssize_t parts = max(1, min(g.N, PANEL_GRAD_WEIGHT_IMAGE_PARTS))
-    o_chunk_, c_group_, packed_a_ = grad_weight_blocks(spec, sizeof(floating))
-    cdef Py_ssize_t o_chunk = o_chunk_, c_group = c_group_
-    cdef bint packed_a = packed_a_
+    cdef Py_ssize_t c_blocks = (g.Cg + nr - 1) // nr, o_chunk, c_group, parts
+    cdef bint packed_a
+    o_chunk, c_group, packed_a, parts = grad_weight_blocks(spec, sizeof(floating))
     cdef Py_ssize_t part_tasks = (g.groups * ceil_div(c_blocks, c_group)
                                   * ceil_div(g.Og, o_chunk))
     cdef Py_ssize_t n_tasks = parts * part_tasks
@@ -1362,7 +1361,7 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
         pack_pixels = max(pack_pixels, f.fh * f.fw)
     dtype = np.float32 if floating is float else np.float64
     # Per thread: B's packed input, then A's packed grad_output (o_chunk x a tile).
-    cdef Py_ssize_t a_at = ceil_div(nr * pack_pixels, nr) * nr
+    cdef Py_ssize_t a_at = nr * pack_pixels
     cdef floating[:, ::1] scratch = thread_scratch(
         n_threads, a_at + (o_chunk * largest_tile(tiles) if packed_a else 0), dtype)
     cdef Py_ssize_t[:, ::1] offset_scratch = thread_scratch(n_threads, 2 * rows, np.intp)
