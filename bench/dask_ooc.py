@@ -235,6 +235,10 @@ def _imports(cfg):
     """Import what a run uses before the clock starts."""
     import dask.array  # noqa: F401
     import dilconv.dask  # noqa: F401
+    try:                        # dask.compute imports it where it is installed (0.2 s)
+        import distributed  # noqa: F401
+    except ImportError:
+        pass
     if cfg["format"] == "zarr":
         import zarr  # noqa: F401
 
