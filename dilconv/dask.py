@@ -35,7 +35,9 @@ import bisect
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import math
+import mmap
 import numbers
 import operator
 import os
@@ -296,10 +298,11 @@ class _WindowCost:
 _window_costs = {"MemmapArray": _WindowCost(), "RawZarrArray": _WindowCost()}
 
 
-def _read_window(direct: _Direct, slot="window", planes=False):
+def _read_window(direct: _Direct, slot="window", planes=False, rows=None):
     """The window read into this thread's buffer `slot`; with `planes` (for conv2d), a
     `MemmapArray`'s window may be a view of the file instead, a `RawZarrArray`'s copied
-    from its chunk files' mappings (see WINDOW_VIEWS)."""
+    from its chunk files' mappings (see WINDOW_VIEWS) or from the chunk rows `rows` (a
+    `_ChunkRows`) keeps for the task."""
     source = direct.source
     if isinstance(source, (MemmapArray, RawZarrArray)) and planes:
         cost = _window_costs[type(source).__name__]
@@ -307,7 +310,7 @@ def _read_window(direct: _Direct, slot="window", planes=False):
         start = time.thread_time() if trial else 0.0
         views = cost.views()
         if isinstance(source, RawZarrArray):
-            window = source.read_into(direct.region, slot, mapped=views)
+            window = source.read_into(direct.region, slot, mapped=views, rows=rows)
         else:
             # A plain view (the mapping lives as its base): no np.memmap, which
             # _contiguous would copy.
@@ -451,17 +454,21 @@ def _writer():
     return writer
 
 
-def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axis, per):
-    """`_store_block` a stripe at a time along `axis`, each written while the next is
-    computed (into the other of two stripe buffers of this thread)."""
+def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axis, per,
+                   background=True):
+    """`_store_block` a stripe at a time along `axis`, each written (with `background`)
+    while the next is computed (into the other of two stripe buffers of this thread), or
+    else before it."""
     if axis == 3 and isinstance(blocks, _Direct):
         # A stripe of columns of the window would be copied: read it from the file instead.
         extent = blocks.region[axis]
         size = extent.stop - extent.start
+        rows = _ChunkRows() if isinstance(blocks.source, RawZarrArray) else None
 
         def stripe_input(r0, r1):
             region = blocks.region[:axis] + (slice(extent.start + r0, extent.start + r1),)
-            return _read_window(_Direct(blocks.source, region), "stripe-input", planes=True)
+            return _read_window(_Direct(blocks.source, region), "stripe-input", planes=True,
+                                rows=rows)
     else:
         x = _assemble(blocks, slices, planes=True)
         size = x.shape[axis]
@@ -490,8 +497,11 @@ def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axi
                 _bias_block(shape, store.dtype, bias, y)
             region = list(store.region)
             region[axis - 4] = slice(start + j0, start + j1)
-            pending.append(_writer().submit(
-                _store_put, _Store(store.target, tuple(region), shape, store.dtype), y, False))
+            stripe = _Store(store.target, tuple(region), shape, store.dtype)
+            if background:
+                pending.append(_writer().submit(_store_put, stripe, y, False))
+            else:
+                _store_put(stripe, y, False)
         for write in pending:
             write.result()
     finally:                 # no write may still read this thread's buffers after the task
@@ -558,12 +568,18 @@ def _writer_helps(tasks: int, threads: Optional[int]) -> bool:
 
 def _store_block(blocks, slices, weight, bias, conv: _Conv, store: _Store):
     """Compute one output block straight into `out`: in stripes where a writing thread
-    finds a free core, else whole."""
+    finds a free core or `out` is a `RawZarrArray` (a stripe of whole chunks is written
+    as it is, a block chunk by chunk through a copy), else whole."""
     with _counted() as tasks:
-        stripes = (None if blocks is None or _in_place(store) is not None
-                   or not _writer_helps(tasks, conv.threads) else _stripes(store))
+        background = _writer_helps(tasks, conv.threads)
+        # A RawZarrArray takes a stripe of whole chunks as they are; a block would be
+        # copied chunk by chunk.
+        striped = background or isinstance(store.target, RawZarrArray)
+        stripes = (None if blocks is None or _in_place(store) is not None or not striped
+                   else _stripes(store))
         if stripes is not None:
-            return _store_striped(blocks, slices, weight, bias, conv, store, *stripes)
+            return _store_striped(blocks, slices, weight, bias, conv, store, *stripes,
+                                  background=background)
         y, in_place = _store_buffer(store)
         if blocks is None:
             _bias_block(store.shape, store.dtype, bias, y)
@@ -1409,6 +1425,7 @@ def _write(path, fds: dict, direct: bool, data: memoryview, at: int) -> None:
         except OSError:
             if fd != fds.get("direct"):
                 raise
+            os.close(fd)                         # refused (alignment): write buffered
             fds["direct"], fd = None, fds.get("buffered") or os.open(path, os.O_WRONLY)
             fds["buffered"] = fd
             continue
@@ -1565,17 +1582,22 @@ def _put_direct(path, data: memoryview) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path}.{uuid.uuid4().hex}.partial"
     fds = {}
+    create = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:
         if head:
             aligned = np.frombuffer(data[:head], np.uint8)
             if aligned.ctypes.data % DIRECT_ALIGN:      # O_DIRECT needs an aligned buffer
                 aligned = _scratch("direct-write", (head,), np.uint8)
                 aligned[...] = np.frombuffer(data[:head], np.uint8)
-            fds["buffered"] = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:                # created for O_DIRECT: one open fewer per chunk
+                fds["direct"] = os.open(partial, create | DIRECT, 0o644)
+            except OSError:                      # e.g. tmpfs: no O_DIRECT
+                fds["direct"], fds["buffered"] = None, os.open(partial, create, 0o644)
             _write(partial, fds, True, memoryview(aligned), 0)
         else:
-            fds["buffered"] = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _write(partial, fds, False, data[head:], head)
+            fds["buffered"] = os.open(partial, create, 0o644)
+        if len(data) > head:
+            _write(partial, fds, False, data[head:], head)
     except BaseException:
         for fd in fds.values():
             if fd is not None:
@@ -1623,6 +1645,47 @@ if _LocalStore is not None:
 
 
 # --- uncompressed zarr arrays, read and written chunk file by chunk file ------------------
+
+class _ChunkRows:
+    """Stored chunks read by one task, for its next windows: the column stripes of a block
+    (`_store_striped`) share their halos, so a chunk that one stripe's window overlaps,
+    the next stripe's overlaps too. Each chunk is read once per task instead of once per
+    window (three times on the bench layer): its whole rows (a plane is then one run)
+    into a buffer of this thread, or mapped; `keep` drops the chunks the current window
+    leaves behind."""
+
+    def __init__(self):
+        self.entries = {}           # chunk index -> (first row, stop row, slot or mapping)
+        self.free, self.made = [], 0
+
+    def keep(self, chunks) -> None:
+        chunks = set(chunks)
+        for chunk in [c for c in self.entries if c not in chunks]:
+            held = self.entries.pop(chunk)[2]
+            if isinstance(held, str):           # a buffer slot, free for the next chunk
+                self.free.append(held)
+
+    def get(self, source, chunk, inner, mapped=False) -> np.ndarray:
+        """The chunk, valid in (at least) the rows `inner` takes."""
+        rows = inner[-2] if len(inner) >= 2 else slice(0, 1)
+        entry = self.entries.get(chunk)
+        if entry is not None and entry[0] <= rows.start and rows.stop <= entry[1]:
+            held = entry[2]
+            return _scratch(held, source.chunks, source.dtype) if isinstance(held, str) \
+                else held
+        if entry is not None:
+            self.keep(c for c in self.entries if c != chunk)
+        if mapped:
+            data = source._map_chunk(chunk)
+            self.entries[chunk] = (0, 1 << 62, data)
+            return data
+        if self.free:
+            slot = self.free.pop()
+        else:
+            slot, self.made = f"zarr-rows-{self.made}", self.made + 1
+        self.entries[chunk] = (rows.start, rows.stop, slot)
+        return source._read_chunk(chunk, inner, slot, whole_rows=True)
+
 
 class RawZarrArray:
     """An uncompressed zarr v3 array in a local directory, read and written chunk file by
@@ -1705,30 +1768,28 @@ class RawZarrArray:
             bounds.append((start, max(start, stop)))
             kept.append(max(start, stop) - start)
         shape = tuple(b - a for a, b in bounds)
-        ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(bounds, self.chunks)]
-        pieces = []
-        for chunk in np.ndindex(*(len(r) for r in ranges)):
-            chunk = tuple(r[i] for r, i in zip(ranges, chunk))
-            lo = [max(a, j * c) for (a, _), j, c in zip(bounds, chunk, self.chunks)]
-            hi = [min(b, (j + 1) * c) for (_, b), j, c in zip(bounds, chunk, self.chunks)]
-            region = tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, bounds))
-            inner = tuple(slice(l - j * c, h - j * c)
-                          for l, h, j, c in zip(lo, hi, chunk, self.chunks))
-            pieces.append((region, chunk, inner))
-        return shape, tuple(kept), pieces
+        # Per axis: (chunk, slice of the region, slice in the chunk) of each chunk it meets.
+        axes = [[(j, slice(max(a, j * c) - a, min(b, j * c + c) - a),
+                  slice(max(a, j * c) - j * c, min(b, j * c + c) - j * c))
+                 for j in range(a // c, -(-b // c))]
+                for (a, b), c in zip(bounds, self.chunks)]
+        pieces = [tuple(zip(*parts)) or ((), (), ()) for parts in itertools.product(*axes)]
+        return shape, tuple(kept), [(region, chunk, inner) for chunk, region, inner in pieces]
 
-    def _read_chunk(self, chunk, inner=None) -> np.ndarray:
-        """The chunk in this thread's chunk buffer; with `inner` (its slices that are
+    def _read_chunk(self, chunk, inner=None, slot="zarr-chunk", whole_rows=False):
+        """The chunk in this thread's buffer `slot`; with `inner` (its slices that are
         used), only the bytes from the first to the last element of `inner` in each plane
-        of the last two axes are read: a window's halo takes a few rows of a chunk."""
-        buf = _scratch("zarr-chunk", self.chunks, self.dtype)
+        of the last two axes are read (a window's halo takes a few rows of a chunk), or
+        with `whole_rows` the whole rows `inner` takes (what `_ChunkRows` keeps)."""
+        buf = _scratch(slot, self.chunks, self.dtype)
         flat = memoryview(buf.reshape(-1).view(np.uint8))
         runs = [(0, buf.nbytes)]
         if inner is not None and buf.ndim >= 2:
             *lead, rows, cols = inner
             row = buf.strides[-2]
-            start = rows.start * row + cols.start * buf.itemsize
-            size = (rows.stop - 1 - rows.start) * row + (cols.stop - cols.start) * buf.itemsize
+            first, last = (0, self.chunks[-1]) if whole_rows else (cols.start, cols.stop)
+            start = rows.start * row + first * buf.itemsize
+            size = (rows.stop - 1 - rows.start) * row + (last - first) * buf.itemsize
             runs = [(start + sum((i + s.start) * step for i, s, step in
                                  zip(plane, lead, buf.strides)), size)
                     for plane in np.ndindex(*(s.stop - s.start for s in lead))]
@@ -1744,22 +1805,33 @@ class RawZarrArray:
     def __getitem__(self, index):
         return self.read_into(index)
 
-    def read_into(self, index, slot=None, mapped=False):
+    def read_into(self, index, slot=None, mapped=False, rows=None):
         """``self[index]``, in a new array or (slot) in this thread's buffer of that name:
         each chunk's part read into a chunk buffer, then copied; with `mapped`, copied
-        from a mapping of the chunk file (one copy fewer; see WINDOW_VIEWS)."""
+        from a mapping of the chunk file (one copy fewer; see WINDOW_VIEWS); with `rows`
+        (a `_ChunkRows`), the chunks' rows are read once for this and the next reads."""
         shape, result, pieces = self._pieces(index)
         out = np.empty(shape, self.dtype) if slot is None else _scratch(slot, shape,
                                                                          self.dtype)
+        if rows is not None:
+            rows.keep(chunk for _, chunk, _ in pieces)
         for region, chunk, inner in pieces:
-            np.copyto(out[region], (self._map_chunk(chunk) if mapped
-                                    else self._read_chunk(chunk, inner))[inner])
+            if rows is not None:
+                data = rows.get(self, chunk, inner, mapped)
+            elif mapped:
+                data = self._map_chunk(chunk)
+            else:
+                data = self._read_chunk(chunk, inner)
+            np.copyto(out[region], data[inner])
         return out.reshape(result)
 
     def _map_chunk(self, chunk):
         """The chunk as a read-only view of its file (the fill value where none is)."""
         try:
-            return np.memmap(self._path(chunk), self.dtype, "r", shape=self.chunks)
+            with open(self._path(chunk), "rb") as f:
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return np.frombuffer(mapping, self.dtype,
+                                 math.prod(self.chunks)).reshape(self.chunks)
         except FileNotFoundError:                  # never written: the fill value
             return np.broadcast_to(np.asarray(self.fill_value, self.dtype), self.chunks)
         except ValueError:                         # the file is shorter than the chunk

@@ -514,12 +514,40 @@ def test_column_stripes_read_from_the_source(tmp_path, rng, monkeypatch, source)
     assert dd._stripes(dd._Store(out, (), (1, 5, 8, 36), np.float32)) == (3, 12)
     reads = []
     read_window = dd._read_window
-    monkeypatch.setattr(dd, "_read_window", lambda direct, slot="window", planes=False:
+    monkeypatch.setattr(dd, "_read_window", lambda direct, slot="window", planes=False, **kw:
                         reads.append((direct.region[3], slot))
-                        or read_window(direct, slot, planes))
+                        or read_window(direct, slot, planes, **kw))
     dd.conv2d(xd, w, b, dilation=d, padding=p, out=out).compute(scheduler="sync")
     _within(zarr.open_array(str(tmp_path / "y.zarr"), mode="r")[...], expected, bound)
     assert {slot for _, slot in reads} == {"stripe-input"} and len(reads) == 5 * 3
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+@pytest.mark.parametrize("background", [False, True])
+def test_stripes_read_each_stored_chunk_once(tmp_path, rng, monkeypatch, mapped, background):
+    """Into a RawZarrArray a block is written in stripes of whole chunks, with or without a
+    writing thread; the stripes of one block share their halos, and each stored chunk of
+    the input is read (or mapped) once per block, not once per stripe that overlaps it."""
+    monkeypatch.setattr(dd, "STRIPE_BYTES", 48)
+    monkeypatch.setattr(dd, "_writer_helps", lambda tasks, threads: background)
+    monkeypatch.setattr(dd, "WINDOW_VIEWS", mapped)
+    x = rng.standard_normal((1, 3, 40, 36)).astype(np.float32)
+    _zarr(tmp_path / "x.zarr", x.shape, (1, 3, 8, 12))[...] = x
+    xd = dd.from_zarr(str(tmp_path / "x.zarr"), chunks=(1, 3, 8, 36))
+    w, b, d, p = _chain(rng, channels=(3, 5))[0]
+    expected, bound = _chain_expected(x, [(w, b, d, p)], False)
+    out = dd.RawZarrArray.open(_zarr(tmp_path / "y.zarr", expected.shape, (1, 5, 8, 12)))
+    reads = []
+    name = "_map_chunk" if mapped else "_read_chunk"
+    original = getattr(dd.RawZarrArray, name)
+    monkeypatch.setattr(dd.RawZarrArray, name, lambda self, chunk, *a, **kw:
+                        reads.append(chunk) or original(self, chunk, *a, **kw))
+    dd.conv2d(xd, w, b, dilation=d, padding=p, out=out).compute(scheduler="sync")
+    _within(zarr.open_array(str(tmp_path / "y.zarr"), mode="r")[...], expected, bound)
+    # 5 bands of 3 stripes; each band's window takes its own chunk row and (but at the
+    # image's edges) the rows of the chunks above and below: every chunk once per band.
+    assert sorted(reads) == sorted((0, 0, i + di, j) for i in range(5) for di in (-1, 0, 1)
+                                   for j in range(3) if 0 <= i + di < 5)
 
 
 @pytest.mark.parametrize("chunks", [(1, 3, 16, 36), (1, 3, 12, 20), (2, 3, 40, 36)])
