@@ -263,10 +263,13 @@ def _contiguous(a: np.ndarray, slot: str, planes=False) -> np.ndarray:
 # on it, the bench layer's threaded job took 0.7x the CPU with views, and chunks copied
 # from their mappings 0.5-0.6x the CPU of pread and a copy. Each process measures, per
 # kind of source: its first windows alternate (WINDOW_TRIALS of each), each timed in the
-# task thread's CPU time per value from the read to the end of its first kernel call, and
-# it keeps the cheaper. WINDOW_VIEWS = True or False decides instead (tests).
+# task thread's CPU time per value from the read to the end of its first kernel call (a
+# block written in stripes: its whole task), and it keeps the cheaper. A thread's first
+# window of each kind is not counted: it touches that kind's buffers for the first time
+# (3-10x the CPU of the next, which made the choice a coin toss). WINDOW_VIEWS = True or
+# False decides instead (tests).
 WINDOW_VIEWS: Optional[bool] = None
-WINDOW_TRIALS = 2
+WINDOW_TRIALS = 3
 
 
 class _WindowCost:
@@ -276,6 +279,7 @@ class _WindowCost:
         self.lock = threading.Lock()
         self.costs = {True: [], False: []}
         self.choice: Optional[bool] = None
+        self.warm = threading.local()           # the kinds this thread has had
 
     def views(self) -> bool:
         if WINDOW_VIEWS is not None:
@@ -286,6 +290,10 @@ class _WindowCost:
             return len(self.costs[True]) <= len(self.costs[False])
 
     def record(self, views: bool, seconds: float, values: int) -> None:
+        warm = self.warm.__dict__.setdefault("kinds", set())
+        if views not in warm:                          # this thread's first of the kind
+            warm.add(views)
+            return
         with self.lock:
             if self.choice is not None:
                 return
@@ -298,17 +306,17 @@ class _WindowCost:
 _window_costs = {"MemmapArray": _WindowCost(), "RawZarrArray": _WindowCost()}
 
 
-def _read_window(direct: _Direct, slot="window", planes=False, rows=None):
+def _read_window(direct: _Direct, slot="window", planes=False, rows=None, views=None):
     """The window read into this thread's buffer `slot`; with `planes` (for conv2d), a
     `MemmapArray`'s window may be a view of the file instead, a `RawZarrArray`'s copied
     from its chunk files' mappings (see WINDOW_VIEWS) or from the chunk rows `rows` (a
-    `_ChunkRows`) keeps for the task."""
+    `_ChunkRows`) keeps for the task. `views` given: the caller chose (and measures)."""
     source = direct.source
     if isinstance(source, (MemmapArray, RawZarrArray)) and planes:
         cost = _window_costs[type(source).__name__]
-        trial = WINDOW_VIEWS is None and cost.choice is None
+        trial = views is None and WINDOW_VIEWS is None and cost.choice is None
         start = time.thread_time() if trial else 0.0
-        views = cost.views()
+        views = cost.views() if views is None else views
         if isinstance(source, RawZarrArray):
             window = source.read_into(direct.region, slot, mapped=views, rows=rows)
         else:
@@ -459,16 +467,25 @@ def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axi
     """`_store_block` a stripe at a time along `axis`, each written (with `background`)
     while the next is computed (into the other of two stripe buffers of this thread), or
     else before it."""
+    cost = views = None
     if axis == 3 and isinstance(blocks, _Direct):
         # A stripe of columns of the window would be copied: read it from the file instead.
         extent = blocks.region[axis]
         size = extent.stop - extent.start
         rows = _ChunkRows() if isinstance(blocks.source, RawZarrArray) else None
+        cost = _window_costs.get(type(blocks.source).__name__)
+        if cost is not None:
+            # Views or copies for the whole task, measured over it: its stripes share the
+            # chunks they read (`rows`), so the first stripe reads more than the next.
+            views = cost.views()
+            if WINDOW_VIEWS is not None or cost.choice is not None:
+                cost = None
+        started = time.thread_time()
 
         def stripe_input(r0, r1):
             region = blocks.region[:axis] + (slice(extent.start + r0, extent.start + r1),)
             return _read_window(_Direct(blocks.source, region), "stripe-input", planes=True,
-                                rows=rows)
+                                rows=rows, views=views)
     else:
         x = _assemble(blocks, slices, planes=True)
         size = x.shape[axis]
@@ -504,6 +521,8 @@ def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axi
                 _store_put(stripe, y, False)
         for write in pending:
             write.result()
+        if cost is not None:
+            cost.record(views, time.thread_time() - started, math.prod(store.shape))
     finally:                 # no write may still read this thread's buffers after the task
         concurrent.futures.wait(pending)
 

@@ -2,6 +2,8 @@
 zarr arrays and files, block sizes from a memory budget."""
 import os
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -578,23 +580,33 @@ def test_windows_read_from_the_source_by_the_tasks(tmp_path, rng, source, chunks
 
 def test_window_cost_alternates_then_keeps_the_cheaper(monkeypatch):
     """A process's first windows alternate between views and copies, WINDOW_TRIALS of
-    each; then the one with the lower cost per value is kept, and later costs change
-    nothing. WINDOW_VIEWS decides instead where set."""
+    each after each thread's first of each kind (which touches that kind's buffers, and
+    is not counted); then the one with the lower cost per value is kept, and later costs
+    change nothing. WINDOW_VIEWS decides instead where set."""
     monkeypatch.setattr(dd, "WINDOW_TRIALS", 2)
     for view_costs, copy_costs, kept in (((2.0, 3.0), (1.0, 1.5), False),
                                          ((0.5, 3.0), (1.0, 0.6), True)):
         cost, seen = dd._WindowCost(), []
-        for view_cost, copy_cost in zip(view_costs, copy_costs):
-            for seconds in (view_cost, copy_cost):
-                views = cost.views()
-                seen.append(views)
-                cost.record(views, seconds * 100, 100)
-        assert seen == [True, False, True, False] and cost.choice is kept
+        # Each kind's first: far dearer (views) or cheaper (copies) than the counted ones.
+        left = {True: [10.0 * max(view_costs), *view_costs],
+                False: [0.01 * min(copy_costs), *copy_costs]}
+        while cost.choice is None:
+            views = cost.views()
+            seen.append(views)
+            cost.record(views, left[views].pop(0) * 100, 100)
+        assert seen == [True, True, False, False, True, False] and cost.choice is kept
         cost.record(not kept, 0.0, 100)
         assert cost.views() is kept
         monkeypatch.setattr(dd, "WINDOW_VIEWS", not kept)
         assert cost.views() is (not kept)
         monkeypatch.setattr(dd, "WINDOW_VIEWS", None)
+    cost = dd._WindowCost()
+    cost.record(True, 1.0, 100)                    # this thread's first: not counted
+    thread = threading.Thread(target=cost.record, args=(True, 1.0, 100))
+    thread.start()
+    thread.join()                                  # nor another thread's first
+    cost.record(True, 1.0, 100)
+    assert cost.costs == {True: [0.01], False: []}
 
 
 @pytest.mark.parametrize("striped", [False, True])
@@ -666,7 +678,8 @@ def test_raw_zarr_windows_mapped_or_read_give_the_same_bits(tmp_path, rng, monke
     for views in (True, False, None):
         monkeypatch.setattr(dd, "WINDOW_VIEWS", views)
         monkeypatch.setitem(dd._window_costs, "RawZarrArray", dd._WindowCost())
-        xd = dd.from_zarr(str(tmp_path / "x.zarr"), chunks=(1, 3, 8, 36))
+        # 15 windows: enough for each kind's first and WINDOW_TRIALS of each.
+        xd = dd.from_zarr(str(tmp_path / "x.zarr"), chunks=(1, 3, 8, 12))
         results[views] = dd.conv2d(xd, w, dilation=2, padding=2).compute(scheduler="sync")
         if views is None:
             assert dd._window_costs["RawZarrArray"].choice is not None
