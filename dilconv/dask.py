@@ -1677,12 +1677,15 @@ class _ChunkRows:
         self.entries = {}           # chunk index -> (first row, stop row, slot or mapping)
         self.free, self.made = [], 0
 
+    def _drop(self, chunk) -> None:
+        held = self.entries.pop(chunk)[2]
+        if isinstance(held, str):               # a buffer slot, free for the next chunk
+            self.free.append(held)
+
     def keep(self, chunks) -> None:
         chunks = set(chunks)
         for chunk in [c for c in self.entries if c not in chunks]:
-            held = self.entries.pop(chunk)[2]
-            if isinstance(held, str):           # a buffer slot, free for the next chunk
-                self.free.append(held)
+            self._drop(chunk)
 
     def get(self, source, chunk, inner, mapped=False) -> np.ndarray:
         """The chunk, valid in (at least) the rows `inner` takes."""
@@ -1692,8 +1695,8 @@ class _ChunkRows:
             held = entry[2]
             return _scratch(held, source.chunks, source.dtype) if isinstance(held, str) \
                 else held
-        if entry is not None:
-            self.keep(c for c in self.entries if c != chunk)
+        if entry is not None:                   # fewer rows than this read takes
+            self._drop(chunk)
         if mapped:
             data = source._map_chunk(chunk)
             self.entries[chunk] = (0, 1 << 62, data)
