@@ -687,3 +687,21 @@ def test_raw_zarr_windows_mapped_or_read_give_the_same_bits(tmp_path, rng, monke
         x, w, None, make_spec(x.shape, w.shape, 1, 2, 2, 1)))
     assert np.array_equal(results[True], results[False])
     assert np.array_equal(results[True], results[None])
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_chunk_rows_kept_between_reads(tmp_path, rng, mapped):
+    """Reads sharing a `_ChunkRows` give what zarr gives: a chunk first read for a few of
+    its rows is read again where a later read takes more; chunks a read leaves behind are
+    dropped, and their buffers reused."""
+    x = rng.standard_normal((1, 2, 24, 20)).astype(np.float32)
+    z = _zarr(tmp_path / "x.zarr", x.shape, (1, 2, 8, 8))
+    z[...] = x
+    raw, rows = dd.RawZarrArray.open(z), dd._ChunkRows()
+    for index, buffers in [((0, slice(None), slice(6, 8), slice(0, 20)), 3),   # 2 rows each
+                           ((0, slice(None), slice(0, 10), slice(3, 12)), 4),  # more rows
+                           ((0, slice(None), slice(9, 24), slice(10, 20)), 4),  # 3 left behind
+                           ((slice(None),) * 4, 9)]:
+        np.testing.assert_array_equal(raw.read_into(index, mapped=mapped, rows=rows), x[index])
+        assert set(rows.entries) == {chunk for _, chunk, _ in raw._pieces(index)[2]}
+        assert rows.made == (0 if mapped else buffers)
