@@ -61,6 +61,12 @@ class Tuning:
     # Lanes scheme: an output block's taps summed one at a time, in chunks of channels with
     # about this many bytes of weights (None: where the CPU tier's plan does so).
     panel_lanes_chunk_bytes: Optional[int] = None
+    # Panel weight gradient: blocks of input channels per task (None: the plan's), and
+    # grad_output packed for blocks of the tier's MR_GW rows (None: where the plan packs
+    # it; True: wherever the tier has such blocks and the layer those channels; False:
+    # never). The sums keep their order either way: the same bits.
+    panel_grad_weight_c_group: Optional[int] = None
+    panel_grad_weight_packed: Optional[bool] = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -417,6 +417,8 @@ def generate(seed: int, index: int, cfg: GenConfig) -> dict:
         panel_chunk_bytes=None if rng.random() < 0.5 else _choice(rng, (1, 1 << 30)),
         panel_lanes=None if rng.random() < 0.5 else bool(rng.random() < 0.5),
         panel_lanes_chunk_bytes=None if rng.random() < 0.5 else _choice(rng, (1, 1 << 30)),
+        panel_grad_weight_c_group=None if rng.random() < 0.5 else _choice(rng, (1, 2, 4)),
+        panel_grad_weight_packed=None if rng.random() < 0.5 else bool(rng.random() < 0.5),
     )
     if depthwise and case["cg"] == 1:
         case["path"] = "depthwise"

@@ -84,7 +84,9 @@ KNOBS = {"path": ("path",),
          "panel_group_bytes": ("panel_group_bytes",),
          "panel_chunk_bytes": ("panel_chunk_bytes",),
          "panel_lanes": ("panel_lanes",),
-         "panel_lanes_chunk_bytes": ("panel_lanes_chunk_bytes",)}
+         "panel_lanes_chunk_bytes": ("panel_lanes_chunk_bytes",),
+         "panel_grad_weight_c_group": ("panel_grad_weight_c_group",),
+         "panel_grad_weight_packed": ("panel_grad_weight_packed",)}
 
 
 def available_knobs() -> list:

@@ -1309,10 +1309,11 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
                             o = o + mr
 
 
-def grad_weight_blocks(spec, Py_ssize_t itemsize):
+def grad_weight_blocks(spec, Py_ssize_t itemsize, tuning=None):
     """(o_chunk, c_group, packed, parts) of grad_weight's tasks: output and input channel
     blocks per task, whether grad_output is packed (blocks of MR_GW rows, else MR), and
-    the parts of the images."""
+    the parts of the images; `tuning`'s panel_grad_weight_* knobs, where set, decide
+    c_group and packed instead."""
     cdef Py_ssize_t nr = DILCONV_BLOCK_BYTES // itemsize
     cdef Py_ssize_t cg = spec.c // spec.groups, og = spec.o // spec.groups
     cdef Py_ssize_t o_chunk = min(og, PANEL_GRAD_WEIGHT_O_CHUNK)
@@ -1321,8 +1322,13 @@ def grad_weight_blocks(spec, Py_ssize_t itemsize):
         PANEL_GRAD_WEIGHT_C_GROUP,
         parts * spec.groups * ceil_div(cg, nr) * ceil_div(og, o_chunk)
         // PANEL_GRAD_WEIGHT_MIN_TASKS))
+    forced_group = None if tuning is None else tuning.panel_grad_weight_c_group
+    forced_packed = None if tuning is None else tuning.panel_grad_weight_packed
+    if forced_group is not None:
+        c_group = forced_group
     packed = (DILCONV_MR_GW > DILCONV_MR and og > DILCONV_MR
-              and spec.kh * spec.kw * c_group >= PANEL_GRAD_WEIGHT_PACKED_TERMS)
+              and (spec.kh * spec.kw * c_group >= PANEL_GRAD_WEIGHT_PACKED_TERMS
+                   if forced_packed is None else forced_packed))
     cdef Py_ssize_t mr = DILCONV_MR_GW if packed else DILCONV_MR
     return ceil_div(o_chunk, mr) * mr, c_group, packed, parts
 
@@ -1348,7 +1354,7 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     cdef const Py_ssize_t[:, ::1] tiles = aligned_tiles(spec, target)
     cdef Py_ssize_t c_blocks = (g.Cg + nr - 1) // nr, o_chunk, c_group, parts
     cdef bint packed_a
-    o_chunk, c_group, packed_a, parts = grad_weight_blocks(spec, sizeof(floating))
+    o_chunk, c_group, packed_a, parts = grad_weight_blocks(spec, sizeof(floating), tuning)
     cdef Py_ssize_t part_tasks = (g.groups * ceil_div(c_blocks, c_group)
                                   * ceil_div(g.Og, o_chunk))
     cdef Py_ssize_t n_tasks = parts * part_tasks

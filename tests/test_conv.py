@@ -729,31 +729,31 @@ def test_panel_forward_refuses_planes_that_are_not_contiguous():
     (2, 40, 10, 13, 44, 3, 3, 2, 1, (1, 2), 2),   # groups of 20 -> 22, stride 2
     (1, 64, 7, 37, 9, 1, 3, 1, (0, 3), 3, 1),     # 9 outputs: one block of MR rows
 ])
-def test_weight_gradient_packed_grad_output_gives_the_same_bits(case, threads, tier, rng,
-                                                                monkeypatch):
-    # grad_output packed MR_GW channels per pixel, for tasks of two channel blocks (where
-    # the tier's MR_GW passes MR), against read in place by tasks of one: each weight's
+@pytest.mark.parametrize("c_group", [2, 4])
+def test_weight_gradient_packed_grad_output_gives_the_same_bits(case, threads, tier, c_group,
+                                                                rng):
+    # grad_output packed MR_GW channels per pixel, for tasks of c_group channel blocks
+    # (more than a group has, in some cases; where the tier's MR_GW passes MR), against
+    # read in place by tasks of one (the tuning's
+    # panel_grad_weight_* knobs, which the fuzz lab draws too): each weight's
     # sum takes its pixels in the same order, so the same bits; the oracle checks one.
     panel = dilconv._tiers.kernels(tier)._panel
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     spec = make_spec((n, c, h, w), (o, c // groups, kh, kw), stride, padding, dilation,
                      groups)
-    monkeypatch.setattr(panel, "PANEL_GRAD_WEIGHT_MIN_TASKS", 1)
     for dtype in (np.float32, np.float64):
         x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
         gy = np.sin(np.arange(np.prod(spec.output_shape), dtype=dtype))
         gy = gy.reshape(spec.output_shape)
         results = []
         for packed in (True, False):
-            monkeypatch.setattr(panel, "PANEL_GRAD_WEIGHT_C_GROUP", 2 if packed else 1)
-            monkeypatch.setattr(panel, "PANEL_GRAD_WEIGHT_PACKED_TERMS",
-                                1 if packed else 10 ** 9)
-            blocks = panel.grad_weight_blocks(spec, np.dtype(dtype).itemsize)
-            assert blocks[1:3] == (2 if packed else 1, packed and panel.MR_GRAD_WEIGHT
+            knobs = dict(path="panel", min_macs_per_thread=1, panel_grad_weight_packed=packed,
+                         panel_grad_weight_c_group=c_group if packed else 1)
+            blocks = panel.grad_weight_blocks(spec, np.dtype(dtype).itemsize, Tuning(**knobs))
+            assert blocks[1:3] == (c_group if packed else 1, packed and panel.MR_GRAD_WEIGHT
                                    > panel.MR and o // groups > panel.MR)
-            with dilconv._tiers.use(tier), tuning(path="panel", min_macs_per_thread=1), \
-                    num_threads(threads):
+            with dilconv._tiers.use(tier), tuning(**knobs), num_threads(threads):
                 grads = (check_backward(gy, x, wt, **conv) if packed else
                          dilconv.conv2d_backward(gy, x, wt, **conv))
             results.append(grads.weight)
