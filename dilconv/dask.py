@@ -281,6 +281,10 @@ class _WindowCost:
         self.choice: Optional[bool] = None
         self.warm = threading.local()           # the kinds this thread has had
 
+    def trying(self) -> bool:
+        """Whether windows are still timed (neither WINDOW_VIEWS nor a measured choice)."""
+        return WINDOW_VIEWS is None and self.choice is None
+
     def views(self) -> bool:
         if WINDOW_VIEWS is not None:
             return WINDOW_VIEWS
@@ -314,7 +318,7 @@ def _read_window(direct: _Direct, slot="window", planes=False, rows=None, views=
     source = direct.source
     if isinstance(source, (MemmapArray, RawZarrArray)) and planes:
         cost = _window_costs[type(source).__name__]
-        trial = views is None and WINDOW_VIEWS is None and cost.choice is None
+        trial = views is None and cost.trying()
         start = time.thread_time() if trial else 0.0
         views = cost.views() if views is None else views
         if isinstance(source, RawZarrArray):
@@ -478,7 +482,7 @@ def _store_striped(blocks, slices, weight, bias, conv: _Conv, store: _Store, axi
             # Views or copies for the whole task, measured over it: its stripes share the
             # chunks they read (`rows`), so the first stripe reads more than the next.
             views = cost.views()
-            if WINDOW_VIEWS is not None or cost.choice is not None:
+            if not cost.trying():
                 cost = None
         started = time.thread_time()
 
@@ -1699,7 +1703,7 @@ class _ChunkRows:
             self._drop(chunk)
         if mapped:
             data = source._map_chunk(chunk)
-            self.entries[chunk] = (0, 1 << 62, data)
+            self.entries[chunk] = (0, math.inf, data)          # every row
             return data
         if self.free:
             slot = self.free.pop()
