@@ -1309,7 +1309,7 @@ cdef void _grad_weight_block(const floating[:, :, :, ::1] gy,   # IN  (N, O, Ho,
                             o = o + mr
 
 
-def grad_weight_blocks(spec, Py_ssize_t itemsize, tuning=None):
+def grad_weight_blocks(spec, Py_ssize_t itemsize, tuning):
     """(o_chunk, c_group, packed, parts) of grad_weight's tasks: output and input channel
     blocks per task, whether grad_output is packed (blocks of MR_GW rows, else MR), and
     the parts of the images; `tuning`'s panel_grad_weight_* knobs, where set, decide
@@ -1318,17 +1318,15 @@ def grad_weight_blocks(spec, Py_ssize_t itemsize, tuning=None):
     cdef Py_ssize_t cg = spec.c // spec.groups, og = spec.o // spec.groups
     cdef Py_ssize_t o_chunk = min(og, PANEL_GRAD_WEIGHT_O_CHUNK)
     cdef Py_ssize_t parts = max(1, min(spec.n, PANEL_GRAD_WEIGHT_IMAGE_PARTS))
-    cdef Py_ssize_t c_group = max(1, min(
-        PANEL_GRAD_WEIGHT_C_GROUP,
-        parts * spec.groups * ceil_div(cg, nr) * ceil_div(og, o_chunk)
-        // PANEL_GRAD_WEIGHT_MIN_TASKS))
-    forced_group = None if tuning is None else tuning.panel_grad_weight_c_group
-    forced_packed = None if tuning is None else tuning.panel_grad_weight_packed
-    if forced_group is not None:
-        c_group = forced_group
-    packed = (DILCONV_MR_GW > DILCONV_MR and og > DILCONV_MR
-              and (spec.kh * spec.kw * c_group >= PANEL_GRAD_WEIGHT_PACKED_TERMS
-                   if forced_packed is None else forced_packed))
+    c_group = tuning.panel_grad_weight_c_group
+    if c_group is None:
+        c_group = max(1, min(PANEL_GRAD_WEIGHT_C_GROUP,
+                             parts * spec.groups * ceil_div(cg, nr) * ceil_div(og, o_chunk)
+                             // PANEL_GRAD_WEIGHT_MIN_TASKS))
+    packed = tuning.panel_grad_weight_packed
+    if packed is None:
+        packed = spec.kh * spec.kw * c_group >= PANEL_GRAD_WEIGHT_PACKED_TERMS
+    packed = DILCONV_MR_GW > DILCONV_MR and og > DILCONV_MR and packed
     cdef Py_ssize_t mr = DILCONV_MR_GW if packed else DILCONV_MR
     return ceil_div(o_chunk, mr) * mr, c_group, packed, parts
 
