@@ -31,6 +31,11 @@ FLAT_MAX_PADDED_PER_OUTPUT = 4
 FLAT_PADDED_SLACK = 1 << 18
 
 
+# Scratch items (doubles) of a one-thread call kept on the stack.
+cdef enum:
+    FLAT_STACK_ITEMS = 512
+
+
 cdef struct Plan:
     Py_ssize_t rows         # output rows per band
     Py_ssize_t o_block      # output channels per task (dividing O/groups)
@@ -157,11 +162,20 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     p.rows, p.o_block, p.wp, p.band, p.n_tasks = memoised(spec, "flat", tuning, plan, spec,
                                                            tuning)
     cdef int n_threads = kernel_threads(spec, p.n_tasks, tuning)
-    cdef floating[:, ::1] scratch = thread_scratch(
-        n_threads, g.Cg * p.band + p.o_block * p.rows * p.wp,
-        np.float32 if floating is float else np.float64)
+    cdef Py_ssize_t need = g.Cg * p.band + p.o_block * p.rows * p.wp
+    cdef double small[FLAT_STACK_ITEMS]
+    cdef floating[:, ::1] scratch
     cdef Py_ssize_t task, tid
     cdef floating* band
+    if n_threads == 1 and need <= FLAT_STACK_ITEMS:
+        # A tiny call: scratch on the stack, no parallel region (each costs as much as
+        # the arithmetic).
+        band = <floating*> small
+        with nogil:
+            for task in range(p.n_tasks):
+                _band(x, w, bias, out, g, &p, task, band, band + g.Cg * p.band)
+        return True
+    scratch = thread_scratch(n_threads, need, np.float32 if floating is float else np.float64)
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         band = &scratch[tid, 0]
