@@ -33,7 +33,7 @@ from setuptools.command.build_ext import build_ext
 KERNEL_MODULES = ["_forward", "_backward", "_gemm", "_flat", "_panel", "_depthwise"]
 # Built once, with the baseline flags, and imported before a tier is chosen (_cpu compiles
 # each of its probes for the instructions the probe needs).
-COMMON_MODULES = ["_openmp_helpers", "_cpu"]
+COMMON_MODULES = ["_openmp_helpers", "_cpu", "_callpath"]
 # Per-module flags. _depthwise: no fused multiply-adds, so that every block size rounds the
 # same way (gcc fused the sums of some blocks and not of others), and an output's bits do
 # not depend on which block computed it.

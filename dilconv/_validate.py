@@ -6,12 +6,13 @@ message names the argument, what was expected and what was given.
 from __future__ import annotations
 
 import functools
-
 import numbers
 from typing import NamedTuple, Optional
 
 import numpy as np
 
+# The checks every call makes, in C (KERNEL_DTYPES, as_is, is_plain, repeat_key).
+from ._callpath import KERNEL_DTYPES, as_is, is_plain, repeat_key  # noqa: F401
 from ._geometry import ConvSpec, conv_output_size
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -282,20 +283,6 @@ def make_spec(input_shape: tuple, weight_shape: tuple, stride, padding, dilation
     return _make_spec(*args)
 
 
-def is_plain(value) -> bool:
-    """Made of ints, strings and tuples of them only (hashable, no conversions to check)."""
-    kind = type(value)
-    if kind is int or kind is str:
-        return True
-    if kind is not tuple:
-        return False
-    for item in value:                # a loop, not a call per item: this runs every call
-        kind = type(item)
-        if kind is not int and kind is not str and not (kind is tuple and is_plain(item)):
-            return False
-    return True
-
-
 @functools.lru_cache(maxsize=256)
 def _cached_spec(*args) -> ConvSpec:
     return _make_spec(*args)
@@ -367,36 +354,6 @@ def conv_call(input, weight, bias, stride, padding, dilation, groups, padding_mo
         bias=None if b is None else kernel_array(b, dtype),
         spec=spec, batched=batched, dtype=dtype, padding_mode=padding_mode)
     return call, extra_arrays
-
-
-# The dtypes the kernels compute in.
-KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def as_is(arr, dtype) -> bool:
-    """An ndarray the kernels take as it is: `dtype`, C-contiguous and aligned."""
-    if type(arr) is not np.ndarray or arr.dtype != dtype:
-        return False
-    flags = arr.flags
-    return flags.c_contiguous and flags.aligned
-
-
-def repeat_key(input, weight, bias, stride, padding, dilation, groups, padding_mode):
-    """A hashable key of a conv2d call whose arrays `conv_call` would pass on as they are
-    (ndarrays of float32 or float64, one dtype, C-contiguous, aligned), with zero padding
-    and arguments of plain ints and strings; None for any other call. Calls with equal
-    keys are valid or invalid together, with the same spec: a layer's repeated calls skip
-    the checks once one has passed them (see dilconv._api)."""
-    if type(input) is not np.ndarray or padding_mode != "zeros":
-        return None
-    dtype = input.dtype
-    if (dtype not in KERNEL_DTYPES or not as_is(input, dtype)
-            or not as_is(weight, dtype) or (bias is not None and not as_is(bias, dtype))):
-        return None
-    args = (stride, padding, dilation, groups, padding_mode)
-    if not is_plain(args):
-        return None
-    return (input.shape, weight.shape, None if bias is None else bias.shape, dtype, args)
 
 
 def as_operand(name: str, arr: np.ndarray, shape: tuple, dtype: np.dtype) -> np.ndarray:

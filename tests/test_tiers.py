@@ -222,7 +222,7 @@ def test_tier_objects_hold_only_their_registers(tier):
         pytest.skip("not an x86-64 build")
     modules = list(vars(_tiers.kernels(tier)).values())
     if tier == "baseline":
-        modules.append(dilconv._openmp_helpers)
+        modules += [dilconv._openmp_helpers, dilconv._callpath]
     uses_ymm = []
     for module in modules:
         asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", module.__file__],
