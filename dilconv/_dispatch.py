@@ -324,11 +324,13 @@ def grad_input(grad_output, weight, grad_x, spec, tuning=None, path=None) -> Non
     tuning = current() if tuning is None else tuning
     path = (select(spec, "grad_input", weight, tuning) if path is None
             else _with_weights(path, spec, weight, tuning))
+    kernels = _tiers.of(tuning)       # once (see forward)
     if path == "panel" and spec.stride == (1, 1):
         # Unit stride: grad_input is the forward convolution of grad_output with the
         # transposed, turned kernel, on the panel kernel.
-        _panel.forward(grad_output, transposed_weight(weight, spec.groups),
-                       np.empty(0, grad_x.dtype), grad_x, transposed_spec(spec), tuning)
+        kernels._panel.forward(grad_output, transposed_weight(weight, spec.groups),
+                               np.empty(0, grad_x.dtype), grad_x, transposed_spec(spec),
+                               tuning)
     elif path == "panel":
         # Strided: each stride phase of the input is such a forward, with the taps that
         # reach it, into a buffer of the phase's size (the input's over the stride's).
@@ -343,18 +345,19 @@ def grad_input(grad_output, weight, grad_x, spec, tuning=None, path=None) -> Non
             sub, kh_taps, kw_taps, rows, cols = phase
             w_sub = weight[:, :, kh_taps][:, :, :, kw_taps]
             buf = np.empty(sub.output_shape, grad_x.dtype)
-            _panel.forward(np.ascontiguousarray(grad_output[:, :, rows, cols]),
-                           transposed_weight(w_sub, spec.groups), no_bias, buf, sub, tuning)
-            _panel.copy_into(buf, target, spec, tuning)
+            kernels._panel.forward(np.ascontiguousarray(grad_output[:, :, rows, cols]),
+                                   transposed_weight(w_sub, spec.groups), no_bias, buf, sub,
+                                   tuning)
+            kernels._panel.copy_into(buf, target, spec, tuning)
     elif path == "depthwise":
         # Multiplier 1: the same forward with the turned kernel (a copy: it reads rows).
         turned = np.ascontiguousarray(transposed_weight(weight, spec.groups))
-        _depthwise.forward(grad_output, turned, np.empty(0, grad_x.dtype), grad_x,
-                           transposed_spec(spec), tuning)
+        kernels._depthwise.forward(grad_output, turned, np.empty(0, grad_x.dtype), grad_x,
+                                   transposed_spec(spec), tuning)
     elif path == "gemm":
-        _gemm.grad_input(grad_output, weight, grad_x, spec, tuning)
+        kernels._gemm.grad_input(grad_output, weight, grad_x, spec, tuning)
     else:
-        _backward.grad_input(grad_output, weight, grad_x, spec, tuning)
+        kernels._backward.grad_input(grad_output, weight, grad_x, spec, tuning)
 
 
 def grad_weight(grad_output, x, grad_w, spec, tuning=None, path=None) -> None:
@@ -362,15 +365,17 @@ def grad_weight(grad_output, x, grad_w, spec, tuning=None, path=None) -> None:
     tuning = current() if tuning is None else tuning
     path = (select(spec, "grad_weight", None, tuning, grad_w.dtype) if path is None
             else path)
+    kernels = _tiers.of(tuning)
     if path == "panel":
-        _panel.grad_weight(grad_output, x, grad_w, spec, tuning)
+        kernels._panel.grad_weight(grad_output, x, grad_w, spec, tuning)
     elif path == "depthwise":
-        _depthwise.grad_weight(grad_output, x, grad_w, spec, tuning)
+        kernels._depthwise.grad_weight(grad_output, x, grad_w, spec, tuning)
     elif path == "gemm":
-        _gemm.grad_weight(grad_output, x, grad_w, spec, tuning)
+        kernels._gemm.grad_weight(grad_output, x, grad_w, spec, tuning)
     else:
-        _backward.grad_weight(grad_output, x, grad_w, spec, tuning)
+        kernels._backward.grad_weight(grad_output, x, grad_w, spec, tuning)
 
 
 def grad_bias(grad_output, grad_b, spec, tuning=None) -> None:
-    _backward.grad_bias(grad_output, grad_b, spec, current() if tuning is None else tuning)
+    tuning = current() if tuning is None else tuning
+    _tiers.of(tuning)._backward.grad_bias(grad_output, grad_b, spec, tuning)

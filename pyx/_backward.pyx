@@ -115,6 +115,11 @@ def grad_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w,
     cdef Geom g = make_geom(spec)
     cdef int n_threads = kernel_threads(spec, g.N * g.C, tuning)
     cdef Py_ssize_t task
+    if n_threads == 1:                # no parallel region (microseconds: tiny layers)
+        with nogil:
+            for task in range(g.N * g.C):
+                _grad_input_plane(gy, w, gx, g, task)
+        return
     for task in prange(g.N * g.C, nogil=True, schedule='static', num_threads=n_threads):
         _grad_input_plane(gy, w, gx, g, task)
 
@@ -125,6 +130,11 @@ def grad_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
     cdef Geom g = make_geom(spec)
     cdef int n_threads = kernel_threads(spec, g.O * g.Cg, tuning)
     cdef Py_ssize_t task
+    if n_threads == 1:                # no parallel region (microseconds: tiny layers)
+        with nogil:
+            for task in range(g.O * g.Cg):
+                _grad_weight_slice(gy, x, gw, g, task)
+        return
     for task in prange(g.O * g.Cg, nogil=True, schedule='static', num_threads=n_threads):
         _grad_weight_slice(gy, x, gw, g, task)
 
@@ -134,5 +144,10 @@ def grad_bias(const floating[:, :, :, ::1] gy, floating[::1] gb, spec, tuning):
     cdef Geom g = make_geom(spec)
     cdef int n_threads = kernel_threads(spec, g.O, tuning)
     cdef Py_ssize_t o
+    if n_threads == 1:                # no parallel region (microseconds: tiny layers)
+        with nogil:
+            for o in range(g.O):
+                _grad_bias_entry(gy, gb, g, o)
+        return
     for o in prange(g.O, nogil=True, schedule='static', num_threads=n_threads):
         _grad_bias_entry(gy, gb, g, o)

@@ -55,5 +55,10 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     cdef int n_threads = kernel_threads(spec, g.N * g.O, tuning)
     # Each task owns one (image, output channel) plane: no shared writes, any thread count
     # gives the same bits.
+    if n_threads == 1:                # no parallel region (microseconds: tiny layers)
+        with nogil:
+            for task in range(g.N * g.O):
+                _forward_plane(x, w, bias, out, g, task)
+        return
     for task in prange(g.N * g.O, nogil=True, schedule='static', num_threads=n_threads):
         _forward_plane(x, w, bias, out, g, task)
