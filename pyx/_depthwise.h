@@ -146,6 +146,17 @@ static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *x, ptrdiff_t x_nex
         NAME##_r1(n, x, x_next, x_row, nh, dw, sw, w, w_row, nk, b, y, y_next);       \
 }
 
+/* Fetch `bytes` from p into cache ahead of their use (the next task's input plane: from
+   memory, the hardware prefetchers followed its short row streams too late). */
+static inline void dilconv_dw_prefetch(const void *p, ptrdiff_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+    for (ptrdiff_t i = 0; i < bytes; i += 64)
+        __builtin_prefetch((const char *)p + i);
+#else
+    (void)p; (void)bytes;
+#endif
+}
+
 DILCONV_DW_RUN(dilconv_dw_run_f, float)
 DILCONV_DW_RUN(dilconv_dw_run_d, double)
 /* Weight gradient: one tap's sum over a rectangle of `rows` rows x n columns (unit column

@@ -226,3 +226,21 @@ def test_zero_filled_columns_give_the_same_sums(case, task_pixels, threads, rng)
                 y[zero_fill] = (check_forward if zero_fill else dilconv.conv2d)(
                     x, wt, b, stride, padding, dilation, groups)
         np.testing.assert_array_equal(y[True], y[False])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("task_pixels", [7, 1 << 14])
+def test_prefetching_the_next_plane_gives_the_same_bits(threads, task_pixels, monkeypatch,
+                                                        rng):
+    # Calls past PREFETCH_FROM_BYTES fetch the next plane ahead (whole-plane tasks): the
+    # oracle checks one, and the other gives the same bits.
+    for dtype in (np.float32, np.float64):
+        x, wt, b = random_case(rng, 2, 5, 19, 37, 10, 3, 3, 5, dtype)
+        y = {}
+        for prefetch in (True, False):
+            monkeypatch.setattr(_depthwise, "PREFETCH_FROM_BYTES", 0 if prefetch else 1 << 62)
+            with num_threads(threads), tuning(path="depthwise", min_macs_per_thread=1,
+                                              depthwise_task_pixels=task_pixels):
+                y[prefetch] = (check_forward if prefetch else dilconv.conv2d)(
+                    x, wt, b, 1, 4, 4, 5)
+        np.testing.assert_array_equal(y[True], y[False])
