@@ -501,15 +501,16 @@ LANES_MAX_PADDING = 0.25
 # 32 terms (1x2, 2x2) 0.96x / 0.63-0.93x, 48 (1x3) 1.02-1.27x / 0.93-1.0x, 64 (1x2)
 # 1.09x / 1.13x, 72 (3x3 x 8 channels) 1.04-1.18x / 1.08-1.11x, 32 groups of 8 1.3-2.1x.
 _V3_ON_AMD = cpu_vendor() == "amd" and DILCONV_VEC_BYTES == 32
-LANES_MIN_TERMS = (64 if _V3_ON_AMD
-                   else 288 if cpu_vendor() == "amd" and cpu_family() >= 26
-                   and DILCONV_VEC_BYTES == 64
+_V4_ON_ZEN5 = cpu_vendor() == "amd" and cpu_family() >= 26 and DILCONV_VEC_BYTES == 64
+LANES_MIN_TERMS = (64 if _V3_ON_AMD else 288 if _V4_ON_ZEN5
                    else {"amd": 96}.get(cpu_vendor(), 144))
-# Column kernels (kH x 1, as ERFNet's 3 x 1) take the panels in v3 on AMD CPUs, where the
-# lanes measured slower (an AVX2 Zen 3, one / two threads, lanes against panels: 3 x 1
-# with 8 to 256 input channels 0.84-0.93x / 0.70-0.89x; 1 x 3 and 3 x 3 with 64 or 128
-# 1.10-1.16x / 0.98-1.03x).
-LANES_COLUMN_KERNELS = not _V3_ON_AMD
+# Column kernels (kH x 1, as ERFNet's 3 x 1) take the panels in v3 on AMD CPUs and in v4
+# on Zen 5, where the lanes measured slower (lanes against panels, one / two threads: an
+# AVX2 Zen 3, 3 x 1 with 8 to 256 input channels 0.84-0.93x / 0.70-0.89x, 1 x 3 and
+# 3 x 3 with 64 or 128 1.10-1.16x / 0.98-1.03x; an AVX-512 Zen 5, 3 x 1 with 64, 128 and
+# 256 channels 0.85x / 0.90x, 0.89x / 0.91x, 0.98x / 0.99x, 1 x 3 with 128 0.99x / 1.05x,
+# 3 x 3 1.10x / 1.06x).
+LANES_COLUMN_KERNELS = not (_V3_ON_AMD or _V4_ON_ZEN5)
 # Where one output block's weights exceed this, every run would read them from L2 or
 # L3: a sub-tile instead takes the taps one at a time, each in chunks of channels with at
 # most LANES_CHUNK_BYTES of weights per block, every block's partial sums (at most
