@@ -87,17 +87,17 @@ static inline void NAME(const T *restrict x, ptrdiff_t x_next, ptrdiff_t x_row, 
    rest shorter than a vector is covered by one more vector that ends at the run's end and
    recomputes some outputs (same sums, stored again). Runs shorter than a vector take half
    vectors the same way, or single outputs. */
-#define DILCONV_DW_ROWS(NAME, T, R)                                                 \
-DILCONV_DW_BLOCK(NAME##_v4, T, DILCONV_VEC256_BYTES, R, 4)                                           \
-DILCONV_DW_BLOCK(NAME##_v3, T, DILCONV_VEC256_BYTES, R, 3)                                           \
-DILCONV_DW_BLOCK(NAME##_v2, T, DILCONV_VEC256_BYTES, R, 2)                                           \
-DILCONV_DW_BLOCK(NAME##_v1, T, DILCONV_VEC256_BYTES, R, 1)                                           \
-DILCONV_DW_BLOCK(NAME##_half, T, DILCONV_VEC256_BYTES / 2, R, 1)                                         \
+#define DILCONV_DW_ROWS(NAME, T, R, BYTES)                                            \
+DILCONV_DW_BLOCK(NAME##_v4, T, (BYTES), R, 4)                                         \
+DILCONV_DW_BLOCK(NAME##_v3, T, (BYTES), R, 3)                                         \
+DILCONV_DW_BLOCK(NAME##_v2, T, (BYTES), R, 2)                                         \
+DILCONV_DW_BLOCK(NAME##_v1, T, (BYTES), R, 1)                                         \
+DILCONV_DW_BLOCK(NAME##_half, T, (BYTES) / 2, R, 1)                                   \
 DILCONV_DW_ONE(NAME##_one, T, R)                                                      \
 static inline void NAME(ptrdiff_t n, const T *x, ptrdiff_t x_next, ptrdiff_t x_row,   \
                         ptrdiff_t nh, ptrdiff_t dw, ptrdiff_t sw, const T *w,         \
                         ptrdiff_t w_row, ptrdiff_t nk, T b, T *y, ptrdiff_t y_next) { \
-    const ptrdiff_t lanes = DILCONV_VEC256_BYTES / sizeof(T), half = lanes / 2;                      \
+    const ptrdiff_t lanes = (BYTES) / sizeof(T), half = lanes / 2;                    \
     ptrdiff_t j = 0;                                                                  \
     if (sw == 1 && n >= lanes) {                                                      \
         for (; j + 4 * lanes <= n; j += 4 * lanes)                                    \
@@ -133,9 +133,9 @@ static inline void NAME(ptrdiff_t n, const T *x, ptrdiff_t x_next, ptrdiff_t x_r
    the same taps. Two rows: eight independent sums per block; four rows were as fast on
    float32 in cache but slower from memory (more interleaved streams), most on float64. */
 enum { DILCONV_DW_ROW_BLOCK = 2 };
-#define DILCONV_DW_RUN(NAME, T)                                                      \
-DILCONV_DW_ROWS(NAME##_r1, T, 1)                                                      \
-DILCONV_DW_ROWS(NAME##_rb, T, DILCONV_DW_ROW_BLOCK)                                   \
+#define DILCONV_DW_RUN(NAME, T, BYTES)                                                \
+DILCONV_DW_ROWS(NAME##_r1, T, 1, BYTES)                                               \
+DILCONV_DW_ROWS(NAME##_rb, T, DILCONV_DW_ROW_BLOCK, BYTES)                            \
 static inline void NAME(ptrdiff_t rows, ptrdiff_t n, const T *x, ptrdiff_t x_next,    \
                         ptrdiff_t x_row, ptrdiff_t nh, ptrdiff_t dw, ptrdiff_t sw,    \
                         const T *w, ptrdiff_t w_row, ptrdiff_t nk, T b, T *y,         \
@@ -157,8 +157,11 @@ static inline void dilconv_dw_prefetch(const void *p, ptrdiff_t bytes) {
 #endif
 }
 
-DILCONV_DW_RUN(dilconv_dw_run_f, float)
-DILCONV_DW_RUN(dilconv_dw_run_d, double)
+DILCONV_DW_RUN(dilconv_dw_run_f, float, DILCONV_VEC256_BYTES)
+DILCONV_DW_RUN(dilconv_dw_run_d, double, DILCONV_VEC256_BYTES)
+/* float32 in the tier's widest vectors, for the long runs of zero-filled rows laid end
+   to end (float64's ran slower in them than in 32-byte ones: MobileNetV2's 33 columns). */
+DILCONV_DW_RUN(dilconv_dw_wide_run_f, float, DILCONV_VEC_BYTES)
 /* Weight gradient: one tap's sum over a rectangle of `rows` rows x n columns (unit column
    stride), acc += sum g[r*g_next + j] * x[r*x_next + j]. The sums persist across calls
    (images) in acc: DILCONV_DW_CHAINS vectors of partial sums, then one scalar for runs

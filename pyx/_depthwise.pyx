@@ -41,6 +41,10 @@ cdef extern from "_depthwise.h":
                           Py_ssize_t x_row, Py_ssize_t nh, Py_ssize_t dw, Py_ssize_t sw,
                           const float* w, Py_ssize_t w_row, Py_ssize_t nk, float b, float* y,
                           Py_ssize_t y_next) noexcept nogil
+    void dilconv_dw_wide_run_f(Py_ssize_t rows, Py_ssize_t n, const float* x,
+                               Py_ssize_t x_next, Py_ssize_t x_row, Py_ssize_t nh,
+                               Py_ssize_t dw, Py_ssize_t sw, const float* w, Py_ssize_t w_row,
+                               Py_ssize_t nk, float b, float* y, Py_ssize_t y_next) noexcept nogil
     void dilconv_dw_run_d(Py_ssize_t rows, Py_ssize_t n, const double* x, Py_ssize_t x_next,
                           Py_ssize_t x_row, Py_ssize_t nh, Py_ssize_t dw, Py_ssize_t sw,
                           const double* w, Py_ssize_t w_row, Py_ssize_t nk, double b,
@@ -66,6 +70,14 @@ def _last_level_cache_bytes():
 # planes, gained nothing); in cache, the prefetches cost 3-6% (float32 dw_d4, 34 MB, and
 # MobileNetV2's 960 x 33 x 33, 8 MB).
 PREFETCH_FROM_BYTES = 3 * _last_level_cache_bytes() // 2
+
+
+# Zero-filled rows at most this wide (unit row stride) are summed as one run over a row
+# run's rows end to end (float32 in the tier's widest vectors), not row by row, whose
+# last, overlapping vector per row waited on its own chains (an AVX-512 EPYC, float32, one
+# / two threads: MobileNetV2's 960 x 33 x 33, dilation 2, 1.09x / 1.10x; 48 and 64
+# columns 1.03-1.05x; float64, in 32-byte vectors: 0.97-1.03x).
+FLAT_RUN_MAX_WIDTH = 64
 
 
 def applies(spec):
@@ -102,6 +114,17 @@ cdef inline void _run(Py_ssize_t rows, Py_ssize_t n, const floating* x, Py_ssize
         dilconv_dw_run_d(rows, n, x, x_next, x_row, nh, dw, sw, w, w_row, nk, b, y, y_next)
 
 
+cdef inline void _wide_run(Py_ssize_t rows, Py_ssize_t n, const floating* x,
+                           Py_ssize_t x_next, Py_ssize_t x_row, Py_ssize_t nh, Py_ssize_t dw,
+                           Py_ssize_t sw, const floating* w, Py_ssize_t w_row, Py_ssize_t nk,
+                           floating b, floating* y, Py_ssize_t y_next) noexcept nogil:
+    # The runs of zero-filled rows laid end to end: float32 in the tier's widest vectors.
+    if floating is float:
+        dilconv_dw_wide_run_f(rows, n, x, x_next, x_row, nh, dw, sw, w, w_row, nk, b, y, y_next)
+    else:
+        dilconv_dw_run_d(rows, n, x, x_next, x_row, nh, dw, sw, w, w_row, nk, b, y, y_next)
+
+
 cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W)
                 const floating[:, :, :, ::1] w,                # IN  (O, 1, kH, kW)
                 const floating[::1] bias,                      # IN  (O,) or empty
@@ -109,10 +132,13 @@ cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W
                 Geom g, const Py_ssize_t[:, ::1] rows,         # IN  row runs (tap_runs)
                 const Py_ssize_t[:, ::1] cols,                 # IN  column runs
                 Py_ssize_t band_rows, Py_ssize_t task,
-                floating* padded, bint prefetch) noexcept nogil:  # SCRATCH or NULL
+                floating* padded, floating* flat,              # SCRATCH or NULL
+                bint prefetch) noexcept nogil:
     # With `padded` (zero-filled columns, `cols` one run over the row; zero where no
     # image column goes): the band's input rows go there first, and the runs read them
-    # from there.
+    # from there. With `flat` too (unit row stride): the rows of a row run are one run of
+    # the padded rows laid end to end (the padding columns' sums computed and dropped),
+    # summed into `flat` and copied out row by row.
     cdef Py_ssize_t bands = (g.Ho + band_rows - 1) // band_rows
     cdef Py_ssize_t plane = task // bands
     cdef Py_ssize_t n = plane // g.O, o = plane % g.O
@@ -121,7 +147,7 @@ cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W
     cdef const floating* xp = &x[n, o // g.Og, 0, 0]     # the group's one input channel
     cdef const floating* wp = &w[o, 0, 0, 0]
     cdef floating b = bias[o] if bias.shape[0] > 0 else 0
-    cdef Py_ssize_t rs, cs, oh, oh_end, step, h0, nh, j0, k0, nk
+    cdef Py_ssize_t rs, cs, oh, oh_end, step, h0, nh, j0, k0, nk, span, half, r
     cdef Py_ssize_t x_w = g.W, x_col = -g.pl, first, stop, copied
     cdef const floating* src
     # A task of a whole plane fetches the next plane's rows as it goes (the next task of
@@ -145,6 +171,20 @@ cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W
         nh = rows[rs, 3] - h0
         oh = max(r0, rows[rs, 0])
         oh_end = min(r1, rows[rs, 1])
+        span = (oh_end - oh - 1) * x_w + g.Wo       # the run over the rows end to end
+        half = (span + 1) // 2
+        k0 = cols[0, 2]
+        nk = cols[0, 3] - k0
+        if (flat != NULL and oh < oh_end and nh > 0 and nk > 0
+                and half * sizeof(floating) >= DILCONV_VEC256_BYTES):
+            # Two halves as the two rows of a block (they overlap by at most one sum).
+            _wide_run(DILCONV_DW_ROW_BLOCK, half,
+                      xp + (oh + h0 * g.dh - g.pt) * x_w + k0 * g.dw, span - half,
+                      g.dh * x_w, nh, g.dw, 1, wp + h0 * g.kW + k0, g.kW, nk, b, flat,
+                      span - half)
+            for r in range(oh_end - oh):
+                memcpy(&out[n, o, oh + r, 0], flat + r * x_w, g.Wo * sizeof(floating))
+            oh = oh_end
         while oh < oh_end:
             # Blocks of rows with the same taps: more independent sums in flight.
             step = DILCONV_DW_ROW_BLOCK if oh + DILCONV_DW_ROW_BLOCK <= oh_end else 1
@@ -173,7 +213,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     `tuning.depthwise_task_pixels` output pixels (whole rows) of one (image, output
     channel) plane; every output is computed by one task in a fixed order, so any thread
     count gives the same bits (zero-filled columns or not depend on the layer and the
-    weights only). Scratch with zero-filled columns: a band's input rows per thread."""
+    weights only). Scratch with zero-filled columns: a band's input rows per thread, and
+    in rows at most FLAT_RUN_MAX_WIDTH wide its sums."""
     cdef Geom g = make_geom(spec)
     cdef Py_ssize_t band_rows = max(1, min(g.Ho, tuning.depthwise_task_pixels // g.Wo))
     cdef Py_ssize_t n_tasks = g.N * g.O * ((g.Ho + band_rows - 1) // band_rows)
@@ -186,7 +227,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     cdef bint zero_fill = False
     cdef floating[:, ::1] scratch = None
     cdef floating* padded = NULL
-    cdef Py_ssize_t task
+    cdef Py_ssize_t task, padded_len = 0, flat_len = 0
     cdef int tid
     cdef bint prefetch = (x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3]
                           + out.shape[0] * out.shape[1] * out.shape[2] * out.shape[3]) \
@@ -202,15 +243,19 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
                              < DILCONV_VEC256_BYTES // 2)).any())
     if zero_fill:
         cols = np.array([[0, g.Wo, reach[0], reach[-1] + 1]], dtype=np.intp)
-        scratch = thread_scratch(
-            n_threads, min(g.H, (band_rows - 1) * g.sh + (g.kH - 1) * g.dh + 1)
-            * padded_width(g), np.float32 if floating is float else np.float64)
+        padded_len = (min(g.H, (band_rows - 1) * g.sh + (g.kH - 1) * g.dh + 1)
+                      * padded_width(g))
+        if g.sh == 1 and g.Wo <= FLAT_RUN_MAX_WIDTH:
+            flat_len = band_rows * padded_width(g)
+        scratch = thread_scratch(n_threads, padded_len + flat_len,
+                                 np.float32 if floating is float else np.float64)
         scratch[:, :] = 0
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         padded = &scratch[tid, 0] if zero_fill else NULL
         for task in prange(n_tasks, schedule='static'):
-            _band(x, w, bias, out, g, rows, cols, band_rows, task, padded, prefetch)
+            _band(x, w, bias, out, g, rows, cols, band_rows, task, padded,
+                  padded + padded_len if flat_len else NULL, prefetch)
 
 
 def grad_weight_applies(spec):

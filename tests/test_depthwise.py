@@ -211,10 +211,12 @@ def test_matches_torch_on_the_benchmark_layer(rng):
     (1, 4, 11, 30, 8, 3, 3, (2, 1), ((3, 3), (1, 2)), (2, 1), 4),   # 1 and 2, multiplier 2
     (1, 3, 15, 40, 3, 5, 5, 1, (0, 3), 3, 3),                 # borders of 3 with 3 tap sets
     (1, 2, 6, 20, 2, 3, 3, 1, 1, (1, 8), 2),                  # a tap reading no column whole
+    (1, 2, 7, 70, 2, 3, 3, 1, 2, 2, 2),                       # rows past FLAT_RUN_MAX_WIDTH
 ])
 def test_zero_filled_columns_give_the_same_sums(case, task_pixels, threads, rng):
     # Thin border columns read zeros between copied input rows instead of runs of their
-    # own taps: the same sums (0 * w adds zero); the oracle checks one of them.
+    # own taps (narrow rows at unit row stride: a row run's rows as one run): the same
+    # sums (0 * w adds zero); the oracle checks one of them.
     n, c, h, w, o, kh, kw, stride, padding, dilation, groups = case
     for dtype in (np.float32, np.float64):
         x, wt, b = random_case(rng, n, c, h, w, o, kh, kw, groups, dtype)
