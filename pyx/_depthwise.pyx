@@ -171,20 +171,20 @@ cdef void _band(const floating[:, :, :, ::1] x,                # IN  (N, C, H, W
         nh = rows[rs, 3] - h0
         oh = max(r0, rows[rs, 0])
         oh_end = min(r1, rows[rs, 1])
-        span = (oh_end - oh - 1) * x_w + g.Wo       # the run over the rows end to end
-        half = (span + 1) // 2
-        k0 = cols[0, 2]
-        nk = cols[0, 3] - k0
-        if (flat != NULL and oh < oh_end and nh > 0 and nk > 0
-                and half * sizeof(floating) >= DILCONV_VEC256_BYTES):
-            # Two halves as the two rows of a block (they overlap by at most one sum).
-            _wide_run(DILCONV_DW_ROW_BLOCK, half,
-                      xp + (oh + h0 * g.dh - g.pt) * x_w + k0 * g.dw, span - half,
-                      g.dh * x_w, nh, g.dw, 1, wp + h0 * g.kW + k0, g.kW, nk, b, flat,
-                      span - half)
-            for r in range(oh_end - oh):
-                memcpy(&out[n, o, oh + r, 0], flat + r * x_w, g.Wo * sizeof(floating))
-            oh = oh_end
+        if flat != NULL and oh < oh_end and nh > 0:
+            span = (oh_end - oh - 1) * x_w + g.Wo   # the run over the rows end to end
+            half = (span + 1) // 2
+            k0 = cols[0, 2]
+            nk = cols[0, 3] - k0
+            if nk > 0 and half * sizeof(floating) >= DILCONV_VEC256_BYTES:
+                # Two halves as the two rows of a block (they overlap by at most one sum).
+                _wide_run(DILCONV_DW_ROW_BLOCK, half,
+                          xp + (oh + h0 * g.dh - g.pt) * x_w + k0 * g.dw, span - half,
+                          g.dh * x_w, nh, g.dw, 1, wp + h0 * g.kW + k0, g.kW, nk, b, flat,
+                          span - half)
+                for r in range(oh_end - oh):
+                    memcpy(&out[n, o, oh + r, 0], flat + r * x_w, g.Wo * sizeof(floating))
+                oh = oh_end
         while oh < oh_end:
             # Blocks of rows with the same taps: more independent sums in flight.
             step = DILCONV_DW_ROW_BLOCK if oh + DILCONV_DW_ROW_BLOCK <= oh_end else 1
